@@ -1,0 +1,40 @@
+"""Shared mechanics of the quantizing passes: replace a site's node by new nodes on the same output."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from qcompiler.match.sites import LinearSite
+
+Builder = Callable[[gs.Tensor, gs.Variable], list[gs.Node]]
+
+
+def nodes_by_name(graph: gs.Graph) -> dict[str, gs.Node]:
+    return {n.name: n for n in graph.nodes}
+
+
+def weight_dtype(graph: gs.Graph, site: LinearSite) -> np.dtype:
+    return np.dtype(graph.tensors()[site.weight].dtype)
+
+
+def rewrite_site(graph: gs.Graph, node: gs.Node, build: Builder) -> None:
+    """Detach ``node``; ``build(a, y)`` makes the nodes computing ``y = a @ W_hat``.
+
+    Gemm's bias becomes an Add after them. The old weight (and a Transpose feeding it) are left
+    unused and go at the next cleanup.
+    """
+    a, out = node.inputs[0], node.outputs[0]
+    bias = node.inputs[2] if node.op == "Gemm" and len(node.inputs) > 2 else None
+    if bias is not None and isinstance(bias, gs.Variable) and bias.name == "":
+        bias = None  # optional input left empty
+    node.inputs.clear()
+    node.outputs.clear()
+    if bias is None:
+        graph.nodes.extend(build(a, out))
+        return
+    y = gs.Variable(f"{node.name}_nobias", dtype=out.dtype)
+    graph.nodes.extend(build(a, y))
+    graph.nodes.append(gs.Node("Add", name=f"{node.name}_bias", inputs=[y, bias], outputs=[out]))

@@ -1,0 +1,1 @@
+"""Pure mathematics over arrays: grids, packing, rounding methods. Imports nothing of the graph layer."""

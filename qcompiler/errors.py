@@ -1,0 +1,23 @@
+"""User-facing errors: one line that names the problem; the CLI turns them into exit code 2."""
+
+from __future__ import annotations
+
+
+class QCompilerError(Exception):
+    """Bad input or an impossible request. The message is shown to the user as one line."""
+
+
+class ModelLoadError(QCompilerError):
+    """The model could not be found, read or exported."""
+
+
+class ConfigError(QCompilerError):
+    """An option has an invalid value."""
+
+
+class NothingToQuantizeError(QCompilerError):
+    """The matcher found no weight it may quantize."""
+
+
+class OutputError(QCompilerError):
+    """The output cannot be written."""

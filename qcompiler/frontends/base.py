@@ -1,0 +1,17 @@
+"""What every frontend returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: onnx.ModelProto
+    source: str  # what the user named
+    kind: str  # "encoder" | "causal_lm" | "onnx" | "module"
+    tokenizer_dir: str | None = None
+    onnx_path: str | None = None  # where the ONNX lives on disk (cache entry or the input file)
+    cached: bool = False  # export came from the cache

@@ -1,0 +1,72 @@
+"""Export cache keyed by content: a second compile of the same checkpoint does not re-export."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+
+EXPORT_FORMAT = "1"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("QCOMPILER_CACHE_DIR")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qcompiler"
+
+
+def content_key(folder: Path, extra: dict[str, str]) -> str:
+    """sha256 over the config and weight files' bytes plus the exporter versions in ``extra``."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"format": EXPORT_FORMAT, **extra}, sort_keys=True).encode())
+    files = sorted(p for p in folder.iterdir()
+                   if p.is_file() and (p.name == "config.json" or p.suffix in _WEIGHT_SUFFIXES))
+    for p in files:
+        h.update(p.name.encode())
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()[:32]
+
+
+class ExportCache:
+    def __init__(self, root: str | os.PathLike | None = None):
+        self.root = Path(root) if root else default_cache_dir() / "exports"
+
+    def get(self, key: str) -> tuple[Path, dict] | None:
+        entry = self.root / key
+        model, info = entry / "model.onnx", entry / "info.json"
+        if model.is_file() and info.is_file():
+            return model, json.loads(info.read_text())
+        return None
+
+    def put(self, key: str, model: onnx.ModelProto, info: dict) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=self.root))
+        try:
+            large = model.ByteSize() > 1536 * 1024 * 1024 if _can_size(model) else True
+            onnx.save_model(model, str(tmp / "model.onnx"), save_as_external_data=large,
+                            all_tensors_to_one_file=True, location="model.onnx.data")
+            (tmp / "info.json").write_text(json.dumps(info, indent=1))
+            final = self.root / key
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return self.root / key / "model.onnx"
+
+
+def _can_size(model: onnx.ModelProto) -> bool:
+    try:
+        model.ByteSize()
+        return True
+    except Exception:
+        return False

@@ -1,0 +1,69 @@
+"""torch -> ONNX through ``torch.onnx.export(dynamo=True)`` (torch.export underneath)."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import onnx
+import torch
+
+from qcompiler.errors import ModelLoadError
+from qcompiler.metadata import SCOPE_PREFIX, set_model_properties
+
+log = logging.getLogger(__name__)
+
+WRAPPER_ATTR = "inner"
+
+
+class _Wrapper(torch.nn.Module):
+    """Calls ``inner(**named inputs)`` and keeps the selected outputs, so ONNX gets plain names."""
+
+    def __init__(self, inner: torch.nn.Module, input_names: Sequence[str],
+                 select: Callable[[Any], Any], extra_kwargs: dict[str, Any]):
+        super().__init__()
+        self.inner = inner
+        self._names = list(input_names)
+        self._select = select
+        self._extra = dict(extra_kwargs)
+
+    def forward(self, *args):
+        return self._select(self.inner(**dict(zip(self._names, args, strict=True)), **self._extra))
+
+
+def export_to_onnx(module: torch.nn.Module, inputs: dict[str, torch.Tensor], output_names: Sequence[str],
+                   dynamic_axes: dict[str, dict[int, str]] | None = None,
+                   select: Callable[[Any], Any] = lambda out: out,
+                   extra_kwargs: dict[str, Any] | None = None) -> onnx.ModelProto:
+    """Export ``module`` called with keyword ``inputs``. ``dynamic_axes`` maps input name -> {axis: dim
+    name}; every example tensor must be its own object (aliased inputs break the export)."""
+    ids = [id(t) for t in inputs.values()]
+    if len(set(ids)) != len(ids):
+        raise ModelLoadError("example inputs must be distinct tensors (aliased inputs break the export)")
+    names = list(inputs)
+    wrapper = _Wrapper(module.eval(), names, select, extra_kwargs or {}).eval()
+    dims: dict[str, torch.export.Dim] = {}
+    shapes = None
+    if dynamic_axes:
+        # one entry for the wrapper's *args, holding one spec per input
+        shapes = (tuple(
+            {ax: dims.setdefault(d, torch.export.Dim(d)) for ax, d in dynamic_axes.get(n, {}).items()} or None
+            for n in names
+        ),)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(wrapper, tuple(inputs.values()), dynamo=True, input_names=names,
+                                        output_names=list(output_names), dynamic_shapes=shapes,
+                                        verbose=False, optimize=True)
+    except Exception as e:
+        root = e
+        while root.__cause__ is not None:
+            root = root.__cause__
+        first = str(root).strip().splitlines()[0] if str(root).strip() else type(root).__name__
+        raise ModelLoadError(f"torch.onnx export failed: {type(root).__name__}: {first[:300]}") from e
+    model = program.model_proto
+    set_model_properties(model, {SCOPE_PREFIX: WRAPPER_ATTR + "."})
+    return model

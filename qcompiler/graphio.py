@@ -1,0 +1,112 @@
+"""Reading and writing ONNX files: clear errors on bad input, atomic writes, external data."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from qcompiler.errors import ModelLoadError, OutputError
+
+log = logging.getLogger(__name__)
+
+# Above this many initializer bytes a model is written with external data (protobuf's limit is 2 GiB).
+EXTERNAL_DATA_THRESHOLD = 1536 * 1024 * 1024
+
+
+def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
+    """Load an ONNX file (and its external data). Raises ModelLoadError with one readable line."""
+    p = Path(path)
+    if not p.exists():
+        raise ModelLoadError(f"model not found: {p}")
+    if not p.is_file():
+        raise ModelLoadError(f"not a file: {p}")
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except Exception as e:  # protobuf DecodeError and friends
+        raise ModelLoadError(f"not a readable ONNX model: {p} ({type(e).__name__})") from None
+    if not model.graph.node or not model.opset_import:
+        raise ModelLoadError(f"not an ONNX model (no graph nodes or opsets): {p}")
+    base = p.parent.resolve()
+    for tensor in _external_tensors(model):
+        loc = dict((e.key, e.value) for e in tensor.external_data).get("location", "")
+        target = (base / loc).resolve()
+        if base not in target.parents and target != base:
+            raise ModelLoadError(f"external data of {tensor.name!r} points outside the model folder: {loc}")
+        if not target.is_file():
+            raise ModelLoadError(f"external data file missing for {tensor.name!r}: {target}")
+    try:
+        onnx.load_external_data_for_model(model, str(base))
+    except Exception as e:
+        raise ModelLoadError(f"cannot read external data of {p}: {e}") from None
+    return model
+
+
+def _external_tensors(model: onnx.ModelProto):
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            yield t
+
+
+def initializer_bytes(model: onnx.ModelProto) -> int:
+    total = 0
+    for t in model.graph.initializer:
+        if t.HasField("raw_data"):
+            total += len(t.raw_data)
+        else:
+            total += onnx.numpy_helper.to_array(t).nbytes if t.data_location != onnx.TensorProto.EXTERNAL else 0
+    return total
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    """Fail early, before any work, when the output cannot be written."""
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    if p.is_dir():
+        raise OutputError(f"output is a directory: {p}")
+    if not parent.is_dir():
+        raise OutputError(f"output folder does not exist: {parent}")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"output folder is not writable: {parent}")
+    return p
+
+
+def save_onnx_atomic(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
+    """Write ``model`` to ``path`` so that readers only ever see a complete file.
+
+    Everything is written into a temporary folder beside the target and renamed into place; large
+    models get one external data file ``<name>.data``. On any failure nothing is left behind.
+    """
+    out = check_writable(path)
+    external = initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        tmp_model = tmpdir / out.name
+        if external:
+            data_name = out.name + ".data"
+            onnx.save_model(model, str(tmp_model), save_as_external_data=True,
+                            all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+            os.replace(tmpdir / data_name, out.parent / data_name)
+        else:
+            onnx.save_model(model, str(tmp_model))
+        os.replace(tmp_model, out)
+    except OSError as e:
+        raise OutputError(f"cannot write {out}: {e.strerror or e}") from None
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    log.info("wrote %s (%s)", out, "external data" if external else "single file")
+    return out
+
+
+def import_graph(model: onnx.ModelProto) -> gs.Graph:
+    return gs.import_onnx(model)
+
+
+def export_graph(graph: gs.Graph) -> onnx.ModelProto:
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    return gs.export_onnx(graph, do_type_check=False)

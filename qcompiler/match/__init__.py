@@ -1,0 +1,5 @@
+"""Read-only analysis of a graph: which weights are quantizable sites, and why others are not."""
+
+from qcompiler.match.sites import LinearSite, MatchResult, Rejection, find_linear_sites
+
+__all__ = ["LinearSite", "MatchResult", "Rejection", "find_linear_sites"]

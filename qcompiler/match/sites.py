@@ -1,0 +1,178 @@
+"""Site matcher v1: every MatMul/Gemm whose weight is a constant initializer.
+
+The weight may feed the node directly, through a ``Transpose(perm=[1, 0])``, or as Gemm's ``B`` with
+``transB``. Every MatMul/Gemm/Gather it does not offer carries a reason. The matcher never edits the
+graph.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from qcompiler.config import MatchConfig
+
+FLOAT_TYPES = (np.float32, np.float16)
+# ops that may sit between a head projection and the graph output without computing anything new
+_PASS_THROUGH = {"Reshape", "Cast", "Identity", "Squeeze", "Unsqueeze", "Add", "Flatten"}
+
+
+@dataclass(frozen=True)
+class LinearSite:
+    """One quantizable ``y = x W (+ b)``; ``W`` is ``[K, N]`` in MatMul layout."""
+
+    id: str  # stable: module path from exporter metadata, else the weight's initializer name
+    node: str
+    op_type: str  # MatMul | Gemm
+    weight: str  # initializer name
+    transposed: bool  # the initializer holds W^T
+    k: int
+    n: int
+    input: str
+    output: str
+    bias: str | None  # Gemm's C, or the constant of an Add that consumes the output
+    role: str  # "linear" | "head"
+    dtype: str
+
+
+@dataclass(frozen=True)
+class Rejection:
+    node: str
+    op_type: str
+    reason: str
+    id: str | None = None
+
+
+@dataclass(frozen=True)
+class MatchResult:
+    sites: tuple[LinearSite, ...]
+    rejected: tuple[Rejection, ...]
+
+    def site(self, site_id: str) -> LinearSite:
+        for s in self.sites:
+            if s.id == site_id:
+                return s
+        raise KeyError(site_id)
+
+
+def _weight_source(node: gs.Node) -> tuple[gs.Constant | None, bool, str | None]:
+    """The constant behind the weight input, whether it is stored transposed, or a reason."""
+    w = node.inputs[1]
+    transposed = False
+    if node.op == "Gemm":
+        if node.attrs.get("transA", 0):
+            return None, False, "Gemm with transA"
+        if float(node.attrs.get("alpha", 1.0)) != 1.0 or float(node.attrs.get("beta", 1.0)) != 1.0:
+            return None, False, "Gemm with alpha/beta != 1"
+        transposed = bool(node.attrs.get("transB", 0))
+    if isinstance(w, gs.Constant):
+        return w, transposed, None
+    producer = w.inputs[0] if w.inputs else None
+    if producer is not None and producer.op == "Transpose" and isinstance(producer.inputs[0], gs.Constant):
+        perm = list(producer.attrs.get("perm", [1, 0]))
+        if perm != [1, 0]:
+            return None, False, f"weight transposed with perm {perm}"
+        if len(w.outputs) > 1:
+            return None, False, f"transposed weight shared with {len(w.outputs) - 1} other node(s)"
+        return producer.inputs[0], not transposed, None
+    if producer is None:
+        return None, False, "weight is a graph input (dynamic weight)"
+    return None, False, f"weight computed at run time (by {producer.op})"
+
+
+def _is_head(node: gs.Node, graph_outputs: set[str]) -> bool:
+    """True when the node's output reaches a graph output through pass-through ops only."""
+    t = node.outputs[0]
+    for _ in range(4):
+        if t.name in graph_outputs:
+            return True
+        if len(t.outputs) != 1 or t.outputs[0].op not in _PASS_THROUGH:
+            return False
+        t = t.outputs[0].outputs[0]
+    return t.name in graph_outputs
+
+
+def _bias_of(node: gs.Node, n: int) -> str | None:
+    if node.op == "Gemm" and len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant):
+        return node.inputs[2].name
+    out = node.outputs[0]
+    if len(out.outputs) == 1 and out.outputs[0].op == "Add":
+        other = [t for t in out.outputs[0].inputs if t is not out]
+        if other and isinstance(other[0], gs.Constant) and other[0].shape in ([n], (n,)):
+            return other[0].name
+    return None
+
+
+def find_linear_sites(
+    graph: gs.Graph, config: MatchConfig | None = None, module_paths: dict[str, str] | None = None
+) -> MatchResult:
+    config = config or MatchConfig()
+    module_paths = module_paths or {}
+    graph_outputs = {t.name for t in graph.outputs}
+    sites: list[LinearSite] = []
+    rejected: list[Rejection] = []
+    for node in graph.nodes:
+        if node.op == "Gather" and isinstance(node.inputs[0], gs.Constant) and len(node.inputs[0].shape) == 2:
+            rejected.append(Rejection(node.name, node.op, "embedding table (kept in float)",
+                                      module_paths.get(node.name)))
+            continue
+        if node.op not in ("MatMul", "Gemm"):
+            continue
+        const, transposed, reason = _weight_source(node)
+        mid = module_paths.get(node.name)
+        if const is None:
+            rejected.append(Rejection(node.name, node.op, reason or "no constant weight", mid))
+            continue
+        shape = tuple(const.shape)
+        if len(shape) != 2:
+            rejected.append(Rejection(node.name, node.op, f"weight has rank {len(shape)}, not 2", mid))
+            continue
+        dtype = np.dtype(const.dtype) if const.dtype is not None else None
+        if dtype not in [np.dtype(t) for t in FLOAT_TYPES]:
+            rejected.append(Rejection(node.name, node.op, f"weight dtype {dtype} is not float32/float16", mid))
+            continue
+        a = node.inputs[0]
+        if a.shape is not None and len(a.shape) < 2 and node.op == "MatMul":
+            rejected.append(Rejection(node.name, node.op, "activation has rank < 2", mid))
+            continue
+        k, n = (shape[1], shape[0]) if transposed else shape
+        head = _is_head(node, graph_outputs)
+        own = node if any(t is const for t in node.inputs) else node.inputs[1].inputs[0]
+        consumers = [c for c in const.outputs if c is not own]
+        if consumers:
+            tied = any(c.op in ("Gather", "Transpose") for c in consumers)
+            if not (head and tied and config.quantize_lm_head):
+                what = "tied with the embedding" if tied else f"shared with {len(consumers)} other node(s)"
+                rejected.append(Rejection(node.name, node.op, f"weight {what}", mid))
+                continue
+        if head and not config.quantize_lm_head:
+            rejected.append(Rejection(node.name, node.op, "output head (kept in float; --quantize-lm-head)", mid))
+            continue
+        sites.append(LinearSite(
+            id=mid or const.name, node=node.name, op_type=node.op, weight=const.name,
+            transposed=transposed, k=int(k), n=int(n), input=a.name, output=node.outputs[0].name,
+            bias=_bias_of(node, int(n)), role="head" if head else "linear", dtype=str(dtype),
+        ))
+    return MatchResult(tuple(_unique_ids(sites)), tuple(rejected))
+
+
+def _unique_ids(sites: list[LinearSite]) -> list[LinearSite]:
+    counts = Counter(s.id for s in sites)
+    seen: Counter[str] = Counter()
+    out = []
+    for s in sites:
+        if counts[s.id] > 1:
+            seen[s.id] += 1
+            s = LinearSite(**{**s.__dict__, "id": f"{s.id}#{seen[s.id]}"})
+        out.append(s)
+    return out
+
+
+def site_weight(graph: gs.Graph, site: LinearSite) -> np.ndarray:
+    """The site's weight as a ``[K, N]`` float32 array (MatMul layout)."""
+    const = graph.tensors()[site.weight]
+    w = np.asarray(const.values, dtype=np.float32)
+    return np.ascontiguousarray(w.T) if site.transposed else w

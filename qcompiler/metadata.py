@@ -1,0 +1,58 @@
+"""The one module that reads exporter metadata: stable module paths for nodes.
+
+The torch dynamo exporter records, on every node, ``pkg.torch.onnx.name_scopes``: the module
+hierarchy down to the aten op, e.g. ``['', 'inner', 'inner.model.layers.0.self_attn.q_proj', 'linear']``.
+The module path of a node is the entry before the op's name, with the frontend's wrapper prefix
+(recorded in the model's ``qcompiler.scope_prefix`` property) removed. onnx-graphsurgeon drops node
+metadata, so the paths are read from the ModelProto, keyed by node name.
+"""
+
+from __future__ import annotations
+
+import ast
+
+import onnx
+
+NAME_SCOPES = "pkg.torch.onnx.name_scopes"
+SCOPE_PREFIX = "qcompiler.scope_prefix"
+TOKENIZER = "qcompiler.tokenizer"
+MODEL_KIND = "qcompiler.model_kind"
+
+
+def model_properties(model: onnx.ModelProto) -> dict[str, str]:
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def set_model_properties(model: onnx.ModelProto, props: dict[str, str]) -> None:
+    current = model_properties(model)
+    current.update({k: v for k, v in props.items() if v is not None})
+    del model.metadata_props[:]
+    for k, v in current.items():
+        model.metadata_props.add(key=k, value=v)
+
+
+def _path_of(raw: str, prefix: str) -> str | None:
+    try:
+        scopes = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return None
+    if not isinstance(scopes, list) or len(scopes) < 2:
+        return None
+    path = str(scopes[-2])
+    if prefix and path.startswith(prefix):
+        path = path[len(prefix):]
+    return path or None
+
+
+def module_paths(model: onnx.ModelProto) -> dict[str, str]:
+    """Node name -> module path, for every node of the main graph that carries one."""
+    prefix = model_properties(model).get(SCOPE_PREFIX, "")
+    out: dict[str, str] = {}
+    for node in model.graph.node:
+        for p in node.metadata_props:
+            if p.key == NAME_SCOPES:
+                path = _path_of(p.value, prefix)
+                if path:
+                    out[node.name] = path
+                break
+    return out

@@ -1,0 +1,28 @@
+"""Round-to-nearest: every site onto its own fitted grid. The floor every method must beat."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from qcompiler.algorithms.grid import quantize, relative_error
+from qcompiler.config import QuantConfig
+from qcompiler.errors import QCompilerError
+from qcompiler.match.sites import LinearSite
+from qcompiler.plan import QuantPlan, SitePlan, SiteStats
+
+
+def plan_rtn(sites: Sequence[LinearSite], weight_of: Callable[[LinearSite], np.ndarray],
+             quant: QuantConfig, progress: bool = False) -> QuantPlan:
+    out = []
+    for site in tqdm(sites, desc="rtn", unit="site", disable=not progress, leave=False):
+        w = weight_of(site)
+        if not np.isfinite(w).all():
+            raise QCompilerError(f"weight of site {site.id} contains NaN or Inf")
+        qw = quantize(w, quant.bits, quant.group_size, quant.symmetric)
+        w_hat = qw.dequantize()
+        err = relative_error(w, w_hat)
+        out.append(SitePlan(site, qw, SiteStats(rel_error=err, proxy_error=float(np.sum((w_hat - w) ** 2)))))
+    return QuantPlan("rtn", quant, tuple(out))

@@ -1,0 +1,132 @@
+"""The one flow: frontend -> graph -> match -> plan -> passes -> emit -> validate -> save."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from qcompiler import __version__
+from qcompiler.config import CompileConfig
+from qcompiler.emit import emit_model
+from qcompiler.errors import NothingToQuantizeError
+from qcompiler.frontends import LoadedModel, load_model
+from qcompiler.graphio import check_writable, import_graph, save_onnx_atomic
+from qcompiler.match.sites import MatchResult, find_linear_sites, site_weight
+from qcompiler.metadata import MODEL_KIND, TOKENIZER, module_paths
+from qcompiler.methods import make_plan
+from qcompiler.passes import MatMulNBitsPass, PassManager, QDQPass
+from qcompiler.plan import QuantPlan
+from qcompiler.runtime.validate import ValidationResult, validate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CompileResult:
+    output: str | None
+    model: onnx.ModelProto
+    plan: QuantPlan
+    match: MatchResult
+    validation: ValidationResult | None
+    size_before: int
+    size_after: int
+    timings: dict[str, float] = field(default_factory=dict)
+    source: str = ""
+    cached_export: bool = False
+
+    def report(self, config: CompileConfig) -> dict[str, Any]:
+        quantized_weight_bits = sum(p.site.k * p.site.n * 32 for p in self.plan.sites)
+        true_bits = sum(p.weight.storage_bits() for p in self.plan.sites)
+        return {
+            "qcompiler": __version__,
+            "source": self.source,
+            "output": self.output,
+            "config": asdict(config),
+            "sites": self.plan.summary(),
+            "skipped": [asdict(r) for r in self.match.rejected],
+            "size": {"before_bytes": self.size_before, "after_bytes": self.size_after,
+                     "quantized_weights_fp32_bytes": quantized_weight_bits // 8,
+                     "quantized_weights_true_bytes": true_bits // 8},
+            "validation": None if self.validation is None else {
+                "max_rel_error": self.validation.max_rel_error, "min_cosine": self.validation.min_cosine,
+                "outputs": [asdict(o) for o in self.validation.outputs]},
+            "timings_s": self.timings,
+            "cached_export": self.cached_export,
+        }
+
+
+def _model_bytes(model: onnx.ModelProto, path: str | None) -> int:
+    if path and Path(path).is_file():
+        p = Path(path)
+        data = [q for q in p.parent.glob(p.name + "*") if q != p]
+        return p.stat().st_size + sum(q.stat().st_size for q in data)
+    return model.ByteSize()
+
+
+def compile_model(source: Any = None, output: str | os.PathLike | None = None,
+                  config: CompileConfig | None = None, *, example_inputs: dict | None = None,
+                  cache_dir: str | os.PathLike | None = None, progress: bool = False) -> CompileResult:
+    """Compile ``source`` to a weight-quantized ONNX model; write it to ``output`` when given.
+
+    Nothing is written unless every step succeeded.
+    """
+    config = config or CompileConfig()
+    if output is not None:
+        check_writable(output)
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    loaded: LoadedModel = load_model(source, example_inputs=example_inputs, cache_dir=cache_dir)
+    timings["load"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    graph = import_graph(loaded.model)
+    match = find_linear_sites(graph, config.match, module_paths(loaded.model))
+    if not match.sites:
+        raise NothingToQuantizeError(f"nothing to quantize in {loaded.source}: no MatMul/Gemm with a "
+                                     f"constant 2-D weight ({len(match.rejected)} candidates rejected)")
+    plan = make_plan(config.method, match.sites, lambda s: site_weight(graph, s), config.quant, progress)
+    timings["plan"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    emitter = (MatMulNBitsPass(plan, config.accuracy_level) if config.format == "matmulnbits"
+               else QDQPass(plan))
+    graph = PassManager([emitter])(graph).graph
+    props = {"qcompiler.method": config.method, "qcompiler.quant": config.quant.describe(),
+             "qcompiler.format": config.format, MODEL_KIND: loaded.kind}
+    if loaded.tokenizer_dir:
+        props[TOKENIZER] = loaded.tokenizer_dir
+    model = emit_model(graph, loaded.model, props)
+    timings["rewrite"] = time.perf_counter() - t
+
+    validation = None
+    if config.validate:
+        t = time.perf_counter()
+        validation = validate(model, loaded.model)
+        timings["validate"] = time.perf_counter() - t
+        log.info("validation: max relative error %.3e, min cosine %.5f",
+                 validation.max_rel_error, validation.min_cosine)
+
+    out_path = None
+    if output is not None:
+        t = time.perf_counter()
+        out_path = str(save_onnx_atomic(model, output))
+        timings["save"] = time.perf_counter() - t
+    return CompileResult(out_path, model, plan, match, validation,
+                         size_before=_model_bytes(loaded.model, loaded.onnx_path),
+                         size_after=_model_bytes(model, out_path), timings=timings,
+                         source=loaded.source, cached_export=loaded.cached)
+
+
+def write_report(report: dict, path: str | os.PathLike) -> None:
+    """Atomic JSON write."""
+    p = check_writable(path)
+    tmp = p.with_name(f".{p.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=1))
+    os.replace(tmp, p)

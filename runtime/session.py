@@ -1,0 +1,57 @@
+"""Session factory: CUDA execution provider when a GPU is really usable, else CPU.
+
+``onnxruntime-gpu`` lists CUDA among the available providers even on machines without a GPU, so the
+decision is taken from what a created session reports, not from that list.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # 0: ONNX Runtime's default
+    optimize: bool = True  # graph optimisations (off for exact equivalence tests)
+    # DequantizeLinear->MatMul fusion into MatMulNBits on CPU: 1 = float activations (exact);
+    # ONNX Runtime's own default (4) quantizes activations to int8 and adds its own error.
+    qdq_accuracy_level: int = 1
+
+
+def _gpu_present() -> bool:
+    return any(Path(p).exists() for p in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/dxg"))
+
+
+def make_session(model: onnx.ModelProto | bytes | str | os.PathLike,
+                 options: SessionOptions | None = None) -> ort.InferenceSession:
+    options = options or SessionOptions()
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if options.threads:
+        so.intra_op_num_threads = options.threads
+    if not options.optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(options.qdq_accuracy_level))
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else (
+        model if isinstance(model, bytes) else str(model))
+    want_cuda = options.device == "cuda" or (
+        options.device == "auto" and _gpu_present() and "CUDAExecutionProvider" in ort.get_available_providers())
+    if want_cuda:
+        try:
+            sess = ort.InferenceSession(source, so, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+            if sess.get_providers()[0] == "CUDAExecutionProvider":
+                return sess
+        except Exception as e:  # pragma: no cover - depends on the machine
+            log.warning("CUDA session failed (%s); using CPU", e)
+        if options.device == "cuda":
+            raise RuntimeError("CUDA execution provider requested but not usable on this machine")
+    return ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])

@@ -1,0 +1,57 @@
+"""Validation of a compiled model against its original on the same inputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from qcompiler.runtime.inputs import sample_inputs
+from qcompiler.runtime.session import SessionOptions, make_session
+
+
+@dataclass(frozen=True)
+class OutputError:
+    name: str
+    rel_error: float  # ||y - y_ref|| / ||y_ref||
+    max_abs: float
+    cosine: float
+
+
+@dataclass(frozen=True)
+class ValidationResult:
+    outputs: tuple[OutputError, ...]
+
+    @property
+    def max_rel_error(self) -> float:
+        return max((o.rel_error for o in self.outputs), default=0.0)
+
+    @property
+    def min_cosine(self) -> float:
+        return min((o.cosine for o in self.outputs), default=1.0)
+
+
+def compare(y: np.ndarray, ref: np.ndarray, name: str = "") -> OutputError:
+    a = np.asarray(y, dtype=np.float64).ravel()
+    b = np.asarray(ref, dtype=np.float64).ravel()
+    nb = np.linalg.norm(b)
+    rel = float(np.linalg.norm(a - b) / nb) if nb > 0 else float(np.linalg.norm(a))
+    denom = np.linalg.norm(a) * nb
+    cos = float(a @ b / denom) if denom > 0 else 1.0
+    return OutputError(name, rel, float(np.max(np.abs(a - b))) if a.size else 0.0, cos)
+
+
+def run(model: onnx.ModelProto | bytes | str, feeds: dict[str, np.ndarray],
+        options: SessionOptions | None = None) -> dict[str, np.ndarray]:
+    sess = make_session(model, options)
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, feeds), strict=True))
+
+
+def validate(compiled: onnx.ModelProto | bytes | str, original: onnx.ModelProto,
+             feeds: dict[str, np.ndarray] | None = None, options: SessionOptions | None = None) -> ValidationResult:
+    feeds = feeds if feeds is not None else sample_inputs(original)
+    ref = run(original, feeds, options)
+    got = run(compiled, feeds, options)
+    return ValidationResult(tuple(compare(got[k], ref[k], k) for k in ref))
