@@ -9,14 +9,14 @@ import os
 import time
 from pathlib import Path
 
+from importlib.metadata import version
+
 import numpy as np
 import onnx
-import torch
 
 from qcompiler.errors import ModelLoadError
 from qcompiler.frontends.base import LoadedModel
 from qcompiler.frontends.cache import ExportCache, content_key
-from qcompiler.frontends.export import export_to_onnx
 from qcompiler.graphio import load_onnx
 from qcompiler.metadata import MODEL_KIND, TOKENIZER, set_model_properties
 
@@ -40,7 +40,8 @@ def _read_config(folder: Path) -> dict:
         raise ModelLoadError(f"cannot read {folder / 'config.json'}: {e}") from None
 
 
-def _load_torch_model(folder: Path, kind: str) -> torch.nn.Module:
+def _load_torch_model(folder: Path, kind: str):
+    import torch
     import transformers
 
     cls = transformers.AutoModelForCausalLM if kind == "causal_lm" else transformers.AutoModel
@@ -51,8 +52,9 @@ def _load_torch_model(folder: Path, kind: str) -> torch.nn.Module:
         raise ModelLoadError(f"cannot load the checkpoint in {folder}: {first[:300]}") from None
 
 
-def _example_inputs(model: torch.nn.Module, config: dict, batch: int, seq: int, pad: int,
-                    seed: int) -> dict[str, torch.Tensor]:
+def _example_inputs(model, config: dict, batch: int, seq: int, pad: int, seed: int) -> dict:
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     vocab = int(config.get("vocab_size") or 1000)
     ids = torch.randint(5, min(vocab, 1000), (batch, seq), generator=g)
@@ -72,8 +74,10 @@ def _select(kind: str):
     return lambda out: out.last_hidden_state
 
 
-def _check_export(model_proto: onnx.ModelProto, module: torch.nn.Module, config: dict, kind: str) -> float:
+def _check_export(model_proto: onnx.ModelProto, module, config: dict, kind: str) -> float:
     """Run ONNX Runtime and torch on a shape unlike the export's, with padding; compare valid positions."""
+    import torch
+
     from qcompiler.runtime.session import SessionOptions, make_session
 
     inputs = _example_inputs(module, config, batch=3, seq=11, pad=4, seed=1)
@@ -89,12 +93,10 @@ def _check_export(model_proto: onnx.ModelProto, module: torch.nn.Module, config:
 
 def load_hf_folder(folder: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
                    name: str | None = None) -> LoadedModel:
-    import transformers
-
     folder = Path(folder).resolve()
     config = _read_config(folder)
     kind = model_kind(config)
-    key = content_key(folder, {"torch": torch.__version__, "transformers": transformers.__version__,
+    key = content_key(folder, {"torch": version("torch"), "transformers": version("transformers"),
                                "kind": kind})
     cache = ExportCache(Path(cache_dir) / "exports" if cache_dir else None)
     hit = cache.get(key)
@@ -102,6 +104,8 @@ def load_hf_folder(folder: str | os.PathLike, cache_dir: str | os.PathLike | Non
         path, info = hit
         log.info("export cache hit: %s", path)
         return LoadedModel(load_onnx(path), name or str(folder), info["kind"], str(folder), str(path), cached=True)
+
+    from qcompiler.frontends.export import export_to_onnx
 
     t0 = time.perf_counter()
     log.info("exporting %s (%s) with torch.onnx dynamo", folder, kind)

@@ -1,0 +1,3 @@
+from qcompiler.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,218 @@
+"""Command line: ``qcompiler compile`` and ``qcompiler eval``.
+
+Bad input ends with one line on stderr naming the problem and exit code 2; nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from qcompiler import __version__
+from qcompiler.config import METHODS, PER_CHANNEL, CompileConfig, MatchConfig, QuantConfig
+from qcompiler.errors import ConfigError, QCompilerError
+
+log = logging.getLogger("qcompiler")
+EXIT_BAD_INPUT = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse's own convention too)
+        self.exit(EXIT_BAD_INPUT, f"qcompiler: error: {message}\n")
+
+
+def _group_size(text: str) -> int:
+    if text in ("channel", "per-channel", "0"):
+        return PER_CHANNEL
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid group size {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="qcompiler", description="Compile transformer models to weight-quantized ONNX.")
+    p.add_argument("--version", action="version", version=f"qcompiler {__version__}")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser)
+
+    c = sub.add_parser("compile", help="quantize a model's weights and write ONNX")
+    c.add_argument("model", nargs="?", default=None,
+                   help="an .onnx file, a Hugging Face folder, or a bundled name (default: minilm)")
+    c.add_argument("-o", "--output", help="output .onnx (default: <model>.<method>-w<bits>.onnx here)")
+    c.add_argument("--method", default="rtn", choices=METHODS)
+    c.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (3-bit codes use the 4-bit container)")
+    c.add_argument("--group-size", "--block-size", dest="group_size", type=_group_size, default=32,
+                   help="rows of K per scale: a power of two in 16..256, or 'channel' (default 32)")
+    sym = c.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="symmetric", action="store_true", help="symmetric grid")
+    sym.add_argument("--asym", dest="symmetric", action="store_false", help="asymmetric grid (default)")
+    c.set_defaults(symmetric=False)
+    c.add_argument("--format", default="matmulnbits", choices=["matmulnbits", "qdq"])
+    c.add_argument("--accuracy-level", type=int, default=1,
+                   help="MatMulNBits accuracy_level: 1 float activations (default), 4 int8 activations")
+    c.add_argument("--quantize-lm-head", action="store_true", help="also quantize the output head")
+    c.add_argument("--no-validate", dest="validate", action="store_false",
+                   help="skip running the result against the original")
+    c.add_argument("--report", help="write a JSON report here")
+    c.add_argument("--cache-dir", help="export cache folder (default ~/.cache/qcompiler)")
+
+    e = sub.add_parser("eval", help="measure a model: embedding fidelity or perplexity")
+    e.add_argument("model", help="the .onnx model to measure")
+    e.add_argument("--reference", help="reference model: .onnx, HF folder or bundled name (fidelity; optional for perplexity)")
+    e.add_argument("--perplexity", action="store_true", help="perplexity of a causal LM")
+    e.add_argument("--text", help="text file (.txt or .gz; default: the Jargon File if installed)")
+    e.add_argument("--tokenizer", help="tokenizer folder (default: recorded in the model by qcompiler)")
+    e.add_argument("--paragraphs", type=int, default=256)
+    e.add_argument("--max-length", type=int, default=128)
+    e.add_argument("--windows", type=int, default=8)
+    e.add_argument("--window-length", type=int, default=512)
+    e.add_argument("--json", help="write the figures as JSON here")
+
+    for sp in (c, e):
+        sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="ONNX Runtime execution provider for validation/evaluation")
+        sp.add_argument("-v", "--verbose", action="count", default=0)
+        sp.add_argument("-q", "--quiet", action="store_true")
+        sp.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def _default_output(model: str | None, method: str, bits: int) -> str:
+    name = Path(model).name if model else "minilm"
+    stem = name[:-5] if name.endswith(".onnx") else name
+    return f"{stem}.{method}-w{bits}.onnx"
+
+
+def _human(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from qcompiler.pipeline import compile_model, write_report
+
+    config = CompileConfig(
+        quant=QuantConfig(bits=args.bits, group_size=args.group_size, symmetric=args.symmetric),
+        match=MatchConfig(quantize_lm_head=args.quantize_lm_head),
+        method=args.method, format=args.format, accuracy_level=args.accuracy_level, validate=args.validate,
+    )
+    output = args.output or _default_output(args.model, args.method, args.bits)
+    if args.report:
+        from qcompiler.graphio import check_writable
+
+        check_writable(args.report)
+    result = compile_model(args.model, output, config, cache_dir=args.cache_dir, progress=not args.quiet)
+    report = result.report(config)
+    if args.report:
+        write_report(report, args.report)
+    if not args.quiet:
+        total = sum(result.timings.values())
+        errs = [p.stats.rel_error for p in result.plan.sites]
+        lines = [
+            f"compiled {result.source} -> {result.output}",
+            f"  method {config.method}, {config.quant.describe()}, format {config.format}",
+            f"  sites: {len(result.plan.sites)} quantized, {len(result.match.rejected)} skipped"
+            f" (weight rel. error mean {sum(errs) / len(errs):.4f}, max {max(errs):.4f})",
+            f"  size: {_human(result.size_before)} -> {_human(result.size_after)}"
+            f" ({result.size_after / max(result.size_before, 1):.2f}x)",
+        ]
+        if result.validation is not None:
+            for o in result.validation.outputs:
+                lines.append(f"  validation [{o.name}]: rel. error {o.rel_error:.4f}, cosine {o.cosine:.5f}")
+        lines.append(f"  time: {total:.1f}s (" + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items())
+                     + (", export cached)" if result.cached_export else ")"))
+        if args.report:
+            lines.append(f"  report: {args.report}")
+        sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from qcompiler.frontends.onnx_file import load_onnx_model
+    from qcompiler.runtime import evaluate
+    from qcompiler.runtime.session import SessionOptions
+    from qcompiler.runtime.text import default_text, paragraphs, read_text
+
+    if args.json:
+        from qcompiler.graphio import check_writable
+
+        check_writable(args.json)
+    loaded = load_onnx_model(Path(args.model))
+    tok = args.tokenizer or loaded.tokenizer_dir
+    if not tok:
+        raise ConfigError("no tokenizer: pass --tokenizer DIR (the model does not record one)")
+    if not Path(tok).is_dir():
+        raise ConfigError(f"tokenizer folder not found: {tok}")
+    text = read_text(args.text or default_text())
+    opts = SessionOptions(device=args.device)
+    reference = None
+    if args.reference:
+        from qcompiler.frontends import load_model
+
+        reference = load_model(args.reference).model
+    out: dict = {"model": args.model, "reference": args.reference}
+    if args.perplexity:
+        try:
+            windows = evaluate.token_windows(tok, text, args.windows, args.window_length)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        res = evaluate.perplexity(loaded.model, windows, opts, progress=not args.quiet)
+        out["perplexity"] = asdict(res)
+        lines = [f"perplexity {res.perplexity:.3f} over {res.tokens} tokens ({res.windows} windows)"]
+        if reference is not None:
+            ref = evaluate.perplexity(reference, windows, opts, progress=not args.quiet)
+            out["reference_perplexity"] = asdict(ref)
+            lines.append(f"reference perplexity {ref.perplexity:.3f} (ratio {res.perplexity / ref.perplexity:.4f})")
+    else:
+        if reference is None:
+            raise ConfigError("fidelity needs --reference REF.onnx (or pass --perplexity)")
+        paras = paragraphs(text, args.paragraphs)
+        if len(paras) < 2:
+            raise ConfigError("the text has fewer than 2 usable paragraphs")
+        res = evaluate.embedding_fidelity(loaded.model, reference, tok, paras, args.max_length, opts,
+                                          progress=not args.quiet)
+        out["fidelity"] = asdict(res)
+        lines = [f"embedding fidelity over {res.paragraphs} paragraphs: mean cosine {res.mean_cosine:.5f}, "
+                 f"min {res.min_cosine:.5f}, spearman {res.spearman:.5f}, nn agreement {res.nn_agreement:.4f}"]
+    if args.json:
+        from qcompiler.pipeline import write_report
+
+        write_report(out, args.json)
+    if not args.quiet:
+        sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    level = logging.WARNING if args.quiet else (logging.DEBUG if args.verbose > 1 else
+                                                 logging.INFO if args.verbose else logging.WARNING)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("onnxscript", "torch", "transformers", "onnx_ir"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        args = parser.parse_args(["compile", *(argv if argv is not None else sys.argv[1:])])
+    _setup_logging(args)
+    try:
+        return cmd_compile(args) if args.command == "compile" else cmd_eval(args)
+    except QCompilerError as e:
+        if args.debug:
+            raise
+        sys.stderr.write(f"qcompiler: error: {e}\n")
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        sys.stderr.write("qcompiler: interrupted; nothing written\n")
+        return 130
+    except Exception as e:  # a bug, not bad input: still one line unless --debug
+        if args.debug:
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        sys.stderr.write(f"qcompiler: internal error: {type(e).__name__}: {msg[:300]} (rerun with --debug)\n")
+        return 1

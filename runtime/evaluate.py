@@ -1,0 +1,123 @@
+"""Task-level evaluation: embedding fidelity for encoders, perplexity on fixed windows for causal LMs."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from tqdm.auto import tqdm
+
+from qcompiler.runtime.session import SessionOptions, make_session
+
+
+@dataclass(frozen=True)
+class FidelityResult:
+    mean_cosine: float  # mean-pooled, L2-normalised sentence embedding vs the reference's
+    min_cosine: float
+    spearman: float  # rank correlation of all pairwise similarities
+    nn_agreement: float  # share of paragraphs whose nearest neighbour is the same
+    paragraphs: int
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    perplexity: float
+    nll: float  # mean negative log-likelihood per predicted token
+    tokens: int
+    windows: int
+
+
+def _tokenizer(tokenizer_dir: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def _feeds(sess, enc: dict) -> dict[str, np.ndarray]:
+    names = {i.name for i in sess.get_inputs()}
+    feeds = {k: np.asarray(v, dtype=np.int64) for k, v in enc.items() if k in names}
+    if "token_type_ids" in names and "token_type_ids" not in feeds:
+        feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
+    return feeds
+
+
+def sentence_embeddings(model: onnx.ModelProto | str, tokenizer_dir: str, texts: list[str],
+                        max_length: int = 128, batch_size: int = 32, options: SessionOptions | None = None,
+                        progress: bool = False) -> np.ndarray:
+    """Mean pooling over the attention mask, then L2 normalisation (sentence-transformers' recipe)."""
+    tok = _tokenizer(tokenizer_dir)
+    sess = make_session(model, options)
+    out = []
+    for i in tqdm(range(0, len(texts), batch_size), desc="embed", disable=not progress, leave=False):
+        enc = tok(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
+                  return_tensors="np")
+        feeds = _feeds(sess, enc)
+        hidden = sess.run(None, feeds)[0].astype(np.float64)
+        mask = feeds["attention_mask"][..., None].astype(np.float64)
+        pooled = (hidden * mask).sum(1) / np.maximum(mask.sum(1), 1e-9)
+        out.append(pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12))
+    return np.concatenate(out)
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    order = np.argsort(x, kind="stable")
+    r = np.empty(len(x), dtype=np.float64)
+    r[order] = np.arange(len(x), dtype=np.float64)
+    return r
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ra, rb = _ranks(a), _ranks(b)
+    ra -= ra.mean()
+    rb -= rb.mean()
+    return float(ra @ rb / math.sqrt((ra @ ra) * (rb @ rb)))
+
+
+def fidelity(emb: np.ndarray, ref: np.ndarray) -> FidelityResult:
+    cos = np.sum(emb * ref, axis=1)
+    sim_e, sim_r = emb @ emb.T, ref @ ref.T
+    iu = np.triu_indices(len(emb), k=1)
+    np.fill_diagonal(sim_e, -np.inf)
+    np.fill_diagonal(sim_r, -np.inf)
+    nn = float(np.mean(sim_e.argmax(1) == sim_r.argmax(1)))
+    rho = spearman(sim_e[iu], sim_r[iu]) if len(emb) > 2 else 1.0
+    return FidelityResult(float(cos.mean()), float(cos.min()), rho, nn, len(emb))
+
+
+def embedding_fidelity(model: onnx.ModelProto | str, reference: onnx.ModelProto | str, tokenizer_dir: str,
+                       texts: list[str], max_length: int = 128, options: SessionOptions | None = None,
+                       progress: bool = False) -> FidelityResult:
+    ref = sentence_embeddings(reference, tokenizer_dir, texts, max_length, options=options, progress=progress)
+    emb = sentence_embeddings(model, tokenizer_dir, texts, max_length, options=options, progress=progress)
+    return fidelity(emb, ref)
+
+
+def token_windows(tokenizer_dir: str, text: str, windows: int = 8, length: int = 512) -> np.ndarray:
+    """``windows`` consecutive, non-overlapping windows of ``length`` tokens from the text's start."""
+    tok = _tokenizer(tokenizer_dir)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    need = windows * length
+    if len(ids) < need:
+        raise ValueError(f"text has {len(ids)} tokens, {need} needed for {windows} x {length}")
+    return np.asarray(ids[:need], dtype=np.int64).reshape(windows, length)
+
+
+def perplexity(model: onnx.ModelProto | str, windows: np.ndarray, options: SessionOptions | None = None,
+               progress: bool = False) -> PerplexityResult:
+    sess = make_session(model, options)
+    total, count = 0.0, 0
+    for w in tqdm(windows, desc="perplexity", disable=not progress, leave=False):
+        ids = w[None, :]
+        feeds = _feeds(sess, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+        if "position_ids" in {i.name for i in sess.get_inputs()}:
+            feeds["position_ids"] = np.arange(ids.shape[1], dtype=np.int64)[None]
+        logits = sess.run(None, feeds)[0][0, :-1].astype(np.float64)
+        target = ids[0, 1:]
+        m = logits.max(-1, keepdims=True)
+        logz = (m[:, 0] + np.log(np.exp(logits - m).sum(-1)))
+        total += float(np.sum(logz - logits[np.arange(len(target)), target]))
+        count += len(target)
+    nll = total / count
+    return PerplexityResult(math.exp(nll), nll, count, len(windows))
