@@ -104,7 +104,10 @@ def save_onnx_atomic(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
 
 
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
-    return gs.import_onnx(model)
+    graph = gs.import_onnx(model)
+    # onnx-graphsurgeon keeps (and later appends to) the model's own opset list: detach it
+    graph.import_domains = [onnx.helper.make_opsetid(o.domain, o.version) for o in model.opset_import]
+    return graph
 
 
 def export_graph(graph: gs.Graph) -> onnx.ModelProto:

@@ -1,0 +1,91 @@
+"""Shared fixtures: tiny random HF checkpoints of every family, a hermetic export cache, MiniLM."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, vocab_size=512)
+
+
+def _tiny_config(family: str):
+    import transformers as tf
+
+    if family == "gpt2":
+        return tf.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=512, n_positions=256,
+                             bos_token_id=0, eos_token_id=0, architectures=["GPT2LMHeadModel"])
+    if family == "llama":
+        return tf.LlamaConfig(**TINY, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                              architectures=["LlamaForCausalLM"])
+    if family == "qwen2":
+        return tf.Qwen2Config(**TINY, num_attention_heads=4, num_key_value_heads=2,
+                              architectures=["Qwen2ForCausalLM"])
+    if family == "gemma2":
+        return tf.Gemma2Config(**TINY, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                               architectures=["Gemma2ForCausalLM"])
+    if family == "bert":
+        return tf.BertConfig(**TINY, num_attention_heads=4, max_position_embeddings=256,
+                             architectures=["BertModel"])
+    raise ValueError(family)
+
+
+def make_tiny_checkpoint(family: str, folder: Path) -> Path:
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = _tiny_config(family)
+    cls = tf.AutoModel if family == "bert" else tf.AutoModelForCausalLM
+    model = cls.from_config(cfg).eval()
+    model.save_pretrained(folder)
+    return folder
+
+
+FAMILIES = ("gpt2", "llama", "qwen2", "gemma2", "bert")
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("qcache")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {f: make_tiny_checkpoint(f, root / f) for f in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    from qcompiler.frontends.bundled import bundled_path
+
+    return bundled_path("minilm")
+
+
+@pytest.fixture(scope="session")
+def minilm(cache_dir):
+    from qcompiler.frontends import load_model
+
+    return load_model("minilm", cache_dir=cache_dir)
+
+
+def run_plain_onnxruntime(path: Path, feeds_npz: Path) -> subprocess.CompletedProcess:
+    """Load and run a model in a separate, isolated interpreter that imports only onnxruntime."""
+    code = (
+        "import sys, numpy as np, onnxruntime as ort\n"
+        "s = ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])\n"
+        "f = dict(np.load(sys.argv[2]))\n"
+        "out = s.run(None, f)\n"
+        "assert all(np.isfinite(o).all() for o in out)\n"
+        "assert 'qcompiler' not in sys.modules\n"
+        "print('ok', out[0].shape)\n"
+    )
+    return subprocess.run([sys.executable, "-I", "-c", code, str(path), str(feeds_npz)],
+                          capture_output=True, text=True, cwd=path.parent, timeout=300)
