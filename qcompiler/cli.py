@@ -196,9 +196,13 @@ def _setup_logging(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        args = parser.parse_args(["compile", *(argv if argv is not None else sys.argv[1:])])
+    argv = list(argv if argv is not None else sys.argv[1:])
+    if not argv or (argv[0] not in ("compile", "eval") and argv[0] not in ("-h", "--help", "--version")):
+        argv = ["compile", *argv]  # plain ``qcompiler [MODEL] [options]`` means compile
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse: --help, --version, or a bad option (exit 2)
+        return int(e.code or 0)
     _setup_logging(args)
     try:
         return cmd_compile(args) if args.command == "compile" else cmd_eval(args)

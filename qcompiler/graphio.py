@@ -71,8 +71,12 @@ def check_writable(path: str | os.PathLike) -> Path:
         raise OutputError(f"output is a directory: {p}")
     if not parent.is_dir():
         raise OutputError(f"output folder does not exist: {parent}")
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"output folder is not writable: {parent}")
+    try:  # a real probe: os.access says yes to root even where writing fails
+        fd, probe = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".probe", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputError(f"output folder is not writable: {parent} ({e.strerror or e})") from None
     return p
 
 
@@ -84,8 +88,9 @@ def save_onnx_atomic(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     """
     out = check_writable(path)
     external = initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmpdir = None
     try:
+        tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         tmp_model = tmpdir / out.name
         if external:
             data_name = out.name + ".data"
@@ -98,7 +103,8 @@ def save_onnx_atomic(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     except OSError as e:
         raise OutputError(f"cannot write {out}: {e.strerror or e}") from None
     finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        if tmpdir is not None:
+            shutil.rmtree(tmpdir, ignore_errors=True)
     log.info("wrote %s (%s)", out, "external data" if external else "single file")
     return out
 

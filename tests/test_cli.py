@@ -1,0 +1,92 @@
+"""Bad input: one line naming the problem, exit code 2, no traceback, no output file."""
+
+import subprocess
+import sys
+
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from qcompiler.cli import main
+from tests.graphs import mixed_model
+
+
+def _run(argv, capsys):
+    code = main(argv)
+    err = capsys.readouterr().err
+    return code, err
+
+
+def _nothing_model(path):
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    onnx.save_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 20)]), str(path))
+
+
+@pytest.fixture()
+def good_onnx(tmp_path):
+    p = tmp_path / "good.onnx"
+    onnx.save_model(mixed_model(), str(p))
+    return p
+
+
+def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys, good_onnx):
+    out = tmp_path / "out.onnx"
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(good_onnx.read_bytes()[:500])
+    text = tmp_path / "text.onnx"
+    text.write_text("hello, I am not a model\n" * 20)
+    nothing = tmp_path / "nothing.onnx"
+    _nothing_model(nothing)
+    cases = {
+        "missing": ([str(tmp_path / "nope.onnx")], "not found"),
+        "corrupt": ([str(corrupt)], "ONNX"),
+        "not onnx": ([str(text)], "ONNX"),
+        "nothing to quantize": ([str(nothing)], "nothing to quantize"),
+        "bits": ([str(good_onnx), "--bits", "5"], "--bits"),
+        "block": ([str(good_onnx), "--group-size", "48"], "--group-size"),
+        "block text": ([str(good_onnx), "--group-size", "big"], "group size"),
+        "no folder": ([str(good_onnx), "-o", str(tmp_path / "no" / "dir" / "x.onnx")], "does not exist"),
+        "dir output": ([str(good_onnx), "-o", str(tmp_path)], "directory"),
+        "format": ([str(good_onnx), "--format", "gguf"], "invalid choice"),
+    }
+    for name, (args, needle) in cases.items():
+        argv = ["compile", *args] if "-o" in args else ["compile", *args, "-o", str(out)]
+        code, err = _run(argv, capsys)
+        assert code == 2, name
+        assert err.count("\n") == 1 and err.startswith("qcompiler: error:"), (name, err)
+        assert needle in err, (name, err)
+        assert "Traceback" not in err
+        assert not out.exists(), name
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["good.onnx", "corrupt.onnx", "text.onnx", "nothing.onnx"])  # no temporary files left
+
+
+def test_unwritable_output_leaves_nothing(tmp_path, capsys, good_onnx):
+    code, err = _run(["compile", str(good_onnx), "-o", "/proc/qcompiler-test.onnx", "--no-validate"], capsys)
+    assert code == 2 and "not writable" in err and err.count("\n") == 1
+    assert "rtn" not in err  # refused before any work
+
+
+def test_compile_and_report_on_an_onnx_file(tmp_path, capsys, good_onnx):
+    import json
+
+    out, rep = tmp_path / "q.onnx", tmp_path / "r.json"
+    code = main(["compile", str(good_onnx), "-o", str(out), "--report", str(rep), "--bits", "3",
+                 "--group-size", "channel", "--sym"])
+    stdout = capsys.readouterr().out
+    assert code == 0 and out.is_file()
+    assert "3 quantized" in stdout and "validation" in stdout
+    report = json.loads(rep.read_text())
+    assert len(report["sites"]) == 3 and report["config"]["quant"]["bits"] == 3
+    assert {r["node"] for r in report["skipped"]} == {"mm_dyn", "head"}
+    assert report["validation"]["max_rel_error"] < 0.5
+    assert report["size"]["quantized_weights_true_bytes"] < report["size"]["quantized_weights_fp32_bytes"] / 8
+
+
+def test_subprocess_entry_point_has_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "qcompiler", "compile", str(tmp_path / "x.onnx")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "not found" in proc.stderr
