@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 
 import onnx_graphsurgeon as gs
-
-from qcompiler.algorithms.packing import pack_matmulnbits
 from qcompiler.passes._rewire import nodes_by_name, rewrite_site, weight_dtype
 from qcompiler.passes.base import Pass, PassError, PassResult
+
+from qcompiler.algorithms.packing import pack_matmulnbits
 from qcompiler.plan import QuantPlan
 
 log = logging.getLogger(__name__)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-
-from qcompiler.algorithms.packing import pack_along_last, pack_qdq
 from qcompiler.passes._rewire import nodes_by_name, rewrite_site, weight_dtype
 from qcompiler.passes.base import Pass, PassError, PassResult
+
+from qcompiler.algorithms.packing import pack_along_last, pack_qdq
 from qcompiler.plan import QuantPlan
 
 _TYPES = {(4, True): onnx.TensorProto.INT4, (4, False): onnx.TensorProto.UINT4,

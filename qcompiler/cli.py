@@ -6,7 +6,6 @@ Bad input ends with one line on stderr naming the problem and exit code 2; nothi
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from dataclasses import asdict
@@ -62,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="measure a model: embedding fidelity or perplexity")
     e.add_argument("model", help="the .onnx model to measure")
-    e.add_argument("--reference", help="reference model: .onnx, HF folder or bundled name (fidelity; optional for perplexity)")
+    e.add_argument("--reference",
+                   help="reference model: .onnx, HF folder or bundled name (fidelity; optional for perplexity)")
     e.add_argument("--perplexity", action="store_true", help="perplexity of a causal LM")
     e.add_argument("--text", help="text file (.txt or .gz; default: the Jargon File if installed)")
     e.add_argument("--tokenizer", help="tokenizer folder (default: recorded in the model by qcompiler)")

@@ -7,9 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from tqdm.auto import tqdm
-
 from qcompiler.runtime.session import SessionOptions, make_session
+from tqdm.auto import tqdm
 
 
 @dataclass(frozen=True)

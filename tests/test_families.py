@@ -3,10 +3,10 @@ that a separate interpreter with plain onnxruntime loads and runs."""
 
 import numpy as np
 import pytest
+from qcompiler.runtime.inputs import sample_inputs
 
 from qcompiler.config import CompileConfig, QuantConfig
 from qcompiler.pipeline import compile_model
-from qcompiler.runtime.inputs import sample_inputs
 from tests.conftest import FAMILIES, run_plain_onnxruntime
 
 # sites per tiny 2-layer model: (q,k,v,o,up,down[,gate]) x 2; GPT-2 has fused c_attn

@@ -2,7 +2,13 @@ import numpy as np
 import pytest
 
 from qcompiler.algorithms.grid import (
-    dequantize, fit_grid, quantize, quantize_codes, relative_error, round_half_away)
+    dequantize,
+    fit_grid,
+    quantize,
+    quantize_codes,
+    relative_error,
+    round_half_away,
+)
 
 
 def test_round_half_away_matches_c_roundf():

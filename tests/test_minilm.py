@@ -8,12 +8,12 @@ import time
 import numpy as np
 import onnx
 import pytest
-
-from qcompiler.config import CompileConfig, QuantConfig
-from qcompiler.pipeline import compile_model
 from qcompiler.runtime.evaluate import embedding_fidelity
 from qcompiler.runtime.inputs import sample_inputs
 from qcompiler.runtime.text import default_text, paragraphs, read_text
+
+from qcompiler.config import CompileConfig, QuantConfig
+from qcompiler.pipeline import compile_model
 from tests.helpers import outputs
 
 pytestmark = pytest.mark.slow
@@ -21,7 +21,9 @@ pytestmark = pytest.mark.slow
 
 def _ort_default(model: onnx.ModelProto, block: int, sym: bool) -> onnx.ModelProto:
     from onnxruntime.quantization.matmul_nbits_quantizer import (
-        DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer)
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
 
     q = MatMulNBitsQuantizer(onnx.ModelProto.FromString(model.SerializeToString()),
                              algo_config=DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=sym, bits=4))

@@ -6,7 +6,12 @@ from onnxruntime.capi import _pybind_state as ortc
 
 from qcompiler.algorithms.grid import quantize
 from qcompiler.algorithms.packing import (
-    nbits_block_size, pack_along_last, pack_matmulnbits, pack_qdq, unpack_along_last)
+    nbits_block_size,
+    pack_along_last,
+    pack_matmulnbits,
+    pack_qdq,
+    unpack_along_last,
+)
 
 _ORT = {2: ortc.quantize_matmul_2bits, 4: ortc.quantize_matmul_4bits, 8: ortc.quantize_matmul_8bits}
 

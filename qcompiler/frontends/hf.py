@@ -7,9 +7,8 @@ import json
 import logging
 import os
 import time
-from pathlib import Path
-
 from importlib.metadata import version
+from pathlib import Path
 
 import numpy as np
 import onnx
