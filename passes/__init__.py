@@ -1,7 +1,8 @@
 """Rewrite passes over an onnx-graphsurgeon graph. One concern per module; passes apply plans."""
 
 from qcompiler.passes.base import Pass, PassError, PassManager, PassResult
+from qcompiler.passes.embedding import EmbeddingPass
 from qcompiler.passes.matmulnbits import MatMulNBitsPass
 from qcompiler.passes.qdq import QDQPass
 
-__all__ = ["Pass", "PassError", "PassManager", "PassResult", "MatMulNBitsPass", "QDQPass"]
+__all__ = ["Pass", "PassError", "PassManager", "PassResult", "MatMulNBitsPass", "QDQPass", "EmbeddingPass"]

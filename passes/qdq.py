@@ -15,7 +15,7 @@ _TYPES = {(4, True): onnx.TensorProto.INT4, (4, False): onnx.TensorProto.UINT4,
           (8, True): onnx.TensorProto.INT8, (8, False): onnx.TensorProto.UINT8}
 
 
-def _int_tensor(name: str, values: np.ndarray, bits: int, signed: bool) -> gs.Constant:
+def int_tensor(name: str, values: np.ndarray, bits: int, signed: bool) -> gs.Constant:
     """A constant of (u)int4 or (u)int8; 4-bit values are packed two per byte, low nibble first."""
     dtype = _TYPES[(bits, signed)]
     if bits == 8:
@@ -41,15 +41,17 @@ class QDQPass(Pass):
         names = nodes_by_name(graph)
         for sp in self.plan.sites:
             site = sp.site
+            if site.role == "embedding":
+                continue
             dtype = weight_dtype(graph, site)
             t = pack_qdq(sp.weight)
             base = f"{site.weight}_dq{sp.weight.bits}"
             dq_inputs: list[gs.Tensor] = [
-                _int_tensor(f"{base}_codes", t.codes, t.bits, t.signed),
+                int_tensor(f"{base}_codes", t.codes, t.bits, t.signed),
                 gs.Constant(f"{base}_scales", t.scales.astype(dtype)),
             ]
             if t.zero_points is not None:
-                dq_inputs.append(_int_tensor(f"{base}_zero_points", t.zero_points, t.bits, t.signed))
+                dq_inputs.append(int_tensor(f"{base}_zero_points", t.zero_points, t.bits, t.signed))
             w_hat = gs.Variable(f"{base}_weight", dtype=dtype, shape=[site.k, site.n])
             dq = gs.Node("DequantizeLinear", name=f"{site.node}_DequantizeLinear",
                          attrs={"axis": 0, "block_size": t.block_size}, inputs=dq_inputs, outputs=[w_hat])
@@ -63,5 +65,5 @@ class QDQPass(Pass):
 
     def ensures(self, graph: gs.Graph) -> None:
         n = sum(1 for node in graph.nodes if node.op == "DequantizeLinear")
-        if n < len(self.plan.sites):
+        if n < len(self.plan.sites):  # embedding sites bring their own DequantizeLinear
             raise PassError(f"expected at least {len(self.plan.sites)} DequantizeLinear nodes, found {n}")

@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--accuracy-level", type=int, default=1,
                    help="MatMulNBits accuracy_level: 1 float activations (default), 4 int8 activations")
     c.add_argument("--quantize-lm-head", action="store_true", help="also quantize the output head")
+    c.add_argument("--quantize-embeddings", action="store_true",
+                   help="also quantize embedding tables (DequantizeLinear before the Gather)")
     c.add_argument("--no-validate", dest="validate", action="store_false",
                    help="skip running the result against the original")
     c.add_argument("--report", help="write a JSON report here")
@@ -96,7 +98,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     config = CompileConfig(
         quant=QuantConfig(bits=args.bits, group_size=args.group_size, symmetric=args.symmetric),
-        match=MatchConfig(quantize_lm_head=args.quantize_lm_head),
+        match=MatchConfig(quantize_lm_head=args.quantize_lm_head, quantize_embeddings=args.quantize_embeddings),
         method=args.method, format=args.format, accuracy_level=args.accuracy_level, validate=args.validate,
     )
     output = args.output or _default_output(args.model, args.method, args.bits)

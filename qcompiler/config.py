@@ -40,7 +40,9 @@ class QuantConfig:
 
 @dataclass(frozen=True)
 class MatchConfig:
-    """Which weights the matcher offers for quantization."""
+    """Which weights the matcher offers for quantization. Embedding tables are quantized along the
+    hidden axis and dequantized by a standard DequantizeLinear before the Gather (whole-table
+    dequantization on every run: smaller files, not faster ones)."""
 
     quantize_lm_head: bool = False
     quantize_embeddings: bool = False

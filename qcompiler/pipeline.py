@@ -21,7 +21,7 @@ from qcompiler.graphio import check_writable, import_graph, save_onnx_atomic
 from qcompiler.match.sites import MatchResult, find_linear_sites, site_weight
 from qcompiler.metadata import MODEL_KIND, TOKENIZER, module_paths
 from qcompiler.methods import make_plan
-from qcompiler.passes import MatMulNBitsPass, PassManager, QDQPass
+from qcompiler.passes import EmbeddingPass, MatMulNBitsPass, PassManager, QDQPass
 from qcompiler.plan import QuantPlan
 from qcompiler.runtime.validate import ValidationResult, validate
 
@@ -97,7 +97,7 @@ def compile_model(source: Any = None, output: str | os.PathLike | None = None,
     t = time.perf_counter()
     emitter = (MatMulNBitsPass(plan, config.accuracy_level) if config.format == "matmulnbits"
                else QDQPass(plan))
-    graph = PassManager([emitter])(graph).graph
+    graph = PassManager([EmbeddingPass(plan), emitter])(graph).graph
     props = {"qcompiler.method": config.method, "qcompiler.quant": config.quant.describe(),
              "qcompiler.format": config.format, MODEL_KIND: loaded.kind}
     if loaded.tokenizer_dir:

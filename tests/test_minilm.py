@@ -92,3 +92,25 @@ def test_cli_with_no_arguments_compiles_the_bundled_model(minilm, cache_dir, tmp
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "36 quantized" in proc.stdout and "validation [last_hidden_state]" in proc.stdout
     assert (tmp_path / "minilm.rtn-w4.onnx").is_file()
+
+
+def test_cli_eval_fidelity_and_errors(minilm, cache_dir, tmp_path, capsys):
+    import json
+
+    from qcompiler.cli import main
+
+    os.environ["QCOMPILER_CACHE_DIR"] = str(cache_dir)
+    try:
+        q = tmp_path / "q.onnx"
+        assert main(["compile", "-o", str(q), "-q", "--bits", "8", "--group-size", "128"]) == 0
+        js = tmp_path / "f.json"
+        assert main(["eval", str(q), "--reference", "minilm", "--paragraphs", "24", "--json", str(js), "-q"]) == 0
+        fid = json.loads(js.read_text())["fidelity"]
+        assert fid["paragraphs"] == 24 and fid["mean_cosine"] > 0.99  # 8-bit is near lossless
+        capsys.readouterr()
+        assert main(["eval", str(q)]) == 2  # fidelity without a reference
+        assert "--reference" in capsys.readouterr().err
+        assert main(["eval", str(q), "--reference", "minilm", "--text", str(tmp_path / "none.txt")]) == 2
+        assert "text file not found" in capsys.readouterr().err
+    finally:
+        os.environ.pop("QCOMPILER_CACHE_DIR", None)

@@ -34,7 +34,7 @@ class LinearSite:
     input: str
     output: str
     bias: str | None  # Gemm's C, or the constant of an Add that consumes the output
-    role: str  # "linear" | "head"
+    role: str  # "linear" | "head" | "embedding" (a Gather over a [V, H] table: W = table^T, K = H)
     dtype: str
 
 
@@ -106,6 +106,22 @@ def _bias_of(node: gs.Node, n: int) -> str | None:
     return None
 
 
+def _embedding_site(node: gs.Node, config: MatchConfig, mid: str | None) -> LinearSite | Rejection:
+    table = node.inputs[0]
+    if not config.quantize_embeddings:
+        return Rejection(node.name, node.op, "embedding table (kept in float; --quantize-embeddings)", mid)
+    if int(node.attrs.get("axis", 0)) != 0:
+        return Rejection(node.name, node.op, "Gather on axis != 0", mid)
+    if np.dtype(table.dtype) not in [np.dtype(t) for t in FLOAT_TYPES]:
+        return Rejection(node.name, node.op, f"table dtype {np.dtype(table.dtype)} is not float32/float16", mid)
+    if sum(1 for c in table.outputs if c.op == "Gather") > 1:
+        return Rejection(node.name, node.op, "table read by several Gathers", mid)
+    v, h = table.shape
+    return LinearSite(id=mid or table.name, node=node.name, op_type="Gather", weight=table.name, transposed=True,
+                      k=int(h), n=int(v), input=node.inputs[1].name, output=node.outputs[0].name, bias=None,
+                      role="embedding", dtype=str(np.dtype(table.dtype)))
+
+
 def find_linear_sites(
     graph: gs.Graph, config: MatchConfig | None = None, module_paths: dict[str, str] | None = None
 ) -> MatchResult:
@@ -116,8 +132,11 @@ def find_linear_sites(
     rejected: list[Rejection] = []
     for node in graph.nodes:
         if node.op == "Gather" and isinstance(node.inputs[0], gs.Constant) and len(node.inputs[0].shape) == 2:
-            rejected.append(Rejection(node.name, node.op, "embedding table (kept in float)",
-                                      module_paths.get(node.name)))
+            emb = _embedding_site(node, config, module_paths.get(node.name))
+            if isinstance(emb, Rejection):
+                rejected.append(emb)
+            else:
+                sites.append(emb)
             continue
         if node.op not in ("MatMul", "Gemm"):
             continue

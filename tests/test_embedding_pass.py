@@ -1,0 +1,61 @@
+"""EmbeddingPass three ways: structure, checker, numeric equivalence with the dequantized table."""
+
+import collections
+
+import numpy as np
+import onnx
+import pytest
+from qcompiler.passes import EmbeddingPass, PassManager
+
+from qcompiler.config import CompileConfig, MatchConfig, QuantConfig
+from qcompiler.emit import emit_model
+from qcompiler.graphio import import_graph
+from qcompiler.match.sites import find_linear_sites, site_weight
+from qcompiler.methods.rtn import plan_rtn
+from qcompiler.pipeline import compile_model
+from tests.graphs import shared_weight_model
+from tests.helpers import outputs, rel
+
+FEEDS = {"ids": np.random.default_rng(0).integers(0, 50, (2, 7)).astype(np.int64)}
+
+
+@pytest.mark.parametrize("bits,group,sym", [(4, 16, False), (8, 32, True), (3, 0, False)])
+def test_embedding_pass_three_ways(bits, group, sym):
+    model = shared_weight_model()
+    graph = import_graph(model)
+    match = find_linear_sites(graph, MatchConfig(quantize_embeddings=True))
+    assert [s.role for s in match.sites] == ["embedding"]
+    site = match.sites[0]
+    assert (site.k, site.n) == (32, 50)
+    plan = plan_rtn(match.sites, lambda s: site_weight(graph, s), QuantConfig(bits, group, sym))
+    result = PassManager([EmbeddingPass(plan)])(graph)
+    assert result.modified
+    out = emit_model(result.graph, model, {})
+    ops = collections.Counter(n.op_type for n in out.graph.node)
+    assert ops["DequantizeLinear"] == 1 and ops["Gather"] == 1
+    assert "table" not in {t.name for t in out.graph.initializer}
+    onnx.checker.check_model(out)
+    ref_q = onnx.ModelProto.FromString(model.SerializeToString())
+    for t in ref_q.graph.initializer:
+        if t.name == "table":
+            t.CopyFrom(onnx.numpy_helper.from_array(plan.sites[0].weight.dequantize().T.copy(), "table"))
+    np.testing.assert_allclose(outputs(out, FEEDS)["y"], outputs(ref_q, FEEDS)["y"], rtol=1e-4, atol=1e-4)
+    assert rel(outputs(out, FEEDS)["y"], outputs(model, FEEDS)["y"]) < {8: 0.02, 4: 0.25, 3: 0.45}[bits]
+
+
+def test_no_embedding_sites_is_a_no_op():
+    graph = import_graph(shared_weight_model())
+    match = find_linear_sites(graph, MatchConfig())
+    plan = plan_rtn(match.sites, lambda s: site_weight(graph, s), QuantConfig())
+    n = len(graph.nodes)
+    assert not EmbeddingPass(plan)(graph).modified and len(graph.nodes) == n
+
+
+def test_tied_embedding_model_end_to_end(tiny_checkpoints, cache_dir):
+    """GPT-2 ties its head to the table: both read the dequantized table; the float table is gone."""
+    cfg = CompileConfig(quant=QuantConfig(8, 32, False), match=MatchConfig(quantize_embeddings=True))
+    result = compile_model(str(tiny_checkpoints["gpt2"]), None, cfg, cache_dir=cache_dir)
+    roles = collections.Counter(p.site.role for p in result.plan.sites)
+    assert roles["embedding"] == 2  # token and position tables
+    assert result.validation.max_rel_error < 0.05
+    assert result.size_after < result.size_before / 3
