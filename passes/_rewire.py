@@ -8,6 +8,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from qcompiler.match.sites import LinearSite
+from qcompiler.passes.base import Pass, PassError, PassResult
+from qcompiler.plan import QuantPlan, SitePlan
 
 Builder = Callable[[gs.Tensor, gs.Variable], list[gs.Node]]
 
@@ -38,3 +40,38 @@ def rewrite_site(graph: gs.Graph, node: gs.Node, build: Builder) -> None:
     y = gs.Variable(f"{node.name}_nobias", dtype=out.dtype)
     graph.nodes.extend(build(a, y))
     graph.nodes.append(gs.Node("Add", name=f"{node.name}_bias", inputs=[y, bias], outputs=[out]))
+
+
+class LinearSitePass(Pass):
+    """Base of the quantizing passes: rewrites every MatMul/Gemm site of a plan (not embeddings).
+
+    Subclasses implement ``rewrite(graph, node, site_plan)`` and name the op they emit.
+    """
+
+    emitted_op: str = ""
+
+    def __init__(self, plan: QuantPlan):
+        self.plan = plan
+        self.site_plans = [p for p in plan.sites if p.site.role != "embedding"]
+
+    def requires(self, graph: gs.Graph) -> None:
+        names = nodes_by_name(graph)
+        missing = [p.site.node for p in self.site_plans if p.site.node not in names]
+        if missing:
+            raise PassError(f"plan names nodes missing from the graph: {missing[:3]}")
+
+    def rewrite(self, graph: gs.Graph, node: gs.Node, sp: SitePlan) -> None:
+        raise NotImplementedError
+
+    def call(self, graph: gs.Graph) -> PassResult:
+        names = nodes_by_name(graph)
+        for sp in self.site_plans:
+            self.rewrite(graph, names[sp.site.node], sp)
+        if self.site_plans:
+            graph.cleanup()
+        return PassResult(graph, bool(self.site_plans))
+
+    def ensures(self, graph: gs.Graph) -> None:
+        n = sum(1 for node in graph.nodes if node.op == self.emitted_op)
+        if n < len(self.site_plans):
+            raise PassError(f"expected at least {len(self.site_plans)} {self.emitted_op} nodes, found {n}")

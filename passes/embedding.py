@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_graphsurgeon as gs
+
+from qcompiler.algorithms.packing import pack_qdq
 from qcompiler.passes._rewire import weight_dtype
 from qcompiler.passes.base import Pass, PassResult
 from qcompiler.passes.qdq import int_tensor
-
-from qcompiler.algorithms.packing import pack_qdq
 from qcompiler.plan import QuantPlan
 
 

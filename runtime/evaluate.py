@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from qcompiler.runtime.session import SessionOptions, make_session
 from tqdm.auto import tqdm
+
+from qcompiler.runtime.session import SessionOptions, make_session
 
 
 @dataclass(frozen=True)

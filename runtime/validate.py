@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+
 from qcompiler.runtime.inputs import sample_inputs
 from qcompiler.runtime.session import SessionOptions, make_session
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 from onnx import numpy_helper
-from qcompiler.runtime.session import SessionOptions
-from qcompiler.runtime.validate import run
 
 from qcompiler.plan import QuantPlan
+from qcompiler.runtime.session import SessionOptions
+from qcompiler.runtime.validate import run
 
 EXACT = SessionOptions(device="cpu", optimize=False)
 

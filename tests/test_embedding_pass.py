@@ -5,13 +5,13 @@ import collections
 import numpy as np
 import onnx
 import pytest
-from qcompiler.passes import EmbeddingPass, PassManager
 
 from qcompiler.config import CompileConfig, MatchConfig, QuantConfig
 from qcompiler.emit import emit_model
 from qcompiler.graphio import import_graph
 from qcompiler.match.sites import find_linear_sites, site_weight
 from qcompiler.methods.rtn import plan_rtn
+from qcompiler.passes import EmbeddingPass, PassManager
 from qcompiler.pipeline import compile_model
 from tests.graphs import shared_weight_model
 from tests.helpers import outputs, rel

@@ -3,10 +3,10 @@ that a separate interpreter with plain onnxruntime loads and runs."""
 
 import numpy as np
 import pytest
-from qcompiler.runtime.inputs import sample_inputs
 
-from qcompiler.config import CompileConfig, QuantConfig
+from qcompiler.config import CompileConfig, MatchConfig, QuantConfig
 from qcompiler.pipeline import compile_model
+from qcompiler.runtime.inputs import sample_inputs
 from tests.conftest import FAMILIES, run_plain_onnxruntime
 
 # sites per tiny 2-layer model: (q,k,v,o,up,down[,gate]) x 2; GPT-2 has fused c_attn
@@ -35,8 +35,7 @@ def test_family_compiles_and_runs_in_plain_onnxruntime(family, fmt, tiny_checkpo
 def test_lm_head_switch(tiny_checkpoints, cache_dir):
     src = str(tiny_checkpoints["llama"])
     base = compile_model(src, None, CompileConfig(), cache_dir=cache_dir)
-    head = compile_model(src, None, CompileConfig(match=__import__("qcompiler.config").config.MatchConfig(
-        quantize_lm_head=True)), cache_dir=cache_dir)
+    head = compile_model(src, None, CompileConfig(match=MatchConfig(quantize_lm_head=True)), cache_dir=cache_dir)
     assert len(head.plan.sites) == len(base.plan.sites) + 1
     assert [s for s in head.plan.sites if s.site.role == "head"]
     assert any("head" in r.reason for r in base.match.rejected)

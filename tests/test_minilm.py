@@ -8,12 +8,12 @@ import time
 import numpy as np
 import onnx
 import pytest
-from qcompiler.runtime.evaluate import embedding_fidelity
-from qcompiler.runtime.inputs import sample_inputs
-from qcompiler.runtime.text import default_text, paragraphs, read_text
 
 from qcompiler.config import CompileConfig, QuantConfig
 from qcompiler.pipeline import compile_model
+from qcompiler.runtime.evaluate import embedding_fidelity
+from qcompiler.runtime.inputs import sample_inputs
+from qcompiler.runtime.text import default_text, paragraphs, read_text
 from tests.helpers import outputs
 
 pytestmark = pytest.mark.slow

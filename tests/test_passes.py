@@ -5,13 +5,13 @@ import collections
 import numpy as np
 import onnx
 import pytest
-from qcompiler.passes import MatMulNBitsPass, PassError, PassManager, QDQPass
 
 from qcompiler.config import MatchConfig, QuantConfig
 from qcompiler.emit import emit_model
 from qcompiler.graphio import import_graph
 from qcompiler.match.sites import find_linear_sites, site_weight
 from qcompiler.methods.rtn import plan_rtn
+from qcompiler.passes import MatMulNBitsPass, PassError, PassManager, QDQPass
 from qcompiler.plan import QuantPlan
 from tests.graphs import mixed_model
 from tests.helpers import outputs, rel, with_dequantized_weights

@@ -1,11 +1,11 @@
 import numpy as np
 import pytest
+
 from qcompiler.runtime.evaluate import fidelity, perplexity, spearman, token_windows
 from qcompiler.runtime.inputs import sample_inputs, vocab_size
 from qcompiler.runtime.session import SessionOptions, make_session
 from qcompiler.runtime.text import paragraphs
 from qcompiler.runtime.validate import compare, validate
-
 from tests.graphs import mixed_model, shared_weight_model
 
 

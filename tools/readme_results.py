@@ -16,13 +16,13 @@ import time
 from pathlib import Path
 
 import onnx
-from qcompiler.runtime.evaluate import fidelity, sentence_embeddings
-from qcompiler.runtime.text import default_text, paragraphs, read_text
 
 from qcompiler.config import CompileConfig, QuantConfig
 from qcompiler.frontends import load_model
 from qcompiler.frontends.bundled import bundled_path
 from qcompiler.pipeline import compile_model
+from qcompiler.runtime.evaluate import fidelity, sentence_embeddings
+from qcompiler.runtime.text import default_text, paragraphs, read_text
 
 SETTINGS = [(4, 32, False), (4, 128, False), (4, 128, True), (3, 128, False), (2, 32, False), (8, 128, False)]
 ROOT = Path(__file__).resolve().parent.parent
