@@ -192,8 +192,9 @@ def _setup_logging(args: argparse.Namespace) -> None:
     level = logging.WARNING if args.quiet else (logging.DEBUG if args.verbose > 1 else
                                                  logging.INFO if args.verbose else logging.WARNING)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("onnxscript", "torch", "transformers", "onnx_ir"):
-        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    # third-party chatter (e.g. torch.onnx's "torchvision is not installed") only with -v
+    for noisy in ("onnxscript", "torch", "transformers", "onnx_ir", "onnxruntime"):
+        logging.getLogger(noisy).setLevel(level if args.verbose else logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,6 +52,10 @@ def export_to_onnx(module: torch.nn.Module, inputs: dict[str, torch.Tensor], out
             {ax: dims.setdefault(d, torch.export.Dim(d)) for ax, d in dynamic_axes.get(n, {}).items()} or None
             for n in names
         ),)
+    onnx_log = logging.getLogger("torch.onnx")
+    saved_level = onnx_log.level
+    if not log.isEnabledFor(logging.DEBUG):  # torch.onnx's chatter ("torchvision is not installed")
+        onnx_log.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
@@ -64,6 +68,8 @@ def export_to_onnx(module: torch.nn.Module, inputs: dict[str, torch.Tensor], out
             root = root.__cause__
         first = str(root).strip().splitlines()[0] if str(root).strip() else type(root).__name__
         raise ModelLoadError(f"torch.onnx export failed: {type(root).__name__}: {first[:300]}") from e
+    finally:
+        onnx_log.setLevel(saved_level)
     model = program.model_proto
     set_model_properties(model, {SCOPE_PREFIX: WRAPPER_ATTR + "."})
     return model
