@@ -107,3 +107,16 @@ def test_emitted_opsets_and_ir_version():
     ops = {o.domain: o.version for o in dq.opset_import}
     assert ops[""] >= 21 and dq.ir_version == 10
     assert any(t.data_type == onnx.TensorProto.INT4 for t in dq.graph.initializer)
+
+
+@pytest.mark.parametrize("fmt", ["matmulnbits", "qdq"])
+def test_k_not_a_multiple_of_the_block(fmt):
+    """K = 100 with blocks of 32: MatMulNBits pads the last block, DequantizeLinear takes a short one."""
+    model = mixed_model(k=100)
+    feeds = {"x": np.random.default_rng(1).standard_normal((2, 3, 100)).astype(np.float32)}
+    plan, _, out = _compile(model, QuantConfig(4, 32, False), fmt)
+    assert {(p.site.k, p.weight.n_blocks) for p in plan.sites} >= {(100, 4)}
+    onnx.checker.check_model(out)
+    got, ref_q = outputs(out, feeds), outputs(with_dequantized_weights(model, plan), feeds)
+    for name in got:
+        np.testing.assert_allclose(got[name], ref_q[name], rtol=1e-4, atol=1e-5)
