@@ -19,7 +19,7 @@ def nodes_by_name(graph: gs.Graph) -> dict[str, gs.Node]:
 
 
 def weight_dtype(graph: gs.Graph, site: LinearSite) -> np.dtype:
-    return np.dtype(graph.tensors()[site.weight].dtype)
+    return np.dtype(site.dtype)  # recorded by the matcher: no graph walk per site
 
 
 def rewrite_site(graph: gs.Graph, node: gs.Node, build: Builder) -> None:

@@ -18,7 +18,7 @@ from qcompiler.emit import emit_model
 from qcompiler.errors import NothingToQuantizeError
 from qcompiler.frontends import LoadedModel, load_model
 from qcompiler.graphio import check_writable, import_graph, save_onnx_atomic
-from qcompiler.match.sites import MatchResult, find_linear_sites, site_weight
+from qcompiler.match.sites import MatchResult, find_linear_sites, weight_reader
 from qcompiler.metadata import MODEL_KIND, TOKENIZER, module_paths
 from qcompiler.methods import make_plan
 from qcompiler.passes import EmbeddingPass, MatMulNBitsPass, PassManager, QDQPass
@@ -91,7 +91,7 @@ def compile_model(source: Any = None, output: str | os.PathLike | None = None,
     if not match.sites:
         raise NothingToQuantizeError(f"nothing to quantize in {loaded.source}: no MatMul/Gemm with a "
                                      f"constant 2-D weight ({len(match.rejected)} candidates rejected)")
-    plan = make_plan(config.method, match.sites, lambda s: site_weight(graph, s), config.quant, progress)
+    plan = make_plan(config.method, match.sites, weight_reader(graph), config.quant, progress)
     timings["plan"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -190,8 +190,17 @@ def _unique_ids(sites: list[LinearSite]) -> list[LinearSite]:
     return out
 
 
+def weight_reader(graph: gs.Graph):
+    """A function site -> its weight as ``[K, N]`` float32 (MatMul layout); indexes the graph once."""
+    tensors = graph.tensors()
+
+    def read(site: LinearSite) -> np.ndarray:
+        w = np.asarray(tensors[site.weight].values, dtype=np.float32)
+        return np.ascontiguousarray(w.T) if site.transposed else w
+
+    return read
+
+
 def site_weight(graph: gs.Graph, site: LinearSite) -> np.ndarray:
-    """The site's weight as a ``[K, N]`` float32 array (MatMul layout)."""
-    const = graph.tensors()[site.weight]
-    w = np.asarray(const.values, dtype=np.float32)
-    return np.ascontiguousarray(w.T) if site.transposed else w
+    """One site's weight; use ``weight_reader`` for many."""
+    return weight_reader(graph)(site)
