@@ -44,11 +44,22 @@ def _path_of(raw: str, prefix: str) -> str | None:
     return path or None
 
 
+def _path_from_name(name: str) -> str | None:
+    """The legacy exporter's (and optimum's) scoped node names: ``/model/layers.0/self_attn/v_proj/MatMul``."""
+    if not name.startswith("/") or name.count("/") < 2:
+        return None
+    return ".".join(p for p in name.split("/")[1:-1] if p) or None
+
+
 def module_paths(model: onnx.ModelProto) -> dict[str, str]:
-    """Node name -> module path, for every node of the main graph that carries one."""
+    """Node name -> module path, for every node of the main graph that carries one (exporter metadata,
+    else a scoped node name)."""
     prefix = model_properties(model).get(SCOPE_PREFIX, "")
     out: dict[str, str] = {}
     for node in model.graph.node:
+        scoped = _path_from_name(node.name)
+        if scoped:
+            out[node.name] = scoped
         for p in node.metadata_props:
             if p.key == NAME_SCOPES:
                 path = _path_of(p.value, prefix)

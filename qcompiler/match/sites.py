@@ -14,6 +14,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from qcompiler.config import MatchConfig
+from qcompiler.match.view import constant_value
 
 FLOAT_TYPES = (np.float32, np.float16)
 # ops that may sit between a head projection and the graph output without computing anything new
@@ -101,7 +102,8 @@ def _bias_of(node: gs.Node, n: int) -> str | None:
     out = node.outputs[0]
     if len(out.outputs) == 1 and out.outputs[0].op == "Add":
         other = [t for t in out.outputs[0].inputs if t is not out]
-        if other and isinstance(other[0], gs.Constant) and other[0].shape in ([n], (n,)):
+        value = constant_value(other[0]) if other else None
+        if value is not None and value.shape == (n,):
             return other[0].name
     return None
 
@@ -204,3 +206,48 @@ def weight_reader(graph: gs.Graph):
 def site_weight(graph: gs.Graph, site: LinearSite) -> np.ndarray:
     """One site's weight; use ``weight_reader`` for many."""
     return weight_reader(graph)(site)
+
+
+@dataclass(frozen=True)
+class QuantizedSite:
+    """A weight the compiler (or another tool) already quantized: MatMulNBits, or DequantizeLinear -> MatMul."""
+
+    site: LinearSite
+    storage: str  # MatMulNBits | DequantizeLinear
+    bits: int
+    block_size: int  # 0: per-channel / per-tensor
+    symmetric: bool  # no zero point stored
+
+
+def find_quantized_sites(graph: gs.Graph, module_paths: dict[str, str] | None = None) -> list[QuantizedSite]:
+    """Every quantized linear map of a graph, as sites (``W`` shape ``[K, N]``)."""
+    module_paths = module_paths or {}
+    graph_outputs = {t.name for t in graph.outputs}
+    found: list[QuantizedSite] = []
+    for node in graph.nodes:
+        mid = module_paths.get(node.name)
+        if node.op == "MatMulNBits":
+            k, n = int(node.attrs["K"]), int(node.attrs["N"])
+            bits, block = int(node.attrs.get("bits", 4)), int(node.attrs["block_size"])
+            zp = len(node.inputs) > 3 and node.inputs[3].name != ""
+            dtype = str(np.dtype(node.inputs[2].dtype)) if node.inputs[2].dtype is not None else "float32"
+            site = LinearSite(id=mid or node.inputs[1].name, node=node.name, op_type="MatMulNBits",
+                              weight=node.inputs[1].name, transposed=True, k=k, n=n, input=node.inputs[0].name,
+                              output=node.outputs[0].name, bias=_bias_of(node, n),
+                              role="head" if _is_head(node, graph_outputs) else "linear", dtype=dtype)
+            found.append(QuantizedSite(site, "MatMulNBits", bits, block, not zp))
+        elif node.op in ("MatMul", "Gemm") and node.inputs[1].inputs and node.inputs[1].inputs[0].op == "DequantizeLinear":
+            dq = node.inputs[1].inputs[0]
+            q = dq.inputs[0]
+            if not isinstance(q, gs.Constant) or len(q.shape) != 2:
+                continue
+            k, n = (int(d) for d in q.shape)
+            bits = 4 if "int4" in str(q.dtype).lower() else 8
+            zp = len(dq.inputs) > 2 and dq.inputs[2].name != ""
+            sdt = dq.inputs[1].dtype
+            site = LinearSite(id=mid or q.name, node=node.name, op_type=node.op, weight=q.name, transposed=False,
+                              k=k, n=n, input=node.inputs[0].name, output=node.outputs[0].name,
+                              bias=_bias_of(node, n), role="head" if _is_head(node, graph_outputs) else "linear",
+                              dtype=str(np.dtype(sdt)) if sdt is not None else "float32")
+            found.append(QuantizedSite(site, "DequantizeLinear", bits, int(dq.attrs.get("block_size", 0)), not zp))
+    return found
