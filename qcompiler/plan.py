@@ -13,6 +13,7 @@ import numpy as np
 
 from qcompiler.algorithms.grid import QuantizedWeight
 from qcompiler.config import QuantConfig
+from qcompiler.match.pairs import ATTN_VO, CoupledPair
 from qcompiler.match.sites import LinearSite
 
 
@@ -27,6 +28,41 @@ class SitePlan:
     site: LinearSite
     weight: QuantizedWeight
     stats: SiteStats
+
+
+@dataclass(frozen=True)
+class PairTransform:
+    """An exact transform for one coupled pair (applied by ``FoldPairsPass`` before quantization).
+
+    ``attn_vo``: ``matrices[h]`` is ``M_h`` (``d_h x d_h``) for KV head ``h``.
+    ``mlp_up_down``: new channel ``i`` is old channel ``perm[i]`` scaled by ``scale[i]``.
+    """
+
+    pair: CoupledPair
+    matrices: np.ndarray | None = None
+    scale: np.ndarray | None = None
+    perm: np.ndarray | None = None
+
+    def check(self) -> None:
+        """Raise ValueError unless the transform is well formed and exact for its pair."""
+        p = self.pair
+        if p.kind == ATTN_VO:
+            want = (p.num_kv_heads, p.head_dim, p.head_dim)
+            if self.matrices is None or self.matrices.shape != want:
+                raise ValueError(f"{p.id}: expected matrices of shape {want}")
+            if not np.all(np.isfinite(self.matrices)) or np.min(np.abs(np.linalg.det(self.matrices))) == 0:
+                raise ValueError(f"{p.id}: a head transform is singular or not finite")
+            return
+        width = p.producer_cols[1] - p.producer_cols[0]
+        scale = np.ones(width) if self.scale is None else self.scale
+        perm = np.arange(width) if self.perm is None else self.perm
+        if scale.shape != (width,) or not np.all(np.isfinite(scale)) or np.any(scale == 0):
+            raise ValueError(f"{p.id}: scale must be {width} finite non-zero values")
+        if perm.shape != (width,) or not np.array_equal(np.sort(perm), np.arange(width)):
+            raise ValueError(f"{p.id}: perm is not a permutation of {width} channels")
+        if np.any(scale != 1) and "diagonal" not in p.exact:
+            if "positive_diagonal" not in p.exact or np.any(scale <= 0):
+                raise ValueError(f"{p.id}: a scale is not exact through the activation {p.activation!r}")
 
 
 @dataclass(frozen=True)

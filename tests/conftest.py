@@ -30,6 +30,9 @@ def _tiny_config(family: str):
     if family == "gemma2":
         return tf.Gemma2Config(**TINY, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                architectures=["Gemma2ForCausalLM"])
+    if family == "phi3":  # fused qkv_proj and gate_up_proj
+        return tf.Phi3Config(**TINY, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                             pad_token_id=0, eos_token_id=1, bos_token_id=1, architectures=["Phi3ForCausalLM"])
     if family == "bert":
         return tf.BertConfig(**TINY, num_attention_heads=4, max_position_embeddings=256,
                              architectures=["BertModel"])
@@ -49,6 +52,39 @@ def make_tiny_checkpoint(family: str, folder: Path) -> Path:
 
 
 FAMILIES = ("gpt2", "llama", "qwen2", "gemma2", "bert")
+# the pair matcher is also checked on fused QKV + fused gate_up weights
+PAIR_FAMILIES = FAMILIES + ("phi3",)
+
+
+def legacy_export(folder: Path, out: Path) -> Path:
+    """The deprecated TorchScript exporter's ONNX of a checkpoint: a stand-in for files we did not export."""
+    import warnings
+
+    import torch
+    import transformers as tf
+
+    family = tf.AutoConfig.from_pretrained(folder).model_type
+    cls = tf.AutoModel if family == "bert" else tf.AutoModelForCausalLM
+    model = cls.from_pretrained(folder, attn_implementation="eager").eval()
+    extra = {} if family == "bert" else {"use_cache": False}
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def forward(self, input_ids, attention_mask):
+            o = self.m(input_ids=input_ids, attention_mask=attention_mask, **extra)
+            return o.last_hidden_state if family == "bert" else o.logits
+
+    ids = torch.randint(5, 500, (2, 16), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 16, dtype=torch.int64)
+    dyn = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Wrapper(), (ids, mask), str(out), dynamo=False, opset_version=17,
+                          input_names=["input_ids", "attention_mask"], output_names=["out"], dynamic_axes=dyn)
+    return out
 
 
 @pytest.fixture(scope="session")
@@ -60,6 +96,26 @@ def cache_dir(tmp_path_factory) -> Path:
 def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")
     return {f: make_tiny_checkpoint(f, root / f) for f in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def pair_checkpoints(tiny_checkpoints, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny_pairs")
+    return {**tiny_checkpoints, "phi3": make_tiny_checkpoint("phi3", root / "phi3")}
+
+
+@pytest.fixture(scope="session")
+def legacy_models(pair_checkpoints, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("legacy")
+    return {f: legacy_export(d, root / f"{f}.onnx") for f, d in pair_checkpoints.items()}
+
+
+@pytest.fixture(scope="session")
+def smollm2(cache_dir):
+    """The real SmolLM2-135M (GGUF -> fp32 HF folder -> dynamo export; about two minutes, once)."""
+    from qcompiler.frontends import load_model
+
+    return load_model("smollm2", cache_dir=cache_dir)
 
 
 @pytest.fixture(scope="session")

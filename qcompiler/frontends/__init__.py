@@ -30,7 +30,7 @@ def load_model(spec: Any = None, *, example_inputs: dict | None = None,
     if text in BUNDLED and not Path(text).exists():
         from qcompiler.frontends.hf import load_hf_folder
 
-        return load_hf_folder(bundled_path(text), cache_dir=cache_dir, name=text)
+        return load_hf_folder(bundled_path(text, cache_dir), cache_dir=cache_dir, name=text)
     path = Path(text)
     if not path.exists():
         raise ModelLoadError(f"model not found: {text} (give an .onnx file, a Hugging Face folder or "

@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
 from qcompiler.config import MatchConfig
-from qcompiler.match.heads import measure_heads
+from qcompiler.match.probe import ProbeError, measure_heads, probe
 from qcompiler.match.pairs import (
     CoupledPair,
     PairRejection,
@@ -64,12 +65,36 @@ def analyze_graph(graph: gs.Graph, model: onnx.ModelProto, config: MatchConfig |
         attn_pairs, probe_rejected = measure_heads(view, candidates, model.opset_import)
     else:
         attn_pairs, probe_rejected = [], []
-    mlp_pairs, mlp_rejected = find_mlp_pairs(view, every)
+    mlp_pairs, mlp_rejected, pending = find_mlp_pairs(view, every)
+    if pending and probe_heads:
+        known = _probe_slices(view, model, pending)
+        if known:
+            mlp_pairs, mlp_rejected, _ = find_mlp_pairs(view, every, known)
     pairs = sorted(attn_pairs + mlp_pairs, key=lambda p: order.get(_node_of(every, p.producer), 0))
     log.info("matched %d sites (%d already quantized), %d attn_vo + %d mlp_up_down pairs",
              len(match.sites), len(quantized), len(attn_pairs), len(mlp_pairs))
     return Analysis(match.sites, tuple(quantized), match.rejected, tuple(pairs),
                     tuple(attn_rejected + probe_rejected + mlp_rejected), tuple(find_sibling_groups(every)))
+
+
+def _probe_slices(view: GraphView, model: onnx.ModelProto, pending: list[tuple[LinearSite, str]]
+                  ) -> dict[str, tuple[int, int]]:
+    """Column ranges of slices computed at run time (legacy exports of fused gate_up weights)."""
+    sources = list({s.id: s for s, _ in pending}.values())
+    try:
+        decoded = probe(view, model.opset_import, sources, [], [t for _, t in pending])
+    except ProbeError as e:
+        log.warning("slice probe did not run: %s", e)
+        return {}
+    known = {}
+    for _, name in pending:
+        cols = decoded.get(name)
+        if cols is None:
+            continue
+        row = cols.reshape(-1, cols.shape[-1])[0]
+        if np.array_equal(row, np.arange(row[0], row[0] + len(row))):
+            known[name] = (int(row[0]), int(row[0]) + len(row))
+    return known
 
 
 def _node_of(sites: list[LinearSite], site_id: str) -> str:

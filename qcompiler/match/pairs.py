@@ -215,10 +215,13 @@ def _slice_cols(view: GraphView, node: gs.Node, out_index: int, n: int) -> tuple
     return None
 
 
-def _chain_leaves(view: GraphView, end: gs.Tensor, outputs: dict[str, LinearSite]
+def _chain_leaves(view: GraphView, end: gs.Tensor, outputs: dict[str, LinearSite],
+                  known_cols: dict[str, tuple[int, int]], pending: list[tuple[LinearSite, str]]
                   ) -> tuple[list[_Leaf], list[str], set[str]] | None:
     """Walk back from ``end`` through element-wise/layout/split ops. Returns the site leaves, the problems
-    found, and the chain's node names; None when the chain reaches anything but sites and constants."""
+    found, and the chain's node names; None when the chain reaches anything but sites and constants.
+    Slices whose bounds are computed at run time go to ``pending`` (to be probed) unless ``known_cols``
+    has them."""
     leaves: list[_Leaf] = []
     problems: list[str] = []
     chain: set[str] = set()
@@ -229,8 +232,10 @@ def _chain_leaves(view: GraphView, end: gs.Tensor, outputs: dict[str, LinearSite
         if site is not None:
             cols = (0, site.n)
             if split is not None:
-                sliced = _slice_cols(view, split[0], split[1], site.n)
+                out_name = split[0].outputs[split[1]].name
+                sliced = known_cols.get(out_name) or _slice_cols(view, split[0], split[1], site.n)
                 if sliced is None:
+                    pending.append((site, out_name))
                     problems.append(f"cannot read the column range of {split[0].op} {split[0].name}")
                     continue
                 cols = sliced
@@ -270,18 +275,24 @@ def _escapes(view: GraphView, chain: set[str], consumer: gs.Node) -> str | None:
     return None
 
 
-def find_mlp_pairs(view: GraphView, sites: list[LinearSite]) -> tuple[list[CoupledPair], list[PairRejection]]:
+def find_mlp_pairs(view: GraphView, sites: list[LinearSite], known_cols: dict[str, tuple[int, int]] | None = None
+                   ) -> tuple[list[CoupledPair], list[PairRejection], list[tuple[LinearSite, str]]]:
+    """Pairs, rejections, and the (site, slice output) whose column ranges need a probe run."""
     outputs = {site_value_tensor(view, s).name: s for s in sites}
-    pairs, rejected = [], []
+    pairs, rejected, pending = [], [], []
+    known_cols = known_cols or {}
     for down in sites:
         if down.role != "linear":
             continue
         node = view.nodes[down.node]
-        walked = _chain_leaves(view, view.tensors[down.input], outputs)
+        walked = _chain_leaves(view, view.tensors[down.input], outputs, known_cols, pending)
         if walked is None:
             continue
         leaves, problems, chain = walked
-        if not leaves or any(leaf.site is down for leaf in leaves):
+        if not leaves and not problems or any(leaf.site is down for leaf in leaves):
+            continue
+        if any(p.startswith("cannot read the column range") for p in problems):
+            rejected.append(PairRejection(MLP_UP_DOWN, pending[-1][0].id, down.id, problems[0]))
             continue
         ops = sorted({op for leaf in leaves for op in leaf.through if op not in LAYOUT_OPS})
         distinct = {(leaf.site.id, leaf.cols) for leaf in leaves}
@@ -313,7 +324,7 @@ def find_mlp_pairs(view: GraphView, sites: list[LinearSite]) -> tuple[list[Coupl
         pairs.append(CoupledPair(pair_id(up.site.id, down.id, MLP_UP_DOWN), MLP_UP_DOWN, up.site.id, down.id,
                                  up.cols, ("diagonal", "permutation"), gate=gate.site.id, gate_cols=gate.cols,
                                  activation="+".join(ops)))
-    return pairs, rejected
+    return pairs, rejected, pending
 
 
 def find_sibling_groups(sites: list[LinearSite]) -> list[SiblingGroup]:

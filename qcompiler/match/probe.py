@@ -1,15 +1,14 @@
-"""Measure each V·O candidate's head layout by running a probe copy of the model once.
+"""Measure what structure cannot read from constants, by running a probe copy of the model.
 
-Structure says *which* MatMul is V and which is O; the head size and the query-head -> KV-head map
-are then read off the numbers, which works whatever reshapes, transposes, repeats (GQA/MQA) or
-slices (fused QKV) the exporter produced:
+Structure says *which* MatMul is V and which is O; the head size, the query-head -> KV-head map and the
+column ranges of run-time-computed slices (fused weights in legacy exports) are then read off numbers,
+whatever reshapes, transposes, repeats (GQA/MQA) or slices the exporter produced:
 
-- in a copy of the graph, every candidate V's output is replaced by a constant that holds, in every
-  token, the channel's index (written in base ``B`` digits, one probe run per digit, so that fp16
-  rounding cannot confuse neighbours); every O's output is multiplied by zero, so the probes do not
-  disturb the rest of the network;
-- attention rows sum to one, so O's input then holds, at row ``r``, the index of the V column that
-  feeds it. The head size is the last axis of the attention MatMul's V operand.
+- in a copy of the graph, a probed site's output is replaced by a constant that holds, in every token,
+  the channel's index (in base ``B`` digits, one run per digit, so that fp16 rounding cannot confuse
+  neighbours); O outputs are multiplied by zero, so the probes do not disturb the rest of the network;
+- layout ops and slices move those indices unchanged, and attention rows sum to one, so a watched
+  tensor downstream holds, at each position, the index of the column that feeds it.
 
 The original graph is not touched.
 """
@@ -30,6 +29,7 @@ from qcompiler.match.pairs import (
     pair_id,
     site_value_tensor,
 )
+from qcompiler.match.sites import LinearSite
 from qcompiler.match.view import GraphView
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 _BASE = {"float32": 1 << 12, "float64": 1 << 12, "float16": 32, "bfloat16": 8}
 
 
+class ProbeError(RuntimeError):
+    pass
+
+
 def _redirect(old: gs.Tensor, new: gs.Tensor) -> None:
     for consumer in list(old.outputs):
         for i, t in enumerate(consumer.inputs):
@@ -46,15 +50,14 @@ def _redirect(old: gs.Tensor, new: gs.Tensor) -> None:
                 consumer.inputs[i] = new
 
 
-def _probe_graph(view: GraphView, candidates: list[AttentionCandidate], digit: int, base: int) -> gs.Graph:
+def _probe_graph(view: GraphView, sources: list[LinearSite], silence: list[LinearSite],
+                 watch: list[str], digit: int, base: int) -> gs.Graph:
     graph = view.graph.copy()
     tensors = graph.tensors()
-    watched = []
-    for i, c in enumerate(candidates):
-        v = tensors[site_value_tensor(view, c.producer).name]
-        dtype = np.dtype(c.producer.dtype)
-        index = np.arange(c.producer.n)
-        code = ((index // base**digit) % base).astype(dtype)
+    for i, site in enumerate(sources):
+        v = tensors[site_value_tensor(view, site).name]
+        dtype = np.dtype(site.dtype)
+        code = ((np.arange(site.n) // base**digit) % base).astype(dtype)
         zero = gs.Constant(f"__probe_zero_{i}", np.zeros((), dtype))
         probe = gs.Variable(f"__probe_v_{i}", dtype=v.dtype)
         scaled = gs.Variable(f"__probe_vz_{i}", dtype=v.dtype)
@@ -62,19 +65,48 @@ def _probe_graph(view: GraphView, candidates: list[AttentionCandidate], digit: i
         graph.nodes.append(gs.Node("Mul", name=f"__probe_mul_{i}", inputs=[v, zero], outputs=[scaled]))
         graph.nodes.append(gs.Node("Add", name=f"__probe_add_{i}",
                                    inputs=[scaled, gs.Constant(f"__probe_code_{i}", code)], outputs=[probe]))
-        o_out = tensors[c.consumer.output]
+    for i, site in enumerate(silence):
+        o_out = tensors[site.output]
+        zero = gs.Constant(f"__probe_ozero_{i}", np.zeros((), np.dtype(site.dtype)))
         silenced = gs.Variable(f"__probe_o_{i}", dtype=o_out.dtype)
         _redirect(o_out, silenced)
         graph.nodes.append(gs.Node("Mul", name=f"__probe_omul_{i}", inputs=[o_out, zero], outputs=[silenced]))
         if o_out in graph.outputs:
             graph.outputs[graph.outputs.index(o_out)] = silenced
-        watched += [(tensors[c.consumer.input], dtype), (tensors[c.value_operand], dtype)]
-    for t, dtype in watched:
+    dtype = np.dtype(sources[0].dtype) if sources else np.dtype(np.float32)
+    for name in watch:
+        t = tensors[name]
         if t not in graph.outputs:
             t.dtype = t.dtype or dtype
             graph.outputs.append(t)
     graph.toposort()
     return graph
+
+
+def probe(view: GraphView, opsets, sources: list[LinearSite], silence: list[LinearSite],
+          watch: list[str]) -> dict[str, np.ndarray | None]:
+    """Watched tensor -> the column index of ``sources`` it holds at every position (int64), or None
+    where it does not hold whole indices (the values were mixed). Raises ProbeError if the model fails."""
+    watch = list(dict.fromkeys(watch))
+    base = min(_BASE.get(s.dtype, 8) for s in sources)
+    digits = max(1, math.ceil(math.log(max(s.n for s in sources), base)))
+    decoded: dict[str, np.ndarray | None] = {}
+    for digit in range(digits):
+        try:
+            out = _run(_probe_graph(view, sources, silence, watch, digit, base), opsets)
+        except Exception as e:
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise ProbeError(first) from e
+        for name in watch:
+            value = np.asarray(out[name], dtype=np.float64)
+            whole = np.rint(value)
+            if name in decoded and decoded[name] is None:
+                continue
+            if not np.all(np.abs(value - whole) < 0.25):
+                decoded[name] = None
+                continue
+            decoded[name] = decoded.get(name, 0) + whole.astype(np.int64) * base**digit
+    return decoded
 
 
 def _run(graph: gs.Graph, original_opsets) -> dict[str, np.ndarray]:
@@ -116,30 +148,24 @@ def measure_heads(view: GraphView, candidates: list[AttentionCandidate], opsets
     """Head size and KV map of every candidate, from probe runs of a copy of the graph."""
     if not candidates:
         return [], []
-    dtypes = {c.producer.dtype for c in candidates}
-    base = min(_BASE.get(d, 8) for d in dtypes)
-    digits = max(1, math.ceil(math.log(max(c.producer.n for c in candidates), base)))
-    cols = [np.zeros(c.consumer.k, dtype=np.int64) for c in candidates]
-    head_dims: list[int] = [0] * len(candidates)
-    bad: dict[int, str] = {}
-    for digit in range(digits):
-        try:
-            out = _run(_probe_graph(view, candidates, digit, base), opsets)
-        except Exception as e:  # the whole model failed to run: every candidate is unconfirmed
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            return [], [PairRejection(ATTN_VO, c.producer.id, c.consumer.id, f"head probe did not run: {first}")
-                        for c in candidates]
-        for i, c in enumerate(candidates):
-            o_in = np.asarray(out[c.consumer.input], dtype=np.float64).reshape(-1, c.consumer.k)
-            head_dims[i] = int(out[c.value_operand].shape[-1])
-            values = np.rint(o_in)
-            if not np.all(np.abs(o_in - values) < 0.25) or not np.all(values == values[:1]):
-                bad.setdefault(i, "O's input is not a per-token copy of V's channels (mixing between channels)")
-                continue
-            cols[i] += values[0].astype(np.int64) * base**digit
+    watch = [t for c in candidates for t in (c.consumer.input, c.value_operand)]
+    try:
+        decoded = probe(view, opsets, [c.producer for c in candidates], [c.consumer for c in candidates], watch)
+    except ProbeError as e:
+        return [], [PairRejection(ATTN_VO, c.producer.id, c.consumer.id, f"head probe did not run: {e}")
+                    for c in candidates]
     pairs, rejected = [], []
-    for i, c in enumerate(candidates):
-        result = bad.get(i) or _interpret(c, cols[i], head_dims[i])
+    for c in candidates:
+        cols, operand = decoded[c.consumer.input], decoded[c.value_operand]
+        result: CoupledPair | str
+        if cols is None or operand is None:
+            result = "O's input is not a copy of V's channels (mixing between channels)"
+        else:
+            rows = cols.reshape(-1, c.consumer.k)
+            if not np.all(rows == rows[:1]):
+                result = "O's input differs between tokens (mixing between channels)"
+            else:
+                result = _interpret(c, rows[0], int(operand.shape[-1]))
         if isinstance(result, str):
             rejected.append(PairRejection(ATTN_VO, c.producer.id, c.consumer.id, result))
         else:

@@ -1,0 +1,108 @@
+"""Fold exact transforms into coupled pairs' weights (V·O per KV head; up·down diagonal + permutation).
+
+The graph's structure does not change: each touched weight (and bias) gets a new initializer holding the
+transformed values, in the site's own layout and dtype, so shared or deduplicated constants are never
+edited under another node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from qcompiler.algorithms.fold import fold_attn_vo, fold_mlp
+from qcompiler.match.pairs import ATTN_VO
+from qcompiler.match.sites import LinearSite
+from qcompiler.match.view import constant_value
+from qcompiler.passes._rewire import nodes_by_name
+from qcompiler.passes.base import Pass, PassError, PassResult
+from qcompiler.plan import PairTransform
+
+
+class _Slot:
+    """Where a site's weight or bias lives: ``node.inputs[index]``, stored transposed or not."""
+
+    def __init__(self, node: gs.Node, index: int, transposed: bool):
+        self.node, self.index, self.transposed = node, index, transposed
+        value = constant_value(node.inputs[index])
+        if value is None:
+            raise PassError(f"{node.name}: input {index} is not a constant")
+        self.dtype = value.dtype
+        self.value = np.array(value.T if transposed else value, dtype=np.float64)
+
+    def write(self, name: str) -> None:
+        v = self.value.T if self.transposed else self.value
+        self.node.inputs[self.index] = gs.Constant(name, np.ascontiguousarray(v.astype(self.dtype)))
+
+
+def _weight_slot(nodes: dict[str, gs.Node], site: LinearSite) -> _Slot:
+    node = nodes[site.node]
+    w = node.inputs[1]
+    if constant_value(w) is None and w.inputs and w.inputs[0].op == "Transpose":
+        return _Slot(w.inputs[0], 0, site.transposed)
+    return _Slot(node, 1, site.transposed)
+
+
+def _bias_slot(nodes: dict[str, gs.Node], site: LinearSite) -> _Slot | None:
+    if site.bias is None:
+        return None
+    node = nodes[site.node]
+    if site.op_type == "Gemm" and len(node.inputs) > 2:
+        return _Slot(node, 2, False)
+    add = next(c for c in node.outputs[0].outputs if c.op == "Add")
+    return _Slot(add, [t.name for t in add.inputs].index(site.bias), False)
+
+
+class FoldPairsPass(Pass):
+    def __init__(self, transforms: Sequence[PairTransform], sites: Mapping[str, LinearSite]):
+        self.transforms = list(transforms)
+        self.sites = dict(sites)
+
+    def requires(self, graph: gs.Graph) -> None:
+        nodes = nodes_by_name(graph)
+        for t in self.transforms:
+            t.check()
+            ids = [t.pair.producer, t.pair.consumer] + ([t.pair.gate] if t.pair.gate else [])
+            for i in ids:
+                if i not in self.sites or self.sites[i].node not in nodes:
+                    raise PassError(f"pair {t.pair.id}: site {i} is not in the graph")
+                if self.sites[i].op_type not in ("MatMul", "Gemm"):
+                    raise PassError(f"pair {t.pair.id}: site {i} is {self.sites[i].op_type}, not a float weight")
+
+    def call(self, graph: gs.Graph) -> PassResult:
+        nodes = nodes_by_name(graph)
+        weights: dict[str, _Slot] = {}
+        biases: dict[str, _Slot | None] = {}
+
+        def w(site_id: str) -> np.ndarray:
+            if site_id not in weights:
+                weights[site_id] = _weight_slot(nodes, self.sites[site_id])
+                biases[site_id] = _bias_slot(nodes, self.sites[site_id])
+            return weights[site_id].value
+
+        def b(site_id: str) -> np.ndarray | None:
+            w(site_id)
+            slot = biases[site_id]
+            return None if slot is None else slot.value
+
+        for t in self.transforms:
+            p = t.pair
+            if p.kind == ATTN_VO:
+                fold_attn_vo(w(p.producer), b(p.producer), w(p.consumer), p.producer_cols, p.head_dim, p.kv_map,
+                             np.asarray(t.matrices, dtype=np.float64))
+            else:
+                width = p.producer_cols[1] - p.producer_cols[0]
+                scale = np.ones(width) if t.scale is None else np.asarray(t.scale, dtype=np.float64)
+                perm = np.arange(width) if t.perm is None else np.asarray(t.perm)
+                gate = w(p.gate) if p.gate else None
+                fold_mlp(w(p.producer), b(p.producer), p.producer_cols, w(p.consumer), scale, perm,
+                         gate, b(p.gate) if p.gate else None, p.gate_cols)
+        for site_id, slot in weights.items():
+            slot.write(f"{self.sites[site_id].weight}_folded")
+            if biases[site_id] is not None:
+                biases[site_id].write(f"{self.sites[site_id].weight}_bias_folded")
+        if weights:
+            graph.cleanup()
+        return PassResult(graph, bool(weights))

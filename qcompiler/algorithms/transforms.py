@@ -1,0 +1,26 @@
+"""Transforms as arrays: random orthogonal and well-conditioned invertible matrices, permutations."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def random_orthogonal(n: int, rng: np.random.Generator) -> np.ndarray:
+    """Haar-distributed orthogonal ``n x n`` (QR of a Gaussian with the sign fix)."""
+    q, r = np.linalg.qr(rng.standard_normal((n, n)))
+    return q * np.sign(np.diag(r))
+
+
+def random_invertible(n: int, rng: np.random.Generator, condition: float = 4.0) -> np.ndarray:
+    """``U diag(s) V^T`` with singular values spread log-uniformly in ``[1/sqrt(c), sqrt(c)]``."""
+    s = np.exp(rng.uniform(-0.5, 0.5, n) * np.log(condition))
+    return (random_orthogonal(n, rng) * s) @ random_orthogonal(n, rng).T
+
+
+def random_scale(n: int, rng: np.random.Generator, spread: float = 4.0, signs: bool = True) -> np.ndarray:
+    d = np.exp(rng.uniform(-0.5, 0.5, n) * np.log(spread))
+    return d * rng.choice([-1.0, 1.0], n) if signs else d
+
+
+def is_permutation(perm: np.ndarray, n: int) -> bool:
+    return perm.shape == (n,) and np.array_equal(np.sort(perm), np.arange(n))
