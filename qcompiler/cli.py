@@ -74,7 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--window-length", type=int, default=512)
     e.add_argument("--json", help="write the figures as JSON here")
 
-    for sp in (c, e):
+    i = sub.add_parser("inspect", help="show sites, coupled pairs, sibling groups and what the compiler changed")
+    i.add_argument("model", nargs="?", default=None,
+                   help="an .onnx file (compiled or not), a Hugging Face folder, or a bundled name")
+    i.add_argument("--json", action="store_true", help="print the inspection as JSON")
+    i.add_argument("--html", help="write a self-contained HTML page here (the graph, block by block)")
+    i.add_argument("--against", help="the original .onnx: add a diff (nodes, initializer bytes)")
+    i.add_argument("--cache-dir", help="export cache folder (default ~/.cache/qcompiler)")
+
+    for sp in (c, e, i):
         sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="ONNX Runtime execution provider for validation/evaluation")
         sp.add_argument("-v", "--verbose", action="count", default=0)
@@ -188,6 +196,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from qcompiler.frontends import load_model
+    from qcompiler.graphio import check_writable, load_onnx
+    from qcompiler.inspect import inspect_model
+    from qcompiler.inspect.html import write_html
+    from qcompiler.inspect.text import render_text
+
+    if args.html:
+        check_writable(args.html)
+    loaded = load_model(args.model, cache_dir=args.cache_dir)
+    against = load_onnx(args.against) if args.against else None
+    ins = inspect_model(loaded.model, loaded.source, against=against, with_graph=bool(args.html))
+    if args.html:
+        write_html(ins, args.html)
+    if args.json:
+        sys.stdout.write(json.dumps(ins.to_json(), indent=1) + "\n")
+    elif not args.quiet:
+        sys.stdout.write(render_text(ins) + "\n" + (f"page: {args.html}\n" if args.html else ""))
+    return 0
+
+
 def _setup_logging(args: argparse.Namespace) -> None:
     level = logging.WARNING if args.quiet else (logging.DEBUG if args.verbose > 1 else
                                                  logging.INFO if args.verbose else logging.WARNING)
@@ -200,7 +231,7 @@ def _setup_logging(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(argv if argv is not None else sys.argv[1:])
-    if not argv or (argv[0] not in ("compile", "eval") and argv[0] not in ("-h", "--help", "--version")):
+    if not argv or (argv[0] not in ("compile", "eval", "inspect") and argv[0] not in ("-h", "--help", "--version")):
         argv = ["compile", *argv]  # plain ``qcompiler [MODEL] [options]`` means compile
     try:
         args = parser.parse_args(argv)
@@ -208,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     _setup_logging(args)
     try:
-        return cmd_compile(args) if args.command == "compile" else cmd_eval(args)
+        return {"compile": cmd_compile, "eval": cmd_eval, "inspect": cmd_inspect}[args.command](args)
     except QCompilerError as e:
         if args.debug:
             raise

@@ -9,7 +9,7 @@ import onnx_graphsurgeon as gs
 
 from qcompiler import __version__
 from qcompiler.graphio import export_graph
-from qcompiler.metadata import set_model_properties
+from qcompiler.metadata import carry_node_metadata, set_model_properties
 
 # ONNX Runtime 1.2x-1.31 loads IR versions up to 10..13; onnx may default to newer ones.
 MAX_IR_VERSION = 10
@@ -51,6 +51,7 @@ def emit_model(graph: gs.Graph, original: onnx.ModelProto, properties: dict[str,
     model.producer_name = "qcompiler"
     model.producer_version = __version__
     model.graph.name = original.graph.name or "qcompiler"
+    carry_node_metadata(original, model)
     del model.metadata_props[:]
     model.metadata_props.extend(original.metadata_props)
     set_model_properties(model, {k: v if isinstance(v, str) else json.dumps(v) for k, v in properties.items()})

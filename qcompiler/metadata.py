@@ -16,6 +16,7 @@ import onnx
 NAME_SCOPES = "pkg.torch.onnx.name_scopes"
 SCOPE_PREFIX = "qcompiler.scope_prefix"
 TOKENIZER = "qcompiler.tokenizer"
+SITES = "qcompiler.sites"  # JSON: per-site quantization of a compiled model (bits, block, errors)
 MODEL_KIND = "qcompiler.model_kind"
 
 
@@ -67,3 +68,26 @@ def module_paths(model: onnx.ModelProto) -> dict[str, str]:
                     out[node.name] = path
                 break
     return out
+
+
+def carry_node_metadata(original: onnx.ModelProto, model: onnx.ModelProto) -> None:
+    """Give ``model``'s nodes the module scopes of the original nodes they are or replace.
+
+    onnx-graphsurgeon drops node metadata. A node keeps its name through the passes, and a node a pass
+    inserts for a site is named ``<original node>_<suffix>``: both get the original node's metadata
+    (so module paths survive compilation and ``inspect`` can name the sites of a compiled model).
+    """
+    props = {n.name: [p for p in n.metadata_props if p.key == NAME_SCOPES] for n in original.graph.node}
+    props = {k: v for k, v in props.items() if v}
+    if not props:
+        return
+    for node in model.graph.node:
+        if node.metadata_props:
+            continue
+        name = node.name
+        while name:
+            if name in props:
+                node.metadata_props.extend(props[name])
+                break
+            cut = name.rfind("_")
+            name = name[:cut] if cut > 0 else ""

@@ -19,7 +19,7 @@ from qcompiler.errors import NothingToQuantizeError
 from qcompiler.frontends import LoadedModel, load_model
 from qcompiler.graphio import check_writable, import_graph, save_onnx_atomic
 from qcompiler.match.sites import MatchResult, find_linear_sites, weight_reader
-from qcompiler.metadata import MODEL_KIND, TOKENIZER, module_paths
+from qcompiler.metadata import MODEL_KIND, SITES, TOKENIZER, module_paths
 from qcompiler.methods import make_plan
 from qcompiler.passes import EmbeddingPass, MatMulNBitsPass, PassManager, QDQPass
 from qcompiler.plan import QuantPlan
@@ -99,7 +99,8 @@ def compile_model(source: Any = None, output: str | os.PathLike | None = None,
                else QDQPass(plan))
     graph = PassManager([EmbeddingPass(plan), emitter])(graph).graph
     props = {"qcompiler.method": config.method, "qcompiler.quant": config.quant.describe(),
-             "qcompiler.format": config.format, MODEL_KIND: loaded.kind}
+             "qcompiler.format": config.format, MODEL_KIND: loaded.kind,
+             SITES: json.dumps(plan.summary(), separators=(",", ":"))}
     if loaded.tokenizer_dir:
         props[TOKENIZER] = loaded.tokenizer_dir
     model = emit_model(graph, loaded.model, props)
