@@ -6,4 +6,5 @@ from qcompiler.passes.fold_pairs import FoldPairsPass
 from qcompiler.passes.matmulnbits import MatMulNBitsPass
 from qcompiler.passes.qdq import QDQPass
 
-__all__ = ["Pass", "PassError", "PassManager", "PassResult", "MatMulNBitsPass", "QDQPass", "EmbeddingPass", "FoldPairsPass"]
+__all__ = ["Pass", "PassError", "PassManager", "PassResult", "MatMulNBitsPass", "QDQPass", "EmbeddingPass",
+           "FoldPairsPass"]

@@ -53,6 +53,18 @@ def test_inspect_compiled_model_reads_quantization_and_paths(compiled_minilm, ca
     assert sum(p["kind"] == "mlp_up_down" for p in j["pairs"]) == 6
 
 
+def test_inspect_qdq_compiled_model(pair_checkpoints, cache_dir, tmp_path, capsys):
+    out = tmp_path / "llama.qdq.onnx"
+    compile_model(str(pair_checkpoints["llama"]), out, CompileConfig(format="qdq", validate=False),
+                  cache_dir=cache_dir)
+    j = _json([str(out)], capsys)
+    assert len(j["sites"]) == 14 and all(s["storage"] == "DequantizeLinear" for s in j["sites"])
+    assert {s["bits"] for s in j["sites"]} == {4} and all(s["rel_error"] is not None for s in j["sites"])
+    vo = [p for p in j["pairs"] if p["kind"] == "attn_vo"]
+    assert len(vo) == 2 and all(p["kv_map"] == [0, 0, 1, 1] for p in vo)
+    assert sum(p["kind"] == "mlp_up_down" for p in j["pairs"]) == 2
+
+
 def test_inspect_diff_against_original(compiled_minilm, minilm, capsys):
     j = _json([str(compiled_minilm), "--against", minilm.onnx_path], capsys)
     d = j["diff"]

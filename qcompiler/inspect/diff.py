@@ -34,7 +34,8 @@ def graph_diff(original: onnx.ModelProto, compiled: onnx.ModelProto) -> dict:
     changed = [n for n in after if n in before and _signature(after[n]) != _signature(before[n])]
     b_init = {t.name: tensor_bytes(t) for t in original.graph.initializer}
     a_init = {t.name: tensor_bytes(t) for t in compiled.graph.initializer}
-    rows = [{"name": k, "before": b_init.get(k, 0), "after": a_init.get(k, 0)} for k in sorted(set(b_init) | set(a_init))]
+    rows = [{"name": k, "before": b_init.get(k, 0), "after": a_init.get(k, 0)}
+            for k in sorted(set(b_init) | set(a_init))]
     rows.sort(key=lambda r: -max(r["before"], r["after"]))
     return {
         "nodes_added": [{"name": n, "op": after[n].op_type} for n in added],

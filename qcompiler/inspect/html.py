@@ -28,7 +28,8 @@ border:2px solid #888;vertical-align:middle;margin-right:4px}
 svg text{font-size:11px;pointer-events:none;font-family:system-ui,sans-serif}
 .node rect{fill:#eef1f5;stroke:#8a94a6;stroke-width:1}
 .node.site-float rect{fill:#dbe8ff;stroke:#2f6fde}.node.site-quant rect,.node.quant-op rect{fill:#ffe2c2;stroke:#d9730d}
-.node.added rect{stroke-dasharray:5 3;stroke:#d12f2f;stroke-width:2.5}.node.changed rect{stroke:#c99a00;stroke-width:2.5}
+.node.added rect{stroke-dasharray:5 3;stroke:#d12f2f;stroke-width:2.5}
+.node.changed rect{stroke:#c99a00;stroke-width:2.5}
 .node.pair-vo rect{stroke:#7b2fd6;stroke-width:3}.node.pair-mlp rect{stroke:#138a52;stroke-width:3}
 .edge{fill:none;stroke:#aab2bf;stroke-width:1.2}#errors{color:#b00020;white-space:pre-wrap}
 """

@@ -10,7 +10,6 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from qcompiler.config import MatchConfig
-from qcompiler.match.probe import ProbeError, measure_heads, probe
 from qcompiler.match.pairs import (
     CoupledPair,
     PairRejection,
@@ -19,6 +18,7 @@ from qcompiler.match.pairs import (
     find_mlp_pairs,
     find_sibling_groups,
 )
+from qcompiler.match.probe import ProbeError, measure_heads, probe
 from qcompiler.match.sites import LinearSite, QuantizedSite, Rejection, find_linear_sites, find_quantized_sites
 from qcompiler.match.view import GraphView
 from qcompiler.metadata import module_paths
@@ -60,7 +60,7 @@ def analyze_graph(graph: gs.Graph, model: onnx.ModelProto, config: MatchConfig |
     order = {n.name: i for i, n in enumerate(graph.nodes)}
     every.sort(key=lambda s: order.get(s.node, 0))
     view = GraphView(graph)
-    candidates, attn_rejected = find_attention_candidates(view, every)
+    candidates, attn_rejected = find_attention_candidates(view, every, {r.node: r.reason for r in match.rejected})
     if probe_heads:
         attn_pairs, probe_rejected = measure_heads(view, candidates, model.opset_import)
     else:

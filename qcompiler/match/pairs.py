@@ -145,8 +145,10 @@ def _walk_value(view: GraphView, t: gs.Tensor, after_attention: bool, walk: _Wal
     return reached
 
 
-def find_attention_candidates(view: GraphView, sites: list[LinearSite]
+def find_attention_candidates(view: GraphView, sites: list[LinearSite], site_rejections: dict[str, str] | None = None
                               ) -> tuple[list[AttentionCandidate], list[PairRejection]]:
+    """V·O candidates; ``site_rejections`` (node -> reason) explains an O that is not a site."""
+    site_rejections = site_rejections or {}
     by_node = {s.node: s for s in sites}
     found, rejected = [], []
     for s in sites:
@@ -163,7 +165,8 @@ def find_attention_candidates(view: GraphView, sites: list[LinearSite]
         (cname, cnode), = consumers.items()
         o = by_node.get(cname)
         if o is None:
-            rejected.append(PairRejection(ATTN_VO, s.id, cname, f"the output projection {cname} is not a site"))
+            why = site_rejections.get(cname, "not a MatMul/Gemm with a constant weight")
+            rejected.append(PairRejection(ATTN_VO, s.id, cname, f"the output projection {cname} is not a site: {why}"))
             continue
         if walk.escapes:
             rejected.append(PairRejection(ATTN_VO, s.id, o.id, f"V's values also flow into {walk.escapes[0]}"))
@@ -264,14 +267,15 @@ def _chain_leaves(view: GraphView, end: gs.Tensor, outputs: dict[str, LinearSite
 
 
 def _escapes(view: GraphView, chain: set[str], consumer: gs.Node) -> str | None:
+    """Where a value of the chain leaves it (other than into the down projection or a Shape op)."""
     allowed = chain | {view.name(consumer)}
     for name in chain:
-        for t in view.nodes[name].outputs:
-            for c in t.outputs:
-                if c.op not in SHAPE_OPS and view.name(c) not in allowed:
-                    return f"{t.name} also flows into {c.op} node {c.name}"
-            if t.name in view.graph_outputs:
-                return f"{t.name} is a graph output"
+        for succ in view.dag.successors(name):
+            if succ not in allowed and view.nodes[succ].op not in SHAPE_OPS:
+                tensor = view.dag.edges[name, succ]["tensors"][0]
+                return f"{tensor} also flows into {view.nodes[succ].op} node {succ}"
+        if any(t.name in view.graph_outputs for t in view.nodes[name].outputs):
+            return f"{name}'s output is a graph output"
     return None
 
 

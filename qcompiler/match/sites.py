@@ -219,6 +219,10 @@ class QuantizedSite:
     symmetric: bool  # no zero point stored
 
 
+def _producer_op(t: gs.Tensor) -> str | None:
+    return t.inputs[0].op if t.inputs else None
+
+
 def find_quantized_sites(graph: gs.Graph, module_paths: dict[str, str] | None = None) -> list[QuantizedSite]:
     """Every quantized linear map of a graph, as sites (``W`` shape ``[K, N]``)."""
     module_paths = module_paths or {}
@@ -236,7 +240,7 @@ def find_quantized_sites(graph: gs.Graph, module_paths: dict[str, str] | None = 
                               output=node.outputs[0].name, bias=_bias_of(node, n),
                               role="head" if _is_head(node, graph_outputs) else "linear", dtype=dtype)
             found.append(QuantizedSite(site, "MatMulNBits", bits, block, not zp))
-        elif node.op in ("MatMul", "Gemm") and node.inputs[1].inputs and node.inputs[1].inputs[0].op == "DequantizeLinear":
+        elif node.op in ("MatMul", "Gemm") and _producer_op(node.inputs[1]) == "DequantizeLinear":
             dq = node.inputs[1].inputs[0]
             q = dq.inputs[0]
             if not isinstance(q, gs.Constant) or len(q.shape) != 2:

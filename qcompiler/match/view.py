@@ -76,16 +76,6 @@ class GraphView:
         t = self.tensors.get(tensor) if isinstance(tensor, str) else tensor
         return None if t is None else constant_value(t)
 
-    def is_scalar_constant(self, tensor: gs.Tensor) -> bool:
-        v = self.constant(tensor)
-        return v is not None and v.size == 1
-
-    def between(self, source: gs.Node, target: gs.Node) -> set[str]:
-        """Names of the nodes on some path from ``source`` to ``target`` (both excluded)."""
-        s, t = self.name(source), self.name(target)
-        return (nx.descendants(self.dag, s) & nx.ancestors(self.dag, t)) - {s, t}
-
-
 def constant_value(t: gs.Tensor) -> np.ndarray | None:
     """The value of a tensor that is an initializer, a ``Constant`` node's output, or an Identity of one."""
     for _ in range(8):
