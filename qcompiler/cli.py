@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print the inspection as JSON")
     i.add_argument("--html", help="write a self-contained HTML page here (the graph, block by block)")
     i.add_argument("--against", help="the original .onnx: add a diff (nodes, initializer bytes)")
+    i.add_argument("--verify", action="store_true",
+                   help="fold random exact transforms into every float pair and report how much ONNX Runtime's "
+                        "outputs change (float rounding only, if the pairs are right)")
     i.add_argument("--cache-dir", help="export cache folder (default ~/.cache/qcompiler)")
 
     for sp in (c, e, i):
@@ -210,12 +213,22 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, cache_dir=args.cache_dir)
     against = load_onnx(args.against) if args.against else None
     ins = inspect_model(loaded.model, loaded.source, against=against, with_graph=bool(args.html))
+    verify = None
+    if args.verify:
+        from qcompiler.inspect.verify import fold_check
+
+        check, _ = fold_check(loaded.model, ins.analysis)
+        verify = {"pairs_folded": check.pairs, "max_rel_change": check.rel_change}
     if args.html:
         write_html(ins, args.html)
     if args.json:
-        sys.stdout.write(json.dumps(ins.to_json(), indent=1) + "\n")
+        sys.stdout.write(json.dumps({**ins.to_json(), **({"verify": verify} if verify else {})}, indent=1) + "\n")
     elif not args.quiet:
-        sys.stdout.write(render_text(ins) + "\n" + (f"page: {args.html}\n" if args.html else ""))
+        text = render_text(ins)
+        if verify:
+            text += (f"\nverify: random exact transforms folded into {verify['pairs_folded']} pairs change the "
+                     f"outputs by {verify['max_rel_change']:.2e} (relative)")
+        sys.stdout.write(text + "\n" + (f"page: {args.html}\n" if args.html else ""))
     return 0
 
 

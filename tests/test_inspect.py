@@ -138,3 +138,9 @@ def test_html_renders_in_headless_chromium(which, compiled_minilm, minilm, tmp_p
     keep = os.environ.get("QCOMPILER_SCREENSHOT_DIR")
     if keep:
         shutil.copy(shot, Path(keep) / shot.name)
+
+
+def test_inspect_verify_folds_random_transforms(pair_checkpoints, cache_dir, capsys):
+    j = _json([str(pair_checkpoints["qwen2"]), "--cache-dir", str(cache_dir), "--verify"], capsys)
+    assert j["verify"]["pairs_folded"] == 4
+    assert j["verify"]["max_rel_change"] < 1e-5

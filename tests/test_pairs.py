@@ -119,3 +119,17 @@ def test_pair_transform_check_refuses_inexact_scale(minilm):
     v = a.pairs_of("attn_vo")[0]
     with pytest.raises(ValueError, match="singular"):
         PairTransform(v, matrices=np.zeros((12, 32, 32))).check()
+
+
+def test_mqa_one_kv_head(tmp_path, cache_dir):
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(num_hidden_layers=1, hidden_size=64, intermediate_size=128, vocab_size=512,
+                         num_attention_heads=4, num_key_value_heads=1, head_dim=16, architectures=["LlamaForCausalLM"])
+    tf.AutoModelForCausalLM.from_config(cfg).eval().save_pretrained(tmp_path / "mqa")
+    err, a, _ = fold_and_compare(load_model(str(tmp_path / "mqa"), cache_dir=cache_dir).model)
+    (vo,) = a.pairs_of("attn_vo")
+    assert vo.kv_map == (0, 0, 0, 0) and vo.num_kv_heads == 1 and vo.producer_cols == (0, 16)
+    assert err <= FOLD_BUDGET, err
