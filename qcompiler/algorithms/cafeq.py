@@ -1,0 +1,276 @@
+"""CafeQ's calibration-free transform learning (ALGORITHMS.md, "CafeQ"). Pure torch, no graph.
+
+Inputs are assumed isotropic (``E[x x^T] = I``), so a layer's loss is the Frobenius error of its
+effective weight. Three learners:
+
+- ``learn_block_transform``: block-diagonal ``T`` shared by the sites reading one input; the sites
+  store ``Q(T W)`` and the model applies ``x T^-1`` online. Proxy: ``sum ||T^-1 Q(T W) - W||_F^2``.
+- ``learn_vo``: one ``M_h`` per KV head folded into V (``W_v M``) and O (``M^-1 W_o`` for each query head
+  of the group). Proxy: the effective errors of both factors mapped back to the original basis.
+- ``learn_updown_scale``: a positive diagonal between up and down. Up's per-column grid absorbs it, so
+  it acts on down's row groups; down's row errors are weighted by up's column norms (the product
+  ``W_up W_down`` with the gate taken as constant).
+
+Losses: ``ste`` (straight-through Frobenius: the forward value is the true proxy error) or ``lse``
+(LogSumExp smooth range per quant group, squared). Optimizers: ``adam`` with an orthonormality penalty,
+or ``cayley`` (orthogonal ``T = (I - A)(I + A)^-1``, ``A`` skew). The best iterate by the true proxy
+error is kept, and the start (identity, or the random init) competes too.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from qcompiler.algorithms.fakequant import blocked, fake_quant
+
+
+@dataclass(frozen=True)
+class LearnConfig:
+    loss: str = "ste"  # ste | lse
+    optimizer: str = "adam"  # adam | cayley
+    steps: int = 200
+    lr: float = 2e-3
+    ortho_reg: float = 1.0
+    temperature: float = 20.0  # LSE, applied to weights scaled to unit mean |w|
+    init: str = "identity"  # identity | orthogonal | hadamard
+    seed: int = 0
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class Grid:
+    bits: int
+    block: int
+    symmetric: bool
+
+    def __call__(self, w: torch.Tensor, ste: bool = True) -> torch.Tensor:
+        return fake_quant(w, self.bits, self.block, self.symmetric, ste)
+
+
+@dataclass(frozen=True)
+class LearnResult:
+    value: np.ndarray  # the transform (float64)
+    start_error: float  # true proxy error of the start (identity unless a random init was asked)
+    error: float  # true proxy error of the kept transform
+    identity_error: float  # true proxy error with no transform (plain RTN)
+    steps: int
+
+
+def hadamard(n: int) -> np.ndarray:
+    if n & (n - 1):
+        raise ValueError(f"Hadamard size must be a power of two, got {n}")
+    h = np.ones((1, 1))
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    return h / math.sqrt(n)
+
+
+def initial_blocks(count: int, size: int, init: str, rng: np.random.Generator) -> np.ndarray:
+    from qcompiler.algorithms.transforms import random_orthogonal
+
+    if init == "identity":
+        return np.broadcast_to(np.eye(size), (count, size, size)).copy()
+    if init == "orthogonal":
+        return np.stack([random_orthogonal(size, rng) for _ in range(count)])
+    if init == "hadamard":  # randomised: random signs on the input side, so blocks differ
+        h = hadamard(size)
+        return np.stack([h * rng.choice([-1.0, 1.0], size)[:, None] for _ in range(count)])
+    raise ValueError(f"unknown init {init!r}")
+
+
+def _lse_range(w: torch.Tensor, grid: Grid, temperature: float) -> torch.Tensor:
+    """Sum over quant groups of the squared smooth range (LogSumExp max minus min, 0 included)."""
+    wb = blocked(w, grid.block or w.shape[0])
+    t = temperature / wb.abs().mean().clamp_min(1e-12)
+    zero = wb.new_zeros(wb.shape[0], 1, wb.shape[2])
+    ext = torch.cat([wb, zero], dim=1)
+    smax = torch.logsumexp(t * ext, dim=1) / t
+    smin = -torch.logsumexp(-t * ext, dim=1) / t
+    if grid.symmetric:
+        return (torch.maximum(smax, -smin) ** 2).sum()
+    return ((smax - smin) ** 2).sum()
+
+
+class _Transform(torch.nn.Module):
+    """A batch of square matrices, free (adam) or orthogonal by the Cayley map (cayley)."""
+
+    def __init__(self, start: np.ndarray, optimizer: str, device: str):
+        super().__init__()
+        self.optimizer = optimizer
+        self.start = torch.as_tensor(start, dtype=torch.float32, device=device)
+        if optimizer == "cayley":
+            self.param = torch.nn.Parameter(torch.zeros_like(self.start))
+        elif optimizer == "adam":
+            self.param = torch.nn.Parameter(self.start.clone())
+        else:
+            raise ValueError(f"unknown optimizer {optimizer!r}")
+
+    def matrices(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(M, M^-1)."""
+        if self.optimizer == "cayley":
+            a = self.param - self.param.transpose(-1, -2)
+            eye = torch.eye(a.shape[-1], device=a.device).expand_as(a)
+            q = torch.linalg.solve(eye + a, eye - a)  # (I + A)^-1 (I - A): orthogonal
+            m = q @ self.start
+            return m, m.transpose(-1, -2) if self._start_orthogonal else torch.linalg.inv(m)
+        return self.param, torch.linalg.inv(self.param)
+
+    @property
+    def _start_orthogonal(self) -> bool:
+        s = self.start
+        return bool(torch.allclose(s @ s.transpose(-1, -2), torch.eye(s.shape[-1], device=s.device).expand_as(s),
+                                   atol=1e-4))
+
+    def ortho_penalty(self) -> torch.Tensor:
+        if self.optimizer == "cayley":
+            return self.param.new_zeros(())
+        m = self.param
+        eye = torch.eye(m.shape[-1], device=m.device).expand_as(m)
+        return ((m.transpose(-1, -2) @ m - eye) ** 2).sum() / m.shape[0]
+
+
+def _optimise(module: _Transform, true_error: Callable[[], float], surrogate: Callable[[], torch.Tensor],
+              cfg: LearnConfig) -> tuple[np.ndarray, float, float, int]:
+    """Run the optimiser; return (best matrices, best true error, start true error, steps)."""
+    with torch.no_grad():
+        start = true_error()
+    best, best_m = start, module.matrices()[0].detach().clone()
+    if cfg.steps <= 0:
+        return best_m.double().cpu().numpy(), best, start, 0
+    opt = (torch.optim.Adam(module.parameters(), lr=cfg.lr) if cfg.optimizer == "adam"
+           else torch.optim.SGD(module.parameters(), lr=cfg.lr, momentum=0.9))
+    check_every = 1 if cfg.loss == "ste" else 10
+    for step in range(cfg.steps):
+        opt.zero_grad(set_to_none=True)
+        loss = surrogate() + cfg.ortho_reg * module.ortho_penalty()
+        if not torch.isfinite(loss):
+            break
+        loss.backward()
+        opt.step()
+        if step % check_every == check_every - 1 or step == cfg.steps - 1:
+            with torch.no_grad():
+                err = true_error()
+            if err < best:
+                best, best_m = err, module.matrices()[0].detach().clone()
+    return best_m.double().cpu().numpy(), best, start, cfg.steps
+
+
+def _t(x: np.ndarray, device: str) -> torch.Tensor:
+    return torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32, device=device)
+
+
+def learn_block_transform(weights: list[np.ndarray], grid: Grid, block: int, cfg: LearnConfig) -> LearnResult:
+    """Block-diagonal ``T`` (``[K/b, b, b]``) for sites sharing one input; ``weights`` are ``[K, N_i]``."""
+    w = _t(np.concatenate(weights, axis=1), cfg.device)
+    k, n = w.shape
+    if k % block:
+        raise ValueError(f"K={k} is not a multiple of the transform block {block}")
+    nb = k // block
+    wb = w.reshape(nb, block, n)
+    norm = float((w ** 2).sum()) or 1.0
+    rng = np.random.default_rng(cfg.seed)
+    module = _Transform(initial_blocks(nb, block, cfg.init, rng), cfg.optimizer, cfg.device)
+
+    def effective(ste: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        m, m_inv = module.matrices()
+        tw = torch.einsum("kij,kjn->kin", m, wb).reshape(k, n)
+        w_hat = grid(tw, ste)
+        return torch.einsum("kij,kjn->kin", m_inv, w_hat.reshape(nb, block, n)).reshape(k, n), tw
+
+    def true_error() -> float:
+        return float(((effective(False)[0] - w) ** 2).sum()) / norm
+
+    def surrogate() -> torch.Tensor:
+        eff, tw = effective(True)
+        if cfg.loss == "lse":
+            return _lse_range(tw, grid, cfg.temperature) / _lse_range(w, grid, cfg.temperature).detach()
+        return ((eff - w) ** 2).sum() / norm
+
+    with torch.no_grad():
+        identity = float(((grid(w, False) - w) ** 2).sum()) / norm
+    value, err, start, steps = _optimise(module, true_error, surrogate, cfg)
+    if identity <= err:  # learning never makes the group worse than plain RTN
+        value, err = np.broadcast_to(np.eye(block), (nb, block, block)).copy(), identity
+    return LearnResult(value, start * norm, err * norm, identity * norm, steps)
+
+
+def learn_vo(a: np.ndarray, b: np.ndarray, kv_map: tuple[int, ...], head_dim: int, grid_a: Grid, grid_b: Grid,
+             cfg: LearnConfig) -> LearnResult:
+    """``M_h`` per KV head. ``a`` is V's column slice ``[K, n_kv d]``; ``b`` is O ``[n_q d, N]``."""
+    d, n_kv, n_q = head_dim, a.shape[1] // head_dim, len(kv_map)
+    ta, tb = _t(a, cfg.device), _t(b, cfg.device)
+    k, n = ta.shape[0], tb.shape[1]
+    na, nb_ = float((ta ** 2).sum()) or 1.0, float((tb ** 2).sum()) or 1.0
+    idx = torch.as_tensor(kv_map, device=cfg.device)
+    rng = np.random.default_rng(cfg.seed)
+    module = _Transform(initial_blocks(n_kv, d, cfg.init, rng), cfg.optimizer, cfg.device)
+    a3, b3 = ta.reshape(k, n_kv, d), tb.reshape(n_q, d, n)
+
+    def errors(ste: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        m, m_inv = module.matrices()
+        a_t = torch.einsum("khi,hij->khj", a3, m).reshape(k, n_kv * d)
+        b_t = torch.einsum("qij,qjn->qin", m_inv[idx], b3).reshape(n_q * d, n)
+        a_hat, b_hat = grid_a(a_t, ste), grid_b(b_t, ste)
+        a_eff = torch.einsum("khi,hij->khj", a_hat.reshape(k, n_kv, d), m_inv).reshape(k, n_kv * d)
+        b_eff = torch.einsum("qij,qjn->qin", m[idx], b_hat.reshape(n_q, d, n)).reshape(n_q * d, n)
+        return ((a_eff - ta) ** 2).sum() / na, ((b_eff - tb) ** 2).sum() / nb_, a_t, b_t
+
+    def true_error() -> float:
+        ea, eb, _, _ = errors(False)
+        return float(ea + eb)
+
+    def surrogate() -> torch.Tensor:
+        ea, eb, a_t, b_t = errors(True)
+        if cfg.loss == "lse":
+            return (_lse_range(a_t, grid_a, cfg.temperature) / _lse_range(ta, grid_a, cfg.temperature).detach()
+                    + _lse_range(b_t, grid_b, cfg.temperature) / _lse_range(tb, grid_b, cfg.temperature).detach())
+        return ea + eb
+
+    with torch.no_grad():
+        identity = float(((grid_a(ta, False) - ta) ** 2).sum() / na + ((grid_b(tb, False) - tb) ** 2).sum() / nb_)
+    value, err, start, steps = _optimise(module, true_error, surrogate, cfg)
+    if identity <= err:
+        value, err = np.broadcast_to(np.eye(d), (n_kv, d, d)).copy(), identity
+    return LearnResult(value, start, err, identity, steps)
+
+
+def learn_updown_scale(up: np.ndarray, down: np.ndarray, grid_down: Grid, cfg: LearnConfig) -> LearnResult:
+    """Positive per-channel scale ``s``: up's columns times ``s``, down's rows divided by ``s``."""
+    u, dn = _t(up, cfg.device), _t(down, cfg.device)
+    weight = (u ** 2).sum(dim=0)  # ||W_up[:, c]||^2: how much down's row c matters in the product
+    norm = float((weight[:, None] * dn ** 2).sum()) or 1.0
+    theta = torch.nn.Parameter(torch.zeros(dn.shape[0], device=cfg.device))
+
+    def error(ste: bool) -> torch.Tensor:
+        s = torch.exp(theta)[:, None]
+        scaled = dn / s
+        e = (grid_down(scaled, ste) - scaled) * s  # row errors back in the original basis
+        return (weight[:, None] * e ** 2).sum() / norm
+
+    with torch.no_grad():
+        identity = float(error(False))
+    best, best_theta = identity, theta.detach().clone()
+    opt = torch.optim.Adam([theta], lr=max(cfg.lr, 1e-2))
+    for _ in range(cfg.steps):
+        opt.zero_grad(set_to_none=True)
+        loss = error(True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            theta.clamp_(-4.0, 4.0)
+            err = float(error(False))
+        if err < best:
+            best, best_theta = err, theta.detach().clone()
+    return LearnResult(torch.exp(best_theta).double().cpu().numpy(), identity, best, identity, cfg.steps)
+
+
+def channel_order(up: np.ndarray, down: np.ndarray) -> np.ndarray:
+    """A permutation of the intermediate channels that puts rows of similar weight in one quant group of
+    down: sorted by ``||W_up[:, c]|| * max|W_down[c, :]|`` (a row's share of the product's range)."""
+    key = np.linalg.norm(up, axis=0) * np.abs(down).max(axis=1)
+    return np.argsort(key, kind="stable")
