@@ -15,44 +15,10 @@ import onnx_graphsurgeon as gs
 from qcompiler.algorithms.fold import fold_attn_vo, fold_mlp
 from qcompiler.match.pairs import ATTN_VO
 from qcompiler.match.sites import LinearSite
-from qcompiler.match.view import constant_value
 from qcompiler.passes._rewire import nodes_by_name
+from qcompiler.passes._weights import Slot, bias_slot, weight_slot
 from qcompiler.passes.base import Pass, PassError, PassResult
 from qcompiler.plan import PairTransform
-
-
-class _Slot:
-    """Where a site's weight or bias lives: ``node.inputs[index]``, stored transposed or not."""
-
-    def __init__(self, node: gs.Node, index: int, transposed: bool):
-        self.node, self.index, self.transposed = node, index, transposed
-        value = constant_value(node.inputs[index])
-        if value is None:
-            raise PassError(f"{node.name}: input {index} is not a constant")
-        self.dtype = value.dtype
-        self.value = np.array(value.T if transposed else value, dtype=np.float64)
-
-    def write(self, name: str) -> None:
-        v = self.value.T if self.transposed else self.value
-        self.node.inputs[self.index] = gs.Constant(name, np.ascontiguousarray(v.astype(self.dtype)))
-
-
-def _weight_slot(nodes: dict[str, gs.Node], site: LinearSite) -> _Slot:
-    node = nodes[site.node]
-    w = node.inputs[1]
-    if constant_value(w) is None and w.inputs and w.inputs[0].op == "Transpose":
-        return _Slot(w.inputs[0], 0, site.transposed)
-    return _Slot(node, 1, site.transposed)
-
-
-def _bias_slot(nodes: dict[str, gs.Node], site: LinearSite) -> _Slot | None:
-    if site.bias is None:
-        return None
-    node = nodes[site.node]
-    if site.op_type == "Gemm" and len(node.inputs) > 2:
-        return _Slot(node, 2, False)
-    add = next(c for c in node.outputs[0].outputs if c.op == "Add")
-    return _Slot(add, [t.name for t in add.inputs].index(site.bias), False)
 
 
 class FoldPairsPass(Pass):
@@ -73,13 +39,13 @@ class FoldPairsPass(Pass):
 
     def call(self, graph: gs.Graph) -> PassResult:
         nodes = nodes_by_name(graph)
-        weights: dict[str, _Slot] = {}
-        biases: dict[str, _Slot | None] = {}
+        weights: dict[str, Slot] = {}
+        biases: dict[str, Slot | None] = {}
 
         def w(site_id: str) -> np.ndarray:
             if site_id not in weights:
-                weights[site_id] = _weight_slot(nodes, self.sites[site_id])
-                biases[site_id] = _bias_slot(nodes, self.sites[site_id])
+                weights[site_id] = weight_slot(nodes, self.sites[site_id])
+                biases[site_id] = bias_slot(nodes, self.sites[site_id])
             return weights[site_id].value
 
         def b(site_id: str) -> np.ndarray | None:

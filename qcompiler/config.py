@@ -9,7 +9,8 @@ from qcompiler.errors import ConfigError
 SUPPORTED_BITS = (2, 3, 4, 8)
 PER_CHANNEL = 0  # group_size value meaning "one group spans all of K"
 FORMATS = ("matmulnbits", "qdq")
-METHODS = ("rtn",)
+METHODS = ("rtn", "cafeq", "rotate")
+TRANSFORMS = ("single", "vo", "updown")
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,45 @@ class MatchConfig:
 
 
 @dataclass(frozen=True)
+class CafeqConfig:
+    """CafeQ's transforms (and the ``rotate`` baseline's): which kinds, and how they are learned."""
+
+    transforms: tuple[str, ...] = TRANSFORMS
+    block_size: int = 64  # b of the block-diagonal single-matrix transforms (online cost ~ b/N)
+    loss: str = "ste"  # ste (straight-through Frobenius) | lse (LogSumExp smooth range)
+    optimizer: str = "adam"  # adam (+ orthonormality penalty) | cayley (orthogonal)
+    steps: int = 200
+    lr: float = 1e-2
+    ortho_reg: float = 0.0
+    temperature: float = 20.0
+    init: str = "identity"  # identity | orthogonal | hadamard (rotate: orthogonal unless hadamard)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda: where torch learns
+    # extra multiply-adds the online x T^-1 ops may add, as a fraction of the quantized layers' own;
+    # groups are taken cheapest first (lowest b/N) until the budget is spent
+    online_budget: float = 0.03
+
+    def __post_init__(self) -> None:
+        bad = [t for t in self.transforms if t not in TRANSFORMS]
+        if bad:
+            raise ConfigError(f"--transforms takes a subset of {','.join(TRANSFORMS)}, got {','.join(bad)}")
+        if self.block_size < 2 or self.block_size & (self.block_size - 1):
+            raise ConfigError(f"--block-size must be a power of two >= 2, got {self.block_size}")
+        if self.loss not in ("ste", "lse"):
+            raise ConfigError(f"--pseudo-loss must be ste or lse, got {self.loss!r}")
+        if self.optimizer not in ("adam", "cayley"):
+            raise ConfigError(f"--optimizer must be adam or cayley, got {self.optimizer!r}")
+        if self.init not in ("identity", "orthogonal", "hadamard"):
+            raise ConfigError(f"--init must be identity, orthogonal or hadamard, got {self.init!r}")
+        if self.steps < 0 or not self.lr > 0 or self.ortho_reg < 0:
+            raise ConfigError("--steps must be >= 0, --lr > 0 and --ortho-reg >= 0")
+        if not 0 <= self.online_budget <= 1:
+            raise ConfigError(f"--online-budget must be in [0, 1], got {self.online_budget}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+
+
+@dataclass(frozen=True)
 class CompileConfig:
     quant: QuantConfig = field(default_factory=QuantConfig)
     match: MatchConfig = field(default_factory=MatchConfig)
@@ -57,6 +97,9 @@ class CompileConfig:
     # MatMulNBits accuracy_level written on every node: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8.
     accuracy_level: int = 1
     validate: bool = True
+    cafeq: CafeqConfig = field(default_factory=CafeqConfig)
+    # test hook: apply the method's transforms but keep float weights (exactness checks)
+    quantize_weights: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

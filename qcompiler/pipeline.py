@@ -18,10 +18,18 @@ from qcompiler.emit import emit_model
 from qcompiler.errors import NothingToQuantizeError
 from qcompiler.frontends import LoadedModel, load_model
 from qcompiler.graphio import check_writable, import_graph, save_onnx_atomic
+from qcompiler.match.analysis import analyze_graph
 from qcompiler.match.sites import MatchResult, find_linear_sites, weight_reader
 from qcompiler.metadata import MODEL_KIND, SITES, TOKENIZER, module_paths
-from qcompiler.methods import make_plan
-from qcompiler.passes import EmbeddingPass, MatMulNBitsPass, PassManager, QDQPass
+from qcompiler.methods import TRANSFORM_METHODS, make_plan
+from qcompiler.passes import (
+    EmbeddingPass,
+    FoldPairsPass,
+    MatMulNBitsPass,
+    OnlineTransformPass,
+    PassManager,
+    QDQPass,
+)
 from qcompiler.plan import QuantPlan
 from qcompiler.runtime.validate import ValidationResult, validate
 
@@ -87,17 +95,27 @@ def compile_model(source: Any = None, output: str | os.PathLike | None = None,
 
     t = time.perf_counter()
     graph = import_graph(loaded.model)
-    match = find_linear_sites(graph, config.match, module_paths(loaded.model))
+    analysis = None
+    if config.method in TRANSFORM_METHODS:
+        analysis = analyze_graph(graph, loaded.model, config.match)
+        match = MatchResult(analysis.sites, analysis.rejected)
+    else:
+        match = find_linear_sites(graph, config.match, module_paths(loaded.model))
     if not match.sites:
         raise NothingToQuantizeError(f"nothing to quantize in {loaded.source}: no MatMul/Gemm with a "
                                      f"constant 2-D weight ({len(match.rejected)} candidates rejected)")
-    plan = make_plan(config.method, match.sites, weight_reader(graph), config.quant, progress)
+    timings["match"] = time.perf_counter() - t
+    t = time.perf_counter()
+    plan = make_plan(config, match.sites, weight_reader(graph), analysis, progress)
     timings["plan"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    emitter = (MatMulNBitsPass(plan, config.accuracy_level) if config.format == "matmulnbits"
-               else QDQPass(plan))
-    graph = PassManager([EmbeddingPass(plan), emitter])(graph).graph
+    sites = {sp.site.id: sp.site for sp in plan.sites}
+    passes: list = [FoldPairsPass(plan.pair_transforms, sites), OnlineTransformPass(plan.online, sites)]
+    if config.quantize_weights:
+        passes += [EmbeddingPass(plan), MatMulNBitsPass(plan, config.accuracy_level)
+                   if config.format == "matmulnbits" else QDQPass(plan)]
+    graph = PassManager(passes)(graph).graph
     props = {"qcompiler.method": config.method, "qcompiler.quant": config.quant.describe(),
              "qcompiler.format": config.format, MODEL_KIND: loaded.kind,
              SITES: json.dumps(plan.summary(), separators=(",", ":"))}

@@ -19,8 +19,20 @@ from qcompiler.match.sites import LinearSite
 
 @dataclass(frozen=True)
 class SiteStats:
-    rel_error: float  # ||W_hat - W||_F / ||W||_F
+    rel_error: float  # ||W_eff - W||_F / ||W||_F (W_eff: the effective weight, transforms undone)
     proxy_error: float  # what the method minimised; for RTN the same Frobenius error, squared
+    rtn_rel_error: float | None = None  # plain RTN of the untransformed weight, for comparison
+    rtn_proxy_error: float | None = None
+
+
+@dataclass(frozen=True)
+class PairStats:
+    pair: str
+    kind: str
+    pqe_rtn: float  # ||A_hat B_hat - A B|| / ||A B|| with plain RTN of both factors
+    pqe: float  # the same with the method's effective factors
+    proxy_rtn: float  # the learner's proxy (effective errors of both factors) at identity
+    proxy: float
 
 
 @dataclass(frozen=True)
@@ -66,10 +78,28 @@ class PairTransform:
 
 
 @dataclass(frozen=True)
+class OnlineTransform:
+    """``x -> x T^-1`` applied once to ``input``, shared by ``sites`` (a sibling group or one site); each
+    site stores ``T W``. ``blocks`` is ``T``'s diagonal, ``[K/b, b, b]``."""
+
+    id: str
+    input: str
+    sites: tuple[str, ...]
+    blocks: np.ndarray
+
+    @property
+    def block_size(self) -> int:
+        return int(self.blocks.shape[-1])
+
+
+@dataclass(frozen=True)
 class QuantPlan:
     method: str
     quant: QuantConfig
     sites: tuple[SitePlan, ...]
+    pair_transforms: tuple[PairTransform, ...] = ()  # folded into weights before quantization
+    online: tuple[OnlineTransform, ...] = ()  # inserted as ops; weights become T W
+    pair_stats: tuple[PairStats, ...] = ()
 
     def summary(self) -> list[dict]:
         return [
@@ -81,7 +111,16 @@ class QuantPlan:
 
     def save(self, path: str | Path) -> None:
         arrays: dict[str, np.ndarray] = {}
-        header = {"method": self.method, "quant": asdict(self.quant), "sites": []}
+        header = {"method": self.method, "quant": asdict(self.quant), "sites": [], "pairs": [], "online": [],
+                  "pair_stats": [asdict(p) for p in self.pair_stats]}
+        for i, t in enumerate(self.pair_transforms):
+            for name in ("matrices", "scale", "perm"):
+                if getattr(t, name) is not None:
+                    arrays[f"pair_{name}_{i}"] = getattr(t, name)
+            header["pairs"].append(asdict(t.pair))
+        for i, o in enumerate(self.online):
+            arrays[f"online_{i}"] = o.blocks
+            header["online"].append({"id": o.id, "input": o.input, "sites": list(o.sites)})
         for i, p in enumerate(self.sites):
             arrays[f"codes_{i}"] = p.weight.codes
             arrays[f"scales_{i}"] = p.weight.scales
@@ -102,4 +141,12 @@ class QuantPlan:
                 qw = QuantizedWeight(z[f"codes_{i}"], z[f"scales_{i}"], z[f"zero_points_{i}"],
                                      s["bits"], s["block_size"], s["symmetric"])
                 sites.append(SitePlan(LinearSite(**s["site"]), qw, SiteStats(**s["stats"])))
-        return cls(header["method"], QuantConfig(**header["quant"]), tuple(sites))
+            pairs = []
+            for i, d in enumerate(header.get("pairs", [])):
+                pair = CoupledPair(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+                pairs.append(PairTransform(pair, *(z[f"pair_{n}_{i}"] if f"pair_{n}_{i}" in z else None
+                                                   for n in ("matrices", "scale", "perm"))))
+            online = tuple(OnlineTransform(o["id"], o["input"], tuple(o["sites"]), z[f"online_{i}"])
+                           for i, o in enumerate(header.get("online", [])))
+        return cls(header["method"], QuantConfig(**header["quant"]), tuple(sites), tuple(pairs), online,
+                   tuple(PairStats(**p) for p in header.get("pair_stats", [])))

@@ -1,0 +1,48 @@
+"""Reading and writing a site's weight and bias in the graph, in the site's own layout and dtype.
+
+A write always creates a new initializer for this node's input, so shared or deduplicated constants
+are never edited under another node.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from qcompiler.match.sites import LinearSite
+from qcompiler.match.view import constant_value
+from qcompiler.passes.base import PassError
+
+
+class Slot:
+    """Where a site's weight or bias lives: ``node.inputs[index]``, stored transposed or not."""
+
+    def __init__(self, node: gs.Node, index: int, transposed: bool):
+        self.node, self.index, self.transposed = node, index, transposed
+        value = constant_value(node.inputs[index])
+        if value is None:
+            raise PassError(f"{node.name}: input {index} is not a constant")
+        self.dtype = value.dtype
+        self.value = np.array(value.T if transposed else value, dtype=np.float64)
+
+    def write(self, name: str) -> None:
+        v = self.value.T if self.transposed else self.value
+        self.node.inputs[self.index] = gs.Constant(name, np.ascontiguousarray(v.astype(self.dtype)))
+
+
+def weight_slot(nodes: dict[str, gs.Node], site: LinearSite) -> Slot:
+    node = nodes[site.node]
+    w = node.inputs[1]
+    if constant_value(w) is None and w.inputs and w.inputs[0].op == "Transpose":
+        return Slot(w.inputs[0], 0, site.transposed)
+    return Slot(node, 1, site.transposed)
+
+
+def bias_slot(nodes: dict[str, gs.Node], site: LinearSite) -> Slot | None:
+    if site.bias is None:
+        return None
+    node = nodes[site.node]
+    if site.op_type == "Gemm" and len(node.inputs) > 2:
+        return Slot(node, 2, False)
+    add = next(c for c in node.outputs[0].outputs if c.op == "Add")
+    return Slot(add, [t.name for t in add.inputs].index(site.bias), False)

@@ -1,0 +1,222 @@
+"""CafeQ (learned, calibration-free) and the random-rotation baseline, as plans.
+
+Order: pair transforms first (folded into the weights, free at run time), then single-matrix
+block-diagonal transforms on the sites whose input side no pair transform covers (an online op each,
+shared by a sibling group), then round-to-nearest of the transformed weights. The online ops are
+chosen cheapest first (largest output width per input, i.e. lowest ``b / N``) within a budget of extra
+multiply-adds (``online_budget``, a fraction of the quantized sites' own).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from qcompiler.algorithms.cafeq import (
+    Grid,
+    LearnConfig,
+    initial_blocks,
+    learn_block_transform,
+    learn_updown_scale,
+    learn_vo,
+)
+from qcompiler.algorithms.fold import fold_attn_vo, fold_mlp
+from qcompiler.algorithms.grid import quantize
+from qcompiler.config import CafeqConfig, QuantConfig
+from qcompiler.errors import QCompilerError
+from qcompiler.match.analysis import Analysis
+from qcompiler.match.pairs import ATTN_VO, CoupledPair
+from qcompiler.match.sites import LinearSite
+from qcompiler.plan import OnlineTransform, PairStats, PairTransform, QuantPlan, SitePlan, SiteStats
+
+log = logging.getLogger(__name__)
+
+
+def _device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise QCompilerError("--device cuda: torch sees no CUDA device")
+    return requested
+
+
+def _block_for(k: int, b: int) -> int | None:
+    """The largest power of two <= b dividing K (at least 8), else None."""
+    while b >= 8:
+        if k % b == 0:
+            return b
+        b //= 2
+    return None
+
+
+def _apply(blocks: np.ndarray, w: np.ndarray) -> np.ndarray:
+    nb, b, _ = blocks.shape
+    return np.einsum("kij,kjn->kin", blocks, w.reshape(nb, b, -1)).reshape(nb * b, -1)
+
+
+def _rtn(w: np.ndarray, quant: QuantConfig) -> np.ndarray:
+    return quantize(w, quant.bits, quant.group_size, quant.symmetric).dequantize().astype(np.float64)
+
+
+def _pqe(pair: CoupledPair, a: np.ndarray, b: np.ndarray, a_hat: np.ndarray, b_hat: np.ndarray) -> float:
+    """Relative product error; per query head for V·O (each head's ``A_h B_j`` is its own product)."""
+    if pair.kind != ATTN_VO:
+        return float(np.linalg.norm(a_hat @ b_hat - a @ b) / max(np.linalg.norm(a @ b), 1e-30))
+    d, num, den = pair.head_dim, 0.0, 0.0
+    for j, h in enumerate(pair.kv_map):
+        c, r = slice(h * d, (h + 1) * d), slice(j * d, (j + 1) * d)
+        ref = a[:, c] @ b[r]
+        num += float(np.sum((a_hat[:, c] @ b_hat[r] - ref) ** 2))
+        den += float(np.sum(ref ** 2))
+    return (num / max(den, 1e-30)) ** 0.5
+
+
+class _Planner:
+    def __init__(self, analysis: Analysis, weight_of: Callable[[LinearSite], np.ndarray], quant: QuantConfig,
+                 cfg: CafeqConfig, method: str, online_budget: float, progress: bool):
+        self.analysis, self.quant, self.cfg, self.method = analysis, quant, cfg, method
+        self.sites = {s.id: s for s in analysis.sites if s.role != "embedding"}
+        self.original = {}
+        for sid, s in self.sites.items():
+            w = np.asarray(weight_of(s), dtype=np.float64)
+            if not np.isfinite(w).all():
+                raise QCompilerError(f"weight of site {sid} contains NaN or Inf")
+            self.original[sid] = w
+        self.folded = {sid: w.copy() for sid, w in self.original.items()}  # after pair transforms
+        self.online_budget, self.progress = online_budget, progress
+        self.rng = np.random.default_rng(cfg.seed)
+        self.learn = LearnConfig(loss=cfg.loss, optimizer=cfg.optimizer, steps=cfg.steps, lr=cfg.lr,
+                                 ortho_reg=cfg.ortho_reg, temperature=cfg.temperature, init=cfg.init,
+                                 seed=cfg.seed, device=_device(cfg.device) if method == "cafeq" else "cpu")
+
+    def grid(self, k: int) -> Grid:
+        return Grid(self.quant.bits, self.quant.group_size or k, self.quant.symmetric)
+
+    def _usable(self, p: CoupledPair) -> bool:
+        return all(i in self.sites for i in (p.producer, p.consumer, p.gate) if i)
+
+    def pair_transforms(self) -> list[PairTransform]:
+        out = []
+        pairs = [p for p in self.analysis.pairs if self._usable(p)]
+        for p in tqdm(pairs, desc=f"{self.method} pairs", unit="pair", disable=not self.progress, leave=False):
+            cols = slice(*p.producer_cols)
+            a, b = self.folded[p.producer][:, cols], self.folded[p.consumer]
+            if p.kind == ATTN_VO and "vo" in self.cfg.transforms:
+                if self.method == "rotate":
+                    mats = initial_blocks(p.num_kv_heads, p.head_dim, "orthogonal", self.rng)
+                else:
+                    res = learn_vo(a, b, p.kv_map, p.head_dim, self.grid(a.shape[0]), self.grid(b.shape[0]),
+                                   self.learn)
+                    mats = res.value
+                    if np.allclose(mats, np.eye(p.head_dim)):
+                        continue
+                fold_attn_vo(self.folded[p.producer], None, self.folded[p.consumer], p.producer_cols, p.head_dim,
+                             p.kv_map, mats)
+                out.append(PairTransform(p, matrices=mats))
+            elif p.kind != ATTN_VO and "updown" in self.cfg.transforms and self.method == "cafeq" and (
+                    "diagonal" in p.exact or "positive_diagonal" in p.exact):
+                res = learn_updown_scale(a, b, self.grid(b.shape[0]), self.learn)
+                if np.allclose(res.value, 1.0):
+                    continue
+                width = p.producer_cols[1] - p.producer_cols[0]
+                fold_mlp(self.folded[p.producer], None, p.producer_cols, self.folded[p.consumer], res.value,
+                         np.arange(width), self.folded[p.gate] if p.gate else None, None, p.gate_cols)
+                out.append(PairTransform(p, scale=res.value))
+        return out
+
+    def _units(self, covered: set[str]) -> list[tuple[str, str, tuple[str, ...]]]:
+        """(id, input tensor, site ids) that may get an online transform, cheapest first, within budget."""
+        grouped = {m for g in self.analysis.groups for m in g.members}
+        units = [(g.id, g.input, g.members) for g in self.analysis.groups
+                 if all(m in self.sites and self.sites[m].role == "linear" for m in g.members)]
+        units += [(s.id, s.input, (s.id,)) for s in self.sites.values()
+                  if s.role == "linear" and s.id not in grouped and s.id not in covered]
+        total = sum(s.k * s.n for s in self.sites.values())
+        costed = []
+        for uid, tensor, members in units:
+            k = self.sites[members[0]].k
+            b = _block_for(k, self.cfg.block_size)
+            if b is None:
+                log.info("%s: K=%d has no power-of-two block <= %d; no single transform", uid, k, self.cfg.block_size)
+                continue
+            costed.append((k * b / total, uid, tensor, members))
+        costed.sort(key=lambda c: c[0])
+        chosen, spent = [], 0.0
+        for cost, uid, tensor, members in costed:
+            if spent + cost > self.online_budget:
+                log.info("%s: online transform left out (budget %.1f%% of the linear layers' work)", uid,
+                         100 * self.online_budget)
+                continue
+            spent += cost
+            chosen.append((uid, tensor, members))
+        return chosen
+
+    def online(self, covered: set[str]) -> tuple[list[OnlineTransform], dict[str, np.ndarray]]:
+        out, blocks_of = [], {}
+        if "single" not in self.cfg.transforms:
+            return out, blocks_of
+        units = self._units(covered)
+        for uid, tensor, members in tqdm(units, desc=f"{self.method} single", unit="group",
+                                         disable=not self.progress, leave=False):
+            k = self.sites[members[0]].k
+            b = _block_for(k, self.cfg.block_size)
+            if self.method == "rotate":
+                init = "hadamard" if self.cfg.init == "hadamard" else "orthogonal"
+                blocks = initial_blocks(k // b, b, init, self.rng)
+            else:
+                res = learn_block_transform([self.folded[m] for m in members], self.grid(k), b, self.learn)
+                if res.error >= res.identity_error:
+                    continue
+                blocks = res.value
+            out.append(OnlineTransform(uid, tensor, tuple(members), blocks))
+            for m in members:
+                blocks_of[m] = blocks
+        return out, blocks_of
+
+    def plan(self) -> QuantPlan:
+        pair_transforms = self.pair_transforms()
+        covered = {t.pair.consumer for t in pair_transforms}
+        online, blocks_of = self.online(covered)
+        site_plans, effective = [], {}
+        for sid, site in self.sites.items():
+            w = self.folded[sid]
+            blocks = blocks_of.get(sid)
+            stored = _apply(blocks, w) if blocks is not None else w
+            qw = quantize(stored.astype(np.float32), self.quant.bits, self.quant.group_size, self.quant.symmetric)
+            eff = qw.dequantize().astype(np.float64)
+            if blocks is not None:
+                eff = _apply(np.linalg.inv(blocks), eff)
+            effective[sid] = eff
+            err2 = float(np.sum((eff - w) ** 2))
+            rtn2 = float(np.sum((_rtn(self.original[sid], self.quant) - self.original[sid]) ** 2))
+            norm_w, norm_o = max(float(np.linalg.norm(w)), 1e-30), max(float(np.linalg.norm(self.original[sid])), 1e-30)
+            site_plans.append(SitePlan(site, qw, SiteStats(err2 ** 0.5 / norm_w, err2, rtn2 ** 0.5 / norm_o, rtn2)))
+        return QuantPlan(self.method, self.quant, tuple(site_plans), tuple(pair_transforms), tuple(online),
+                         tuple(self.pair_stats(effective)))
+
+    def pair_stats(self, effective: dict[str, np.ndarray]) -> list[PairStats]:
+        out = []
+        for p in self.analysis.pairs:
+            if not self._usable(p):
+                continue
+            cols = slice(*p.producer_cols)
+            a0, b0 = self.original[p.producer][:, cols], self.original[p.consumer]
+            a1, b1 = self.folded[p.producer][:, cols], self.folded[p.consumer]
+            ra, rb = _rtn(self.original[p.producer], self.quant)[:, cols], _rtn(b0, self.quant)
+            ea, eb = effective[p.producer][:, cols], effective[p.consumer]
+            proxy_rtn = float(np.sum((ra - a0) ** 2) / np.sum(a0 ** 2) + np.sum((rb - b0) ** 2) / np.sum(b0 ** 2))
+            proxy = float(np.sum((ea - a1) ** 2) / np.sum(a1 ** 2) + np.sum((eb - b1) ** 2) / np.sum(b1 ** 2))
+            # the folded factors have the same product as the original ones (the transforms are exact)
+            out.append(PairStats(p.id, p.kind, _pqe(p, a0, b0, ra, rb), _pqe(p, a1, b1, ea, eb), proxy_rtn, proxy))
+        return out
+
+
+def plan_cafeq(analysis: Analysis, weight_of: Callable[[LinearSite], np.ndarray], quant: QuantConfig,
+               cfg: CafeqConfig, method: str = "cafeq", progress: bool = False) -> QuantPlan:
+    """``method`` is ``cafeq`` (learned) or ``rotate`` (random orthogonal/Hadamard, no learning)."""
+    return _Planner(analysis, weight_of, quant, cfg, method, cfg.online_budget, progress).plan()
