@@ -12,7 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from qcompiler import __version__
-from qcompiler.config import METHODS, PER_CHANNEL, CompileConfig, MatchConfig, QuantConfig
+from qcompiler.config import METHODS, PER_CHANNEL, CafeqConfig, CompileConfig, MatchConfig, QuantConfig
 from qcompiler.errors import ConfigError, QCompilerError
 
 log = logging.getLogger("qcompiler")
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", help="output .onnx (default: <model>.<method>-w<bits>.onnx here)")
     c.add_argument("--method", default="rtn", choices=METHODS)
     c.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (3-bit codes use the 4-bit container)")
-    c.add_argument("--group-size", "--block-size", dest="group_size", type=_group_size, default=32,
+    c.add_argument("--group-size", dest="group_size", type=_group_size, default=32,
                    help="rows of K per scale: a power of two in 16..256, or 'channel' (default 32)")
     sym = c.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="symmetric", action="store_true", help="symmetric grid")
@@ -59,6 +59,24 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-validate", dest="validate", action="store_false",
                    help="skip running the result against the original")
     c.add_argument("--report", help="write a JSON report here")
+    t = c.add_argument_group("cafeq / rotate (calibration-free transforms)")
+    t.add_argument("--transforms", default="single,vo,updown",
+                   help="any subset of single (block-diagonal T, online x T^-1 per sibling group), vo (V·O per KV "
+                        "head, folded), updown (up·down diagonal + permutation, folded)")
+    t.add_argument("--block-size", type=int, default=64, help="b of the single-matrix transforms (default 64)")
+    t.add_argument("--online-budget", type=float, default=0.03,
+                   help="extra multiply-adds the online ops may add, as a fraction of the linear layers' (0.03)")
+    t.add_argument("--pseudo-loss", default="ste", choices=["ste", "lse"],
+                   help="ste: straight-through Frobenius (default); lse: LogSumExp smooth range")
+    t.add_argument("--optimizer", default="adam", choices=["adam", "cayley"])
+    t.add_argument("--steps", type=int, default=400)
+    t.add_argument("--lr", type=float, default=2e-2)
+    t.add_argument("--ortho-reg", type=float, default=0.0, help="orthonormality penalty weight (adam)")
+    t.add_argument("--temperature", type=float, default=20.0, help="LSE temperature")
+    t.add_argument("--init", default="identity", choices=["identity", "orthogonal", "hadamard"])
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--transforms-only", action="store_true",
+                   help="apply the method's transforms but keep float weights (checks that they are exact)")
     c.add_argument("--cache-dir", help="export cache folder (default ~/.cache/qcompiler)")
 
     e = sub.add_parser("eval", help="measure a model: embedding fidelity or perplexity")
@@ -111,6 +129,12 @@ def cmd_compile(args: argparse.Namespace) -> int:
         quant=QuantConfig(bits=args.bits, group_size=args.group_size, symmetric=args.symmetric),
         match=MatchConfig(quantize_lm_head=args.quantize_lm_head, quantize_embeddings=args.quantize_embeddings),
         method=args.method, format=args.format, accuracy_level=args.accuracy_level, validate=args.validate,
+        cafeq=CafeqConfig(
+            transforms=tuple(t for t in args.transforms.split(",") if t), block_size=args.block_size,
+            loss=args.pseudo_loss, optimizer=args.optimizer, steps=args.steps, lr=args.lr, ortho_reg=args.ortho_reg,
+            temperature=args.temperature, init=args.init, seed=args.seed, device=args.device,
+            online_budget=args.online_budget),
+        quantize_weights=not args.transforms_only,
     )
     output = args.output or _default_output(args.model, args.method, args.bits)
     if args.report:
@@ -124,14 +148,24 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if not args.quiet:
         total = sum(result.timings.values())
         errs = [p.stats.rel_error for p in result.plan.sites]
+        rtn = [p.stats.rtn_rel_error for p in result.plan.sites if p.stats.rtn_rel_error is not None]
         lines = [
             f"compiled {result.source} -> {result.output}",
             f"  method {config.method}, {config.quant.describe()}, format {config.format}",
             f"  sites: {len(result.plan.sites)} quantized, {len(result.match.rejected)} skipped"
-            f" (weight rel. error mean {sum(errs) / len(errs):.4f}, max {max(errs):.4f})",
+            f" (weight rel. error mean {sum(errs) / len(errs):.4f}, max {max(errs):.4f}"
+            + (f"; plain RTN: mean {sum(rtn) / len(rtn):.4f})" if rtn and config.method != "rtn" else ")"),
             f"  size: {_human(result.size_before)} -> {_human(result.size_after)}"
             f" ({result.size_after / max(result.size_before, 1):.2f}x)",
         ]
+        plan = result.plan
+        if plan.pair_transforms or plan.online:
+            lines.append(f"  transforms: {len(plan.pair_transforms)} pairs folded, {len(plan.online)} online x T^-1 ops")
+        for kind in ("attn_vo", "mlp_up_down"):
+            ps = [p for p in plan.pair_stats if p.kind == kind]
+            if ps:
+                lines.append(f"  {kind} product error (PQE) mean: RTN {sum(p.pqe_rtn for p in ps) / len(ps):.4f} -> "
+                             f"{sum(p.pqe for p in ps) / len(ps):.4f} over {len(ps)} pairs")
         if result.validation is not None:
             for o in result.validation.outputs:
                 lines.append(f"  validation [{o.name}]: rel. error {o.rel_error:.4f}, cosine {o.cosine:.5f}")

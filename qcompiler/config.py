@@ -57,8 +57,8 @@ class CafeqConfig:
     block_size: int = 64  # b of the block-diagonal single-matrix transforms (online cost ~ b/N)
     loss: str = "ste"  # ste (straight-through Frobenius) | lse (LogSumExp smooth range)
     optimizer: str = "adam"  # adam (+ orthonormality penalty) | cayley (orthogonal)
-    steps: int = 200
-    lr: float = 1e-2
+    steps: int = 400
+    lr: float = 2e-2
     ortho_reg: float = 0.0
     temperature: float = 20.0
     init: str = "identity"  # identity | orthogonal | hadamard (rotate: orthogonal unless hadamard)

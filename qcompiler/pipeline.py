@@ -58,6 +58,10 @@ class CompileResult:
             "output": self.output,
             "config": asdict(config),
             "sites": self.plan.summary(),
+            "pairs": [asdict(p) for p in self.plan.pair_stats],
+            "transforms": {"pairs": [t.pair.id for t in self.plan.pair_transforms],
+                           "online": [{"id": o.id, "sites": list(o.sites), "block_size": o.block_size}
+                                      for o in self.plan.online]},
             "skipped": [asdict(r) for r in self.match.rejected],
             "size": {"before_bytes": self.size_before, "after_bytes": self.size_after,
                      "quantized_weights_fp32_bytes": quantized_weight_bits // 8,

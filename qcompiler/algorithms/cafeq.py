@@ -269,8 +269,15 @@ def learn_updown_scale(up: np.ndarray, down: np.ndarray, grid_down: Grid, cfg: L
     return LearnResult(torch.exp(best_theta).double().cpu().numpy(), identity, best, identity, cfg.steps)
 
 
-def channel_order(up: np.ndarray, down: np.ndarray) -> np.ndarray:
-    """A permutation of the intermediate channels that puts rows of similar weight in one quant group of
-    down: sorted by ``||W_up[:, c]|| * max|W_down[c, :]|`` (a row's share of the product's range)."""
-    key = np.linalg.norm(up, axis=0) * np.abs(down).max(axis=1)
-    return np.argsort(key, kind="stable")
+def channel_order(down: np.ndarray) -> np.ndarray:
+    """A permutation of the intermediate channels that groups rows of similar range into down's quant
+    groups: rows sorted by their largest magnitude (outlier rows share groups instead of widening all)."""
+    return np.argsort(np.abs(down).max(axis=1), kind="stable")
+
+
+def weighted_row_error(up: np.ndarray, down: np.ndarray, grid: Grid) -> float:
+    """Down's quantization error with row ``c`` weighted by ``||W_up[:, c]||^2`` (the product proxy)."""
+    u, dn = torch.as_tensor(up, dtype=torch.float32), torch.as_tensor(down, dtype=torch.float32)
+    w = (u ** 2).sum(dim=0)[:, None]
+    with torch.no_grad():
+        return float((w * (grid(dn, False) - dn) ** 2).sum() / (w * dn ** 2).sum().clamp_min(1e-30))

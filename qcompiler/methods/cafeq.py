@@ -18,10 +18,12 @@ from tqdm.auto import tqdm
 from qcompiler.algorithms.cafeq import (
     Grid,
     LearnConfig,
+    channel_order,
     initial_blocks,
     learn_block_transform,
     learn_updown_scale,
     learn_vo,
+    weighted_row_error,
 )
 from qcompiler.algorithms.fold import fold_attn_vo, fold_mlp
 from qcompiler.algorithms.grid import quantize
@@ -118,15 +120,19 @@ class _Planner:
                 fold_attn_vo(self.folded[p.producer], None, self.folded[p.consumer], p.producer_cols, p.head_dim,
                              p.kv_map, mats)
                 out.append(PairTransform(p, matrices=mats))
-            elif p.kind != ATTN_VO and "updown" in self.cfg.transforms and self.method == "cafeq" and (
-                    "diagonal" in p.exact or "positive_diagonal" in p.exact):
-                res = learn_updown_scale(a, b, self.grid(b.shape[0]), self.learn)
-                if np.allclose(res.value, 1.0):
+            elif p.kind != ATTN_VO and "updown" in self.cfg.transforms and self.method == "cafeq":
+                grid = self.grid(b.shape[0])
+                perm = channel_order(b)
+                if weighted_row_error(a[:, perm], b[perm], grid) >= weighted_row_error(a, b, grid):
+                    perm = np.arange(b.shape[0])
+                scale = np.ones(b.shape[0])
+                if "diagonal" in p.exact or "positive_diagonal" in p.exact:
+                    scale = learn_updown_scale(a[:, perm], b[perm], grid, self.learn).value
+                if np.array_equal(perm, np.arange(len(perm))) and np.allclose(scale, 1.0):
                     continue
-                width = p.producer_cols[1] - p.producer_cols[0]
-                fold_mlp(self.folded[p.producer], None, p.producer_cols, self.folded[p.consumer], res.value,
-                         np.arange(width), self.folded[p.gate] if p.gate else None, None, p.gate_cols)
-                out.append(PairTransform(p, scale=res.value))
+                fold_mlp(self.folded[p.producer], None, p.producer_cols, self.folded[p.consumer], scale, perm,
+                         self.folded[p.gate] if p.gate else None, None, p.gate_cols)
+                out.append(PairTransform(p, scale=scale, perm=perm))
         return out
 
     def _units(self, covered: set[str]) -> list[tuple[str, str, tuple[str, ...]]]:
@@ -180,7 +186,9 @@ class _Planner:
 
     def plan(self) -> QuantPlan:
         pair_transforms = self.pair_transforms()
-        covered = {t.pair.consumer for t in pair_transforms}
+        # a V·O transform is a learned block-diagonal transform of O's input side already; up·down's
+        # diagonal and permutation are not, so down stays a candidate for a single transform
+        covered = {t.pair.consumer for t in pair_transforms if t.pair.kind == ATTN_VO}
         online, blocks_of = self.online(covered)
         site_plans, effective = [], {}
         for sid, site in self.sites.items():

@@ -1,0 +1,124 @@
+"""CafeQ against RTN, the random-rotation baseline and ONNX Runtime's quantizers, in one run.
+
+    python tools/cafeq_results.py minilm      # fidelity on 256 Jargon File paragraphs, + ORT DEFAULT/HQQ
+    python tools/cafeq_results.py smollm2     # perplexity on 8 x 512 Jargon File tokens
+    python tools/cafeq_results.py minilm --timing   # also the run-time overhead of the online transforms
+
+Settings: 4-bit block 128 asym and sym, 3-bit block 128 asym (MiniLM); 3- and 4-bit block 128 sym
+(SmolLM2). Every compile uses the default options of its method. Overhead: ONNX Runtime CPU, 2 threads,
+the cafeq model against the RTN model of the same setting, alternating runs, median of repeats
+(MiniLM: a batch of 32 x 128 tokens; SmolLM2: a batch-1, one-token step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from qcompiler.config import CompileConfig, QuantConfig  # noqa: E402
+from qcompiler.frontends import load_model  # noqa: E402
+from qcompiler.frontends.bundled import bundled_path  # noqa: E402
+from qcompiler.pipeline import compile_model  # noqa: E402
+from qcompiler.runtime.evaluate import fidelity, perplexity, sentence_embeddings, token_windows  # noqa: E402
+from qcompiler.runtime.session import SessionOptions, make_session  # noqa: E402
+from qcompiler.runtime.text import default_text, paragraphs, read_text  # noqa: E402
+
+SETTINGS = {"minilm": [(4, 128, False), (4, 128, True), (3, 128, False)],
+            "smollm2": [(3, 128, True), (4, 128, True)]}
+
+
+def _ort(model: onnx.ModelProto, algo: str, bits: int, block: int, sym: bool) -> onnx.ModelProto:
+    from onnxruntime.quantization import matmul_nbits_quantizer as mq
+
+    cfg = (mq.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=sym, bits=bits) if algo == "DEFAULT"
+           else mq.HQQWeightOnlyQuantConfig(block_size=block, bits=bits))
+    q = mq.MatMulNBitsQuantizer(onnx.ModelProto.FromString(model.SerializeToString()), algo_config=cfg)
+    q.process()
+    return q.model.model
+
+
+def _time_ratio(a: onnx.ModelProto, b: onnx.ModelProto, feeds: dict, reps: int) -> tuple[float, float, float]:
+    opts = SessionOptions(device="cpu", threads=2)
+    sa, sb = make_session(a, opts), make_session(b, opts)
+    names = {i.name for i in sa.get_inputs()}
+    feeds = {k: v for k, v in feeds.items() if k in names}
+    for s in (sa, sb):
+        s.run(None, feeds)
+    ta, tb = [], []
+    for _ in range(reps):
+        for s, t in ((sa, ta), (sb, tb)):
+            t0 = time.perf_counter()
+            s.run(None, feeds)
+            t.append(time.perf_counter() - t0)
+    ma, mb = float(np.median(ta)), float(np.median(tb))
+    return mb / ma, ma, mb
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model", choices=list(SETTINGS))
+    ap.add_argument("--timing", action="store_true")
+    ap.add_argument("--json", help="write the rows here")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    ref = load_model(args.model)
+    tok = str(bundled_path(args.model))
+    text = read_text(default_text())
+    rows = []
+    if args.model == "minilm":
+        texts = paragraphs(text, 256)
+        ref_emb = sentence_embeddings(ref.model, tok, texts)
+
+        def score(m):
+            f = fidelity(sentence_embeddings(m, tok, texts), ref_emb)
+            return {"one_minus_cos": 1 - f.mean_cosine, "mean_cos": f.mean_cosine, "min_cos": f.min_cosine,
+                    "spearman": f.spearman}
+        rng = np.random.default_rng(0)
+        feeds = {"input_ids": rng.integers(1000, 20000, (32, 128)), "attention_mask": np.ones((32, 128), np.int64),
+                 "token_type_ids": np.zeros((32, 128), np.int64)}
+        reps = 15
+    else:
+        windows = token_windows(tok, text, 8, 512)
+
+        def score(m):
+            return {"perplexity": perplexity(m, windows)}
+        print(f"fp32 perplexity {perplexity(ref.model, windows):.2f}", flush=True)
+        feeds = {"input_ids": np.array([[1234]]), "attention_mask": np.ones((1, 1), np.int64)}
+        reps = 300
+    for bits, block, sym in SETTINGS[args.model]:
+        q = QuantConfig(bits, block, sym)
+        models = {}
+        for method in ("rtn", "rotate", "cafeq"):
+            t0 = time.perf_counter()
+            res = compile_model(args.model, None, CompileConfig(quant=q, method=method, validate=False))
+            models[method] = res.model
+            rows.append({"setting": q.describe(), "method": method, "compile_s": time.perf_counter() - t0,
+                         **score(res.model)})
+            print(json.dumps(rows[-1]), flush=True)
+        if args.model == "minilm":
+            for algo in ("DEFAULT", "HQQ"):
+                if bits == 3 or (algo == "HQQ" and sym):
+                    continue  # no 3-bit in ORT; HQQ has no symmetric mode
+                rows.append({"setting": q.describe(), "method": f"ort-{algo.lower()}",
+                             **score(_ort(ref.model, algo, bits, block, sym))})
+                print(json.dumps(rows[-1]), flush=True)
+        if args.timing:
+            ratio, t_rtn, t_cafeq = _time_ratio(models["rtn"], models["cafeq"], feeds, reps)
+            rows.append({"setting": q.describe(), "timing": "cafeq/rtn", "ratio": ratio, "rtn_ms": 1e3 * t_rtn,
+                         "cafeq_ms": 1e3 * t_cafeq})
+            print(json.dumps(rows[-1]), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
