@@ -160,7 +160,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
         ]
         plan = result.plan
         if plan.pair_transforms or plan.online:
-            lines.append(f"  transforms: {len(plan.pair_transforms)} pairs folded, {len(plan.online)} online x T^-1 ops")
+            lines.append(f"  transforms: {len(plan.pair_transforms)} pairs folded, "
+                         f"{len(plan.online)} online x T^-1 ops")
         for kind in ("attn_vo", "mlp_up_down"):
             ps = [p for p in plan.pair_stats if p.kind == kind]
             if ps:

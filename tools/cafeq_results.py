@@ -90,8 +90,9 @@ def main() -> None:
         windows = token_windows(tok, text, 8, 512)
 
         def score(m):
-            return {"perplexity": perplexity(m, windows)}
-        print(f"fp32 perplexity {perplexity(ref.model, windows):.2f}", flush=True)
+            return {"perplexity": perplexity(m, windows).perplexity}
+        rows.append({"setting": "fp32", "method": "fp32", "perplexity": perplexity(ref.model, windows).perplexity})
+        print(json.dumps(rows[-1]), flush=True)
         feeds = {"input_ids": np.array([[1234]]), "attention_mask": np.ones((1, 1), np.int64)}
         reps = 300
     for bits, block, sym in SETTINGS[args.model]:

@@ -1,0 +1,69 @@
+"""OnlineTransformPass: structure, ONNX checker, numeric equivalence on ONNX Runtime, negative cases."""
+
+import numpy as np
+import onnx
+import pytest
+
+from qcompiler.algorithms.transforms import random_invertible
+from qcompiler.emit import emit_model
+from qcompiler.frontends import load_model
+from qcompiler.graphio import import_graph
+from qcompiler.match.analysis import analyze_graph
+from qcompiler.passes import OnlineTransformPass, PassError, PassManager
+from qcompiler.plan import OnlineTransform
+from qcompiler.runtime.inputs import sample_inputs
+from tests.helpers import outputs, rel
+
+
+def _transforms(analysis, b, rng):
+    """One random T per sibling group and per lone site."""
+    grouped = {m for g in analysis.groups for m in g.members}
+    units = [(g.id, g.input, g.members) for g in analysis.groups]
+    units += [(s.id, s.input, (s.id,)) for s in analysis.sites if s.id not in grouped]
+    out = []
+    for uid, tensor, members in units:
+        k = next(s.k for s in analysis.sites if s.id == members[0])
+        out.append(OnlineTransform(uid, tensor, members, np.stack([random_invertible(b, rng) for _ in range(k // b)])))
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # 3-D activations; GPT-2's 2-D Gemm inputs
+def test_structure_checker_and_equivalence(family, pair_checkpoints, cache_dir):
+    model = load_model(str(pair_checkpoints[family]), cache_dir=cache_dir).model
+    before = model.SerializeToString()
+    graph = import_graph(model)
+    analysis = analyze_graph(graph, model)
+    transforms = _transforms(analysis, 16, np.random.default_rng(0))
+    n_before = len(graph.nodes)
+    result = OnlineTransformPass(transforms, {s.id: s for s in analysis.sites})(graph)
+    assert result.modified
+    ops = [n.op for n in result.graph.nodes]
+    assert len(ops) == n_before + 6 * len(transforms)
+    members = {m for t in transforms for m in t.sites}
+    for s in analysis.sites:  # every member reads the transformed tensor; the others do not
+        node = next(n for n in result.graph.nodes if n.name == s.node)
+        assert node.inputs[0].name.endswith("_online_out") == (s.id in members)
+    out = emit_model(result.graph, model, {})
+    onnx.checker.check_model(out, full_check=True)
+    feeds = sample_inputs(model, batch=2, seq=7)
+    ref, got = outputs(onnx.ModelProto.FromString(before), feeds), outputs(out, feeds)
+    assert all(rel(got[k], ref[k]) < 1e-5 for k in ref), {k: rel(got[k], ref[k]) for k in ref}
+
+
+def test_no_transforms_is_a_no_op(pair_checkpoints, cache_dir):
+    model = load_model(str(pair_checkpoints["llama"]), cache_dir=cache_dir).model
+    result = PassManager([OnlineTransformPass([], {})])(import_graph(model))
+    assert not result.modified
+
+
+def test_refuses_wrong_width_and_foreign_input(pair_checkpoints, cache_dir):
+    model = load_model(str(pair_checkpoints["llama"]), cache_dir=cache_dir).model
+    graph = import_graph(model)
+    analysis = analyze_graph(graph, model)
+    sites = {s.id: s for s in analysis.sites}
+    g = analysis.groups[0]
+    with pytest.raises(PassError, match="covers 32"):
+        OnlineTransformPass([OnlineTransform(g.id, g.input, g.members, np.stack([np.eye(16)] * 2))], sites)(graph)
+    other = analysis.groups[1]
+    with pytest.raises(PassError, match="does not read"):
+        OnlineTransformPass([OnlineTransform(g.id, other.input, g.members, np.stack([np.eye(16)] * 4))], sites)(graph)
