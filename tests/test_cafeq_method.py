@@ -1,0 +1,94 @@
+"""--method cafeq / rotate end to end: exact transforms (weights left in float), better weights than
+RTN, the plan's contents, and MiniLM quality at 3 bits."""
+
+import numpy as np
+import pytest
+
+from qcompiler.cli import main
+from qcompiler.config import CafeqConfig, CompileConfig, QuantConfig
+from qcompiler.errors import ConfigError
+from qcompiler.pipeline import compile_model
+from qcompiler.plan import QuantPlan
+from qcompiler.runtime.inputs import sample_inputs
+from tests.conftest import FAMILIES
+from tests.helpers import outputs, rel
+
+QUICK = CafeqConfig(steps=15, online_budget=1.0)  # every group gets an online transform
+
+
+@pytest.mark.parametrize("method", ["cafeq", "rotate"])
+@pytest.mark.parametrize("family", FAMILIES + ("phi3",))
+def test_transforms_alone_leave_the_model_unchanged(family, method, pair_checkpoints, cache_dir):
+    cfg = CompileConfig(quant=QuantConfig(3, 32, False), method=method, cafeq=QUICK, quantize_weights=False,
+                        validate=False)
+    res = compile_model(str(pair_checkpoints[family]), None, cfg, cache_dir=cache_dir)
+    from qcompiler.frontends import load_model
+
+    original = load_model(str(pair_checkpoints[family]), cache_dir=cache_dir).model
+    feeds = sample_inputs(original, batch=2, seq=9)
+    ref, got = outputs(original, feeds), outputs(res.model, feeds)
+    err = max(rel(got[k], ref[k]) for k in ref)
+    assert err <= 1e-4, err
+    assert res.plan.online, "no online transform was inserted"
+    if method == "rotate":
+        assert len(res.plan.pair_transforms) == 2  # V·O of both layers
+    assert not [n for n in res.model.graph.node if n.op_type == "MatMulNBits"]
+
+
+def test_cafeq_plan_is_better_than_rtn_and_roundtrips(pair_checkpoints, cache_dir, tmp_path):
+    cfg = CompileConfig(quant=QuantConfig(3, 32, False), method="cafeq", cafeq=CafeqConfig(steps=40))
+    res = compile_model(str(pair_checkpoints["llama"]), None, cfg, cache_dir=cache_dir)
+    plan = res.plan
+    assert {t.pair.kind for t in plan.pair_transforms} == {"attn_vo", "mlp_up_down"}
+    total = sum(p.stats.proxy_error for p in plan.sites)
+    rtn = sum(p.stats.rtn_proxy_error for p in plan.sites)
+    assert total < rtn
+    for ps in plan.pair_stats:
+        assert ps.proxy <= ps.proxy_rtn + 1e-9
+    n_nbits = sum(n.op_type == "MatMulNBits" for n in res.model.graph.node)
+    assert n_nbits == len(plan.sites)
+    plan.save(tmp_path / "p.npz")
+    back = QuantPlan.load(tmp_path / "p.npz")
+    assert [t.pair for t in back.pair_transforms] == [t.pair for t in plan.pair_transforms]
+    assert all(np.array_equal(a.blocks, b.blocks) for a, b in zip(back.online, plan.online, strict=True))
+    assert back.pair_stats == plan.pair_stats
+
+
+def test_online_budget_limits_the_online_ops(pair_checkpoints, cache_dir):
+    base = dict(quant=QuantConfig(4, 32, False), method="rotate", validate=False)
+    none = compile_model(str(pair_checkpoints["llama"]), None,
+                         CompileConfig(**base, cafeq=CafeqConfig(online_budget=0.0)), cache_dir=cache_dir)
+    assert not none.plan.online
+    no_single = compile_model(str(pair_checkpoints["llama"]), None,
+                              CompileConfig(**base, cafeq=CafeqConfig(transforms=("vo",), online_budget=1.0)),
+                              cache_dir=cache_dir)
+    assert not no_single.plan.online and no_single.plan.pair_transforms
+
+
+def test_bad_cafeq_options_are_one_line_errors(capsys):
+    with pytest.raises(ConfigError, match="--transforms"):
+        CafeqConfig(transforms=("single", "bogus"))
+    with pytest.raises(ConfigError, match="--block-size"):
+        CafeqConfig(block_size=48)
+    assert main(["compile", "--method", "cafeq", "--transforms", "vo,nope", "-o", "/tmp/x.onnx"]) == 2
+    assert "--transforms" in capsys.readouterr().err
+
+
+def test_minilm_cafeq_3bit_beats_rtn(minilm, tmp_path):
+    """MiniLM, 3-bit block 128 asym: CafeQ (short schedule) against RTN on real text."""
+    from qcompiler.frontends.bundled import bundled_path
+    from qcompiler.runtime.evaluate import fidelity, sentence_embeddings
+    from qcompiler.runtime.text import default_text, paragraphs, read_text
+
+    q = QuantConfig(3, 128, False)
+    out = tmp_path / "minilm.cafeq.onnx"
+    cafeq = compile_model(minilm.onnx_path, out, CompileConfig(quant=q, method="cafeq", cafeq=CafeqConfig(steps=100)))
+    rtn = compile_model(minilm.onnx_path, None, CompileConfig(quant=q, validate=False))
+    tok = str(bundled_path("minilm"))
+    texts = paragraphs(read_text(default_text()), 64)
+    ref = sentence_embeddings(minilm.model, tok, texts)
+    f_c = fidelity(sentence_embeddings(cafeq.model, tok, texts), ref)
+    f_r = fidelity(sentence_embeddings(rtn.model, tok, texts), ref)
+    assert 1 - f_c.mean_cosine < 0.75 * (1 - f_r.mean_cosine), (f_c, f_r)
+    assert len(cafeq.plan.online) == 12 and len(cafeq.plan.pair_transforms) >= 6
+    assert np.mean([p.stats.rel_error for p in cafeq.plan.sites]) < np.mean([p.stats.rel_error for p in rtn.plan.sites])
