@@ -144,19 +144,30 @@ def _optimise(module: _Transform, true_error: Callable[[], float], surrogate: Ca
         return best_m.double().cpu().numpy(), best, start, 0
     opt = (torch.optim.Adam(module.parameters(), lr=cfg.lr) if cfg.optimizer == "adam"
            else torch.optim.SGD(module.parameters(), lr=cfg.lr, momentum=0.9))
-    check_every = 1 if cfg.loss == "ste" else 10
+    # with the STE loss the surrogate's forward value *is* the true proxy error of the current iterate,
+    # so it is read from the loss before each step instead of being recomputed
+    ste = cfg.loss == "ste" and cfg.ortho_reg == 0
     for step in range(cfg.steps):
         opt.zero_grad(set_to_none=True)
-        loss = surrogate() + cfg.ortho_reg * module.ortho_penalty()
+        surrogate_value = surrogate()
+        loss = surrogate_value + cfg.ortho_reg * module.ortho_penalty()
         if not torch.isfinite(loss):
             break
+        value = float(surrogate_value.detach())
+        if ste and value < best:
+            best, best_m = value, module.matrices()[0].detach().clone()
         loss.backward()
         opt.step()
-        if step % check_every == check_every - 1 or step == cfg.steps - 1:
+        if not ste and (step % 10 == 9 or step == cfg.steps - 1):
             with torch.no_grad():
                 err = true_error()
             if err < best:
                 best, best_m = err, module.matrices()[0].detach().clone()
+    if ste:
+        with torch.no_grad():
+            err = true_error()
+        if err < best:
+            best, best_m = err, module.matrices()[0].detach().clone()
     return best_m.double().cpu().numpy(), best, start, cfg.steps
 
 
@@ -258,14 +269,14 @@ def learn_updown_scale(up: np.ndarray, down: np.ndarray, grid_down: Grid, cfg: L
     opt = torch.optim.Adam([theta], lr=max(cfg.lr, 1e-2))
     for _ in range(cfg.steps):
         opt.zero_grad(set_to_none=True)
-        loss = error(True)
+        loss = error(True)  # its forward value is the true error of the current theta
+        value = float(loss.detach())
+        if value < best:
+            best, best_theta = value, theta.detach().clone()
         loss.backward()
         opt.step()
         with torch.no_grad():
             theta.clamp_(-4.0, 4.0)
-            err = float(error(False))
-        if err < best:
-            best, best_theta = err, theta.detach().clone()
     return LearnResult(torch.exp(best_theta).double().cpu().numpy(), identity, best, identity, cfg.steps)
 
 
