@@ -67,6 +67,7 @@ class CafeqConfig:
     # extra multiply-adds the online x T^-1 ops may add, as a fraction of the quantized layers' own;
     # groups are taken cheapest first (lowest b/N) until the budget is spent
     online_budget: float = 0.03
+    column_batch: int = 1024  # wide groups learn on this many random columns per step
 
     def __post_init__(self) -> None:
         bad = [t for t in self.transforms if t not in TRANSFORMS]

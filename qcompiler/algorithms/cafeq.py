@@ -40,6 +40,9 @@ class LearnConfig:
     init: str = "identity"  # identity | orthogonal | hadamard
     seed: int = 0
     device: str = "cpu"
+    # wide groups are learned on a random subset of this many columns per step (the loss is a sum over
+    # columns, each with its own quant groups, so the subset gives an unbiased gradient)
+    column_batch: int = 1024
 
 
 @dataclass(frozen=True)
@@ -135,7 +138,7 @@ class _Transform(torch.nn.Module):
 
 
 def _optimise(module: _Transform, true_error: Callable[[], float], surrogate: Callable[[], torch.Tensor],
-              cfg: LearnConfig) -> tuple[np.ndarray, float, float, int]:
+              cfg: LearnConfig, exact_surrogate: bool = True) -> tuple[np.ndarray, float, float, int]:
     """Run the optimiser; return (best matrices, best true error, start true error, steps)."""
     with torch.no_grad():
         start = true_error()
@@ -146,7 +149,7 @@ def _optimise(module: _Transform, true_error: Callable[[], float], surrogate: Ca
            else torch.optim.SGD(module.parameters(), lr=cfg.lr, momentum=0.9))
     # with the STE loss the surrogate's forward value *is* the true proxy error of the current iterate,
     # so it is read from the loss before each step instead of being recomputed
-    ste = cfg.loss == "ste" and cfg.ortho_reg == 0
+    ste = cfg.loss == "ste" and cfg.ortho_reg == 0 and exact_surrogate
     for step in range(cfg.steps):
         opt.zero_grad(set_to_none=True)
         surrogate_value = surrogate()
@@ -196,15 +199,24 @@ def learn_block_transform(weights: list[np.ndarray], grid: Grid, block: int, cfg
     def true_error() -> float:
         return float(((effective(False)[0] - w) ** 2).sum()) / norm
 
+    gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
+    subsample = n > cfg.column_batch
+
     def surrogate() -> torch.Tensor:
-        eff, tw = effective(True)
+        m, m_inv = module.matrices()
+        cols = torch.randperm(n, generator=gen, device=cfg.device)[:cfg.column_batch] if subsample else None
+        part = wb if cols is None else wb[:, :, cols]
+        width = part.shape[2]
+        tw = torch.einsum("kij,kjn->kin", m, part).reshape(k, width)
         if cfg.loss == "lse":
-            return _lse_range(tw, grid, cfg.temperature) / _lse_range(w, grid, cfg.temperature).detach()
-        return ((eff - w) ** 2).sum() / norm
+            ref = part.reshape(k, width)
+            return _lse_range(tw, grid, cfg.temperature) / _lse_range(ref, grid, cfg.temperature).detach()
+        eff = torch.einsum("kij,kjn->kin", m_inv, grid(tw, True).reshape(nb, block, width))
+        return ((eff - part) ** 2).sum() / (norm * width / n)
 
     with torch.no_grad():
         identity = float(((grid(w, False) - w) ** 2).sum()) / norm
-    value, err, start, steps = _optimise(module, true_error, surrogate, cfg)
+    value, err, start, steps = _optimise(module, true_error, surrogate, cfg, exact_surrogate=not subsample)
     if identity <= err:  # learning never makes the group worse than plain RTN
         value, err = np.broadcast_to(np.eye(block), (nb, block, block)).copy(), identity
     return LearnResult(value, start * norm, err * norm, identity * norm, steps)

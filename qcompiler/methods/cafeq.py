@@ -94,7 +94,8 @@ class _Planner:
         self.rng = np.random.default_rng(cfg.seed)
         self.learn = LearnConfig(loss=cfg.loss, optimizer=cfg.optimizer, steps=cfg.steps, lr=cfg.lr,
                                  ortho_reg=cfg.ortho_reg, temperature=cfg.temperature, init=cfg.init,
-                                 seed=cfg.seed, device=_device(cfg.device) if method == "cafeq" else "cpu")
+                                 seed=cfg.seed, device=_device(cfg.device) if method == "cafeq" else "cpu",
+                                 column_batch=cfg.column_batch)
 
     def grid(self, k: int) -> Grid:
         return Grid(self.quant.bits, self.quant.group_size or k, self.quant.symmetric)
