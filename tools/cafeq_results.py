@@ -119,6 +119,27 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
+    print(markdown(rows))
+
+
+def markdown(rows: list[dict]) -> str:
+    """The rows as the README's table (one line per setting and method, timings as their own lines)."""
+    quality = "perplexity" if any("perplexity" in r for r in rows) else "one_minus_cos"
+    head = ("| setting | method | perplexity | compile s |\n|---|---|---|---|" if quality == "perplexity" else
+            "| setting | method | 1 - mean cosine | min cosine | Spearman | compile s |\n|---|---|---|---|---|---|")
+    lines = [head]
+    for r in rows:
+        if "timing" in r:
+            lines.append(f"| {r['setting']} | run time cafeq / rtn | {r['ratio']:.3f} ({r['rtn_ms']:.1f} -> "
+                         f"{r['cafeq_ms']:.1f} ms) | |" + ("" if quality == "perplexity" else " | |"))
+            continue
+        t = f"{r['compile_s']:.1f}" if "compile_s" in r else ""
+        if quality == "perplexity":
+            lines.append(f"| {r['setting']} | {r['method']} | {r['perplexity']:.2f} | {t} |")
+        else:
+            lines.append(f"| {r['setting']} | {r['method']} | {r['one_minus_cos']:.4f} | {r['min_cos']:.4f} | "
+                         f"{r['spearman']:.4f} | {t} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
