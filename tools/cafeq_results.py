@@ -63,17 +63,44 @@ def _time_ratio(a: onnx.ModelProto, b: onnx.ModelProto, feeds: dict, reps: int) 
     return mb / ma, ma, mb
 
 
+def _feeds(model: str) -> tuple[dict, int]:
+    if model == "minilm":
+        rng = np.random.default_rng(0)
+        return {"input_ids": rng.integers(1000, 20000, (32, 128)), "attention_mask": np.ones((32, 128), np.int64),
+                "token_type_ids": np.zeros((32, 128), np.int64)}, 15
+    return {"input_ids": np.array([[1234]]), "attention_mask": np.ones((1, 1), np.int64)}, 300
+
+
+def overhead(model: str, blocks: list[int]) -> None:
+    from qcompiler.config import CafeqConfig
+
+    q = QuantConfig(*SETTINGS[model][0])
+    rtn = compile_model(model, None, CompileConfig(quant=q, validate=False)).model
+    feeds, reps = _feeds(model)
+    for b in blocks:
+        res = compile_model(model, None, CompileConfig(quant=q, method="rotate", validate=False,
+                                                       cafeq=CafeqConfig(block_size=b)))
+        ratio, t_rtn, t_rot = _time_ratio(rtn, res.model, feeds, reps)
+        print(json.dumps({"model": model, "block_size": b, "online_ops": len(res.plan.online), "ratio": ratio,
+                          "rtn_ms": 1e3 * t_rtn, "transformed_ms": 1e3 * t_rot}), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("model", choices=list(SETTINGS))
     ap.add_argument("--timing", action="store_true")
     ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--overhead-blocks", help="only time the online ops for these block sizes (e.g. 16,32,64): "
+                    "rotate models (same ops as cafeq, no learning) against RTN, first setting")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     ref = load_model(args.model)
     tok = str(bundled_path(args.model))
     text = read_text(default_text())
     rows = []
+    if args.overhead_blocks:
+        overhead(args.model, [int(b) for b in args.overhead_blocks.split(",")])
+        return
     if args.model == "minilm":
         texts = paragraphs(text, 256)
         ref_emb = sentence_embeddings(ref.model, tok, texts)
