@@ -6,12 +6,31 @@ are never edited under another node.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from qcompiler.match.sites import LinearSite
 from qcompiler.match.view import constant_value
-from qcompiler.passes.base import PassError
+from qcompiler.passes.base import Pass, PassError
+
+
+class WeightTransformPass(Pass):
+    """Base of the passes that apply exact transforms to sites' float weights (``transforms`` from a plan,
+    ``sites`` by id). ``float_site`` checks that a site is in the graph and still holds a float weight."""
+
+    def __init__(self, transforms: Sequence, sites: Mapping[str, LinearSite]):
+        self.transforms = list(transforms)
+        self.sites = dict(sites)
+
+    def float_site(self, nodes: dict[str, gs.Node], owner: str, site_id: str) -> LinearSite:
+        site = self.sites.get(site_id)
+        if site is None or site.node not in nodes:
+            raise PassError(f"{owner}: site {site_id} is not in the graph")
+        if site.op_type not in ("MatMul", "Gemm"):
+            raise PassError(f"{owner}: site {site_id} is {site.op_type}, not a float weight")
+        return site
 
 
 class Slot:

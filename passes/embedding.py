@@ -11,6 +11,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from qcompiler.algorithms.packing import pack_qdq
+from qcompiler.graphio import redirect_consumers
 from qcompiler.passes._rewire import weight_dtype
 from qcompiler.passes.base import Pass, PassResult
 from qcompiler.passes.qdq import int_tensor
@@ -39,10 +40,7 @@ class EmbeddingPass(Pass):
             deq = gs.Variable(f"{base}_table", dtype=dtype, shape=list(table.shape))
             graph.nodes.append(gs.Node("DequantizeLinear", name=f"{site.node}_DequantizeLinear",
                                        attrs={"axis": 1, "block_size": t.block_size}, inputs=inputs, outputs=[deq]))
-            for consumer in list(table.outputs):
-                for i, inp in enumerate(consumer.inputs):
-                    if inp is table:
-                        consumer.inputs[i] = deq
+            redirect_consumers(table, deq)
         if self.sites:
             graph.cleanup().toposort()
         return PassResult(graph, bool(self.sites))

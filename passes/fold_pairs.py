@@ -7,35 +7,27 @@ edited under another node.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from qcompiler.algorithms.fold import fold_attn_vo, fold_mlp
 from qcompiler.match.pairs import ATTN_VO
-from qcompiler.match.sites import LinearSite
 from qcompiler.passes._rewire import nodes_by_name
-from qcompiler.passes._weights import Slot, bias_slot, weight_slot
-from qcompiler.passes.base import Pass, PassError, PassResult
+from qcompiler.passes._weights import Slot, WeightTransformPass, bias_slot, weight_slot
+from qcompiler.passes.base import PassResult
 from qcompiler.plan import PairTransform
 
 
-class FoldPairsPass(Pass):
-    def __init__(self, transforms: Sequence[PairTransform], sites: Mapping[str, LinearSite]):
-        self.transforms = list(transforms)
-        self.sites = dict(sites)
+class FoldPairsPass(WeightTransformPass):
+    transforms: list[PairTransform]
 
     def requires(self, graph: gs.Graph) -> None:
         nodes = nodes_by_name(graph)
         for t in self.transforms:
             t.check()
-            ids = [t.pair.producer, t.pair.consumer] + ([t.pair.gate] if t.pair.gate else [])
-            for i in ids:
-                if i not in self.sites or self.sites[i].node not in nodes:
-                    raise PassError(f"pair {t.pair.id}: site {i} is not in the graph")
-                if self.sites[i].op_type not in ("MatMul", "Gemm"):
-                    raise PassError(f"pair {t.pair.id}: site {i} is {self.sites[i].op_type}, not a float weight")
+            for i in (t.pair.producer, t.pair.consumer, t.pair.gate):
+                if i:
+                    self.float_site(nodes, f"pair {t.pair.id}", i)
 
     def call(self, graph: gs.Graph) -> PassResult:
         nodes = nodes_by_name(graph)

@@ -8,15 +8,14 @@ to ``x``'s shape. Exact up to float rounding; the quantizing pass that follows s
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qcompiler.match.sites import LinearSite
+from qcompiler.algorithms.transforms import apply_blocks
 from qcompiler.passes._rewire import nodes_by_name
-from qcompiler.passes._weights import weight_slot
-from qcompiler.passes.base import Pass, PassError, PassResult
+from qcompiler.passes._weights import WeightTransformPass, weight_slot
+from qcompiler.passes.base import PassError, PassResult
 from qcompiler.plan import OnlineTransform
 
 
@@ -24,16 +23,8 @@ def _name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.]+", "_", text)
 
 
-def apply_blocks(blocks: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """``T W`` for block-diagonal ``T`` (``[nb, b, b]``) and ``W`` ``[K, N]``."""
-    nb, b, _ = blocks.shape
-    return np.einsum("kij,kjn->kin", blocks, w.reshape(nb, b, -1)).reshape(nb * b, -1)
-
-
-class OnlineTransformPass(Pass):
-    def __init__(self, transforms: Sequence[OnlineTransform], sites: Mapping[str, LinearSite]):
-        self.transforms = list(transforms)
-        self.sites = dict(sites)
+class OnlineTransformPass(WeightTransformPass):
+    transforms: list[OnlineTransform]
 
     def requires(self, graph: gs.Graph) -> None:
         nodes = nodes_by_name(graph)
@@ -42,9 +33,7 @@ class OnlineTransformPass(Pass):
             if b != b2 or not np.all(np.isfinite(t.blocks)):
                 raise PassError(f"{t.id}: blocks must be finite square matrices, got {t.blocks.shape}")
             for sid in t.sites:
-                site = self.sites.get(sid)
-                if site is None or site.node not in nodes:
-                    raise PassError(f"{t.id}: site {sid} is not in the graph")
+                site = self.float_site(nodes, t.id, sid)
                 if site.k != nb * b:
                     raise PassError(f"{t.id}: site {sid} has K={site.k}, the transform covers {nb * b}")
                 if nodes[site.node].inputs[0].name != t.input:

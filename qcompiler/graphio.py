@@ -116,6 +116,14 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
     return graph
 
 
+def redirect_consumers(old: gs.Tensor, new: gs.Tensor) -> None:
+    """Make every node that reads ``old`` read ``new`` instead."""
+    for consumer in list(old.outputs):
+        for i, t in enumerate(consumer.inputs):
+            if t is old:
+                consumer.inputs[i] = new
+
+
 def export_graph(graph: gs.Graph) -> onnx.ModelProto:
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     return gs.export_onnx(graph, do_type_check=False)

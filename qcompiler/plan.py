@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from qcompiler.algorithms.grid import QuantizedWeight
+from qcompiler.algorithms.transforms import is_permutation
 from qcompiler.config import QuantConfig
 from qcompiler.match.pairs import ATTN_VO, CoupledPair
 from qcompiler.match.sites import LinearSite
@@ -70,7 +71,7 @@ class PairTransform:
         perm = np.arange(width) if self.perm is None else self.perm
         if scale.shape != (width,) or not np.all(np.isfinite(scale)) or np.any(scale == 0):
             raise ValueError(f"{p.id}: scale must be {width} finite non-zero values")
-        if perm.shape != (width,) or not np.array_equal(np.sort(perm), np.arange(width)):
+        if not is_permutation(perm, width):
             raise ValueError(f"{p.id}: perm is not a permutation of {width} channels")
         if np.any(scale != 1) and "diagonal" not in p.exact:
             if "positive_diagonal" not in p.exact or np.any(scale <= 0):

@@ -94,13 +94,13 @@ def main() -> None:
                     "rotate models (same ops as cafeq, no learning) against RTN, first setting")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.overhead_blocks:
+        overhead(args.model, [int(b) for b in args.overhead_blocks.split(",")])
+        return
     ref = load_model(args.model)
     tok = str(bundled_path(args.model))
     text = read_text(default_text())
     rows = []
-    if args.overhead_blocks:
-        overhead(args.model, [int(b) for b in args.overhead_blocks.split(",")])
-        return
     if args.model == "minilm":
         texts = paragraphs(text, 256)
         ref_emb = sentence_embeddings(ref.model, tok, texts)
@@ -109,10 +109,6 @@ def main() -> None:
             f = fidelity(sentence_embeddings(m, tok, texts), ref_emb)
             return {"one_minus_cos": 1 - f.mean_cosine, "mean_cos": f.mean_cosine, "min_cos": f.min_cosine,
                     "spearman": f.spearman}
-        rng = np.random.default_rng(0)
-        feeds = {"input_ids": rng.integers(1000, 20000, (32, 128)), "attention_mask": np.ones((32, 128), np.int64),
-                 "token_type_ids": np.zeros((32, 128), np.int64)}
-        reps = 15
     else:
         windows = token_windows(tok, text, 8, 512)
 
@@ -120,8 +116,7 @@ def main() -> None:
             return {"perplexity": perplexity(m, windows).perplexity}
         rows.append({"setting": "fp32", "method": "fp32", "perplexity": perplexity(ref.model, windows).perplexity})
         print(json.dumps(rows[-1]), flush=True)
-        feeds = {"input_ids": np.array([[1234]]), "attention_mask": np.ones((1, 1), np.int64)}
-        reps = 300
+    feeds, reps = _feeds(args.model)
     for bits, block, sym in SETTINGS[args.model]:
         q = QuantConfig(bits, block, sym)
         models = {}

@@ -106,6 +106,9 @@ class _Transform(torch.nn.Module):
         super().__init__()
         self.optimizer = optimizer
         self.start = torch.as_tensor(start, dtype=torch.float32, device=device)
+        eye = torch.eye(self.start.shape[-1], device=device).expand_as(self.start)
+        # decided once: the Cayley factor is orthogonal, so M^-1 = M^T whenever the start is orthogonal too
+        self.start_orthogonal = bool(torch.allclose(self.start @ self.start.transpose(-1, -2), eye, atol=1e-4))
         if optimizer == "cayley":
             self.param = torch.nn.Parameter(torch.zeros_like(self.start))
         elif optimizer == "adam":
@@ -120,14 +123,8 @@ class _Transform(torch.nn.Module):
             eye = torch.eye(a.shape[-1], device=a.device).expand_as(a)
             q = torch.linalg.solve(eye + a, eye - a)  # (I + A)^-1 (I - A): orthogonal
             m = q @ self.start
-            return m, m.transpose(-1, -2) if self._start_orthogonal else torch.linalg.inv(m)
+            return m, m.transpose(-1, -2) if self.start_orthogonal else torch.linalg.inv(m)
         return self.param, torch.linalg.inv(self.param)
-
-    @property
-    def _start_orthogonal(self) -> bool:
-        s = self.start
-        return bool(torch.allclose(s @ s.transpose(-1, -2), torch.eye(s.shape[-1], device=s.device).expand_as(s),
-                                   atol=1e-4))
 
     def ortho_penalty(self) -> torch.Tensor:
         if self.optimizer == "cayley":
@@ -190,14 +187,11 @@ def learn_block_transform(weights: list[np.ndarray], grid: Grid, block: int, cfg
     rng = np.random.default_rng(cfg.seed)
     module = _Transform(initial_blocks(nb, block, cfg.init, rng), cfg.optimizer, cfg.device)
 
-    def effective(ste: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        m, m_inv = module.matrices()
-        tw = torch.einsum("kij,kjn->kin", m, wb).reshape(k, n)
-        w_hat = grid(tw, ste)
-        return torch.einsum("kij,kjn->kin", m_inv, w_hat.reshape(nb, block, n)).reshape(k, n), tw
-
     def true_error() -> float:
-        return float(((effective(False)[0] - w) ** 2).sum()) / norm
+        m, m_inv = module.matrices()
+        w_hat = grid(torch.einsum("kij,kjn->kin", m, wb).reshape(k, n), False)
+        eff = torch.einsum("kij,kjn->kin", m_inv, w_hat.reshape(nb, block, n)).reshape(k, n)
+        return float(((eff - w) ** 2).sum()) / norm
 
     gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
     subsample = n > cfg.column_batch

@@ -24,3 +24,9 @@ def random_scale(n: int, rng: np.random.Generator, spread: float = 4.0, signs: b
 
 def is_permutation(perm: np.ndarray, n: int) -> bool:
     return perm.shape == (n,) and np.array_equal(np.sort(perm), np.arange(n))
+
+
+def apply_blocks(blocks: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``T W`` for block-diagonal ``T`` (its blocks ``[nb, b, b]``) and ``W`` ``[K, N]``, ``K = nb b``."""
+    nb, b, _ = blocks.shape
+    return np.einsum("kij,kjn->kin", blocks, w.reshape(nb, b, -1)).reshape(nb * b, -1)

@@ -120,7 +120,6 @@ def _walk_value(view: GraphView, t: gs.Tensor, after_attention: bool, walk: _Wal
         if c.op in LAYOUT_OPS and c.inputs[0] is t:
             reached |= _walk_value(view, c.outputs[0], after_attention, walk, depth + 1)
         elif c.op in SPLIT_OPS and c.inputs[0] is t and not after_attention:
-            branch_escapes = []
             for out in c.outputs:
                 sub = _Walk()
                 if _walk_value(view, out, after_attention, sub, depth + 1):
@@ -128,8 +127,7 @@ def _walk_value(view: GraphView, t: gs.Tensor, after_attention: bool, walk: _Wal
                     walk.attention += sub.attention
                     walk.consumers += sub.consumers
                     walk.escapes += sub.escapes
-                else:
-                    branch_escapes += sub.escapes  # other columns (Q, K of a fused QKV) go elsewhere
+                # a branch that reaches no projection holds other columns (Q, K of a fused QKV)
         elif c.op == "MatMul" and len(c.inputs) > 1 and c.inputs[1] is t and not after_attention:
             sub = _Walk()
             if _walk_value(view, c.outputs[0], True, sub, depth + 1):

@@ -21,6 +21,7 @@ import math
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from qcompiler.graphio import redirect_consumers
 from qcompiler.match.pairs import (
     ATTN_VO,
     AttentionCandidate,
@@ -43,13 +44,6 @@ class ProbeError(RuntimeError):
     pass
 
 
-def _redirect(old: gs.Tensor, new: gs.Tensor) -> None:
-    for consumer in list(old.outputs):
-        for i, t in enumerate(consumer.inputs):
-            if t is old:
-                consumer.inputs[i] = new
-
-
 def _probe_graph(view: GraphView, sources: list[LinearSite], silence: list[LinearSite],
                  watch: list[str], digit: int, base: int) -> gs.Graph:
     graph = view.graph.copy()
@@ -61,7 +55,7 @@ def _probe_graph(view: GraphView, sources: list[LinearSite], silence: list[Linea
         zero = gs.Constant(f"__probe_zero_{i}", np.zeros((), dtype))
         probe = gs.Variable(f"__probe_v_{i}", dtype=v.dtype)
         scaled = gs.Variable(f"__probe_vz_{i}", dtype=v.dtype)
-        _redirect(v, probe)
+        redirect_consumers(v, probe)
         graph.nodes.append(gs.Node("Mul", name=f"__probe_mul_{i}", inputs=[v, zero], outputs=[scaled]))
         graph.nodes.append(gs.Node("Add", name=f"__probe_add_{i}",
                                    inputs=[scaled, gs.Constant(f"__probe_code_{i}", code)], outputs=[probe]))
@@ -69,7 +63,7 @@ def _probe_graph(view: GraphView, sources: list[LinearSite], silence: list[Linea
         o_out = tensors[site.output]
         zero = gs.Constant(f"__probe_ozero_{i}", np.zeros((), np.dtype(site.dtype)))
         silenced = gs.Variable(f"__probe_o_{i}", dtype=o_out.dtype)
-        _redirect(o_out, silenced)
+        redirect_consumers(o_out, silenced)
         graph.nodes.append(gs.Node("Mul", name=f"__probe_omul_{i}", inputs=[o_out, zero], outputs=[silenced]))
         if o_out in graph.outputs:
             graph.outputs[graph.outputs.index(o_out)] = silenced

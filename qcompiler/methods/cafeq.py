@@ -27,6 +27,7 @@ from qcompiler.algorithms.cafeq import (
 )
 from qcompiler.algorithms.fold import fold_attn_vo, fold_mlp
 from qcompiler.algorithms.grid import quantize
+from qcompiler.algorithms.transforms import apply_blocks
 from qcompiler.config import CafeqConfig, QuantConfig
 from qcompiler.errors import QCompilerError
 from qcompiler.match.analysis import Analysis
@@ -54,11 +55,6 @@ def _block_for(k: int, b: int) -> int | None:
             return b
         b //= 2
     return None
-
-
-def _apply(blocks: np.ndarray, w: np.ndarray) -> np.ndarray:
-    nb, b, _ = blocks.shape
-    return np.einsum("kij,kjn->kin", blocks, w.reshape(nb, b, -1)).reshape(nb * b, -1)
 
 
 def _rtn(w: np.ndarray, quant: QuantConfig) -> np.ndarray:
@@ -191,24 +187,25 @@ class _Planner:
         # diagonal and permutation are not, so down stays a candidate for a single transform
         covered = {t.pair.consumer for t in pair_transforms if t.pair.kind == ATTN_VO}
         online, blocks_of = self.online(covered)
-        site_plans, effective = [], {}
+        site_plans, effective, rtn = [], {}, {}
         for sid, site in self.sites.items():
             w = self.folded[sid]
             blocks = blocks_of.get(sid)
-            stored = _apply(blocks, w) if blocks is not None else w
+            stored = apply_blocks(blocks, w) if blocks is not None else w
             qw = quantize(stored.astype(np.float32), self.quant.bits, self.quant.group_size, self.quant.symmetric)
             eff = qw.dequantize().astype(np.float64)
             if blocks is not None:
-                eff = _apply(np.linalg.inv(blocks), eff)
+                eff = apply_blocks(np.linalg.inv(blocks), eff)
             effective[sid] = eff
             err2 = float(np.sum((eff - w) ** 2))
-            rtn2 = float(np.sum((_rtn(self.original[sid], self.quant) - self.original[sid]) ** 2))
+            rtn[sid] = _rtn(self.original[sid], self.quant)  # plain RTN of the untransformed weight, once
+            rtn2 = float(np.sum((rtn[sid] - self.original[sid]) ** 2))
             norm_w, norm_o = max(float(np.linalg.norm(w)), 1e-30), max(float(np.linalg.norm(self.original[sid])), 1e-30)
             site_plans.append(SitePlan(site, qw, SiteStats(err2 ** 0.5 / norm_w, err2, rtn2 ** 0.5 / norm_o, rtn2)))
         return QuantPlan(self.method, self.quant, tuple(site_plans), tuple(pair_transforms), tuple(online),
-                         tuple(self.pair_stats(effective)))
+                         tuple(self.pair_stats(effective, rtn)))
 
-    def pair_stats(self, effective: dict[str, np.ndarray]) -> list[PairStats]:
+    def pair_stats(self, effective: dict[str, np.ndarray], rtn: dict[str, np.ndarray]) -> list[PairStats]:
         out = []
         for p in self.analysis.pairs:
             if not self._usable(p):
@@ -216,7 +213,7 @@ class _Planner:
             cols = slice(*p.producer_cols)
             a0, b0 = self.original[p.producer][:, cols], self.original[p.consumer]
             a1, b1 = self.folded[p.producer][:, cols], self.folded[p.consumer]
-            ra, rb = _rtn(self.original[p.producer], self.quant)[:, cols], _rtn(b0, self.quant)
+            ra, rb = rtn[p.producer][:, cols], rtn[p.consumer]
             ea, eb = effective[p.producer][:, cols], effective[p.consumer]
             proxy_rtn = float(np.sum((ra - a0) ** 2) / np.sum(a0 ** 2) + np.sum((rb - b0) ** 2) / np.sum(b0 ** 2))
             proxy = float(np.sum((ea - a1) ** 2) / np.sum(a1 ** 2) + np.sum((eb - b1) ** 2) / np.sum(b1 ** 2))
