@@ -75,6 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--temperature", type=float, default=20.0, help="LSE temperature")
     t.add_argument("--init", default="identity", choices=["identity", "orthogonal", "hadamard"])
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--no-joint-rounding", dest="joint_rounding", action="store_false",
+                   help="cafeq: round each weight alone (skip joint rounding of the coupled pairs)")
+    t.add_argument("--joint-pairs", default="vo,updown",
+                   help="cafeq: which coupled pairs are rounded jointly (subset of vo,updown)")
+    t.add_argument("--joint-rounds", type=int, default=4,
+                   help="cafeq: alternations of joint rounding per pair (default 4)")
+    t.add_argument("--joint-channel-weight", type=float, default=1.0,
+                   help="cafeq, MLP pairs: weight of each channel's own product error against the whole "
+                        "product's (the activation between up and down varies per token; default 1)")
     t.add_argument("--transforms-only", action="store_true",
                    help="apply the method's transforms but keep float weights (checks that they are exact)")
     c.add_argument("--cache-dir", help="export cache folder (default ~/.cache/qcompiler)")
@@ -133,7 +142,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
             transforms=tuple(t for t in args.transforms.split(",") if t), block_size=args.block_size,
             loss=args.pseudo_loss, optimizer=args.optimizer, steps=args.steps, lr=args.lr, ortho_reg=args.ortho_reg,
             temperature=args.temperature, init=args.init, seed=args.seed, device=args.device,
-            online_budget=args.online_budget),
+            online_budget=args.online_budget,
+            joint_pairs=tuple(t for t in args.joint_pairs.split(",") if t) if args.joint_rounding else (),
+            joint_rounds=args.joint_rounds, joint_channel_weight=args.joint_channel_weight),
         quantize_weights=not args.transforms_only,
     )
     output = args.output or _default_output(args.model, args.method, args.bits)
@@ -165,8 +176,18 @@ def cmd_compile(args: argparse.Namespace) -> int:
         for kind in ("attn_vo", "mlp_up_down"):
             ps = [p for p in plan.pair_stats if p.kind == kind]
             if ps:
-                lines.append(f"  {kind} product error (PQE) mean: RTN {sum(p.pqe_rtn for p in ps) / len(ps):.4f} -> "
-                             f"{sum(p.pqe for p in ps) / len(ps):.4f} over {len(ps)} pairs")
+                mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+                plain = [p.pqe_plain for p in ps if p.pqe_plain is not None]
+                lines.append(f"  {kind} product error (PQE) mean over {len(ps)} pairs: RTN {mean([p.pqe_rtn for p in ps]):.4f}"
+                             + (f", transforms {mean(plain):.4f}" if len(plain) == len(ps) else "")
+                             + f", final {mean([p.pqe for p in ps]):.4f}")
+        if plan.method == "cafeq" and config.cafeq.joint_pairs:
+            joint = [p for p in plan.sites if p.stats.plain_rel_error is not None
+                     and p.stats.plain_rel_error != p.stats.rel_error]
+            if joint:
+                lines.append(f"  joint rounding: {len(joint)} paired weights, rel. error mean "
+                             f"{sum(p.stats.plain_rel_error for p in joint) / len(joint):.4f} -> "
+                             f"{sum(p.stats.rel_error for p in joint) / len(joint):.4f} (traded for the products)")
         if result.validation is not None:
             for o in result.validation.outputs:
                 lines.append(f"  validation [{o.name}]: rel. error {o.rel_error:.4f}, cosine {o.cosine:.5f}")

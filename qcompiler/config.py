@@ -11,6 +11,7 @@ PER_CHANNEL = 0  # group_size value meaning "one group spans all of K"
 FORMATS = ("matmulnbits", "qdq")
 METHODS = ("rtn", "cafeq", "rotate")
 TRANSFORMS = ("single", "vo", "updown")
+JOINT_PAIRS = ("vo", "updown")
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,12 @@ class CafeqConfig:
     # groups are taken cheapest first (lowest b/N) until the budget is spent
     online_budget: float = 0.03
     column_batch: int = 1024  # wide groups learn on this many random columns per step
+    # joint rounding of coupled pairs after the transforms (cafeq only): which pair kinds, how many
+    # alternations (one round = producer's step, then consumer's)
+    joint_pairs: tuple[str, ...] = JOINT_PAIRS
+    joint_rounds: int = 4
+    # MLP pairs: weight of each channel's own product error (the activation between the factors)
+    joint_channel_weight: float = 1.0
 
     def __post_init__(self) -> None:
         bad = [t for t in self.transforms if t not in TRANSFORMS]
@@ -85,6 +92,13 @@ class CafeqConfig:
             raise ConfigError("--steps must be >= 0, --lr > 0 and --ortho-reg >= 0")
         if not 0 <= self.online_budget <= 1:
             raise ConfigError(f"--online-budget must be in [0, 1], got {self.online_budget}")
+        bad = [t for t in self.joint_pairs if t not in JOINT_PAIRS]
+        if bad:
+            raise ConfigError(f"--joint-pairs takes a subset of {','.join(JOINT_PAIRS)}, got {','.join(bad)}")
+        if not 0 <= self.joint_rounds <= 50:
+            raise ConfigError(f"--joint-rounds must be in 0..50, got {self.joint_rounds}")
+        if not self.joint_channel_weight >= 0:
+            raise ConfigError(f"--joint-channel-weight must be >= 0, got {self.joint_channel_weight}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
 

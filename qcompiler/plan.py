@@ -24,6 +24,8 @@ class SiteStats:
     proxy_error: float  # what the method minimised; for RTN the same Frobenius error, squared
     rtn_rel_error: float | None = None  # plain RTN of the untransformed weight, for comparison
     rtn_proxy_error: float | None = None
+    # the same transforms with plain rounding (what joint rounding traded for the pairs' products)
+    plain_rel_error: float | None = None
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,7 @@ class PairStats:
     pqe: float  # the same with the method's effective factors
     proxy_rtn: float  # the learner's proxy (effective errors of both factors) at identity
     proxy: float
+    pqe_plain: float | None = None  # the method's transforms with plain rounding (before joint rounding)
 
 
 @dataclass(frozen=True)

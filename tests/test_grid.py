@@ -74,3 +74,19 @@ def test_storage_bits_accounts_codes_scales_and_zero_points():
     w = np.ones((64, 8), dtype=np.float32)
     assert quantize(w, 3, 32, True).storage_bits() == 64 * 8 * 3 + 2 * 8 * 16
     assert quantize(w, 3, 32, False).storage_bits() == 64 * 8 * 3 + 2 * 8 * 16 + 2 * 8 * 3
+
+
+@pytest.mark.parametrize("sym", [False, True])
+def test_grid_search_never_rounds_a_group_worse(sym):
+    from qcompiler.algorithms.grid import dequantize, fit_grid, fit_grid_search, quantize_codes
+
+    rng = np.random.default_rng(11)
+    w = (rng.standard_normal((256, 40)) * rng.exponential(1.0, (256, 40))).astype(np.float32)
+
+    def group_err(s, z):
+        e = (dequantize(quantize_codes(w, s, z, 3, 64), s, z, 64) - w) ** 2
+        return e.reshape(4, 64, 40).sum(axis=1)
+
+    plain = group_err(*fit_grid(w, 3, 64, sym))
+    searched = group_err(*fit_grid_search(w, 3, 64, sym, np.linspace(1, 0.5, 11)))
+    assert np.all(searched <= plain + 1e-6) and searched.sum() < 0.9 * plain.sum()

@@ -43,7 +43,17 @@ def fold_mlp(up: np.ndarray, b_up: np.ndarray | None, up_cols: tuple[int, int], 
     down[:] = down[perm, :] / scale[:, None]
 
 
-def product_error(a: np.ndarray, b: np.ndarray, a_hat: np.ndarray, b_hat: np.ndarray) -> float:
-    """PQE: ``||A_hat B_hat - A B||_F / ||A B||_F``."""
-    ref = a @ b
-    return float(np.linalg.norm(a_hat @ b_hat - ref) / max(np.linalg.norm(ref), 1e-30))
+def product_error(a: np.ndarray, b: np.ndarray, a_hat: np.ndarray, b_hat: np.ndarray, head_dim: int | None = None,
+                  kv_map: tuple[int, ...] | None = None) -> float:
+    """PQE: ``||A_hat B_hat - A B||_F / ||A B||_F``. With heads (V·O), each query head ``j`` has its
+    own product ``A[:, cols_kv(j)] B[rows_j]``; the errors and norms are summed over heads."""
+    if head_dim is None or kv_map is None:
+        ref = a @ b
+        return float(np.linalg.norm(a_hat @ b_hat - ref) / max(np.linalg.norm(ref), 1e-30))
+    d, num, den = head_dim, 0.0, 0.0
+    for j, h in enumerate(kv_map):
+        c, r = slice(h * d, (h + 1) * d), slice(j * d, (j + 1) * d)
+        ref = a[:, c] @ b[r]
+        num += float(np.sum((a_hat[:, c] @ b_hat[r] - ref) ** 2))
+        den += float(np.sum(ref ** 2))
+    return (num / max(den, 1e-30)) ** 0.5

@@ -58,6 +58,15 @@ class QuantizedWeight:
         return k * n * self.bits + self.n_blocks * n * 16 + zp
 
 
+def replace_columns(qw: QuantizedWeight, cols: slice, part: QuantizedWeight) -> QuantizedWeight:
+    """``qw`` with the columns ``cols`` taken from ``part`` (same grid layout; columns are independent)."""
+    if (part.bits, part.block_size, part.symmetric) != (qw.bits, qw.block_size, qw.symmetric):
+        raise ValueError("replace_columns: the two weights are on different grids")
+    codes, scales, zps = qw.codes.copy(), qw.scales.copy(), qw.zero_points.copy()
+    codes[:, cols], scales[:, cols], zps[:, cols] = part.codes, part.scales, part.zero_points
+    return QuantizedWeight(codes, scales, zps, qw.bits, qw.block_size, qw.symmetric)
+
+
 def n_blocks(k: int, block_size: int) -> int:
     return (k + block_size - 1) // block_size
 
@@ -93,6 +102,27 @@ def fit_grid(
         zp_f = np.where(scales != 0, F32(0) - mn / scales, mn).astype(F32)
     zps = np.clip(round_half_away(zp_f), 0, qmax).astype(np.uint8)
     return scales, zps
+
+
+def fit_grid_search(
+    w: np.ndarray, bits: int, block_size: int, symmetric: bool, ratios: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Like :func:`fit_grid`, but each group's range is shrunk by the ratio (of ``ratios``) that
+    gives the group the smallest squared rounding error (values outside are clamped)."""
+    w = np.asarray(w, dtype=F32)
+    k = w.shape[0]
+    best = None
+    for r in ratios:
+        s, z = fit_grid(w * F32(r), bits, block_size, symmetric)
+        err = (dequantize(quantize_codes(w, s, z, bits, block_size), s, z, block_size) - w) ** 2
+        err = _blocked(err, block_size).sum(axis=1)
+        if best is None:
+            best = (err, s, z)
+            continue
+        better = err < best[0]
+        best = (np.where(better, err, best[0]), np.where(better, s, best[1]), np.where(better, z, best[2]))
+    assert best is not None and k > 0
+    return best[1].astype(F32), best[2].astype(np.uint8)
 
 
 def quantize_codes(

@@ -25,13 +25,15 @@ from qcompiler.algorithms.cafeq import (
     learn_vo,
     weighted_row_error,
 )
-from qcompiler.algorithms.fold import fold_attn_vo, fold_mlp
-from qcompiler.algorithms.grid import quantize
+from qcompiler.algorithms.fold import fold_attn_vo, fold_mlp, product_error
+from qcompiler.algorithms.gptq import GridSpec
+from qcompiler.algorithms.grid import QuantizedWeight, quantize, replace_columns
+from qcompiler.algorithms.joint import Heads, JointConfig, joint_round
 from qcompiler.algorithms.transforms import apply_blocks
 from qcompiler.config import CafeqConfig, QuantConfig
 from qcompiler.errors import QCompilerError
 from qcompiler.match.analysis import Analysis
-from qcompiler.match.pairs import ATTN_VO, CoupledPair
+from qcompiler.match.pairs import ATTN_VO, MLP_UP_DOWN, CoupledPair
 from qcompiler.match.sites import LinearSite
 from qcompiler.plan import OnlineTransform, PairStats, PairTransform, QuantPlan, SitePlan, SiteStats
 
@@ -61,19 +63,6 @@ def _rtn(w: np.ndarray, quant: QuantConfig) -> np.ndarray:
     return quantize(w, quant.bits, quant.group_size, quant.symmetric).dequantize().astype(np.float64)
 
 
-def _pqe(pair: CoupledPair, a: np.ndarray, b: np.ndarray, a_hat: np.ndarray, b_hat: np.ndarray) -> float:
-    """Relative product error; per query head for V·O (each head's ``A_h B_j`` is its own product)."""
-    if pair.kind != ATTN_VO:
-        return float(np.linalg.norm(a_hat @ b_hat - a @ b) / max(np.linalg.norm(a @ b), 1e-30))
-    d, num, den = pair.head_dim, 0.0, 0.0
-    for j, h in enumerate(pair.kv_map):
-        c, r = slice(h * d, (h + 1) * d), slice(j * d, (j + 1) * d)
-        ref = a[:, c] @ b[r]
-        num += float(np.sum((a_hat[:, c] @ b_hat[r] - ref) ** 2))
-        den += float(np.sum(ref ** 2))
-    return (num / max(den, 1e-30)) ** 0.5
-
-
 class _Planner:
     def __init__(self, analysis: Analysis, weight_of: Callable[[LinearSite], np.ndarray], quant: QuantConfig,
                  cfg: CafeqConfig, method: str, online_budget: float, progress: bool):
@@ -92,6 +81,9 @@ class _Planner:
                                  ortho_reg=cfg.ortho_reg, temperature=cfg.temperature, init=cfg.init,
                                  seed=cfg.seed, device=_device(cfg.device) if method == "cafeq" else "cpu",
                                  column_batch=cfg.column_batch)
+        self.joint_kinds = {ATTN_VO if k == "vo" else MLP_UP_DOWN for k in cfg.joint_pairs}
+        self.joint_cfg = (JointConfig(rounds=cfg.joint_rounds, channel_weight=cfg.joint_channel_weight)
+                          if method == "cafeq" and cfg.joint_rounds > 0 and self.joint_kinds else None)
 
     def grid(self, k: int) -> Grid:
         return Grid(self.quant.bits, self.quant.group_size or k, self.quant.symmetric)
@@ -181,31 +173,59 @@ class _Planner:
                 blocks_of[m] = blocks
         return out, blocks_of
 
+    def _effective(self, qw: QuantizedWeight, blocks: np.ndarray | None) -> np.ndarray:
+        eff = qw.dequantize().astype(np.float64)
+        return apply_blocks(np.linalg.inv(blocks), eff) if blocks is not None else eff
+
+    def joint(self, qws: dict[str, QuantizedWeight], blocks_of: dict[str, np.ndarray]) -> int:
+        """Joint rounding of every pair whose factors are not claimed by an earlier pair; updates ``qws``."""
+        claimed: set[str] = set()
+        pairs = []
+        for p in self.analysis.pairs:
+            if p.kind in self.joint_kinds and self._usable(p) and not {p.producer, p.consumer} & claimed:
+                claimed |= {p.producer, p.consumer}
+                pairs.append(p)
+        grid = GridSpec(self.quant.bits, self.quant.group_size, self.quant.symmetric)
+        for p in tqdm(pairs, desc="joint rounding", unit="pair", disable=not self.progress, leave=False):
+            cols = slice(*p.producer_cols)
+            heads = Heads(p.head_dim, p.kv_map) if p.kind == ATTN_VO else None
+            res = joint_round(self.folded[p.producer][:, cols], self.folded[p.consumer], grid, grid, heads,
+                              blocks_of.get(p.producer), blocks_of.get(p.consumer), self.joint_cfg)
+            log.info("%s: joint rounding PQE %.4f -> %.4f", p.id, res.pqe_plain, res.pqe)
+            qws[p.producer] = replace_columns(qws[p.producer], cols, res.a)
+            qws[p.consumer] = res.b
+        return len(pairs)
+
     def plan(self) -> QuantPlan:
         pair_transforms = self.pair_transforms()
         # a V·O transform is a learned block-diagonal transform of O's input side already; up·down's
         # diagonal and permutation are not, so down stays a candidate for a single transform
         covered = {t.pair.consumer for t in pair_transforms if t.pair.kind == ATTN_VO}
         online, blocks_of = self.online(covered)
+        qws = {}
+        for sid, w in self.folded.items():
+            stored = apply_blocks(blocks_of[sid], w) if sid in blocks_of else w
+            qws[sid] = quantize(stored.astype(np.float32), self.quant.bits, self.quant.group_size,
+                                self.quant.symmetric)
+        plain = {sid: self._effective(qw, blocks_of.get(sid)) for sid, qw in qws.items()}
+        if self.joint_cfg is not None:
+            self.joint(qws, blocks_of)
         site_plans, effective, rtn = [], {}, {}
         for sid, site in self.sites.items():
-            w = self.folded[sid]
-            blocks = blocks_of.get(sid)
-            stored = apply_blocks(blocks, w) if blocks is not None else w
-            qw = quantize(stored.astype(np.float32), self.quant.bits, self.quant.group_size, self.quant.symmetric)
-            eff = qw.dequantize().astype(np.float64)
-            if blocks is not None:
-                eff = apply_blocks(np.linalg.inv(blocks), eff)
-            effective[sid] = eff
+            w, qw = self.folded[sid], qws[sid]
+            effective[sid] = eff = self._effective(qw, blocks_of.get(sid))
             err2 = float(np.sum((eff - w) ** 2))
             rtn[sid] = _rtn(self.original[sid], self.quant)  # plain RTN of the untransformed weight, once
             rtn2 = float(np.sum((rtn[sid] - self.original[sid]) ** 2))
             norm_w, norm_o = max(float(np.linalg.norm(w)), 1e-30), max(float(np.linalg.norm(self.original[sid])), 1e-30)
-            site_plans.append(SitePlan(site, qw, SiteStats(err2 ** 0.5 / norm_w, err2, rtn2 ** 0.5 / norm_o, rtn2)))
+            plain_rel = float(np.linalg.norm(plain[sid] - w)) / norm_w
+            site_plans.append(SitePlan(site, qw, SiteStats(err2 ** 0.5 / norm_w, err2, rtn2 ** 0.5 / norm_o, rtn2,
+                                                           plain_rel)))
         return QuantPlan(self.method, self.quant, tuple(site_plans), tuple(pair_transforms), tuple(online),
-                         tuple(self.pair_stats(effective, rtn)))
+                         tuple(self.pair_stats(effective, plain, rtn)))
 
-    def pair_stats(self, effective: dict[str, np.ndarray], rtn: dict[str, np.ndarray]) -> list[PairStats]:
+    def pair_stats(self, effective: dict[str, np.ndarray], plain: dict[str, np.ndarray],
+                   rtn: dict[str, np.ndarray]) -> list[PairStats]:
         out = []
         for p in self.analysis.pairs:
             if not self._usable(p):
@@ -215,10 +235,14 @@ class _Planner:
             a1, b1 = self.folded[p.producer][:, cols], self.folded[p.consumer]
             ra, rb = rtn[p.producer][:, cols], rtn[p.consumer]
             ea, eb = effective[p.producer][:, cols], effective[p.consumer]
+            pa, pb = plain[p.producer][:, cols], plain[p.consumer]
+            heads = (p.head_dim, p.kv_map) if p.kind == ATTN_VO else (None, None)
             proxy_rtn = float(np.sum((ra - a0) ** 2) / np.sum(a0 ** 2) + np.sum((rb - b0) ** 2) / np.sum(b0 ** 2))
             proxy = float(np.sum((ea - a1) ** 2) / np.sum(a1 ** 2) + np.sum((eb - b1) ** 2) / np.sum(b1 ** 2))
             # the folded factors have the same product as the original ones (the transforms are exact)
-            out.append(PairStats(p.id, p.kind, _pqe(p, a0, b0, ra, rb), _pqe(p, a1, b1, ea, eb), proxy_rtn, proxy))
+            out.append(PairStats(p.id, p.kind, product_error(a0, b0, ra, rb, *heads),
+                                 product_error(a1, b1, ea, eb, *heads), proxy_rtn, proxy,
+                                 product_error(a1, b1, pa, pb, *heads)))
         return out
 
 

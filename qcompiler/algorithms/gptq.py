@@ -1,0 +1,236 @@
+"""Sequential rounding with error feedback: GPTQ, and GPTAQ's asymmetric target (ALGORITHMS.md).
+
+One solver, used by the calibrated methods (``H``, ``D`` from activations) and by CafeQ's joint
+rounding of coupled pairs (``H``, ``D`` from the partner factor). Our layout: ``y = x W`` with ``W``
+``[K, N]``; the *sequential* axis is K (the input features, GPTQ's "columns"), each of the N output
+columns is an independent least-squares problem. The objective is
+
+    || X W_hat - X~ W ||_F   with   H = X^T X,   D = (X~ - X)^T X   (both K x K),
+
+where ``X`` is the data the quantized weight will see and ``X~`` the data of the target (GPTQ:
+``X~ = X``, ``D = 0``). Maths in float64; every row is rounded on the ONNX Runtime grid of
+``grid.py`` (float32, bit for bit), so the returned codes are what the model stores.
+
+Two grid layouts:
+- ``solve_rows``: a site's own layout, groups of ``group_size`` consecutive K rows per column; a
+  group's scale is fitted on the updated weights when its first row is reached (with act-order the
+  groups are fitted up front on the weights as given: "static groups").
+- ``solve_columns``: the transposed problem of a pair's first factor ``A`` ``[K, C]`` in ``A B``: its
+  rows are independent, its C columns are the sequential axis, and its grid groups run along K, so each
+  column is fitted and rounded on its own when reached.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from qcompiler.algorithms.grid import (
+    F32,
+    QuantizedWeight,
+    dequantize,
+    fit_grid,
+    fit_grid_search,
+    n_blocks,
+    quantize_codes,
+)
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    bits: int
+    group_size: int  # 0: one group spans the whole axis
+    symmetric: bool
+
+
+@dataclass(frozen=True)
+class SolverConfig:
+    block: int = 128  # rows per lazy batch update (B)
+    percdamp: float = 0.01  # H += percdamp * mean(diag H) * I
+    act_order: bool = False  # sequential order by decreasing diag(H)
+    alpha: float = 0.25  # weight of GPTAQ's asymmetric term (the official code's 0.25; 1 = exact)
+    # groups' ranges: 0 = min/max (ONNX Runtime's quantizer); n > 1 = the best of n shrink ratios in
+    # [min_ratio, 1] by the group's squared rounding error
+    grid_search: int = 0
+    min_ratio: float = 0.5
+    # passes of coordinate descent after the sequential pass: each code may move by one step when
+    # that lowers the exact objective (undamped H, alpha-weighted target), grids fixed
+    refine_passes: int = 0
+
+    def ratios(self) -> np.ndarray | None:
+        return np.linspace(1.0, self.min_ratio, self.grid_search) if self.grid_search > 1 else None
+
+    def fit(self, w: np.ndarray, grid: GridSpec, group: int) -> tuple[np.ndarray, np.ndarray]:
+        r = self.ratios()
+        if r is None:
+            return fit_grid(w, grid.bits, group, grid.symmetric)
+        return fit_grid_search(w, grid.bits, group, grid.symmetric, r)
+
+    def __post_init__(self) -> None:
+        if self.block < 1 or self.percdamp < 0 or self.alpha < 0:
+            raise ValueError("block >= 1, percdamp >= 0 and alpha >= 0 are required")
+
+
+def inverse_cholesky(h: np.ndarray) -> np.ndarray:
+    """Upper ``U`` with ``U^T U = H^-1`` (``H`` symmetric positive definite)."""
+    low = np.linalg.cholesky(h)
+    hinv = np.linalg.inv(low).T @ np.linalg.inv(low)  # (L L^T)^-1 = L^-T L^-1
+    hinv = (hinv + hinv.T) / 2
+    return np.linalg.cholesky(hinv).T
+
+
+def prepare_hessian(h: np.ndarray, percdamp: float) -> tuple[np.ndarray, np.ndarray]:
+    """Damped copy of ``H`` with dead inputs (``diag H = 0``) set to 1; and the dead mask."""
+    h = np.array(h, dtype=np.float64)
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    diag = np.diag(h)
+    h[np.diag_indices_from(h)] += percdamp * float(np.mean(diag))
+    return h, dead
+
+
+def gptaq_p(d: np.ndarray, u: np.ndarray, alpha: float) -> np.ndarray:
+    """``P = alpha * triu(D U^T, 1) U``: row q is ``alpha * D[q, q+1:] inv(H[q+1:, q+1:])``."""
+    return alpha * np.triu(d @ u.T, 1) @ u
+
+
+# A row rounder: (row index in sequential order, current values [N]) -> dequantized values [N].
+Rounder = Callable[[int, np.ndarray], np.ndarray]
+
+
+def _sequential(w: np.ndarray, u: np.ndarray, p: np.ndarray | None, block: int, round_row: Rounder) -> None:
+    """The GPTQ loop on ``w`` (float64 ``[K, N]``, modified: ends holding the rounded rows).
+    ``round_row(i, w1)`` rounds row ``i`` (sequential order) given the current block ``w1``."""
+    k = w.shape[0]
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        w1 = w[i1:i2].copy()
+        err = np.zeros_like(w1)
+        u1 = u[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            row = w1[i].copy()
+            q = round_row(i1 + i, w1)
+            e = (row - q) / u1[i, i]
+            w1[i:] -= np.outer(u1[i, i:], e)
+            if p is not None:
+                w1[i:] += np.outer(p[i1 + i, i1:i2][i:], row)
+            w1[i] = q  # exact already, up to floating point
+            err[i] = e
+        w[i1:i2] = w1
+        if i2 < k:
+            w[i2:] -= u[i1:i2, i2:].T @ err
+            if p is not None:
+                w[i2:] += p[i1:i2, i2:].T @ w1  # w1 holds the rounded block (the reference code's choice)
+
+
+def _setup(w: np.ndarray, h: np.ndarray, d: np.ndarray | None, cfg: SolverConfig):
+    w = np.array(w, dtype=np.float64)
+    if h.shape != (w.shape[0], w.shape[0]) or (d is not None and d.shape != h.shape):
+        raise ValueError(f"H (and D) must be {w.shape[0]}x{w.shape[0]} for a weight of shape {w.shape}")
+    h, dead = prepare_hessian(h, cfg.percdamp)
+    w[dead] = 0.0
+    d = None if d is None or cfg.alpha == 0 else np.array(d, dtype=np.float64)
+    order = np.argsort(-np.diag(h), kind="stable") if cfg.act_order else np.arange(w.shape[0])
+    h = h[np.ix_(order, order)]
+    if d is not None:
+        d = d[np.ix_(order, order)]
+    u = inverse_cholesky(h)
+    p = gptaq_p(d, u, cfg.alpha) if d is not None else None
+    return w, order, u, p
+
+
+def refine(codes: np.ndarray, step: np.ndarray, zero: np.ndarray, qmax: int, w: np.ndarray, h: np.ndarray,
+           d: np.ndarray | None, alpha: float, passes: int) -> int:
+    """Coordinate descent on ``||X W_hat - X~ W||^2`` over integer codes (``[K, N]``, modified in
+    place; ``W_hat = (codes - zero) * step`` per entry, sequential axis K). Returns the moves made."""
+    h = np.array(h, dtype=np.float64)
+    dead = np.diag(h) <= 0
+    target = h @ w if d is None or alpha == 0 else (h + alpha * np.asarray(d, dtype=np.float64).T) @ w
+    grad = h @ ((codes.astype(np.float64) - zero) * step) - target  # half the gradient
+    moves = 0
+    for _ in range(passes):
+        moved = 0
+        for r in np.flatnonzero(~dead):
+            hr, st, cr = h[r, r], step[r], codes[r]
+            gain_up = st * st * hr + 2 * st * grad[r]  # objective change for code + 1
+            gain_dn = st * st * hr - 2 * st * grad[r]
+            up = (gain_up < 0) & (cr < qmax) & (gain_up <= gain_dn)
+            dn = (gain_dn < 0) & (cr > 0) & ~up
+            if not (up.any() or dn.any()):
+                continue
+            delta = np.where(up, st, 0.0) - np.where(dn, st, 0.0)
+            codes[r] = cr + up.astype(codes.dtype) - dn.astype(codes.dtype)
+            grad += np.outer(h[:, r], delta)
+            moved += int(up.sum() + dn.sum())
+        moves += moved
+        if not moved:
+            break
+    return moves
+
+
+def solve_rows(w: np.ndarray, h: np.ndarray, grid: GridSpec, d: np.ndarray | None = None,
+               cfg: SolverConfig = SolverConfig()) -> QuantizedWeight:
+    """Quantize ``W`` ``[K, N]`` (groups along K) minimising ``||X W_hat - X~ W||``."""
+    w, order, u, p = _setup(w, h, d, cfg)
+    k, n = w.shape
+    g = grid.group_size or k
+    nb = n_blocks(k, g)
+    scales = np.zeros((nb, n), dtype=F32)
+    zps = np.zeros((nb, n), dtype=np.uint8)
+    codes = np.zeros((k, n), dtype=np.uint8)
+    if cfg.act_order:  # static groups, fitted on the weights as given
+        scales[:], zps[:] = cfg.fit(w.astype(F32), grid, g)
+        block = cfg.block
+    else:
+        # a block holds whole groups (a group longer than the block is one block), so a group is
+        # fitted on rows that are all in the current block, as updated so far
+        block = g if g >= cfg.block else (cfg.block // g) * g
+
+    def round_row(i: int, w1: np.ndarray) -> np.ndarray:
+        orig, at = order[i], i % block
+        grp = orig // g
+        if not cfg.act_order and orig % g == 0:
+            s, z = cfg.fit(w1[at:at + g].astype(F32), grid, g)
+            scales[grp], zps[grp] = s[0], z[0]
+        c = quantize_codes(w1[at][None], scales[grp][None], zps[grp][None], grid.bits, 1)
+        codes[orig] = c[0]
+        return dequantize(c, scales[grp][None], zps[grp][None], 1)[0].astype(np.float64)
+
+    _sequential(w[order], u, p, block, round_row)
+    if cfg.refine_passes:
+        rows = np.arange(k) // g
+        refine(codes, scales[rows].astype(np.float64), zps[rows].astype(np.float64), (1 << grid.bits) - 1, w, h,
+               d, cfg.alpha, cfg.refine_passes)
+    return QuantizedWeight(codes, scales, zps, grid.bits, g, grid.symmetric)
+
+
+def solve_columns(a: np.ndarray, h: np.ndarray, grid: GridSpec, d: np.ndarray | None = None,
+                  cfg: SolverConfig = SolverConfig()) -> QuantizedWeight:
+    """Quantize ``A`` ``[K, C]`` (groups along K) minimising ``||A_hat X - A X~||`` row by row, with
+    ``H = X X^T`` and ``D = (X~ - X) X^T`` over A's C columns (the sequential axis)."""
+    wt, order, u, p = _setup(np.asarray(a).T, h, d, cfg)
+    c, k = wt.shape
+    g = grid.group_size or k
+    nb = n_blocks(k, g)
+    scales = np.zeros((nb, c), dtype=F32)
+    zps = np.zeros((nb, c), dtype=np.uint8)
+    codes = np.zeros((k, c), dtype=np.uint8)
+
+    def round_row(i: int, w1: np.ndarray) -> np.ndarray:
+        col = order[i]
+        vec = w1[i % cfg.block].astype(F32)[:, None]
+        s, z = cfg.fit(vec, grid, g)
+        q = quantize_codes(vec, s, z, grid.bits, g)
+        scales[:, col], zps[:, col], codes[:, col] = s[:, 0], z[:, 0], q[:, 0]
+        return dequantize(q, s, z, g)[:, 0].astype(np.float64)
+
+    _sequential(wt[order], u, p, cfg.block, round_row)
+    if cfg.refine_passes:
+        rows = np.arange(k) // g
+        ct = np.ascontiguousarray(codes.T)
+        refine(ct, scales[rows].T.astype(np.float64), zps[rows].T.astype(np.float64), (1 << grid.bits) - 1, wt, h,
+               d, cfg.alpha, cfg.refine_passes)
+        codes[:] = ct.T
+    return QuantizedWeight(codes, scales, zps, grid.bits, g, grid.symmetric)
