@@ -80,10 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--joint-pairs", default="vo,updown",
                    help="cafeq: which coupled pairs are rounded jointly (subset of vo,updown)")
     t.add_argument("--joint-rounds", type=int, default=4,
-                   help="cafeq: alternations of joint rounding per pair (default 4)")
-    t.add_argument("--joint-channel-weight", type=float, default=1.0,
+                   help="cafeq: alternations of joint rounding per V·O pair (default 4)")
+    t.add_argument("--joint-mlp-rounds", type=int, default=2,
+                   help="cafeq: alternations of joint rounding per up·down pair (default 2)")
+    t.add_argument("--joint-channel-weight", type=float, default=4.0,
                    help="cafeq, MLP pairs: weight of each channel's own product error against the whole "
-                        "product's (the activation between up and down varies per token; default 1)")
+                        "product's (the activation between up and down varies per token; default 4)")
     t.add_argument("--transforms-only", action="store_true",
                    help="apply the method's transforms but keep float weights (checks that they are exact)")
     c.add_argument("--cache-dir", help="export cache folder (default ~/.cache/qcompiler)")
@@ -144,7 +146,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
             temperature=args.temperature, init=args.init, seed=args.seed, device=args.device,
             online_budget=args.online_budget,
             joint_pairs=tuple(t for t in args.joint_pairs.split(",") if t) if args.joint_rounding else (),
-            joint_rounds=args.joint_rounds, joint_channel_weight=args.joint_channel_weight),
+            joint_rounds=args.joint_rounds, joint_mlp_rounds=args.joint_mlp_rounds,
+            joint_channel_weight=args.joint_channel_weight),
         quantize_weights=not args.transforms_only,
     )
     output = args.output or _default_output(args.model, args.method, args.bits)

@@ -34,6 +34,9 @@ from qcompiler.runtime.text import default_text, paragraphs, read_text  # noqa: 
 
 SETTINGS = {"minilm": [(4, 128, False), (4, 128, True), (3, 128, False)],
             "smollm2": [(3, 128, True), (4, 128, True)]}
+# method name -> (compile method, CafeqConfig overrides); cafeq-transforms: CafeQ without joint rounding
+METHODS = {"rtn": ("rtn", {}), "rotate": ("rotate", {}), "cafeq-transforms": ("cafeq", {"joint_pairs": ()}),
+           "cafeq": ("cafeq", {})}
 
 
 def _ort(model: onnx.ModelProto, algo: str, bits: int, block: int, sym: bool) -> onnx.ModelProto:
@@ -90,6 +93,8 @@ def main() -> None:
     ap.add_argument("model", choices=list(SETTINGS))
     ap.add_argument("--timing", action="store_true")
     ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--methods", default="rtn,rotate,cafeq", help=f"subset of {','.join(METHODS)}")
+    ap.add_argument("--bits", help="only these settings' bit widths (e.g. 3)")
     ap.add_argument("--overhead-blocks", help="only time the online ops for these block sizes (e.g. 16,32,64): "
                     "rotate models (same ops as cafeq, no learning) against RTN, first setting")
     args = ap.parse_args()
@@ -117,15 +122,28 @@ def main() -> None:
         rows.append({"setting": "fp32", "method": "fp32", "perplexity": perplexity(ref.model, windows).perplexity})
         print(json.dumps(rows[-1]), flush=True)
     feeds, reps = _feeds(args.model)
+    from qcompiler.config import CafeqConfig
+
+    methods = args.methods.split(",")
     for bits, block, sym in SETTINGS[args.model]:
+        if args.bits and str(bits) not in args.bits.split(","):
+            continue
         q = QuantConfig(bits, block, sym)
         models = {}
-        for method in ("rtn", "rotate", "cafeq"):
+        for method in methods:
+            base, overrides = METHODS[method]
             t0 = time.perf_counter()
-            res = compile_model(args.model, None, CompileConfig(quant=q, method=method, validate=False))
+            res = compile_model(args.model, None, CompileConfig(quant=q, method=base, validate=False,
+                                                                cafeq=CafeqConfig(**overrides)))
             models[method] = res.model
+            pqe = {}
+            for kind in ("attn_vo", "mlp_up_down"):
+                ps = [p for p in res.plan.pair_stats if p.kind == kind]
+                if ps and base == "cafeq":
+                    pqe[f"pqe_{kind}"] = float(np.mean([p.pqe for p in ps]))
+                    pqe[f"pqe_plain_{kind}"] = float(np.mean([p.pqe_plain for p in ps]))
             rows.append({"setting": q.describe(), "method": method, "compile_s": time.perf_counter() - t0,
-                         **score(res.model)})
+                         **score(res.model), **pqe})
             print(json.dumps(rows[-1]), flush=True)
         if args.model == "minilm":
             for algo in ("DEFAULT", "HQQ"):
@@ -134,7 +152,7 @@ def main() -> None:
                 rows.append({"setting": q.describe(), "method": f"ort-{algo.lower()}",
                              **score(_ort(ref.model, algo, bits, block, sym))})
                 print(json.dumps(rows[-1]), flush=True)
-        if args.timing:
+        if args.timing and {"rtn", "cafeq"} <= set(models):
             ratio, t_rtn, t_cafeq = _time_ratio(models["rtn"], models["cafeq"], feeds, reps)
             rows.append({"setting": q.describe(), "timing": "cafeq/rtn", "ratio": ratio, "rtn_ms": 1e3 * t_rtn,
                          "cafeq_ms": 1e3 * t_cafeq})

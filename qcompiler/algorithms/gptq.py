@@ -74,11 +74,14 @@ class SolverConfig:
 
 
 def inverse_cholesky(h: np.ndarray) -> np.ndarray:
-    """Upper ``U`` with ``U^T U = H^-1`` (``H`` symmetric positive definite)."""
-    low = np.linalg.cholesky(h)
-    hinv = np.linalg.inv(low).T @ np.linalg.inv(low)  # (L L^T)^-1 = L^-T L^-1
-    hinv = (hinv + hinv.T) / 2
-    return np.linalg.cholesky(hinv).T
+    """Upper ``U`` with ``U^T U = H^-1`` (``H`` symmetric positive definite): with ``J`` the reversal,
+    ``J H J = L L^T`` gives ``U = J L^-1 J`` (one Cholesky and one triangular inverse)."""
+    import torch
+
+    m = torch.from_numpy(np.ascontiguousarray(h[::-1, ::-1], dtype=np.float64))
+    low = torch.linalg.cholesky(m)
+    inv = torch.linalg.solve_triangular(low, torch.eye(len(h), dtype=torch.float64), upper=False)
+    return inv.numpy()[::-1, ::-1].copy()
 
 
 def prepare_hessian(h: np.ndarray, percdamp: float) -> tuple[np.ndarray, np.ndarray]:
@@ -160,10 +163,11 @@ def refine(codes: np.ndarray, step: np.ndarray, zero: np.ndarray, qmax: int, w: 
             dn = (gain_dn < 0) & (cr > 0) & ~up
             if not (up.any() or dn.any()):
                 continue
-            delta = np.where(up, st, 0.0) - np.where(dn, st, 0.0)
-            codes[r] = cr + up.astype(codes.dtype) - dn.astype(codes.dtype)
-            grad += np.outer(h[:, r], delta)
-            moved += int(up.sum() + dn.sum())
+            idx = np.flatnonzero(up | dn)  # few entries move: update only their columns
+            delta = np.where(up[idx], st[idx], -st[idx])
+            codes[r, idx] = (cr[idx].astype(np.int16) + np.where(up[idx], 1, -1)).astype(codes.dtype)
+            grad[:, idx] += np.outer(h[:, r], delta)
+            moved += idx.size
         moves += moved
         if not moved:
             break

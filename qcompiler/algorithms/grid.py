@@ -110,19 +110,14 @@ def fit_grid_search(
     """Like :func:`fit_grid`, but each group's range is shrunk by the ratio (of ``ratios``) that
     gives the group the smallest squared rounding error (values outside are clamped)."""
     w = np.asarray(w, dtype=F32)
-    k = w.shape[0]
-    best = None
-    for r in ratios:
-        s, z = fit_grid(w * F32(r), bits, block_size, symmetric)
-        err = (dequantize(quantize_codes(w, s, z, bits, block_size), s, z, block_size) - w) ** 2
-        err = _blocked(err, block_size).sum(axis=1)
-        if best is None:
-            best = (err, s, z)
-            continue
-        better = err < best[0]
-        best = (np.where(better, err, best[0]), np.where(better, s, best[1]), np.where(better, z, best[2]))
-    assert best is not None and k > 0
-    return best[1].astype(F32), best[2].astype(np.uint8)
+    n, r = w.shape[1], len(ratios)
+    wide = np.concatenate([w] * r, axis=1)  # [K, R*N]: every ratio at once
+    s, z = fit_grid(wide * np.repeat(np.asarray(ratios, dtype=F32), n)[None], bits, block_size, symmetric)
+    err = (dequantize(quantize_codes(wide, s, z, bits, block_size), s, z, block_size) - wide) ** 2
+    err = _blocked(err, block_size).sum(axis=1).reshape(-1, r, n)  # [n_blocks, R, N]
+    best = np.argmin(err, axis=1)[:, None]  # ties go to the earliest ratio (1.0 first: plain min/max)
+    pick = lambda a: np.take_along_axis(a.reshape(-1, r, n), best, axis=1)[:, 0]  # noqa: E731
+    return pick(s).astype(F32), pick(z).astype(np.uint8)
 
 
 def quantize_codes(

@@ -37,7 +37,7 @@ class JointConfig:
     # MLP pairs: an activation sits between the factors, so each channel's own rank-1 error is
     # also penalised with this weight (the channel's gate varies from token to token); this keeps
     # the rounding from hiding errors in directions that cancel only if the gate were constant
-    channel_weight: float = 1.0
+    channel_weight: float = 4.0
 
 
 @dataclass(frozen=True)

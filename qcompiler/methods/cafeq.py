@@ -82,8 +82,10 @@ class _Planner:
                                  seed=cfg.seed, device=_device(cfg.device) if method == "cafeq" else "cpu",
                                  column_batch=cfg.column_batch)
         self.joint_kinds = {ATTN_VO if k == "vo" else MLP_UP_DOWN for k in cfg.joint_pairs}
-        self.joint_cfg = (JointConfig(rounds=cfg.joint_rounds, channel_weight=cfg.joint_channel_weight)
-                          if method == "cafeq" and cfg.joint_rounds > 0 and self.joint_kinds else None)
+        if method != "cafeq":
+            self.joint_kinds = set()
+        self.joint_cfg = {ATTN_VO: JointConfig(rounds=cfg.joint_rounds),
+                          MLP_UP_DOWN: JointConfig(rounds=cfg.joint_mlp_rounds, channel_weight=cfg.joint_channel_weight)}
 
     def grid(self, k: int) -> Grid:
         return Grid(self.quant.bits, self.quant.group_size or k, self.quant.symmetric)
@@ -182,7 +184,8 @@ class _Planner:
         claimed: set[str] = set()
         pairs = []
         for p in self.analysis.pairs:
-            if p.kind in self.joint_kinds and self._usable(p) and not {p.producer, p.consumer} & claimed:
+            if (p.kind in self.joint_kinds and self.joint_cfg[p.kind].rounds > 0 and self._usable(p)
+                    and not {p.producer, p.consumer} & claimed):
                 claimed |= {p.producer, p.consumer}
                 pairs.append(p)
         grid = GridSpec(self.quant.bits, self.quant.group_size, self.quant.symmetric)
@@ -190,7 +193,7 @@ class _Planner:
             cols = slice(*p.producer_cols)
             heads = Heads(p.head_dim, p.kv_map) if p.kind == ATTN_VO else None
             res = joint_round(self.folded[p.producer][:, cols], self.folded[p.consumer], grid, grid, heads,
-                              blocks_of.get(p.producer), blocks_of.get(p.consumer), self.joint_cfg)
+                              blocks_of.get(p.producer), blocks_of.get(p.consumer), self.joint_cfg[p.kind])
             log.info("%s: joint rounding PQE %.4f -> %.4f", p.id, res.pqe_plain, res.pqe)
             qws[p.producer] = replace_columns(qws[p.producer], cols, res.a)
             qws[p.consumer] = res.b
@@ -208,8 +211,7 @@ class _Planner:
             qws[sid] = quantize(stored.astype(np.float32), self.quant.bits, self.quant.group_size,
                                 self.quant.symmetric)
         plain = {sid: self._effective(qw, blocks_of.get(sid)) for sid, qw in qws.items()}
-        if self.joint_cfg is not None:
-            self.joint(qws, blocks_of)
+        self.joint(qws, blocks_of)
         site_plans, effective, rtn = [], {}, {}
         for sid, site in self.sites.items():
             w, qw = self.folded[sid], qws[sid]
@@ -218,7 +220,7 @@ class _Planner:
             rtn[sid] = _rtn(self.original[sid], self.quant)  # plain RTN of the untransformed weight, once
             rtn2 = float(np.sum((rtn[sid] - self.original[sid]) ** 2))
             norm_w, norm_o = max(float(np.linalg.norm(w)), 1e-30), max(float(np.linalg.norm(self.original[sid])), 1e-30)
-            plain_rel = float(np.linalg.norm(plain[sid] - w)) / norm_w
+            plain_rel = float(np.sum((plain[sid] - w) ** 2)) ** 0.5 / norm_w  # the same formula as rel_error
             site_plans.append(SitePlan(site, qw, SiteStats(err2 ** 0.5 / norm_w, err2, rtn2 ** 0.5 / norm_o, rtn2,
                                                            plain_rel)))
         return QuantPlan(self.method, self.quant, tuple(site_plans), tuple(pair_transforms), tuple(online),
