@@ -181,7 +181,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
             if ps:
                 mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
                 plain = [p.pqe_plain for p in ps if p.pqe_plain is not None]
-                lines.append(f"  {kind} product error (PQE) mean over {len(ps)} pairs: RTN {mean([p.pqe_rtn for p in ps]):.4f}"
+                lines.append(f"  {kind} product error (PQE) mean over {len(ps)} pairs: "
+                             f"RTN {mean([p.pqe_rtn for p in ps]):.4f}"
                              + (f", transforms {mean(plain):.4f}" if len(plain) == len(ps) else "")
                              + f", final {mean([p.pqe for p in ps]):.4f}")
         if plan.method == "cafeq" and config.cafeq.joint_pairs:

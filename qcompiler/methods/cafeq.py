@@ -85,7 +85,8 @@ class _Planner:
         if method != "cafeq":
             self.joint_kinds = set()
         self.joint_cfg = {ATTN_VO: JointConfig(rounds=cfg.joint_rounds),
-                          MLP_UP_DOWN: JointConfig(rounds=cfg.joint_mlp_rounds, channel_weight=cfg.joint_channel_weight)}
+                          MLP_UP_DOWN: JointConfig(rounds=cfg.joint_mlp_rounds,
+                                                   channel_weight=cfg.joint_channel_weight)}
 
     def grid(self, k: int) -> Grid:
         return Grid(self.quant.bits, self.quant.group_size or k, self.quant.symmetric)
