@@ -174,16 +174,32 @@ def refine(codes: np.ndarray, step: np.ndarray, zero: np.ndarray, qmax: int, w: 
     return moves
 
 
+def _empty(k: int, n: int, grid: GridSpec) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    """Group length and empty scales, zero points (``[n_blocks, N]``) and codes (``[K, N]``) of a
+    ``[K, N]`` weight grouped along K."""
+    g = grid.group_size or k
+    nb = n_blocks(k, g)
+    return (g, np.zeros((nb, n), dtype=F32), np.zeros((nb, n), dtype=np.uint8),
+            np.zeros((k, n), dtype=np.uint8))
+
+
+def _refine_codes(codes_seq: np.ndarray, scales: np.ndarray, zps: np.ndarray, g: int, transposed: bool,
+                  w: np.ndarray, h: np.ndarray, d: np.ndarray | None, grid: GridSpec, cfg: SolverConfig) -> None:
+    """:func:`refine` with per-entry steps taken from a K-grouped grid; ``codes_seq`` is laid out along
+    the sequential axis (the grid's K is its second axis when ``transposed``)."""
+    rows = np.arange(codes_seq.shape[1] if transposed else codes_seq.shape[0]) // g  # K index -> group
+    step, zero = scales[rows].astype(np.float64), zps[rows].astype(np.float64)
+    if transposed:
+        step, zero = step.T, zero.T
+    refine(codes_seq, step, zero, (1 << grid.bits) - 1, w, h, d, cfg.alpha, cfg.refine_passes)
+
+
 def solve_rows(w: np.ndarray, h: np.ndarray, grid: GridSpec, d: np.ndarray | None = None,
                cfg: SolverConfig = SolverConfig()) -> QuantizedWeight:
     """Quantize ``W`` ``[K, N]`` (groups along K) minimising ``||X W_hat - X~ W||``."""
     w, order, u, p = _setup(w, h, d, cfg)
     k, n = w.shape
-    g = grid.group_size or k
-    nb = n_blocks(k, g)
-    scales = np.zeros((nb, n), dtype=F32)
-    zps = np.zeros((nb, n), dtype=np.uint8)
-    codes = np.zeros((k, n), dtype=np.uint8)
+    g, scales, zps, codes = _empty(k, n, grid)
     if cfg.act_order:  # static groups, fitted on the weights as given
         scales[:], zps[:] = cfg.fit(w.astype(F32), grid, g)
         block = cfg.block
@@ -204,9 +220,7 @@ def solve_rows(w: np.ndarray, h: np.ndarray, grid: GridSpec, d: np.ndarray | Non
 
     _sequential(w[order], u, p, block, round_row)
     if cfg.refine_passes:
-        rows = np.arange(k) // g
-        refine(codes, scales[rows].astype(np.float64), zps[rows].astype(np.float64), (1 << grid.bits) - 1, w, h,
-               d, cfg.alpha, cfg.refine_passes)
+        _refine_codes(codes, scales, zps, g, False, w, h, d, grid, cfg)
     return QuantizedWeight(codes, scales, zps, grid.bits, g, grid.symmetric)
 
 
@@ -216,11 +230,7 @@ def solve_columns(a: np.ndarray, h: np.ndarray, grid: GridSpec, d: np.ndarray | 
     ``H = X X^T`` and ``D = (X~ - X) X^T`` over A's C columns (the sequential axis)."""
     wt, order, u, p = _setup(np.asarray(a).T, h, d, cfg)
     c, k = wt.shape
-    g = grid.group_size or k
-    nb = n_blocks(k, g)
-    scales = np.zeros((nb, c), dtype=F32)
-    zps = np.zeros((nb, c), dtype=np.uint8)
-    codes = np.zeros((k, c), dtype=np.uint8)
+    g, scales, zps, codes = _empty(k, c, grid)
 
     def round_row(i: int, w1: np.ndarray) -> np.ndarray:
         col = order[i]
@@ -232,9 +242,7 @@ def solve_columns(a: np.ndarray, h: np.ndarray, grid: GridSpec, d: np.ndarray | 
 
     _sequential(wt[order], u, p, cfg.block, round_row)
     if cfg.refine_passes:
-        rows = np.arange(k) // g
         ct = np.ascontiguousarray(codes.T)
-        refine(ct, scales[rows].T.astype(np.float64), zps[rows].T.astype(np.float64), (1 << grid.bits) - 1, wt, h,
-               d, cfg.alpha, cfg.refine_passes)
+        _refine_codes(ct, scales, zps, g, True, wt, h, d, grid, cfg)
         codes[:] = ct.T
     return QuantizedWeight(codes, scales, zps, grid.bits, g, grid.symmetric)
