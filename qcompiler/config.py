@@ -9,7 +9,8 @@ from qcompiler.errors import ConfigError
 SUPPORTED_BITS = (2, 3, 4, 8)
 PER_CHANNEL = 0  # group_size value meaning "one group spans all of K"
 FORMATS = ("matmulnbits", "qdq")
-METHODS = ("rtn", "cafeq", "rotate")
+METHODS = ("rtn", "cafeq", "rotate", "gptq", "gptaq", "cafeq+gptaq")
+CALIBRATED_METHODS = ("gptq", "gptaq", "cafeq+gptaq")
 TRANSFORMS = ("single", "vo", "updown")
 JOINT_PAIRS = ("vo", "updown")
 
@@ -107,6 +108,37 @@ class CafeqConfig:
 
 
 @dataclass(frozen=True)
+class CalibConfig:
+    """Calibration data and the GPTQ/GPTAQ solver (methods gptq, gptaq, cafeq+gptaq).
+
+    Defaults are smaller than the papers' 128 x 2048 tokens: 64 x 512 fits this project's 2-core
+    machines (SmolLM2-135M in minutes)."""
+
+    source: str | None = None  # text file (.txt/.gz/.rst...) or .npy of token ids; None: Python's docs
+    tokenizer: str | None = None  # tokenizer folder, for a bare .onnx input
+    samples: int = 64  # calibration sequences
+    seqlen: int = 512  # tokens per sequence
+    holdout: int = 0  # extra sequences, not used to fit: per-site ||X W_hat - X~ W|| is measured on them
+    batch: int = 8  # sequences per ONNX Runtime run
+    percdamp: float = 0.01
+    act_order: bool = False
+    alpha: float = 0.25  # GPTAQ's asymmetric term (the official code's default)
+    block: int = 128  # lazy-batch rows of the solver
+    seed: int = 0  # which windows of the text are drawn
+
+    def __post_init__(self) -> None:
+        if self.samples < 1 or self.seqlen < 2 or self.holdout < 0 or self.batch < 1:
+            raise ConfigError("--calib-samples >= 1, --calib-seqlen >= 2, --calib-holdout >= 0 and "
+                              "--calib-batch >= 1 are required")
+        if not 0 <= self.percdamp <= 1:
+            raise ConfigError(f"--percdamp must be in [0, 1], got {self.percdamp}")
+        if not self.alpha >= 0:
+            raise ConfigError(f"--alpha must be >= 0, got {self.alpha}")
+        if self.block < 1:
+            raise ConfigError(f"--gptq-block must be >= 1, got {self.block}")
+
+
+@dataclass(frozen=True)
 class CompileConfig:
     quant: QuantConfig = field(default_factory=QuantConfig)
     match: MatchConfig = field(default_factory=MatchConfig)
@@ -118,6 +150,7 @@ class CompileConfig:
     cafeq: CafeqConfig = field(default_factory=CafeqConfig)
     # test hook: apply the method's transforms but keep float weights (exactness checks)
     quantize_weights: bool = True
+    calib: CalibConfig = field(default_factory=CalibConfig)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

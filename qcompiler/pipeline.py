@@ -13,15 +13,16 @@ from typing import Any
 import onnx
 
 from qcompiler import __version__
-from qcompiler.config import CompileConfig
+from qcompiler.config import CALIBRATED_METHODS, CompileConfig
 from qcompiler.emit import emit_model
 from qcompiler.errors import NothingToQuantizeError
 from qcompiler.frontends import LoadedModel, load_model
-from qcompiler.graphio import check_writable, import_graph, save_onnx_atomic
+from qcompiler.graphio import check_writable, export_graph, import_graph, save_onnx_atomic
 from qcompiler.match.analysis import analyze_graph
 from qcompiler.match.sites import MatchResult, find_linear_sites, weight_reader
 from qcompiler.metadata import MODEL_KIND, SITES, TOKENIZER, module_paths
 from qcompiler.methods import TRANSFORM_METHODS, make_plan
+from qcompiler.methods.gptq import Calibration
 from qcompiler.passes import (
     EmbeddingPass,
     FoldPairsPass,
@@ -31,6 +32,8 @@ from qcompiler.passes import (
     QDQPass,
 )
 from qcompiler.plan import QuantPlan
+from qcompiler.runtime.calib_data import calibration_tokens
+from qcompiler.runtime.session import SessionOptions
 from qcompiler.runtime.validate import ValidationResult, validate
 
 log = logging.getLogger(__name__)
@@ -74,6 +77,28 @@ class CompileResult:
         }
 
 
+def _calibration(config: CompileConfig, loaded: LoadedModel) -> Calibration:
+    """The calibration tokens (model's tokenizer unless ``--tokenizer``) and how to run the segments."""
+    from qcompiler.methods.cafeq import _device
+
+    cfg = config.calib
+    tokens = calibration_tokens(cfg.source, cfg.tokenizer or loaded.tokenizer_dir, cfg.samples + cfg.holdout,
+                                cfg.seqlen, cfg.seed)
+    return Calibration(tokens, cfg, asymmetric=config.method != "gptq",
+                       options=SessionOptions(device=config.cafeq.device), device=_device(config.cafeq.device))
+
+
+def _transformed_model(model: onnx.ModelProto, pair_transforms, online, sites) -> onnx.ModelProto:
+    """``model`` with exact transforms folded and online ``x T^-1`` ops inserted, weights in float."""
+    graph = PassManager([FoldPairsPass(pair_transforms, sites), OnlineTransformPass(online, sites)])(
+        import_graph(model)).graph
+    out = export_graph(graph)
+    del out.opset_import[:]
+    out.opset_import.extend(model.opset_import)
+    out.ir_version = model.ir_version
+    return out
+
+
 def _model_bytes(model: onnx.ModelProto, path: str | None) -> int:
     if path and Path(path).is_file():
         p = Path(path)
@@ -109,8 +134,16 @@ def compile_model(source: Any = None, output: str | os.PathLike | None = None,
         raise NothingToQuantizeError(f"nothing to quantize in {loaded.source}: no MatMul/Gemm with a "
                                      f"constant 2-D weight ({len(match.rejected)} candidates rejected)")
     timings["match"] = time.perf_counter() - t
+    calibration = None
+    if config.method in CALIBRATED_METHODS:
+        t = time.perf_counter()
+        calibration = _calibration(config, loaded)
+        timings["calibration data"] = time.perf_counter() - t
     t = time.perf_counter()
-    plan = make_plan(config, match.sites, weight_reader(graph), analysis, progress)
+    sites_by_id = {s.id: s for s in match.sites}
+    plan = make_plan(config, match.sites, weight_reader(graph), analysis, progress, model=loaded.model,
+                     calibration=calibration,
+                     transformed=lambda pairs, online: _transformed_model(loaded.model, pairs, online, sites_by_id))
     timings["plan"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -26,6 +26,8 @@ class SiteStats:
     rtn_proxy_error: float | None = None
     # the same transforms with plain rounding (what joint rounding traded for the pairs' products)
     plain_rel_error: float | None = None
+    # calibrated methods: ||X W_hat - X~ W||_F / ||X~ W||_F on held-out sequences (--calib-holdout)
+    holdout_error: float | None = None
 
 
 @dataclass(frozen=True)

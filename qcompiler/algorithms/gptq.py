@@ -246,3 +246,31 @@ def solve_columns(a: np.ndarray, h: np.ndarray, grid: GridSpec, d: np.ndarray | 
         _refine_codes(ct, scales, zps, g, True, wt, h, d, grid, cfg)
         codes[:] = ct.T
     return QuantizedWeight(codes, scales, zps, grid.bits, g, grid.symmetric)
+
+
+class ActivationStats:
+    """Accumulates ``H = X^T X / T`` and, with a target stream, ``D = (X~ - X)^T X / T`` over the
+    ``T`` tokens of batches of activations ``[..., K]`` (float32 products per batch, float64 sums)."""
+
+    def __init__(self, k: int, target: bool, device: str = "cpu"):
+        import torch
+
+        self.k, self.device, self.tokens = k, device, 0
+        self.h = torch.zeros(k, k, dtype=torch.float64, device=device)
+        self.d = torch.zeros(k, k, dtype=torch.float64, device=device) if target else None
+
+    def add(self, x: np.ndarray, x_target: np.ndarray | None = None) -> None:
+        import torch
+
+        xs = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32).reshape(-1, self.k)).to(self.device)
+        self.h += (xs.T @ xs).double()
+        if self.d is not None:
+            if x_target is None:
+                raise ValueError("a target stream was asked for: pass x_target")
+            xt = torch.from_numpy(np.ascontiguousarray(x_target, dtype=np.float32).reshape(-1, self.k))
+            self.d += ((xt.to(self.device) - xs).T @ xs).double()
+        self.tokens += xs.shape[0]
+
+    def result(self) -> tuple[np.ndarray, np.ndarray | None]:
+        t = max(self.tokens, 1)
+        return ((self.h / t).cpu().numpy(), None if self.d is None else (self.d / t).cpu().numpy())

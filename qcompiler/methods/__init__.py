@@ -3,31 +3,54 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
+import onnx
 
-from qcompiler.config import CompileConfig
+from qcompiler.config import CALIBRATED_METHODS, CompileConfig
 from qcompiler.errors import ConfigError
 from qcompiler.match.analysis import Analysis
 from qcompiler.match.sites import LinearSite
 from qcompiler.methods.rtn import plan_rtn
 from qcompiler.plan import QuantPlan
 
+if TYPE_CHECKING:
+    from qcompiler.methods.gptq import Calibration
+
 WeightFn = Callable[[LinearSite], np.ndarray]
 
 
-TRANSFORM_METHODS = ("cafeq", "rotate")
+TRANSFORM_METHODS = ("cafeq", "rotate", "cafeq+gptaq")
+# (pair transforms, online transforms) -> the float model with those transforms applied
+TransformedModelFn = Callable[[Sequence, Sequence], onnx.ModelProto]
 
 
 def make_plan(config: CompileConfig, sites: Sequence[LinearSite], weight_of: WeightFn,
-              analysis: Analysis | None = None, progress: bool = False) -> QuantPlan:
-    """The method's plan. Transform methods need the full analysis (pairs and groups)."""
+              analysis: Analysis | None = None, progress: bool = False, *, model: onnx.ModelProto | None = None,
+              calibration: Calibration | None = None, transformed: TransformedModelFn | None = None) -> QuantPlan:
+    """The method's plan. Transform methods need the full analysis (pairs and groups); calibrated
+    methods need the ``model`` to run and the ``calibration`` tokens (cafeq+gptaq: ``transformed``)."""
+    if config.method in CALIBRATED_METHODS and (model is None or calibration is None):
+        raise ConfigError(f"method {config.method} needs the model and calibration data")
     if config.method == "rtn":
         return plan_rtn(sites, weight_of, config.quant, progress=progress)
+    if config.method in ("gptq", "gptaq"):
+        from qcompiler.methods.gptq import plan_calibrated
+
+        return plan_calibrated(model, sites, weight_of, config.quant, config.method, calibration, progress)
     if config.method in TRANSFORM_METHODS:
         from qcompiler.methods.cafeq import plan_cafeq
 
         if analysis is None:
             raise ConfigError(f"method {config.method} needs the matcher's analysis (pairs and groups)")
-        return plan_cafeq(analysis, weight_of, config.quant, config.cafeq, config.method, progress=progress)
+        rounder = None
+        if config.method == "cafeq+gptaq":
+            from qcompiler.methods.gptq import calibrated_rounder
+
+            if transformed is None:
+                raise ConfigError("method cafeq+gptaq needs the transformed model's builder")
+            rounder = calibrated_rounder(transformed, analysis.sites, config.quant, calibration, progress)
+        return plan_cafeq(analysis, weight_of, config.quant, config.cafeq, config.method, progress=progress,
+                          rounder=rounder)
     raise ConfigError(f"method {config.method!r} is not built yet")

@@ -9,8 +9,10 @@ multiply-adds (``online_budget``, a fraction of the quantized sites' own).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -39,6 +41,10 @@ from qcompiler.plan import OnlineTransform, PairStats, PairTransform, QuantPlan,
 
 log = logging.getLogger(__name__)
 
+# (pair transforms, online transforms, stored weights by site id) -> rounded sites by id, each with
+# ``weight`` (QuantizedWeight), ``proxy``, ``rtn_proxy`` and ``holdout_error`` (methods/gptq.Rounded)
+Rounder = Callable[[Sequence[PairTransform], Sequence[OnlineTransform], Mapping[str, np.ndarray]], Mapping[str, Any]]
+
 
 def _device(requested: str) -> str:
     import torch
@@ -65,8 +71,10 @@ def _rtn(w: np.ndarray, quant: QuantConfig) -> np.ndarray:
 
 class _Planner:
     def __init__(self, analysis: Analysis, weight_of: Callable[[LinearSite], np.ndarray], quant: QuantConfig,
-                 cfg: CafeqConfig, method: str, online_budget: float, progress: bool):
+                 cfg: CafeqConfig, method: str, online_budget: float, progress: bool, rounder: Rounder | None = None):
         self.analysis, self.quant, self.cfg, self.method = analysis, quant, cfg, method
+        self.rounder = rounder
+        learned = method != "rotate"
         self.sites = {s.id: s for s in analysis.sites if s.role != "embedding"}
         self.original = {}
         for sid, s in self.sites.items():
@@ -79,10 +87,10 @@ class _Planner:
         self.rng = np.random.default_rng(cfg.seed)
         self.learn = LearnConfig(loss=cfg.loss, optimizer=cfg.optimizer, steps=cfg.steps, lr=cfg.lr,
                                  ortho_reg=cfg.ortho_reg, temperature=cfg.temperature, init=cfg.init,
-                                 seed=cfg.seed, device=_device(cfg.device) if method == "cafeq" else "cpu",
+                                 seed=cfg.seed, device=_device(cfg.device) if learned else "cpu",
                                  column_batch=cfg.column_batch)
         self.joint_kinds = {ATTN_VO if k == "vo" else MLP_UP_DOWN for k in cfg.joint_pairs}
-        if method != "cafeq":
+        if method != "cafeq":  # rotate: a baseline; cafeq+gptaq: calibrated rounding instead
             self.joint_kinds = set()
         self.joint_cfg = {ATTN_VO: JointConfig(rounds=cfg.joint_rounds),
                           MLP_UP_DOWN: JointConfig(rounds=cfg.joint_mlp_rounds,
@@ -112,7 +120,7 @@ class _Planner:
                 fold_attn_vo(self.folded[p.producer], None, self.folded[p.consumer], p.producer_cols, p.head_dim,
                              p.kv_map, mats)
                 out.append(PairTransform(p, matrices=mats))
-            elif p.kind != ATTN_VO and "updown" in self.cfg.transforms and self.method == "cafeq":
+            elif p.kind != ATTN_VO and "updown" in self.cfg.transforms and self.method != "rotate":
                 grid = self.grid(b.shape[0])
                 perm = channel_order(b)
                 if weighted_row_error(a[:, perm], b[perm], grid) >= weighted_row_error(a, b, grid):
@@ -212,7 +220,13 @@ class _Planner:
             qws[sid] = quantize(stored.astype(np.float32), self.quant.bits, self.quant.group_size,
                                 self.quant.symmetric)
         plain = {sid: self._effective(qw, blocks_of.get(sid)) for sid, qw in qws.items()}
-        self.joint(qws, blocks_of)
+        calibrated = {}
+        if self.rounder is not None:
+            stored = {sid: apply_blocks(blocks_of[sid], w) if sid in blocks_of else w for sid, w in self.folded.items()}
+            calibrated = self.rounder(pair_transforms, online, stored)
+            qws.update({sid: r.weight for sid, r in calibrated.items()})
+        else:
+            self.joint(qws, blocks_of)
         site_plans, effective, rtn = [], {}, {}
         for sid, site in self.sites.items():
             w, qw = self.folded[sid], qws[sid]
@@ -222,8 +236,12 @@ class _Planner:
             rtn2 = float(np.sum((rtn[sid] - self.original[sid]) ** 2))
             norm_w, norm_o = max(float(np.linalg.norm(w)), 1e-30), max(float(np.linalg.norm(self.original[sid])), 1e-30)
             plain_rel = float(np.sum((plain[sid] - w) ** 2)) ** 0.5 / norm_w  # the same formula as rel_error
-            site_plans.append(SitePlan(site, qw, SiteStats(err2 ** 0.5 / norm_w, err2, rtn2 ** 0.5 / norm_o, rtn2,
-                                                           plain_rel)))
+            cal = calibrated.get(sid)
+            stats = SiteStats(err2 ** 0.5 / norm_w, err2, rtn2 ** 0.5 / norm_o, rtn2, plain_rel)
+            if cal is not None:  # proxies: relative output errors^2 on the calibration inputs (transformed basis)
+                stats = dataclasses.replace(stats, proxy_error=cal.proxy, rtn_proxy_error=cal.rtn_proxy,
+                                            holdout_error=cal.holdout_error)
+            site_plans.append(SitePlan(site, qw, stats))
         return QuantPlan(self.method, self.quant, tuple(site_plans), tuple(pair_transforms), tuple(online),
                          tuple(self.pair_stats(effective, plain, rtn)))
 
@@ -250,6 +268,8 @@ class _Planner:
 
 
 def plan_cafeq(analysis: Analysis, weight_of: Callable[[LinearSite], np.ndarray], quant: QuantConfig,
-               cfg: CafeqConfig, method: str = "cafeq", progress: bool = False) -> QuantPlan:
-    """``method`` is ``cafeq`` (learned) or ``rotate`` (random orthogonal/Hadamard, no learning)."""
-    return _Planner(analysis, weight_of, quant, cfg, method, cfg.online_budget, progress).plan()
+               cfg: CafeqConfig, method: str = "cafeq", progress: bool = False,
+               rounder: Rounder | None = None) -> QuantPlan:
+    """``method`` is ``cafeq`` (learned), ``rotate`` (random orthogonal/Hadamard, no learning) or
+    ``cafeq+gptaq`` (learned, then ``rounder``: calibrated rounding of the transformed weights)."""
+    return _Planner(analysis, weight_of, quant, cfg, method, cfg.online_budget, progress, rounder).plan()

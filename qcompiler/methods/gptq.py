@@ -1,0 +1,124 @@
+"""Calibrated rounding: GPTQ and GPTAQ over the calibration driver's two activation streams.
+
+``gptq`` minimises ``||X W_hat - X W||`` with ``X`` the layer's input in the partially quantized model;
+``gptaq`` minimises ``||X W_hat - X~ W||`` against the full-precision model's input ``X~`` as well
+(``alpha`` weighs that term). ``cafeq+gptaq`` learns CafeQ's transforms without data and rounds the
+transformed weights with GPTAQ (:func:`calibrated_rounder`, used by the CafeQ planner).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from qcompiler.algorithms.grid import QuantizedWeight, quantize, relative_error
+from qcompiler.algorithms.gptq import GridSpec, SolverConfig, solve_rows
+from qcompiler.config import CalibConfig, QuantConfig
+from qcompiler.errors import QCompilerError
+from qcompiler.match.sites import LinearSite
+from qcompiler.plan import QuantPlan, SitePlan, SiteStats
+from qcompiler.runtime.calib_data import calibration_feeds
+from qcompiler.runtime.calibrate import GroupData, calibrate
+from qcompiler.runtime.segments import SegmentedModel
+from qcompiler.runtime.session import SessionOptions
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Everything a calibrated rounding needs besides the model: tokens and how to run."""
+
+    tokens: np.ndarray  # [samples + holdout, seqlen] int64 token ids
+    config: CalibConfig
+    asymmetric: bool  # GPTAQ (target stream, D) rather than GPTQ
+    options: SessionOptions  # ONNX Runtime, for the segments
+    device: str = "cpu"  # torch, for the statistics
+
+
+@dataclass(frozen=True)
+class Rounded:
+    weight: QuantizedWeight
+    proxy: float  # tr(dW^T H dW) / tr(W^T H W): relative output error^2 on the calibration inputs
+    rtn_proxy: float  # the same for round-to-nearest
+    holdout_error: float | None
+
+
+def _rel_proxy(h: np.ndarray, w: np.ndarray, w_hat: np.ndarray) -> float:
+    dw = w_hat - w
+    ref = float(np.sum((h @ w) * w))
+    return float(np.sum((h @ dw) * dw)) / ref if ref > 0 else 0.0
+
+
+def round_calibrated(model: onnx.ModelProto, sites: Sequence[LinearSite], weights: Mapping[str, np.ndarray],
+                     quant: QuantConfig, calib: Calibration, progress: bool = False) -> dict[str, Rounded]:
+    """GPTQ/GPTAQ-round every site of ``model`` whose float weight (``[K, N]``) is in ``weights``."""
+    cfg = calib.config
+    for s in sites:
+        if not np.isfinite(weights[s.id]).all():
+            raise QCompilerError(f"weight of site {s.id} contains NaN or Inf")
+    seg = SegmentedModel(model, sites)
+    ids = calib.tokens
+    if len(ids) < cfg.samples + cfg.holdout:
+        raise QCompilerError(f"{len(ids)} calibration sequences given, {cfg.samples + cfg.holdout} needed")
+    batches = [calibration_feeds(model, ids[i:i + cfg.batch]) for i in range(0, cfg.samples, cfg.batch)]
+    end = cfg.samples + cfg.holdout
+    holdout = [calibration_feeds(model, ids[i:min(i + cfg.batch, end)]) for i in range(cfg.samples, end, cfg.batch)]
+    grid = GridSpec(quant.bits, quant.group_size, quant.symmetric)
+    solver = SolverConfig(block=cfg.block, percdamp=cfg.percdamp, act_order=cfg.act_order,
+                          alpha=cfg.alpha if calib.asymmetric else 0.0)
+    by_id = {s.id: s for s in sites}
+    partial: dict[str, tuple[QuantizedWeight, float, float]] = {}
+
+    def quantize_group(data: GroupData) -> dict[str, np.ndarray]:
+        out = {}
+        for sid in data.group.sites:
+            w = np.asarray(weights[sid], dtype=np.float64)
+            qw = solve_rows(w, data.h, grid, data.d, solver)
+            w_hat = qw.dequantize().astype(np.float64)
+            rtn = quantize(w.astype(np.float32), quant.bits, quant.group_size, quant.symmetric)
+            partial[sid] = (qw, _rel_proxy(data.h, w, w_hat), _rel_proxy(data.h, w, rtn.dequantize().astype(np.float64)))
+            out[sid] = w_hat
+        return out
+
+    result = calibrate(seg, {s: weights[s] for s in by_id}, batches, quantize_group, target=calib.asymmetric,
+                       holdout=holdout, options=calib.options, device=calib.device, progress=progress)
+    log.info("calibrated %d groups on %d tokens", result.groups, result.tokens)
+    return {sid: Rounded(qw, p, r, result.holdout_error.get(sid)) for sid, (qw, p, r) in partial.items()}
+
+
+def plan_calibrated(model: onnx.ModelProto, sites: Sequence[LinearSite], weight_of: Callable[[LinearSite], np.ndarray],
+                    quant: QuantConfig, method: str, calib: Calibration, progress: bool = False) -> QuantPlan:
+    """``gptq`` / ``gptaq``: linear sites by calibrated rounding, embedding tables by RTN."""
+    weights = {s.id: weight_of(s) for s in sites}
+    linear = [s for s in sites if s.role != "embedding"]
+    rounded = round_calibrated(model, linear, weights, quant, calib, progress)
+    plans = []
+    for s in sites:
+        w = weights[s.id]
+        rtn = quantize(w, quant.bits, quant.group_size, quant.symmetric)
+        rtn_rel = relative_error(w, rtn.dequantize())
+        r = rounded.get(s.id)
+        if r is None:  # an embedding table: no activations to calibrate on
+            plans.append(SitePlan(s, rtn, SiteStats(rtn_rel, float(np.sum((rtn.dequantize() - w) ** 2)))))
+            continue
+        plans.append(SitePlan(s, r.weight, SiteStats(relative_error(w, r.weight.dequantize()), r.proxy, rtn_rel,
+                                                     r.rtn_proxy, holdout_error=r.holdout_error)))
+    return QuantPlan(method, quant, tuple(plans))
+
+
+def calibrated_rounder(model_of: Callable[[Sequence, Sequence], onnx.ModelProto], sites: Sequence[LinearSite],
+                       quant: QuantConfig, calib: Calibration, progress: bool = False):
+    """For cafeq+gptaq: a rounder for the CafeQ planner. ``model_of(pair_transforms, online)`` is the float
+    model with the transforms applied; the planner gives the stored (transformed) weights."""
+    by_id = {s.id: s for s in sites}
+
+    def rounder(pair_transforms, online, stored: Mapping[str, np.ndarray]) -> dict[str, Rounded]:
+        model = model_of(pair_transforms, online)
+        return round_calibrated(model, [by_id[s] for s in stored], stored, quant, calib, progress)
+
+    return rounder
