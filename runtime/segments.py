@@ -187,5 +187,5 @@ class SegmentRunner:
         if self.session is not None:
             feeds = {t: state[t] for t in s.inputs}
             feeds.update({t: weights[t] for t in s.weights})
-            new.update(zip(s.outputs, self.session.run(list(s.outputs), feeds)))
+            new.update(zip(s.outputs, self.session.run(list(s.outputs), feeds), strict=True))
         return new

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from qcompiler.algorithms.grid import QuantizedWeight, quantize, relative_error
 from qcompiler.algorithms.gptq import GridSpec, SolverConfig, solve_rows
+from qcompiler.algorithms.grid import QuantizedWeight, quantize, relative_error
 from qcompiler.config import CalibConfig, QuantConfig
 from qcompiler.errors import QCompilerError
 from qcompiler.match.sites import LinearSite
@@ -81,7 +81,8 @@ def round_calibrated(model: onnx.ModelProto, sites: Sequence[LinearSite], weight
             qw = solve_rows(w, data.h, grid, data.d, solver)
             w_hat = qw.dequantize().astype(np.float64)
             rtn = quantize(w.astype(np.float32), quant.bits, quant.group_size, quant.symmetric)
-            partial[sid] = (qw, _rel_proxy(data.h, w, w_hat), _rel_proxy(data.h, w, rtn.dequantize().astype(np.float64)))
+            rtn_hat = rtn.dequantize().astype(np.float64)
+            partial[sid] = (qw, _rel_proxy(data.h, w, w_hat), _rel_proxy(data.h, w, rtn_hat))
             out[sid] = w_hat
         return out
 
