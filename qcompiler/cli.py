@@ -12,7 +12,16 @@ from dataclasses import asdict
 from pathlib import Path
 
 from qcompiler import __version__
-from qcompiler.config import METHODS, PER_CHANNEL, CafeqConfig, CompileConfig, MatchConfig, QuantConfig
+from qcompiler.config import (
+    CALIBRATED_METHODS,
+    METHODS,
+    PER_CHANNEL,
+    CafeqConfig,
+    CalibConfig,
+    CompileConfig,
+    MatchConfig,
+    QuantConfig,
+)
 from qcompiler.errors import ConfigError, QCompilerError
 
 log = logging.getLogger("qcompiler")
@@ -88,6 +97,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "product's (the activation between up and down varies per token; default 4)")
     t.add_argument("--transforms-only", action="store_true",
                    help="apply the method's transforms but keep float weights (checks that they are exact)")
+    k = c.add_argument_group("gptq / gptaq / cafeq+gptaq (calibration)")
+    k.add_argument("--calib", help="calibration text file (.txt, .gz, ...) or .npy of token ids "
+                                   "(default: Python's documentation, shipped with CPython)")
+    k.add_argument("--tokenizer", help="tokenizer folder for the calibration text (default: the model's)")
+    k.add_argument("--calib-samples", type=int, default=64, help="calibration sequences (default 64)")
+    k.add_argument("--calib-seqlen", type=int, default=512, help="tokens per sequence (default 512)")
+    k.add_argument("--calib-holdout", type=int, default=0,
+                   help="extra held-out sequences: report ||X W_hat - X~ W|| per site on them (default 0)")
+    k.add_argument("--calib-batch", type=int, default=8, help="sequences per ONNX Runtime run (default 8)")
+    k.add_argument("--percdamp", type=float, default=0.01, help="Hessian damping, fraction of mean diag (0.01)")
+    k.add_argument("--act-order", action="store_true", help="round inputs by decreasing activation energy")
+    k.add_argument("--alpha", type=float, default=0.25, help="GPTAQ: weight of the asymmetric term (0.25)")
+    k.add_argument("--gptq-block", type=int, default=128, help="rows per lazy batch update (128)")
     c.add_argument("--cache-dir", help="export cache folder (default ~/.cache/qcompiler)")
 
     e = sub.add_parser("eval", help="measure a model: embedding fidelity or perplexity")
@@ -149,6 +171,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
             joint_rounds=args.joint_rounds, joint_mlp_rounds=args.joint_mlp_rounds,
             joint_channel_weight=args.joint_channel_weight),
         quantize_weights=not args.transforms_only,
+        calib=CalibConfig(source=args.calib, tokenizer=args.tokenizer, samples=args.calib_samples,
+                          seqlen=args.calib_seqlen, holdout=args.calib_holdout, batch=args.calib_batch,
+                          percdamp=args.percdamp, act_order=args.act_order, alpha=args.alpha, block=args.gptq_block,
+                          seed=args.seed),
     )
     output = args.output or _default_output(args.model, args.method, args.bits)
     if args.report:
@@ -192,6 +218,16 @@ def cmd_compile(args: argparse.Namespace) -> int:
                 lines.append(f"  joint rounding: {len(joint)} paired weights, rel. error mean "
                              f"{sum(p.stats.plain_rel_error for p in joint) / len(joint):.4f} -> "
                              f"{sum(p.stats.rel_error for p in joint) / len(joint):.4f} (traded for the products)")
+        if config.method in CALIBRATED_METHODS:
+            cal = [p.stats for p in plan.sites if p.stats.rtn_proxy_error]
+            if cal:
+                lines.append(f"  calibration output error^2 (relative) mean over {len(cal)} sites: RTN "
+                             f"{sum(s.rtn_proxy_error for s in cal) / len(cal):.5f} -> "
+                             f"{sum(s.proxy_error for s in cal) / len(cal):.5f}")
+            ho = [p.stats.holdout_error for p in plan.sites if p.stats.holdout_error is not None]
+            if ho:
+                lines.append(f"  held-out ||X W_hat - X~ W|| / ||X~ W|| mean over {len(ho)} sites: "
+                             f"{sum(ho) / len(ho):.4f}")
         if result.validation is not None:
             for o in result.validation.outputs:
                 lines.append(f"  validation [{o.name}]: rel. error {o.rel_error:.4f}, cosine {o.cosine:.5f}")

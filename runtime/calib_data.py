@@ -60,7 +60,11 @@ def calibration_tokens(source: str | os.PathLike | None, tokenizer_dir: str | No
     text = python_docs_text() if source is None or str(source) == PYTHON_DOCS else read_text(source)
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    try:
+        tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds for a folder without a tokenizer
+        raise ConfigError(f"cannot load a tokenizer from {tokenizer_dir} ({type(e).__name__}); "
+                          "pass --tokenizer DIR or a .npy of token ids as --calib") from None
     ids = tok(text, add_special_tokens=False)["input_ids"]
     return _windows(np.asarray(ids), count, length, seed, "the calibration text" if source is None else str(source))
 

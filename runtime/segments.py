@@ -62,7 +62,11 @@ def _types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
 def _value_info(name: str, tp: onnx.TypeProto) -> onnx.ValueInfoProto:
     vi = onnx.ValueInfoProto()
     vi.name = name
-    vi.type.tensor_type.elem_type = tp.tensor_type.elem_type  # shapes vary with the batch: rank-free
+    vi.type.tensor_type.elem_type = tp.tensor_type.elem_type
+    if tp.tensor_type.HasField("shape"):  # the rank; every dimension symbolic (they vary with the batch)
+        shape = vi.type.tensor_type.shape
+        for i, _ in enumerate(tp.tensor_type.shape.dim):
+            shape.dim.add().dim_param = f"{name}:{i}"
     return vi
 
 

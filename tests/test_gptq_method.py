@@ -1,0 +1,104 @@
+"""--method gptq / gptaq / cafeq+gptaq end to end: structure, checker, numbers against the model before
+the pass, the solver's objective against RTN's, GPTAQ with alpha 0 = GPTQ, and MiniLM quality."""
+
+import numpy as np
+import onnx
+import pytest
+
+from qcompiler.cli import main
+from qcompiler.config import CafeqConfig, CalibConfig, CompileConfig, QuantConfig
+from qcompiler.frontends import load_model
+from qcompiler.pipeline import compile_model
+from qcompiler.runtime.inputs import sample_inputs
+from tests.helpers import outputs, rel, with_dequantized_weights
+
+
+@pytest.fixture(scope="module")
+def ids_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("calib") / "ids.npy"
+    np.save(path, np.random.default_rng(0).integers(5, 500, size=(24, 32)))
+    return path
+
+
+def _cfg(ids_file, method, **calib):
+    opts = dict(source=str(ids_file), samples=12, seqlen=32, batch=4, holdout=4) | calib
+    return CompileConfig(quant=QuantConfig(3, 32, False), method=method, calib=CalibConfig(**opts),
+                         cafeq=CafeqConfig(steps=20))
+
+
+@pytest.mark.parametrize("method", ["gptq", "gptaq"])
+def test_calibrated_compile(method, tiny_checkpoints, cache_dir, ids_file):
+    folder = str(tiny_checkpoints["llama"])
+    res = compile_model(folder, None, _cfg(ids_file, method), cache_dir=cache_dir)
+    plan, model = res.plan, res.model
+    assert plan.method == method
+    assert sum(n.op_type == "MatMulNBits" for n in model.graph.node) == len(plan.sites)  # structure
+    onnx.checker.check_model(model)
+    original = load_model(folder, cache_dir=cache_dir).model
+    feeds = sample_inputs(original, batch=2, seq=9)
+    # the emitted model computes exactly the model before the pass with the plan's weights
+    ref = outputs(with_dequantized_weights(original, plan), feeds)
+    got = outputs(model, feeds)
+    assert max(rel(got[k], ref[k]) for k in ref) < 1e-4
+    assert res.validation.min_cosine > 0.95  # the 3-bit budget on random inputs
+    stats = [p.stats for p in plan.sites]
+    # the solver lowers its objective (relative output error on the calibration inputs) against RTN
+    assert np.mean([s.proxy_error for s in stats]) < 0.85 * np.mean([s.rtn_proxy_error for s in stats])
+    assert sum(s.proxy_error <= s.rtn_proxy_error for s in stats) >= 0.9 * len(stats)
+    assert all(s.holdout_error is not None and s.holdout_error > 0 for s in stats)
+
+
+def test_gptaq_with_alpha_zero_is_gptq(tiny_checkpoints, cache_dir, ids_file):
+    folder = str(tiny_checkpoints["llama"])
+    a = compile_model(folder, None, _cfg(ids_file, "gptq"), cache_dir=cache_dir).plan
+    b = compile_model(folder, None, _cfg(ids_file, "gptaq", alpha=0.0), cache_dir=cache_dir).plan
+    c = compile_model(folder, None, _cfg(ids_file, "gptaq"), cache_dir=cache_dir).plan
+    assert all(np.array_equal(x.weight.codes, y.weight.codes) for x, y in zip(a.sites, b.sites, strict=True))
+    assert not all(np.array_equal(x.weight.codes, y.weight.codes) for x, y in zip(a.sites, c.sites, strict=True))
+
+
+def test_cafeq_then_gptaq(tiny_checkpoints, cache_dir, ids_file):
+    folder = str(tiny_checkpoints["llama"])
+    res = compile_model(folder, None, _cfg(ids_file, "cafeq+gptaq"), cache_dir=cache_dir)
+    plan = res.plan
+    assert plan.method == "cafeq+gptaq" and plan.pair_transforms
+    assert sum(n.op_type == "MatMulNBits" for n in res.model.graph.node) == len(plan.sites)
+    onnx.checker.check_model(res.model)
+    assert res.validation.min_cosine > 0.95
+    stats = [p.stats for p in plan.sites]
+    assert np.mean([s.proxy_error for s in stats]) < 0.85 * np.mean([s.rtn_proxy_error for s in stats])
+    # the rounding is GPTAQ's on the transformed weights, not CafeQ's own
+    cafeq = compile_model(folder, None, CompileConfig(quant=QuantConfig(3, 32, False), method="cafeq",
+                                                      cafeq=CafeqConfig(steps=20, joint_pairs=())),
+                          cache_dir=cache_dir).plan
+    assert [t.pair.id for t in cafeq.pair_transforms] == [t.pair.id for t in plan.pair_transforms]
+    assert not all(np.array_equal(x.weight.codes, y.weight.codes) for x, y in zip(cafeq.sites, plan.sites, strict=True))
+
+
+def test_cli_bad_calibration_leaves_nothing(tmp_path, capsys, tiny_checkpoints, cache_dir):
+    out = tmp_path / "o.onnx"
+    code = main(["compile", str(tiny_checkpoints["llama"]), "--method", "gptq", "--calib", str(tmp_path / "none.npy"),
+                 "-o", str(out), "--cache-dir", str(cache_dir)])
+    assert code == 2 and not out.exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "calibration file not found" in err[0]
+
+
+@pytest.mark.slow
+def test_minilm_gptaq_beats_gptq_beats_rtn(minilm_dir, cache_dir):
+    """3-bit block 128 asym, 16 x 128 Python-docs tokens, fidelity on 64 Jargon File paragraphs."""
+    from qcompiler.runtime.evaluate import fidelity, sentence_embeddings
+    from qcompiler.runtime.text import default_text, paragraphs, read_text
+
+    texts = paragraphs(read_text(default_text()), 64)
+    ref = sentence_embeddings(load_model("minilm", cache_dir=cache_dir).model, str(minilm_dir), texts)
+    score, holdout = {}, {}
+    for method in ("rtn", "gptq", "gptaq"):
+        cfg = CompileConfig(quant=QuantConfig(3, 128, False), method=method, validate=False,
+                            calib=CalibConfig(samples=16, seqlen=128, holdout=8))
+        plan_model = compile_model("minilm", None, cfg, cache_dir=cache_dir)
+        score[method] = 1 - fidelity(sentence_embeddings(plan_model.model, str(minilm_dir), texts), ref).mean_cosine
+        holdout[method] = [p.stats.holdout_error for p in plan_model.plan.sites]
+    assert score["gptaq"] < score["gptq"] < 0.8 * score["rtn"], score
+    better = np.mean([a < b for a, b in zip(holdout["gptaq"], holdout["gptq"], strict=True)])
+    assert better > 0.5, better
