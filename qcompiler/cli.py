@@ -232,7 +232,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
             for o in result.validation.outputs:
                 lines.append(f"  validation [{o.name}]: rel. error {o.rel_error:.4f}, cosine {o.cosine:.5f}")
         lines.append(f"  time: {total:.1f}s (" + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items())
-                     + (", export cached)" if result.cached_export else ")"))
+                     + (", export cached)" if result.cached_export else ")")
+                     + f"; peak memory {report['peak_rss_mb']:.0f} MiB")
         if args.report:
             lines.append(f"  report: {args.report}")
         sys.stdout.write("\n".join(lines) + "\n")

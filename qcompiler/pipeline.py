@@ -73,8 +73,16 @@ class CompileResult:
                 "max_rel_error": self.validation.max_rel_error, "min_cosine": self.validation.min_cosine,
                 "outputs": [asdict(o) for o in self.validation.outputs]},
             "timings_s": self.timings,
+            "peak_rss_mb": peak_rss_mb(),
             "cached_export": self.cached_export,
         }
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (MiB): a compile's peak when it runs alone (the CLI)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _calibration(config: CompileConfig, loaded: LoadedModel) -> Calibration:
