@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx import numpy_helper
 
 from qcompiler.errors import QCompilerError
 from qcompiler.graphio import import_graph
@@ -70,6 +71,45 @@ def _value_info(name: str, tp: onnx.TypeProto) -> onnx.ValueInfoProto:
     return vi
 
 
+def _fold_constants(model: onnx.ModelProto, types: Mapping[str, onnx.TypeProto]) -> onnx.ModelProto:
+    """Evaluate once the nodes that read only initializers (a tied head's transposed embedding table, rotary
+    tables, ...) and store what the rest of the graph reads as initializers: they would otherwise be
+    carried in every state at every cut."""
+    g = model.graph
+    const = {t.name for t in g.initializer}
+    nodes, rest = [], []
+    for n in g.node:
+        ins = _node_inputs(n)
+        if not n.op_type.startswith("Random") and all(i in const for i in ins):
+            nodes.append(n)
+            const |= {o for o in n.output if o}
+        else:
+            rest.append(n)
+    produced = {o for n in nodes for o in n.output if o}
+    read = {i for n in rest for i in _node_inputs(n)} | {o.name for o in g.output}
+    needed = sorted(produced & read)
+    if not needed or any(t not in types for t in needed):
+        return model
+    inits = {t.name: t for t in g.initializer}
+    used = {i for n in nodes for i in _node_inputs(n) if i in inits}
+    sub = onnx.helper.make_graph(nodes, "constants", [], [_value_info(t, types[t]) for t in needed],
+                                 initializer=[inits[t] for t in sorted(used)])
+    sub_model = onnx.helper.make_model(sub, opset_imports=list(model.opset_import))
+    sub_model.ir_version = model.ir_version
+    sub_model.functions.extend(model.functions)
+    values = make_session(sub_model, SessionOptions(device="cpu")).run(needed, {})
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.node[:]
+    out.graph.node.extend(rest)
+    out.graph.initializer.extend(numpy_helper.from_array(np.asarray(v), t) for t, v in zip(needed, values, strict=True))
+    keep = {i for n in rest for i in _node_inputs(n)} | {o.name for o in g.output}
+    live_inits = [t for t in out.graph.initializer if t.name in keep]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(live_inits)
+    return out
+
+
 class SegmentedModel:
     """``model`` with every site's weight as an input, cut before each group of sites."""
 
@@ -94,12 +134,14 @@ class SegmentedModel:
         del self.model.opset_import[:]
         self.model.opset_import.extend(model.opset_import)
         self.model.ir_version = model.ir_version
+        types = _types(self.model)
+        self.model = _fold_constants(self.model, types)
         g = self.model.graph
         self._nodes = list(g.node)
         self._inits = {t.name: t for t in g.initializer}
         self._feeds = set(self.weight_inputs.values())
         self._graph_inputs = [i.name for i in g.input if i.name not in self._inits and i.name not in self._feeds]
-        self._types = _types(self.model)
+        self._types = types
         self._producer: dict[str, int] = {}
         self._last_use: dict[str, int] = {}
         self._inputs_of = [_node_inputs(n) for n in self._nodes]
