@@ -58,12 +58,12 @@ def _ort_gptq(model: onnx.ModelProto, tokens: np.ndarray, block: int, sym: bool)
     return q.model.model
 
 
-def _compile(model: str, method: str, bits: int, block: int, sym: bool, args,
-             tmp: Path) -> tuple[onnx.ModelProto, dict]:
+def _compile(model: str, method: str, bits: int, block: int, sym: bool, args, tmp: Path,
+             samples: int) -> tuple[onnx.ModelProto, dict]:
     out, rep = tmp / f"{method}-{bits}.onnx", tmp / f"{method}-{bits}.json"
     cmd = [sys.executable, "-m", "qcompiler", "compile", model, "-o", str(out), "--report", str(rep), "-q",
            "--method", method, "--bits", str(bits), "--group-size", str(block), "--sym" if sym else "--asym",
-           "--no-validate", "--calib-samples", str(args.samples), "--calib-seqlen", str(args.seqlen),
+           "--no-validate", "--calib-samples", str(samples), "--calib-seqlen", str(args.seqlen),
            "--calib-holdout", str(args.holdout)]
     subprocess.run(cmd, check=True)
     return onnx.load(str(out)), json.loads(rep.read_text())
@@ -77,6 +77,9 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, help="tokens per sequence (default: 512; MiniLM 128)")
     ap.add_argument("--holdout", type=int, default=8)
+    ap.add_argument("--ort-samples", type=int,
+                    help="ONNX Runtime's GPTQ on this many sequences (it re-runs the whole model once per "
+                         "layer input and sample); our gptq is then also run on those same sequences")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
     args.seqlen = args.seqlen or (128 if args.model == "minilm" else 512)
@@ -99,8 +102,9 @@ def main() -> None:
             return {"perplexity": perplexity(m, windows).perplexity}
         rows.append({"setting": "fp32", "method": "fp32", **score(ref.model)})
         print(json.dumps(rows[-1]), flush=True)
-    # the same windows our compiles draw (same seed), for ONNX Runtime's GPTQ
-    tokens = calibration_tokens(None, tok, args.samples + args.holdout, args.seqlen)[:args.samples]
+    # the windows our compiles draw (same count and seed), for ONNX Runtime's GPTQ
+    ort_n = args.ort_samples or args.samples
+    tokens = calibration_tokens(None, tok, ort_n + args.holdout, args.seqlen)[:ort_n]
     methods = args.methods.split(",")
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
@@ -113,12 +117,19 @@ def main() -> None:
                 if method == "ort-gptq":
                     if bits != 4:
                         continue  # ONNX Runtime's GPTQ writes 4-bit MatMulNBits only
+                    label = "" if ort_n == args.samples else f" ({ort_n} seqs)"
+                    if label:  # ours on the same sequences
+                        m, rep = _compile(args.model, "gptq", bits, block, sym, args, tmp, ort_n)
+                        rows.append({"setting": setting, "method": "gptq" + label,
+                                     "compile_s": sum(rep["timings_s"].values()), "peak_rss_mb": rep["peak_rss_mb"],
+                                     **score(m)})
+                        print(json.dumps(rows[-1]), flush=True)
                     t0 = time.perf_counter()
                     m = _ort_gptq(ref.model, tokens, block, sym)
-                    rows.append({"setting": setting, "method": method, "compile_s": time.perf_counter() - t0,
+                    rows.append({"setting": setting, "method": method + label, "compile_s": time.perf_counter() - t0,
                                  **score(m)})
                 else:
-                    m, rep = _compile(args.model, method, bits, block, sym, args, tmp)
+                    m, rep = _compile(args.model, method, bits, block, sym, args, tmp, args.samples)
                     holdout[method] = {s["id"]: s["holdout_error"] for s in rep["sites"]}
                     rows.append({"setting": setting, "method": method, "compile_s": sum(rep["timings_s"].values()),
                                  "peak_rss_mb": rep["peak_rss_mb"], **score(m)})
