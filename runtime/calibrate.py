@@ -54,11 +54,7 @@ def calibrate(seg: SegmentedModel, weights: Mapping[str, np.ndarray], batches: S
     groups = seg.groups
     if not groups:
         return CalibrationResult({}, 0, 0)
-    dtypes = {sid: np.dtype(np.float32) for sid in seg.weight_inputs}
-    for vi in seg.model.graph.input:
-        for sid, name in seg.weight_inputs.items():
-            if vi.name == name and vi.type.tensor_type.elem_type == 10:  # FLOAT16
-                dtypes[sid] = np.dtype(np.float16)
+    dtypes = seg.dtypes
     w_fp = {seg.weight_inputs[s]: np.ascontiguousarray(w, dtype=dtypes[s]) for s, w in weights.items()}
     w_q = dict(w_fp)
     n_cal = len(batches)

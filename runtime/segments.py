@@ -118,6 +118,7 @@ class SegmentedModel:
         nodes = {n.name: n for n in graph.nodes}
         self.weight_inputs: dict[str, str] = {}
         self.shapes: dict[str, tuple[int, int]] = {}
+        self.dtypes: dict[str, np.dtype] = {}
         for i, site in enumerate(sites):
             node = nodes.get(site.node)
             if node is None or site.op_type not in ("MatMul", "Gemm"):
@@ -129,6 +130,7 @@ class SegmentedModel:
             graph.inputs.append(var)
             self.weight_inputs[site.id] = var.name
             self.shapes[site.id] = (site.k, site.n)
+            self.dtypes[site.id] = np.dtype(site.dtype)
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         self.model = gs.export_onnx(graph, do_type_check=False)
         del self.model.opset_import[:]
@@ -140,6 +142,7 @@ class SegmentedModel:
         self._nodes = list(g.node)
         self._inits = {t.name: t for t in g.initializer}
         self._feeds = set(self.weight_inputs.values())
+        self._weight_vi = {vi.name: vi for vi in g.input if vi.name in self._feeds}
         self._graph_inputs = [i.name for i in g.input if i.name not in self._inits and i.name not in self._feeds]
         self._types = types
         self._producer: dict[str, int] = {}
@@ -192,7 +195,7 @@ class SegmentedModel:
         graph = onnx.helper.make_graph(
             [self._nodes[i] for i in keep], f"segment_{start}",
             [_value_info(t, types[t]) for t in inputs if t not in self._feeds]
-            + [self._weight_info(t) for t in inputs if t in self._feeds],
+            + [self._weight_vi[t] for t in inputs if t in self._feeds],
             [_value_info(t, types[t]) for t in outputs],
             initializer=[self._inits[t] for t in inits])
         model = onnx.helper.make_model(graph, opset_imports=list(self.model.opset_import))
@@ -201,12 +204,6 @@ class SegmentedModel:
         carried = [t for t in self.live(stop) if t not in outputs]
         return Segment(model, tuple(t for t in inputs if t not in self._feeds),
                        tuple(t for t in inputs if t in self._feeds), tuple(outputs), tuple(carried))
-
-    def _weight_info(self, name: str) -> onnx.ValueInfoProto:
-        for vi in self.model.graph.input:
-            if vi.name == name:
-                return vi
-        raise KeyError(name)
 
 
 @dataclass(frozen=True)

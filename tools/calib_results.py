@@ -9,7 +9,9 @@ Calibration: Python's documentation (``pydoc_data.topics``), ``--samples`` x ``-
 Settings: 3- and 4-bit block 128 sym. Each of our compiles runs as its own ``qcompiler compile``
 process (its report gives compile time and peak memory); ONNX Runtime's GPTQ (``MatMulNBitsQuantizer``
 with ``GPTQWeightOnlyQuantConfig``, Intel Neural Compressor underneath, 4-bit only) runs in this
-process on the same tokens, one sequence per calibration sample.
+process on the same tokens, one sequence per calibration sample. It needs Intel Neural Compressor,
+which the repo does not install (``pip install --no-deps neural-compressor==2.6`` and its imports:
+schema, prettytable, pillow, opencv-python-headless, pycocotools, pandas, scikit-learn, setuptools<81).
 """
 
 from __future__ import annotations

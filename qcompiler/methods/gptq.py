@@ -45,6 +45,7 @@ class Rounded:
     weight: QuantizedWeight
     proxy: float  # tr(dW^T H dW) / tr(W^T H W): relative output error^2 on the calibration inputs
     rtn_proxy: float  # the same for round-to-nearest
+    rtn_rel: float  # ||W_rtn - W|| / ||W||
     holdout_error: float | None
 
 
@@ -72,7 +73,7 @@ def round_calibrated(model: onnx.ModelProto, sites: Sequence[LinearSite], weight
     solver = SolverConfig(block=cfg.block, percdamp=cfg.percdamp, act_order=cfg.act_order,
                           alpha=cfg.alpha if calib.asymmetric else 0.0)
     by_id = {s.id: s for s in sites}
-    partial: dict[str, tuple[QuantizedWeight, float, float]] = {}
+    partial: dict[str, tuple[QuantizedWeight, float, float, float]] = {}
 
     def quantize_group(data: GroupData) -> dict[str, np.ndarray]:
         out = {}
@@ -82,14 +83,15 @@ def round_calibrated(model: onnx.ModelProto, sites: Sequence[LinearSite], weight
             w_hat = qw.dequantize().astype(np.float64)
             rtn = quantize(w.astype(np.float32), quant.bits, quant.group_size, quant.symmetric)
             rtn_hat = rtn.dequantize().astype(np.float64)
-            partial[sid] = (qw, _rel_proxy(data.h, w, w_hat), _rel_proxy(data.h, w, rtn_hat))
+            partial[sid] = (qw, _rel_proxy(data.h, w, w_hat), _rel_proxy(data.h, w, rtn_hat),
+                            relative_error(w, rtn_hat))
             out[sid] = w_hat
         return out
 
     result = calibrate(seg, {s: weights[s] for s in by_id}, batches, quantize_group, target=calib.asymmetric,
                        holdout=holdout, options=calib.options, device=calib.device, progress=progress)
     log.info("calibrated %d groups on %d tokens", result.groups, result.tokens)
-    return {sid: Rounded(qw, p, r, result.holdout_error.get(sid)) for sid, (qw, p, r) in partial.items()}
+    return {sid: Rounded(qw, p, r, rel, result.holdout_error.get(sid)) for sid, (qw, p, r, rel) in partial.items()}
 
 
 def plan_calibrated(model: onnx.ModelProto, sites: Sequence[LinearSite], weight_of: Callable[[LinearSite], np.ndarray],
@@ -101,13 +103,13 @@ def plan_calibrated(model: onnx.ModelProto, sites: Sequence[LinearSite], weight_
     plans = []
     for s in sites:
         w = weights[s.id]
-        rtn = quantize(w, quant.bits, quant.group_size, quant.symmetric)
-        rtn_rel = relative_error(w, rtn.dequantize())
         r = rounded.get(s.id)
         if r is None:  # an embedding table: no activations to calibrate on
-            plans.append(SitePlan(s, rtn, SiteStats(rtn_rel, float(np.sum((rtn.dequantize() - w) ** 2)))))
+            rtn = quantize(w, quant.bits, quant.group_size, quant.symmetric)
+            plans.append(SitePlan(s, rtn, SiteStats(relative_error(w, rtn.dequantize()),
+                                                    float(np.sum((rtn.dequantize() - w) ** 2)))))
             continue
-        plans.append(SitePlan(s, r.weight, SiteStats(relative_error(w, r.weight.dequantize()), r.proxy, rtn_rel,
+        plans.append(SitePlan(s, r.weight, SiteStats(relative_error(w, r.weight.dequantize()), r.proxy, r.rtn_rel,
                                                      r.rtn_proxy, holdout_error=r.holdout_error)))
     return QuantPlan(method, quant, tuple(plans))
 
