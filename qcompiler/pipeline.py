@@ -32,6 +32,7 @@ from qcompiler.passes import (
     QDQPass,
 )
 from qcompiler.plan import QuantPlan
+from qcompiler.resources import peak_rss_mb
 from qcompiler.runtime.calib_data import calibration_tokens
 from qcompiler.runtime.session import SessionOptions
 from qcompiler.runtime.validate import ValidationResult, validate
@@ -76,13 +77,6 @@ class CompileResult:
             "peak_rss_mb": peak_rss_mb(),
             "cached_export": self.cached_export,
         }
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory so far (MiB): a compile's peak when it runs alone (the CLI)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _calibration(config: CompileConfig, loaded: LoadedModel) -> Calibration:

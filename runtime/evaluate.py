@@ -47,12 +47,23 @@ def sentence_embeddings(model: onnx.ModelProto | str, tokenizer_dir: str, texts:
                         max_length: int = 128, batch_size: int = 32, options: SessionOptions | None = None,
                         progress: bool = False) -> np.ndarray:
     """Mean pooling over the attention mask, then L2 normalisation (sentence-transformers' recipe)."""
+    return pooled_embeddings(model, encode_texts(tokenizer_dir, texts, max_length, batch_size), options, progress)
+
+
+def encode_texts(tokenizer_dir: str, texts: list[str], max_length: int = 128,
+                 batch_size: int = 32) -> list[dict[str, np.ndarray]]:
+    """Tokenized batches (``input_ids``, ``attention_mask``, ...) of ``texts``, padded per batch."""
     tok = _tokenizer(tokenizer_dir)
+    return [dict(tok(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
+                     return_tensors="np")) for i in range(0, len(texts), batch_size)]
+
+
+def pooled_embeddings(model: onnx.ModelProto | str, batches: list[dict[str, np.ndarray]],
+                      options: SessionOptions | None = None, progress: bool = False) -> np.ndarray:
+    """Mean-pooled, L2-normalised first outputs of an encoder over tokenized ``batches``."""
     sess = make_session(model, options)
     out = []
-    for i in tqdm(range(0, len(texts), batch_size), desc="embed", disable=not progress, leave=False):
-        enc = tok(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
-                  return_tensors="np")
+    for enc in tqdm(batches, desc="embed", disable=not progress, leave=False):
         feeds = _feeds(sess, enc)
         hidden = sess.run(None, feeds)[0].astype(np.float64)
         mask = feeds["attention_mask"][..., None].astype(np.float64)

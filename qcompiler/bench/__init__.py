@@ -1,0 +1,5 @@
+"""The bench: every method against the peers on the same models, settings, inputs and machine.
+
+grid (what runs) -> worker (one compile per process) -> tasks (quality, latency) -> store (resumable
+results.json) -> report (markdown, README table) and plots.
+"""

@@ -1,0 +1,118 @@
+"""What the bench runs: settings, methods (ours and the peers') and which setting each method supports."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Setting:
+    bits: int
+    block: int
+    sym: bool
+
+    @property
+    def key(self) -> str:
+        return f"w{self.bits}-b{self.block}-{'sym' if self.sym else 'asym'}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.bits}-bit block {self.block} {'sym' if self.sym else 'asym'}"
+
+    @classmethod
+    def parse(cls, key: str) -> Setting:
+        try:
+            w, b, s = key.split("-")
+            if not (w[0] == "w" and b[0] == "b" and s in ("sym", "asym")):
+                raise ValueError
+            return cls(int(w[1:]), int(b[1:]), s == "sym")
+        except ValueError:
+            raise ValueError(f"bad setting {key!r}: expected like w4-b128-sym") from None
+
+
+# the issue's grid, plus 4-bit block 32 sym: the one scheme the onnxsim quantizers write
+SETTINGS = tuple(Setting.parse(k) for k in (
+    "w4-b32-asym", "w4-b32-sym", "w4-b128-sym", "w4-b128-asym", "w3-b128-sym", "w3-b128-asym",
+    "w2-b32-asym", "w8-b128-asym"))
+
+# the rows that are not a weight-quantization setting: the float model, and ORT's stock int8 quantizer
+REFERENCE = "reference"
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    owner: str  # ours | onnxruntime | onnxsim
+    summary: str
+    bits: tuple[int, ...] = (2, 3, 4, 8)
+    blocks: tuple[int, ...] | None = None  # None: any
+    sym: tuple[bool, ...] = (False, True)
+    calibrated: bool = False
+    cost: int = 1  # run order: cheap rows first, so a long run fills every table early
+
+    def unsupported(self, s: Setting) -> str | None:
+        """Why this method does not run at ``s``, or None when it does."""
+        if s.bits not in self.bits:
+            return f"no {s.bits}-bit mode"
+        if self.blocks is not None and s.block not in self.blocks:
+            return f"block {s.block} not supported (only {', '.join(map(str, self.blocks))})"
+        if s.sym not in self.sym:
+            return "no symmetric mode" if s.sym else "no asymmetric mode"
+        return None
+
+
+METHODS: tuple[Method, ...] = (
+    Method("rtn", "ours", "round to nearest"),
+    Method("rotate", "ours", "random block rotations (the transforms' baseline)", cost=2),
+    Method("cafeq-transforms", "ours", "CafeQ learned transforms, plain rounding", cost=4),
+    Method("cafeq", "ours", "CafeQ transforms + joint rounding of coupled pairs", cost=5),
+    Method("gptq", "ours", "GPTQ", calibrated=True, cost=3),
+    Method("gptaq", "ours", "GPTAQ", calibrated=True, cost=3),
+    Method("cafeq+gptaq", "ours", "CafeQ transforms, GPTAQ rounding", calibrated=True, cost=6),
+    Method("ort-default", "onnxruntime", "MatMulNBitsQuantizer DEFAULT (RTN)", bits=(2, 4, 8)),
+    Method("ort-hqq", "onnxruntime", "MatMulNBitsQuantizer HQQ", bits=(2, 4, 8), sym=(False,), cost=2),
+    Method("ort-kquant", "onnxruntime", "MatMulNBitsQuantizer k_quant", bits=(4,), cost=2),
+    Method("ort-gptq", "onnxruntime", "MatMulNBitsQuantizer GPTQ", bits=(4,), calibrated=True, cost=5),
+    Method("onnxsim-int4", "onnxsim", "quantize_weight_only_int4 (RTN)", bits=(4,), blocks=(32,), sym=(True,)),
+    Method("onnxsim-hqq", "onnxsim", "quantize_weight_only_int4_hqq", bits=(4,), blocks=(32,), sym=(False,),
+           cost=2),
+    Method("onnxsim-quarot", "onnxsim", "apply_quarot_fused (W4A4: activations quantized too)", bits=(4,),
+           sym=(True,), cost=2),
+    Method("onnxsim-gptq", "onnxsim", "apply_gptq", bits=(4,), blocks=(32,), sym=(True,), calibrated=True,
+           cost=4),
+    Method("onnxsim-gptaq", "onnxsim", "apply_gptaq", bits=(4,), blocks=(32,), sym=(True,), calibrated=True,
+           cost=5),
+    Method("onnxsim-awq", "onnxsim", "apply_awq", bits=(4,), blocks=(32,), sym=(True,), calibrated=True,
+           cost=5),
+)
+REFERENCE_METHODS: tuple[Method, ...] = (
+    Method("fp32", "ours", "the float model", bits=()),
+    Method("ort-int8-dynamic", "onnxruntime", "quantize_dynamic int8 (weights and activations)", bits=()),
+)
+BY_NAME = {m.name: m for m in METHODS + REFERENCE_METHODS}
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    model: str
+    setting: str  # a Setting key or REFERENCE
+    method: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.model}/{self.setting}/{self.method}"
+
+
+def plan_rows(models: list[str], settings: list[Setting], methods: list[str]) -> list[RowSpec]:
+    """Every supported (model, setting, method), references first, then cheap methods before dear ones."""
+    for name in methods:
+        if name not in BY_NAME:
+            raise ValueError(f"unknown method {name!r}; choose from {', '.join(BY_NAME)}")
+    rows = []
+    for model in models:
+        rows += [RowSpec(model, REFERENCE, m.name) for m in REFERENCE_METHODS if m.name in methods]
+        chosen = sorted((BY_NAME[n] for n in methods if n not in {m.name for m in REFERENCE_METHODS}),
+                        key=lambda m: m.cost)
+        for m in chosen:
+            rows += [RowSpec(model, s.key, m.name) for s in settings if m.unsupported(s) is None]
+    return rows

@@ -1,0 +1,185 @@
+"""Run the grid: prepare each model once (fp32 file, inputs, calibration ids), then every pending row."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from qcompiler.bench.grid import BY_NAME, REFERENCE, RowSpec
+from qcompiler.bench.store import ResultStore
+from qcompiler.bench.tasks import (
+    Task,
+    alternating_latency,
+    encoder_task,
+    lm_task,
+    model_bytes,
+    runs_in_plain_onnxruntime,
+)
+from qcompiler.bench.worker import WorkerSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    source: str  # bundled name or HF folder
+    kind: str  # encoder | lm
+    calib: tuple[int, int]  # calibration sequences x tokens
+    tiny: bool = False  # random inputs instead of text (no tokenizer)
+    cafeq: tuple[tuple[str, object], ...] = ()  # CafeqConfig overrides (tiny models: fewer steps)
+
+
+REAL_MODELS = {"minilm": ModelEntry("minilm", "minilm", "encoder", (64, 128)),
+               "smollm2": ModelEntry("smollm2", "smollm2", "lm", (64, 512))}
+
+
+@dataclass
+class Prepared:
+    entry: ModelEntry
+    fp32: str
+    calib: str
+    task: Task
+    fingerprint: dict
+
+
+def prepare(entry: ModelEntry, work: Path, cache_dir: str | None) -> Prepared:
+    from qcompiler.frontends import load_model
+    from qcompiler.graphio import save_onnx_atomic
+    from qcompiler.runtime.calib_data import calibration_tokens
+
+    folder = work / entry.name
+    folder.mkdir(parents=True, exist_ok=True)
+    loaded = load_model(entry.source, cache_dir=cache_dir)
+    fp32 = folder / "fp32.onnx"
+    if not fp32.exists():
+        save_onnx_atomic(loaded.model, fp32)
+    n, length = entry.calib
+    rng = np.random.default_rng(0)
+    if entry.tiny:
+        vocab = 500
+        ids = rng.integers(5, vocab, (n, length)).astype(np.int64)
+        if entry.kind == "encoder":
+            batches = [{"input_ids": rng.integers(5, vocab, (16, 32)).astype(np.int64),
+                        "attention_mask": np.ones((16, 32), np.int64)} for _ in range(2)]
+            task = encoder_task(batches, (4, 32), 3, "32 random sequences of 32 tokens", vocab)
+        else:
+            task = lm_task(rng.integers(5, vocab, (2, 64)).astype(np.int64), 3, "2 random windows of 64 tokens")
+    else:
+        from qcompiler.runtime.evaluate import encode_texts, token_windows
+        from qcompiler.runtime.text import default_text, paragraphs, read_text
+
+        tok = loaded.tokenizer_dir
+        text = read_text(default_text())
+        ids = calibration_tokens(None, tok, n, length)
+        if entry.kind == "encoder":
+            task = encoder_task(encode_texts(tok, paragraphs(text, 256), 128, 32), (8, 128), 10,
+                                "256 Jargon File paragraphs (128 tokens)", 20000)
+        else:
+            task = lm_task(token_windows(tok, text, 8, 512), 30, "8 windows of 512 Jargon File tokens")
+    calib = folder / "calib.npy"
+    np.save(calib, ids)
+    task.set_reference(str(fp32))
+    fingerprint = {"task": task.describe, "calib": f"{n} x {length}", "calib_ids_sum": int(ids.sum())}
+    return Prepared(entry, str(fp32), str(calib), task, fingerprint)
+
+
+def machine_line() -> str:
+    import onnxruntime
+
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (f"{platform.machine()}, {os.cpu_count()} cores, {mem:.0f} GiB, Python {platform.python_version()}, "
+            f"ONNX Runtime {onnxruntime.__version__} CPU, {2} threads for latency")
+
+
+def _compile(row: RowSpec, p: Prepared, work: Path, timeout: float, cache_dir: str | None) -> tuple[str | None, dict]:
+    folder = work / row.model / "rows"
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = f"{row.setting}.{row.method}".replace("+", "_")
+    spec = WorkerSpec(p.entry.source, p.fp32, row.method, row.setting, p.calib, str(folder / f"{stem}.onnx"),
+                      str(folder / f"{stem}.stats.json"), cache_dir, dict(p.entry.cafeq))
+    spec_path = folder / f"{stem}.spec.json"
+    spec.write(spec_path)
+    log_path = folder / f"{stem}.log"
+    Path(spec.stats).unlink(missing_ok=True)
+    with open(log_path, "w") as logf:
+        try:
+            subprocess.run([sys.executable, "-m", "qcompiler.bench.worker", str(spec_path)], stdout=logf,
+                           stderr=subprocess.STDOUT, timeout=timeout, env={**os.environ, "TQDM_DISABLE": "1"})
+        except subprocess.TimeoutExpired:
+            return None, {"status": "failed", "reason": f"timed out after {timeout:.0f} s"}
+    import json
+
+    if not Path(spec.stats).exists():
+        tail = log_path.read_text().strip().splitlines()[-1:] or ["no output"]
+        return None, {"status": "failed", "reason": f"worker died: {tail[0][:200]}"}
+    stats = json.loads(Path(spec.stats).read_text())
+    if "error" in stats:
+        return None, {"status": "failed", "reason": stats["error"]}
+    return spec.out, stats
+
+
+def measure(row: RowSpec, p: Prepared, work: Path, timeout: float, cache_dir: str | None) -> dict:
+    if row.method == "fp32":
+        path, stats = p.fp32, {}
+    else:
+        path, stats = _compile(row, p, work, timeout, cache_dir)
+        if path is None:
+            return stats
+    result = {"status": "ok", **stats, "size_mb": model_bytes(path) / 1e6,
+              "runs_in_plain_ort": runs_in_plain_onnxruntime(path, p.task.latency_feeds)}
+    try:
+        result.update(p.task.quality(path))
+        ms, ref_ms = alternating_latency(path, p.fp32, p.task.latency_feeds, p.task.latency_reps)
+        result.update({"latency_ms": ms, "latency_vs_fp32": ms / ref_ms})
+    except Exception as e:
+        result = {"status": "failed", "reason": f"evaluation: {type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+    if path != p.fp32:
+        for f in Path(path).parent.glob(Path(path).name + "*"):
+            f.unlink()  # rows' models are not kept: SmolLM2's would fill the disk
+    return result
+
+
+def run(store: ResultStore, models: list[ModelEntry], rows: list[RowSpec], work: Path, timeout: float,
+        redo: bool, command: str, cache_dir: str | None = None, progress: bool = True,
+        on_row=None) -> None:
+    started = time.time()
+    store.meta["machine"] = machine_line()
+    store.meta.setdefault("runs", []).append({"command": command, "started": time.strftime("%Y-%m-%d %H:%M"),
+                                              "wall_s": 0.0, "rows": 0})
+    run_info = store.meta["runs"][-1]
+    pending = [r for r in rows if redo or not store.done(r.key)]
+    log.info("%d rows, %d already measured, %d to run", len(rows), len(rows) - len(pending), len(pending))
+    prepared: dict[str, Prepared] = {}
+    bar = tqdm(pending, desc="bench", disable=not progress, unit="row")
+    for row in bar:
+        bar.set_postfix_str(row.key)
+        if row.model not in prepared:
+            entry = next(m for m in models if m.name == row.model)
+            prepared[row.model] = p = prepare(entry, work, cache_dir)
+            store.check_model(entry.name, p.fingerprint)
+            store.models[entry.name] = {"fingerprint": p.fingerprint, "kind": entry.kind,
+                                        "source": entry.source}
+        t0 = time.perf_counter()
+        result = measure(row, prepared[row.model], work, timeout, cache_dir)
+        result.update({"model": row.model, "setting": row.setting, "method": row.method,
+                       "owner": BY_NAME[row.method].owner, "wall_s": time.perf_counter() - t0})
+        if row.setting == REFERENCE:
+            result["reference"] = True
+        run_info["wall_s"] = time.time() - started
+        run_info["rows"] += 1
+        store.put(row.key, result)
+        log.info("%s: %s", row.key, result.get("reason", "ok"))
+        if on_row:
+            on_row(store)
+    run_info["wall_s"] = time.time() - started
+    store.save()

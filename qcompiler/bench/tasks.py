@@ -1,0 +1,111 @@
+"""What a bench row is measured on: a task per model kind, the same inputs for every row.
+
+Encoders: mean-pooled sentence embeddings against fp32 (mean and min cosine, Spearman of all pairwise
+similarities, nearest-neighbour agreement); latency of one batch. Causal LMs: perplexity on fixed
+windows; latency of a batch-1 one-token step (a forward of one token, no KV cache). Latency is always
+taken against the fp32 model in alternating runs (fixed thread count, medians), so that the ratio
+holds on a noisy machine.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from qcompiler.runtime.evaluate import fidelity, perplexity, pooled_embeddings
+from qcompiler.runtime.session import SessionOptions, make_session
+
+THREADS = 2
+
+
+@dataclass
+class Task:
+    kind: str  # encoder | lm
+    inputs: list  # encoder: tokenized batches; lm: [windows, length] ids
+    latency_feeds: dict[str, np.ndarray]
+    latency_reps: int
+    describe: str  # what the metric is measured on, for the results page
+    reference: dict = field(default_factory=dict)  # fp32's embeddings (encoder)
+
+    @property
+    def primary(self) -> tuple[str, bool]:
+        """The column that ranks rows, and whether higher is better."""
+        return ("mean_cos", True) if self.kind == "encoder" else ("perplexity", False)
+
+    def set_reference(self, fp32: str) -> None:
+        if self.kind == "encoder":
+            self.reference["emb"] = pooled_embeddings(fp32, self.inputs, SessionOptions(device="cpu", threads=THREADS))
+
+    def quality(self, model: str) -> dict[str, float]:
+        opts = SessionOptions(device="cpu", threads=THREADS)
+        if self.kind == "lm":
+            return {"perplexity": perplexity(model, self.inputs, opts).perplexity}
+        f = fidelity(pooled_embeddings(model, self.inputs, opts), self.reference["emb"])
+        return {"mean_cos": f.mean_cosine, "min_cos": f.min_cosine, "spearman": f.spearman,
+                "nn_agreement": f.nn_agreement}
+
+
+def _session_feeds(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    names = {i.name for i in sess.get_inputs()}
+    out = {k: v for k, v in feeds.items() if k in names}
+    if "token_type_ids" in names and "token_type_ids" not in out:
+        out["token_type_ids"] = np.zeros_like(out["input_ids"])
+    if "position_ids" in names and "position_ids" not in out:
+        out["position_ids"] = np.zeros_like(out["input_ids"])
+    return out
+
+
+def alternating_latency(model: str, reference: str, feeds: dict[str, np.ndarray], reps: int,
+                        threads: int = THREADS) -> tuple[float, float]:
+    """Median milliseconds of ``model`` and ``reference``, timed in alternating runs."""
+    opts = SessionOptions(device="cpu", threads=threads)
+    sa, sb = make_session(model, opts), make_session(reference, opts)
+    fa, fb = _session_feeds(sa, feeds), _session_feeds(sb, feeds)
+    sa.run(None, fa)
+    sb.run(None, fb)
+    ta, tb = [], []
+    for _ in range(reps):
+        for s, f, t in ((sa, fa, ta), (sb, fb, tb)):
+            t0 = time.perf_counter()
+            s.run(None, f)
+            t.append(time.perf_counter() - t0)
+    return float(np.median(ta)) * 1e3, float(np.median(tb)) * 1e3
+
+
+def runs_in_plain_onnxruntime(model: str, feeds: dict[str, np.ndarray]) -> bool:
+    """A stock ``InferenceSession`` (CPU, default options) loads and runs the file."""
+    try:
+        sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+        sess.run(None, _session_feeds(sess, feeds))
+        return True
+    except Exception:
+        return False
+
+
+def model_bytes(path: str) -> int:
+    """The file plus its external data files."""
+    from pathlib import Path
+
+    p = Path(path)
+    m = onnx.load(str(p), load_external_data=False)
+    extra = {t.external_data[i].value for t in m.graph.initializer for i in range(len(t.external_data))
+             if t.external_data[i].key == "location"}
+    return p.stat().st_size + sum((p.parent / e).stat().st_size for e in extra if (p.parent / e).exists())
+
+
+def encoder_task(batches: list[dict[str, np.ndarray]], latency_batch: tuple[int, int], reps: int,
+                 describe: str, vocab: int) -> Task:
+    rng = np.random.default_rng(0)
+    b, length = latency_batch
+    feeds = {"input_ids": rng.integers(5, vocab, (b, length)).astype(np.int64),
+             "attention_mask": np.ones((b, length), np.int64)}
+    return Task("encoder", batches, feeds, reps, describe)
+
+
+def lm_task(windows: np.ndarray, reps: int, describe: str) -> Task:
+    feeds = {"input_ids": np.array([[int(windows[0, 0])]], np.int64), "attention_mask": np.ones((1, 1), np.int64)}
+    return Task("lm", windows, feeds, reps, describe)

@@ -1,0 +1,161 @@
+"""The bench harness: grid, results page, worker failures, and the whole --quick run end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qcompiler.bench import report
+from qcompiler.bench.grid import BY_NAME, METHODS, REFERENCE, SETTINGS, RowSpec, Setting, plan_rows
+from qcompiler.bench.store import ResultStore
+from qcompiler.bench.worker import WorkerSpec, main as worker_main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_setting_keys_round_trip_and_bad_keys_are_refused():
+    for s in SETTINGS:
+        assert Setting.parse(s.key) == s
+    assert Setting.parse("w3-b128-sym").label == "3-bit block 128 sym"
+    for bad in ("w4-b128", "4-128-sym", "w4-b128-both", "wx-b1-sym"):
+        with pytest.raises(ValueError, match="bad setting"):
+            Setting.parse(bad)
+
+
+def test_plan_runs_each_method_only_where_it_is_supported():
+    rows = plan_rows(["m"], list(SETTINGS), [m.name for m in METHODS] + ["fp32", "ort-int8-dynamic"])
+    by = {}
+    for r in rows:
+        by.setdefault(r.method, set()).add(r.setting)
+    assert by["fp32"] == by["ort-int8-dynamic"] == {REFERENCE}
+    assert by["rtn"] == by["cafeq+gptaq"] == {s.key for s in SETTINGS}
+    assert "w3-b128-sym" not in by["ort-default"] and "w2-b32-asym" in by["ort-default"]
+    assert by["ort-gptq"] == by["ort-kquant"] == {"w4-b32-asym", "w4-b32-sym", "w4-b128-sym", "w4-b128-asym"}
+    assert by["ort-hqq"] == {"w4-b32-asym", "w4-b128-asym", "w2-b32-asym", "w8-b128-asym"}
+    assert by["onnxsim-gptq"] == by["onnxsim-int4"] == {"w4-b32-sym"}
+    assert by["onnxsim-hqq"] == {"w4-b32-asym"}
+    assert len(rows) == len({r.key for r in rows})
+    costs = [BY_NAME[r.method].cost for r in rows if r.setting != REFERENCE]
+    assert costs == sorted(costs)  # cheap rows first
+    with pytest.raises(ValueError, match="unknown method"):
+        plan_rows(["m"], list(SETTINGS), ["rtn", "magic"])
+
+
+def _row(model, setting, method, **kw):
+    return {"model": model, "setting": setting, "method": method, "status": "ok", **kw}
+
+
+def _data():
+    rows = [
+        _row("enc", REFERENCE, "fp32", mean_cos=1.0, min_cos=1.0, spearman=1.0, nn_agreement=1.0),
+        _row("enc", "w4-b128-sym", "rtn", mean_cos=0.94, min_cos=0.9, spearman=0.95, nn_agreement=0.7,
+             compile_s=1.0, peak_rss_mb=900, size_mb=50.0, latency_ms=10.0, latency_vs_fp32=1.1,
+             runs_in_plain_ort=True),
+        _row("enc", "w4-b128-sym", "gptq", mean_cos=0.97, min_cos=0.94, spearman=0.97, nn_agreement=0.8),
+        {"model": "enc", "setting": "w4-b128-sym", "method": "ort-gptq", "status": "failed",
+         "reason": "timed out after 10 s"},
+        _row("lm", REFERENCE, "fp32", perplexity=24.9),
+        _row("lm", "w3-b128-sym", "rtn", perplexity=140.2),
+        _row("lm", "w3-b128-sym", "gptaq", perplexity=70.3),
+    ]
+    return {"meta": {"machine": "test box", "runs": [{"command": "python tools/bench.py", "started": "now",
+                                                      "wall_s": 60.0, "rows": 7}]},
+            "models": {"enc": {"kind": "encoder", "fingerprint": {"task": "t", "calib": "1 x 1"}},
+                       "lm": {"kind": "lm", "fingerprint": {"task": "t", "calib": "1 x 1"}}},
+            "rows": {f"{r['model']}/{r['setting']}/{r['method']}": r for r in rows}}
+
+
+def test_results_page_bolds_the_best_row_and_shows_failed_and_pending_rows():
+    data = _data()
+    plan = [RowSpec(r["model"], r["setting"], r["method"]) for r in data["rows"].values()]
+    plan.append(RowSpec("lm", "w3-b128-sym", "cafeq"))
+    md = report.markdown(data, plan)
+    assert "**0.9700**" in md and "**0.9400**" not in md  # higher cosine wins
+    assert "**70.30**" in md and "**140.20**" not in md  # lower perplexity wins
+    assert "failed: timed out after 10 s" in md
+    assert "| cafeq | pending (not measured yet) |" in md
+    assert "test box" in md and "`python tools/bench.py`" in md
+    assert "10.0 (1.10x)" in md
+    table = report.summary_table(data, plan)
+    assert "| gptaq | **70.30** |" in table and "fp32 24.90" in table and "| cafeq | pending |" in table
+
+
+def test_readme_block_is_replaced_and_nothing_else(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{report.README_BEGIN}\nold\n{report.README_END}\nafter\n")
+    assert report.write_readme(readme, "| new |")
+    assert readme.read_text() == f"intro\n{report.README_BEGIN}\n| new |\n{report.README_END}\nafter\n"
+    other = tmp_path / "other.md"
+    other.write_text("no block\n")
+    assert not report.write_readme(other, "x") and other.read_text() == "no block\n"
+
+
+def test_store_refuses_rows_measured_on_other_inputs(tmp_path):
+    store = ResultStore(tmp_path / "r.json")
+    store.models["m"] = {"fingerprint": {"task": "a"}}
+    store.put("m/x/rtn", {"status": "ok"})
+    again = ResultStore(tmp_path / "r.json")
+    assert again.done("m/x/rtn")
+    again.check_model("m", {"task": "a"})
+    with pytest.raises(ValueError, match="--fresh"):
+        again.check_model("m", {"task": "b"})
+
+
+def test_worker_failure_is_one_line_in_stats(tmp_path):
+    np.save(tmp_path / "calib.npy", np.ones((1, 8), np.int64))
+    spec = WorkerSpec(str(tmp_path / "missing"), str(tmp_path / "missing.onnx"), "rtn", "w4-b32-sym",
+                      str(tmp_path / "calib.npy"), str(tmp_path / "out.onnx"), str(tmp_path / "stats.json"))
+    spec.write(tmp_path / "spec.json")
+    assert worker_main([str(tmp_path / "spec.json")]) == 1
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert "error" in stats and "\n" not in stats["error"]
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_bad_arguments_exit_2(tmp_path):
+    for args in (["--models", "gpt5"], ["--settings", "w4-b128"], ["--methods", "rtn,magic"]):
+        p = subprocess.run([sys.executable, str(ROOT / "tools/bench.py"), "--out", str(tmp_path), *args],
+                           capture_output=True, text=True)
+        assert p.returncode == 2 and p.stderr.startswith("error: "), p.stderr
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_quick_run_end_to_end_then_resume(tmp_path):
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    cmd = [sys.executable, str(ROOT / "tools/bench.py"), "--quick", "--out", str(out), "--cache-dir", str(cache), "-q"]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, capture_output=True)
+    wall = time.perf_counter() - t0
+    assert wall < 240, f"--quick took {wall:.0f} s"  # about 2 minutes alone; CI may share the cores
+    data = json.loads((out / "results.json").read_text())
+    rows = data["rows"]
+    methods = {r["method"] for r in rows.values()}
+    assert methods == set(BY_NAME)  # every method, ours and the peers', ran at least once
+    for key, r in rows.items():
+        assert r["status"] == "ok", (key, r.get("reason"))
+        assert r["runs_in_plain_ort"] and r["size_mb"] > 0 and r["latency_ms"] > 0, key
+        if r["method"] != "fp32":
+            assert r["compile_s"] >= 0 and r["peak_rss_mb"] > 100, key
+        if r["model"] == "tiny-bert":
+            assert 0.9 < r["mean_cos"] <= 1.0 + 1e-9 and -1 <= r["spearman"] <= 1, key
+        else:
+            assert math.isfinite(r["perplexity"]), key
+    # tiny models' weights are small: every quantizer should stay near fp32, and none should be far off
+    ppl = {r["method"]: r["perplexity"] for r in rows.values() if r["model"] == "tiny-llama"}
+    assert all(abs(v / ppl["fp32"] - 1) < 0.1 for v in ppl.values()), ppl
+    md = (out / "results.md").read_text()
+    assert "## tiny-bert" in md and "## tiny-llama" in md and "**" in md
+    for name in ("tiny-bert_quality.png", "tiny-llama_size_latency.png"):
+        png = (out / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    # a second run resumes: nothing is measured again, the rows are the same
+    subprocess.run(cmd, check=True, capture_output=True)
+    again = json.loads((out / "results.json").read_text())
+    assert again["rows"] == rows and again["meta"]["runs"][-1]["rows"] == 0 and len(again["meta"]["runs"]) == 2
