@@ -15,7 +15,8 @@ import pytest
 from qcompiler.bench import report
 from qcompiler.bench.grid import BY_NAME, METHODS, REFERENCE, SETTINGS, RowSpec, Setting, plan_rows
 from qcompiler.bench.store import ResultStore
-from qcompiler.bench.worker import WorkerSpec, main as worker_main
+from qcompiler.bench.worker import WorkerSpec
+from qcompiler.bench.worker import main as worker_main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -159,3 +160,13 @@ def test_quick_run_end_to_end_then_resume(tmp_path):
     subprocess.run(cmd, check=True, capture_output=True)
     again = json.loads((out / "results.json").read_text())
     assert again["rows"] == rows and again["meta"]["runs"][-1]["rows"] == 0 and len(again["meta"]["runs"]) == 2
+
+
+def test_committed_readme_table_is_the_one_results_json_gives():
+    results = ROOT / "bench" / "results.json"
+    if not results.exists():
+        pytest.skip("no committed bench results")
+    from qcompiler.bench.grid import full_plan
+
+    data = json.loads(results.read_text())
+    assert report.readme_block(ROOT / "README.md") == report.summary_table(data, full_plan()).strip()

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from qcompiler.bench import plots, report  # noqa: E402
-from qcompiler.bench.grid import BY_NAME, METHODS, REFERENCE_METHODS, SETTINGS, Setting, plan_rows  # noqa: E402
+from qcompiler.bench.grid import BY_NAME, METHODS, REFERENCE_METHODS, SETTINGS, Setting, full_plan, plan_rows  # noqa: E402
 from qcompiler.bench.runner import REAL_MODELS, ModelEntry, run  # noqa: E402
 from qcompiler.bench.store import ResultStore  # noqa: E402
 
@@ -90,10 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     store = ResultStore(results)
     readme = None if (args.quick or args.no_readme or args.out) else ROOT / "README.md"
 
+    page_plan = plan if args.quick else full_plan()  # the committed page shows the whole grid
+
     def publish(s: ResultStore) -> None:
-        _atomic_write(out / "results.md", report.markdown(s.data, plan))
+        _atomic_write(out / "results.md", report.markdown(s.data, page_plan))
         if readme is not None:
-            report.write_readme(readme, report.summary_table(s.data, plan))
+            report.write_readme(readme, report.summary_table(s.data, page_plan))
 
     if not args.report_only:
         command = "python tools/bench.py" + "".join(" " + shlex.quote(a) for a in (argv or sys.argv[1:]))

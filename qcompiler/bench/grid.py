@@ -35,6 +35,9 @@ SETTINGS = tuple(Setting.parse(k) for k in (
     "w4-b32-asym", "w4-b32-sym", "w4-b128-sym", "w4-b128-asym", "w3-b128-sym", "w3-b128-asym",
     "w2-b32-asym", "w8-b128-asym"))
 
+# the real models of the committed page and their kind (encoder: embedding fidelity; lm: perplexity)
+MODELS = {"minilm": "encoder", "smollm2": "lm"}
+
 # the rows that are not a weight-quantization setting: the float model, and ORT's stock int8 quantizer
 REFERENCE = "reference"
 
@@ -116,3 +119,8 @@ def plan_rows(models: list[str], settings: list[Setting], methods: list[str]) ->
         for m in chosen:
             rows += [RowSpec(model, s.key, m.name) for s in settings if m.unsupported(s) is None]
     return rows
+
+
+def full_plan(models: tuple[str, ...] = tuple(MODELS)) -> list[RowSpec]:
+    """The whole grid of the committed results page: every model, setting and method."""
+    return plan_rows(list(models), list(SETTINGS), [m.name for m in REFERENCE_METHODS + METHODS])

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
-from qcompiler.bench.grid import BY_NAME, REFERENCE, SETTINGS, RowSpec, Setting
+from qcompiler.bench.grid import BY_NAME, MODELS, REFERENCE, SETTINGS, RowSpec, Setting
 
 COLUMNS = {"encoder": [("mean_cos", "mean cos", "{:.4f}"), ("min_cos", "min cos", "{:.4f}"),
                        ("spearman", "Spearman", "{:.4f}"), ("nn_agreement", "NN agree", "{:.3f}")],
@@ -107,8 +108,8 @@ def markdown(data: dict, plan: list[RowSpec]) -> str:
 def summary_table(data: dict, plan: list[RowSpec]) -> str:
     """Methods x settings, primary quality metric, best per setting in bold: the README's table."""
     out = []
-    for model in sorted({r["model"] for r in data["rows"].values()}):
-        kind = data["models"].get(model, {}).get("kind", "encoder")
+    for model in sorted({r["model"] for r in data["rows"].values()} | {r.model for r in plan}):
+        kind = data["models"].get(model, {}).get("kind", MODELS.get(model, "encoder"))
         groups = model_rows(data, plan, model)
         settings = [s for s in groups if s != REFERENCE]
         key = PRIMARY[kind][0]
@@ -117,9 +118,8 @@ def summary_table(data: dict, plan: list[RowSpec]) -> str:
         fp32 = f"; fp32 {ref[key]:.2f}" if ref and kind == "lm" else ""
         out += [f"**{model}**: {title}{fp32}.", "",
                 "| method | " + " | ".join(_label(s) for s in settings) + " |", "|---" * (len(settings) + 1) + "|"]
-        methods = []
-        for s in settings:
-            methods += [r["method"] for r in groups[s] if r["method"] not in methods]
+        methods = sorted({r["method"] for s in settings for r in groups[s]},
+                         key=lambda m: list(BY_NAME).index(m) if m in BY_NAME else 99)
         best = {s: _best(groups[s], kind) for s in settings}
         for m in methods:
             cells = []
@@ -148,7 +148,14 @@ def write_readme(readme: Path, table: str) -> bool:
     text = readme.read_text()
     if README_BEGIN not in text:
         return False
-    new = re.sub(re.escape(README_BEGIN) + ".*?" + re.escape(README_END),
-                 lambda _: README_BEGIN + "\n" + table.strip() + "\n" + README_END, text, flags=re.S)
-    readme.write_text(new)
+    tmp = readme.with_name(f".{readme.name}.tmp")
+    tmp.write_text(re.sub(re.escape(README_BEGIN) + ".*?" + re.escape(README_END),
+                          lambda _: README_BEGIN + "\n" + table.strip() + "\n" + README_END, text, flags=re.S))
+    os.replace(tmp, readme)
     return True
+
+
+def readme_block(readme: Path) -> str | None:
+    """The generated block's current text."""
+    m = re.search(re.escape(README_BEGIN) + "\n(.*?)\n?" + re.escape(README_END), readme.read_text(), flags=re.S)
+    return None if m is None else m.group(1).strip()

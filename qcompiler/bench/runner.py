@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from qcompiler.bench.grid import BY_NAME, REFERENCE, RowSpec
+from qcompiler.bench.grid import BY_NAME, MODELS, REFERENCE, RowSpec
 from qcompiler.bench.store import ResultStore
 from qcompiler.bench.tasks import (
     Task,
@@ -39,8 +39,8 @@ class ModelEntry:
     cafeq: tuple[tuple[str, object], ...] = ()  # CafeqConfig overrides (tiny models: fewer steps)
 
 
-REAL_MODELS = {"minilm": ModelEntry("minilm", "minilm", "encoder", (64, 128)),
-               "smollm2": ModelEntry("smollm2", "smollm2", "lm", (64, 512))}
+REAL_MODELS = {"minilm": ModelEntry("minilm", "minilm", MODELS["minilm"], (64, 128)),
+               "smollm2": ModelEntry("smollm2", "smollm2", MODELS["smollm2"], (64, 512))}
 
 
 @dataclass
@@ -82,10 +82,10 @@ def prepare(entry: ModelEntry, work: Path, cache_dir: str | None) -> Prepared:
         text = read_text(default_text())
         ids = calibration_tokens(None, tok, n, length)
         if entry.kind == "encoder":
-            task = encoder_task(encode_texts(tok, paragraphs(text, 256), 128, 32), (8, 128), 10,
+            task = encoder_task(encode_texts(tok, paragraphs(text, 256), 128, 32), (8, 128), 20,
                                 "256 Jargon File paragraphs (128 tokens)", 20000)
         else:
-            task = lm_task(token_windows(tok, text, 8, 512), 30, "8 windows of 512 Jargon File tokens")
+            task = lm_task(token_windows(tok, text, 8, 512), 60, "8 windows of 512 Jargon File tokens")
     calib = folder / "calib.npy"
     np.save(calib, ids)
     task.set_reference(str(fp32))

@@ -61,15 +61,17 @@ def _session_feeds(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> 
 
 def alternating_latency(model: str, reference: str, feeds: dict[str, np.ndarray], reps: int,
                         threads: int = THREADS) -> tuple[float, float]:
-    """Median milliseconds of ``model`` and ``reference``, timed in alternating runs."""
+    """Median milliseconds of ``model`` and ``reference``, timed in alternating (ABBA) runs."""
     opts = SessionOptions(device="cpu", threads=threads)
     sa, sb = make_session(model, opts), make_session(reference, opts)
     fa, fb = _session_feeds(sa, feeds), _session_feeds(sb, feeds)
-    sa.run(None, fa)
-    sb.run(None, fb)
+    for _ in range(2):  # warm-up
+        sa.run(None, fa)
+        sb.run(None, fb)
     ta, tb = [], []
-    for _ in range(reps):
-        for s, f, t in ((sa, fa, ta), (sb, fb, tb)):
+    pairs = [(sa, fa, ta), (sb, fb, tb)]
+    for i in range(reps):
+        for s, f, t in (pairs if i % 2 == 0 else pairs[::-1]):  # ABBA: no order bias
             t0 = time.perf_counter()
             s.run(None, f)
             t.append(time.perf_counter() - t0)
