@@ -107,17 +107,21 @@ class RowSpec:
 
 
 def plan_rows(models: list[str], settings: list[Setting], methods: list[str]) -> list[RowSpec]:
-    """Every supported (model, setting, method), references first, then cheap methods before dear ones."""
+    """Every supported (model, setting, method): references first, then by cost across the models.
+
+    Cheap methods on every model come before dear ones, so that a long run fills every table early
+    and an interrupted one has the cheap rows of every model.
+    """
     for name in methods:
         if name not in BY_NAME:
             raise ValueError(f"unknown method {name!r}; choose from {', '.join(BY_NAME)}")
-    rows = []
-    for model in models:
-        rows += [RowSpec(model, REFERENCE, m.name) for m in REFERENCE_METHODS if m.name in methods]
-        chosen = sorted((BY_NAME[n] for n in methods if n not in {m.name for m in REFERENCE_METHODS}),
-                        key=lambda m: m.cost)
-        for m in chosen:
-            rows += [RowSpec(model, s.key, m.name) for s in settings if m.unsupported(s) is None]
+    refs = {m.name for m in REFERENCE_METHODS}
+    rows = [RowSpec(model, REFERENCE, m.name) for model in models for m in REFERENCE_METHODS if m.name in methods]
+    chosen = sorted((BY_NAME[n] for n in dict.fromkeys(methods) if n not in refs), key=lambda m: m.cost)
+    for cost in sorted({m.cost for m in chosen}):
+        for model in models:
+            for m in (m for m in chosen if m.cost == cost):
+                rows += [RowSpec(model, s.key, m.name) for s in settings if m.unsupported(s) is None]
     return rows
 
 
