@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also quantize embedding tables (DequantizeLinear before the Gather)")
     c.add_argument("--no-validate", dest="validate", action="store_false",
                    help="skip running the result against the original")
+    c.add_argument("--max-error", type=float,
+                   help="refuse to write the model (exit 3) when its relative output error against the original "
+                        "on sample inputs exceeds this; non-finite outputs are always refused")
+    c.add_argument("--force", action="store_true", help="write the model even when validation fails")
     c.add_argument("--report", help="write a JSON report here")
     t = c.add_argument_group("cafeq / rotate (calibration-free transforms)")
     t.add_argument("--transforms", default="single,vo,updown",
@@ -162,6 +166,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         quant=QuantConfig(bits=args.bits, group_size=args.group_size, symmetric=args.symmetric),
         match=MatchConfig(quantize_lm_head=args.quantize_lm_head, quantize_embeddings=args.quantize_embeddings),
         method=args.method, format=args.format, accuracy_level=args.accuracy_level, validate=args.validate,
+        max_error=args.max_error, force=args.force,
         cafeq=CafeqConfig(
             transforms=tuple(t for t in args.transforms.split(",") if t), block_size=args.block_size,
             loss=args.pseudo_loss, optimizer=args.optimizer, steps=args.steps, lr=args.lr, ortho_reg=args.ortho_reg,
@@ -354,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         sys.stderr.write(f"qcompiler: error: {e}\n")
-        return EXIT_BAD_INPUT
+        return e.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("qcompiler: interrupted; nothing written\n")
         return 130

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from qcompiler.errors import ConfigError
@@ -147,6 +148,10 @@ class CompileConfig:
     # MatMulNBits accuracy_level written on every node: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8.
     accuracy_level: int = 1
     validate: bool = True
+    # validation gate: refuse to write a model whose outputs are non-finite or, when set, whose relative
+    # output error on the sample inputs exceeds max_error; force writes it anyway (with a warning)
+    max_error: float | None = None
+    force: bool = False
     cafeq: CafeqConfig = field(default_factory=CafeqConfig)
     # test hook: apply the method's transforms but keep float weights (exactness checks)
     quantize_weights: bool = True
@@ -159,3 +164,7 @@ class CompileConfig:
             raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise ConfigError(f"--accuracy-level must be 0..4, got {self.accuracy_level}")
+        if self.max_error is not None and not (self.max_error > 0 and math.isfinite(self.max_error)):
+            raise ConfigError(f"--max-error must be a positive number, got {self.max_error}")
+        if self.max_error is not None and not self.validate:
+            raise ConfigError("--max-error needs validation: drop --no-validate")

@@ -6,6 +6,8 @@ from __future__ import annotations
 class QCompilerError(Exception):
     """Bad input or an impossible request. The message is shown to the user as one line."""
 
+    exit_code = 2
+
 
 class ModelLoadError(QCompilerError):
     """The model could not be found, read or exported."""
@@ -21,3 +23,13 @@ class NothingToQuantizeError(QCompilerError):
 
 class OutputError(QCompilerError):
     """The output cannot be written."""
+
+
+class InvalidWeightsError(QCompilerError):
+    """A weight to quantize holds NaN or Inf values."""
+
+
+class ValidationFailed(QCompilerError):
+    """The compiled model's outputs are not finite, or farther from the original's than --max-error."""
+
+    exit_code = 3

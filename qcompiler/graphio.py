@@ -32,6 +32,11 @@ def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
         raise ModelLoadError(f"not a readable ONNX model: {p} ({type(e).__name__})") from None
     if not model.graph.node or not model.opset_import:
         raise ModelLoadError(f"not an ONNX model (no graph nodes or opsets): {p}")
+    try:  # structure only (the file's own path: no 2 GiB limit, external data not read twice)
+        onnx.checker.check_model(str(p))
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"invalid ONNX model {p}: {msg[:200]}") from None
     base = p.parent.resolve()
     for tensor in _external_tensors(model):
         loc = dict((e.key, e.value) for e in tensor.external_data).get("location", "")
@@ -111,6 +116,8 @@ def save_onnx_atomic(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
 
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
     graph = gs.import_onnx(model)
+    # dead code (nodes no output depends on) is dropped first: the matcher must not plan sites for it
+    graph.cleanup(remove_unused_graph_inputs=False)
     # onnx-graphsurgeon keeps (and later appends to) the model's own opset list: detach it
     graph.import_domains = [onnx.helper.make_opsetid(o.domain, o.version) for o in model.opset_import]
     return graph

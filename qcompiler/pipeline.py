@@ -15,7 +15,7 @@ import onnx
 from qcompiler import __version__
 from qcompiler.config import CALIBRATED_METHODS, CompileConfig
 from qcompiler.emit import emit_model
-from qcompiler.errors import NothingToQuantizeError
+from qcompiler.errors import NothingToQuantizeError, ValidationFailed
 from qcompiler.frontends import LoadedModel, load_model
 from qcompiler.graphio import check_writable, export_graph, import_graph, save_onnx_atomic
 from qcompiler.match.analysis import analyze_graph
@@ -170,6 +170,11 @@ def compile_model(source: Any = None, output: str | os.PathLike | None = None,
         timings["validate"] = time.perf_counter() - t
         log.info("validation: max relative error %.3e, min cosine %.5f",
                  validation.max_rel_error, validation.min_cosine)
+        problem = validation.problem(config.max_error)
+        if problem and not config.force:
+            raise ValidationFailed(f"validation failed: {problem}; nothing written (--force writes it anyway)")
+        if problem:
+            log.warning("validation failed: %s; written anyway (--force)", problem)
 
     out_path = None
     if output is not None:

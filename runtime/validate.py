@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from qcompiler.errors import ModelLoadError
 from qcompiler.runtime.inputs import sample_inputs
 from qcompiler.runtime.session import SessionOptions, make_session
 
@@ -17,6 +18,7 @@ class OutputError:
     rel_error: float  # ||y - y_ref|| / ||y_ref||
     max_abs: float
     cosine: float
+    finite: bool = True  # every value of the compiled model's output is finite
 
 
 @dataclass(frozen=True)
@@ -31,15 +33,27 @@ class ValidationResult:
     def min_cosine(self) -> float:
         return min((o.cosine for o in self.outputs), default=1.0)
 
+    def problem(self, max_error: float | None) -> str | None:
+        """Why the compiled model must not be written: non-finite outputs, or an error above ``max_error``."""
+        bad = [o.name for o in self.outputs if not o.finite]
+        if bad:
+            return f"output {bad[0]} has NaN or Inf values"
+        worst = max(self.outputs, key=lambda o: o.rel_error, default=None)
+        if max_error is not None and worst is not None and worst.rel_error > max_error:
+            return f"output {worst.name} relative error {worst.rel_error:.4f} > --max-error {max_error:g}"
+        return None
+
 
 def compare(y: np.ndarray, ref: np.ndarray, name: str = "") -> OutputError:
     a = np.asarray(y, dtype=np.float64).ravel()
     b = np.asarray(ref, dtype=np.float64).ravel()
+    if not np.all(np.isfinite(a)):
+        return OutputError(name, float("inf"), float("inf"), float("nan"), finite=False)
     nb = np.linalg.norm(b)
     rel = float(np.linalg.norm(a - b) / nb) if nb > 0 else float(np.linalg.norm(a))
     denom = np.linalg.norm(a) * nb
     cos = float(a @ b / denom) if denom > 0 else 1.0
-    return OutputError(name, rel, float(np.max(np.abs(a - b))) if a.size else 0.0, cos)
+    return OutputError(name, rel, float(np.max(np.abs(a - b))) if a.size else 0.0, cos, True)
 
 
 def run(model: onnx.ModelProto | bytes | str, feeds: dict[str, np.ndarray],
@@ -52,6 +66,10 @@ def run(model: onnx.ModelProto | bytes | str, feeds: dict[str, np.ndarray],
 def validate(compiled: onnx.ModelProto | bytes | str, original: onnx.ModelProto,
              feeds: dict[str, np.ndarray] | None = None, options: SessionOptions | None = None) -> ValidationResult:
     feeds = feeds if feeds is not None else sample_inputs(original)
-    ref = run(original, feeds, options)
+    try:
+        ref = run(original, feeds, options)
+    except Exception as e:  # the input itself does not run: bad input, not our bug
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"the input model does not run in ONNX Runtime: {msg[:240]}") from None
     got = run(compiled, feeds, options)
     return ValidationResult(tuple(compare(got[k], ref[k], k) for k in ref))

@@ -11,6 +11,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from qcompiler.config import MatchConfig
@@ -151,7 +152,7 @@ def find_linear_sites(
         if len(shape) != 2:
             rejected.append(Rejection(node.name, node.op, f"weight has rank {len(shape)}, not 2", mid))
             continue
-        dtype = np.dtype(const.dtype) if const.dtype is not None else None
+        dtype = _np_dtype(const.dtype)
         if dtype not in [np.dtype(t) for t in FLOAT_TYPES]:
             rejected.append(Rejection(node.name, node.op, f"weight dtype {dtype} is not float32/float16", mid))
             continue
@@ -190,6 +191,18 @@ def _unique_ids(sites: list[LinearSite]) -> list[LinearSite]:
             s = LinearSite(**{**s.__dict__, "id": f"{s.id}#{seen[s.id]}"})
         out.append(s)
     return out
+
+
+def _np_dtype(dtype) -> np.dtype | None:
+    """graphsurgeon gives numpy dtypes, or the ONNX enum for types numpy lacks (bfloat16, float8...)."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, int):
+        try:
+            return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(dtype))
+        except (KeyError, TypeError, ValueError):
+            return None
+    return np.dtype(dtype)
 
 
 def weight_reader(graph: gs.Graph):

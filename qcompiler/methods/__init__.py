@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 
 from qcompiler.config import CALIBRATED_METHODS, CompileConfig
-from qcompiler.errors import ConfigError
+from qcompiler.errors import ConfigError, InvalidWeightsError
 from qcompiler.match.analysis import Analysis
 from qcompiler.match.sites import LinearSite
 from qcompiler.methods.rtn import plan_rtn
@@ -26,6 +26,17 @@ TRANSFORM_METHODS = ("cafeq", "rotate", "cafeq+gptaq")
 TransformedModelFn = Callable[[Sequence, Sequence], onnx.ModelProto]
 
 
+def finite_weights(weight_of: WeightFn) -> WeightFn:
+    """``weight_of`` that refuses NaN/Inf weights, naming the site: no method can round them."""
+    def read(site: LinearSite) -> np.ndarray:
+        w = weight_of(site)
+        if not np.all(np.isfinite(w)):
+            bad = int(np.size(w) - np.count_nonzero(np.isfinite(w)))
+            raise InvalidWeightsError(f"weight of {site.id} ({site.weight}) has {bad} NaN/Inf values")
+        return w
+    return read
+
+
 def make_plan(config: CompileConfig, sites: Sequence[LinearSite], weight_of: WeightFn,
               analysis: Analysis | None = None, progress: bool = False, *, model: onnx.ModelProto | None = None,
               calibration: Calibration | None = None, transformed: TransformedModelFn | None = None) -> QuantPlan:
@@ -33,6 +44,7 @@ def make_plan(config: CompileConfig, sites: Sequence[LinearSite], weight_of: Wei
     methods need the ``model`` to run and the ``calibration`` tokens (cafeq+gptaq: ``transformed``)."""
     if config.method in CALIBRATED_METHODS and (model is None or calibration is None):
         raise ConfigError(f"method {config.method} needs the model and calibration data")
+    weight_of = finite_weights(weight_of)
     if config.method == "rtn":
         return plan_rtn(sites, weight_of, config.quant, progress=progress)
     if config.method in ("gptq", "gptaq"):
