@@ -37,6 +37,8 @@ SETTINGS = tuple(Setting.parse(k) for k in (
 
 # the real models of the committed page and their kind (encoder: embedding fidelity; lm: perplexity)
 MODELS = {"minilm": "encoder", "smollm2": "lm"}
+# how much dearer a row is than on MiniLM (SmolLM2: 4x the weights, 4x the calibration tokens)
+MODEL_SCALE = {"smollm2": 8}
 
 # the rows that are not a weight-quantization setting: the float model, and ORT's stock int8 quantizer
 REFERENCE = "reference"
@@ -51,7 +53,7 @@ class Method:
     blocks: tuple[int, ...] | None = None  # None: any
     sym: tuple[bool, ...] = (False, True)
     calibrated: bool = False
-    cost: int = 1  # run order: cheap rows first, so a long run fills every table early
+    cost: int = 15  # rough seconds of a MiniLM row: the run order (cheap rows first fill every table early)
 
     def unsupported(self, s: Setting) -> str | None:
         """Why this method does not run at ``s``, or None when it does."""
@@ -66,29 +68,29 @@ class Method:
 
 METHODS: tuple[Method, ...] = (
     Method("rtn", "ours", "round to nearest"),
-    Method("rotate", "ours", "random block rotations (the transforms' baseline)", cost=2),
-    Method("cafeq-transforms", "ours", "CafeQ learned transforms, plain rounding", cost=4),
-    Method("cafeq", "ours", "CafeQ transforms + joint rounding of coupled pairs", cost=5),
-    Method("gptq", "ours", "GPTQ", calibrated=True, cost=3),
-    Method("gptaq", "ours", "GPTAQ", calibrated=True, cost=3),
-    Method("cafeq+gptaq", "ours", "CafeQ transforms, GPTAQ rounding", calibrated=True, cost=6),
-    Method("ort-default", "onnxruntime", "MatMulNBitsQuantizer DEFAULT (RTN)", bits=(2, 4, 8)),
-    Method("ort-hqq", "onnxruntime", "MatMulNBitsQuantizer HQQ", bits=(2, 4, 8), sym=(False,), cost=2),
-    Method("ort-kquant", "onnxruntime", "MatMulNBitsQuantizer k_quant", bits=(4,), cost=2),
-    Method("ort-gptq", "onnxruntime", "MatMulNBitsQuantizer GPTQ", bits=(4,), calibrated=True, cost=5),
+    Method("rotate", "ours", "random block rotations (the transforms' baseline)", cost=20),
+    Method("cafeq-transforms", "ours", "CafeQ learned transforms, plain rounding", cost=100),
+    Method("cafeq", "ours", "CafeQ transforms + joint rounding of coupled pairs", cost=200),
+    Method("gptq", "ours", "GPTQ", calibrated=True, cost=80),
+    Method("gptaq", "ours", "GPTAQ", calibrated=True, cost=90),
+    Method("cafeq+gptaq", "ours", "CafeQ transforms, GPTAQ rounding", calibrated=True, cost=600),
+    Method("ort-default", "onnxruntime", "MatMulNBitsQuantizer DEFAULT (RTN)", bits=(2, 4, 8), cost=20),
+    Method("ort-hqq", "onnxruntime", "MatMulNBitsQuantizer HQQ", bits=(2, 4, 8), sym=(False,), cost=30),
+    Method("ort-kquant", "onnxruntime", "MatMulNBitsQuantizer k_quant", bits=(4,), cost=30),
+    Method("ort-gptq", "onnxruntime", "MatMulNBitsQuantizer GPTQ", bits=(4,), calibrated=True, cost=200),
     Method("onnxsim-int4", "onnxsim", "quantize_weight_only_int4 (RTN; int4 DequantizeLinear, opset 21)",
-           bits=(4,), blocks=(32,), sym=(True,)),
+           bits=(4,), blocks=(32,), sym=(True,), cost=30),
     Method("onnxsim-hqq", "onnxsim",
            "quantize_weight_only_int4_hqq (writes the dequantized weights back as float32: no smaller file)",
-           bits=(4,), blocks=(32,), sym=(False,), cost=2),
+           bits=(4,), blocks=(32,), sym=(False,), cost=30),
     Method("onnxsim-quarot", "onnxsim", "apply_quarot_fused (W4A4: activations quantized too)", bits=(4,),
-           sym=(True,), cost=2),
+           sym=(True,), cost=30),
     Method("onnxsim-gptq", "onnxsim", "apply_gptq on quantize_weight_only_int4", bits=(4,), blocks=(32,),
-           sym=(True,), calibrated=True, cost=4),
+           sym=(True,), calibrated=True, cost=150),
     Method("onnxsim-gptaq", "onnxsim", "apply_gptaq on quantize_weight_only_int4", bits=(4,), blocks=(32,),
-           sym=(True,), calibrated=True, cost=5),
+           sym=(True,), calibrated=True, cost=250),
     Method("onnxsim-awq", "onnxsim", "apply_awq on quantize_weight_only_int4", bits=(4,), blocks=(32,),
-           sym=(True,), calibrated=True, cost=5),
+           sym=(True,), calibrated=True, cost=250),
 )
 REFERENCE_METHODS: tuple[Method, ...] = (
     Method("fp32", "ours", "the float model", bits=()),
@@ -109,9 +111,9 @@ class RowSpec:
 
 
 def plan_rows(models: list[str], settings: list[Setting], methods: list[str]) -> list[RowSpec]:
-    """Every supported (model, setting, method): references first, then by cost across the models.
+    """Every supported (model, setting, method): references first, then by estimated time.
 
-    Cheap methods on every model come before dear ones, so that a long run fills every table early
+    Cheap rows of every model come before dear ones, so that a long run fills every table early
     and an interrupted one has the cheap rows of every model.
     """
     for name in methods:
@@ -119,12 +121,11 @@ def plan_rows(models: list[str], settings: list[Setting], methods: list[str]) ->
             raise ValueError(f"unknown method {name!r}; choose from {', '.join(BY_NAME)}")
     refs = {m.name for m in REFERENCE_METHODS}
     rows = [RowSpec(model, REFERENCE, m.name) for model in models for m in REFERENCE_METHODS if m.name in methods]
-    chosen = sorted((BY_NAME[n] for n in dict.fromkeys(methods) if n not in refs), key=lambda m: m.cost)
-    for cost in sorted({m.cost for m in chosen}):
-        for model in models:
-            for m in (m for m in chosen if m.cost == cost):
-                rows += [RowSpec(model, s.key, m.name) for s in settings if m.unsupported(s) is None]
-    return rows
+    chosen = [BY_NAME[n] for n in dict.fromkeys(methods) if n not in refs]
+    timed = [(m.cost * MODEL_SCALE.get(model, 1), mi, i, RowSpec(model, s.key, m.name))
+             for mi, model in enumerate(models) for i, m in enumerate(chosen) for s in settings
+             if m.unsupported(s) is None]
+    return rows + [r for *_, r in sorted(timed, key=lambda t: t[:3])]
 
 
 def full_plan(models: tuple[str, ...] = tuple(MODELS)) -> list[RowSpec]:
