@@ -170,3 +170,14 @@ def test_committed_readme_table_is_the_one_results_json_gives():
 
     data = json.loads(results.read_text())
     assert report.readme_block(ROOT / "README.md") == report.summary_table(data, full_plan()).strip()
+
+
+def test_watch_kills_a_row_past_its_time_or_memory():
+    from qcompiler.bench.runner import _watch
+
+    slow = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    assert _watch(slow, timeout=0.5, max_rss_gb=100) == "timed out after 0 s" and slow.returncode is not None
+    hog = subprocess.Popen([sys.executable, "-c", "import time; b = bytearray(400 * 2**20); time.sleep(30)"])
+    assert _watch(hog, timeout=60, max_rss_gb=0.2) == "used more than 0.2 GB of memory"
+    ok = subprocess.Popen([sys.executable, "-c", "pass"])
+    assert _watch(ok, timeout=60, max_rss_gb=100) is None and ok.returncode == 0

@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="results folder (default: bench/; --quick: a temporary folder)")
     ap.add_argument("--work", type=Path, help="fp32 files and row models (default: under --out/.work)")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per row's compile (default 3600)")
+    ap.add_argument("--max-rss-gb", type=float, default=16, help="kill a row's compile above this memory (16)")
     ap.add_argument("--redo", action="store_true", help="measure rows again even when results.json has them")
     ap.add_argument("--fresh", action="store_true", help="discard results.json first")
     ap.add_argument("--report-only", action="store_true", help="only rewrite results.md, plots and README")
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         command = "python tools/bench.py" + "".join(" " + shlex.quote(a) for a in (argv or sys.argv[1:]))
         try:
             run(store, models, plan, work, args.timeout, args.redo, command, args.cache_dir,
-                progress=not args.quiet, on_row=publish)
+                progress=not args.quiet, on_row=publish, max_rss_gb=args.max_rss_gb)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -101,7 +101,36 @@ def machine_line() -> str:
             f"ONNX Runtime {onnxruntime.__version__} CPU, {2} threads for latency")
 
 
-def _compile(row: RowSpec, p: Prepared, work: Path, timeout: float, cache_dir: str | None) -> tuple[str | None, dict]:
+def _rss_gb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return 0.0
+
+
+def _watch(proc: subprocess.Popen, timeout: float, max_rss_gb: float) -> str | None:
+    """Wait for the worker; kill it past ``timeout`` seconds or ``max_rss_gb`` of memory (the reason)."""
+    start = time.monotonic()
+    while proc.poll() is None:
+        if time.monotonic() - start > timeout:
+            reason = f"timed out after {timeout:.0f} s"
+        elif _rss_gb(proc.pid) > max_rss_gb:
+            reason = f"used more than {max_rss_gb:g} GB of memory"
+        else:
+            time.sleep(0.5)
+            continue
+        proc.kill()
+        proc.wait()
+        return reason
+    return None
+
+
+def _compile(row: RowSpec, p: Prepared, work: Path, timeout: float, cache_dir: str | None,
+             max_rss_gb: float) -> tuple[str | None, dict]:
     folder = work / row.model / "rows"
     folder.mkdir(parents=True, exist_ok=True)
     stem = f"{row.setting}.{row.method}".replace("+", "_")
@@ -112,11 +141,11 @@ def _compile(row: RowSpec, p: Prepared, work: Path, timeout: float, cache_dir: s
     log_path = folder / f"{stem}.log"
     Path(spec.stats).unlink(missing_ok=True)
     with open(log_path, "w") as logf:
-        try:
-            subprocess.run([sys.executable, "-m", "qcompiler.bench.worker", str(spec_path)], stdout=logf,
-                           stderr=subprocess.STDOUT, timeout=timeout, env={**os.environ, "TQDM_DISABLE": "1"})
-        except subprocess.TimeoutExpired:
-            return None, {"status": "failed", "reason": f"timed out after {timeout:.0f} s"}
+        proc = subprocess.Popen([sys.executable, "-m", "qcompiler.bench.worker", str(spec_path)], stdout=logf,
+                                stderr=subprocess.STDOUT, env={**os.environ, "TQDM_DISABLE": "1"})
+        reason = _watch(proc, timeout, max_rss_gb)
+    if reason:
+        return None, {"status": "failed", "reason": reason}
     import json
 
     if not Path(spec.stats).exists():
@@ -128,11 +157,12 @@ def _compile(row: RowSpec, p: Prepared, work: Path, timeout: float, cache_dir: s
     return spec.out, stats
 
 
-def measure(row: RowSpec, p: Prepared, work: Path, timeout: float, cache_dir: str | None) -> dict:
+def measure(row: RowSpec, p: Prepared, work: Path, timeout: float, cache_dir: str | None,
+            max_rss_gb: float = 16.0) -> dict:
     if row.method == "fp32":
         path, stats = p.fp32, {}
     else:
-        path, stats = _compile(row, p, work, timeout, cache_dir)
+        path, stats = _compile(row, p, work, timeout, cache_dir, max_rss_gb)
         if path is None:
             return stats
     result = {"status": "ok", **stats, "size_mb": model_bytes(path) / 1e6,
@@ -151,7 +181,7 @@ def measure(row: RowSpec, p: Prepared, work: Path, timeout: float, cache_dir: st
 
 def run(store: ResultStore, models: list[ModelEntry], rows: list[RowSpec], work: Path, timeout: float,
         redo: bool, command: str, cache_dir: str | None = None, progress: bool = True,
-        on_row=None) -> None:
+        on_row=None, max_rss_gb: float = 16.0) -> None:
     started = time.time()
     store.meta["machine"] = machine_line()
     store.meta.setdefault("runs", []).append({"command": command, "started": time.strftime("%Y-%m-%d %H:%M"),
@@ -170,7 +200,7 @@ def run(store: ResultStore, models: list[ModelEntry], rows: list[RowSpec], work:
             store.models[entry.name] = {"fingerprint": p.fingerprint, "kind": entry.kind,
                                         "source": entry.source}
         t0 = time.perf_counter()
-        result = measure(row, prepared[row.model], work, timeout, cache_dir)
+        result = measure(row, prepared[row.model], work, timeout, cache_dir, max_rss_gb)
         result.update({"model": row.model, "setting": row.setting, "method": row.method,
                        "owner": BY_NAME[row.method].owner, "wall_s": time.perf_counter() - t0})
         if row.setting == REFERENCE:
