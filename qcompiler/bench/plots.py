@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qcompiler.bench.grid import REFERENCE, Setting
+from qcompiler.bench.grid import BY_NAME, REFERENCE, Setting
 
 BAR_SETTINGS = ("w4-b128-sym", "w4-b32-sym", "w4-b128-asym", "w4-b32-asym")
 
@@ -33,10 +33,15 @@ def quality_vs_bits(data: dict, model: str, path: Path) -> Path | None:
         bits = Setting.parse(r["setting"]).bits
         d = best.setdefault(r["method"], {})
         d[bits] = min(d.get(bits, float("inf")), y(r))
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for i, (m, d) in enumerate(sorted(best.items())):
-        xs = sorted(d)
-        ax.plot(xs, [d[x] for x in xs], marker="o", label=m, linestyle="-" if i < 10 else "--")
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    colors = plt.get_cmap("tab20").colors
+    style = {"ours": "-", "onnxruntime": "--", "onnxsim": ":"}
+    widths = [2, 3, 4, 8]
+    for i, m in enumerate(sorted(best, key=lambda m: list(BY_NAME).index(m) if m in BY_NAME else 99)):
+        d = best[m]  # a missing width breaks the line (NaN) instead of bridging it
+        owner = BY_NAME[m].owner if m in BY_NAME else "ours"
+        ax.plot(widths, [d.get(x, float("nan")) for x in widths], marker="o", label=f"{m} ({owner})",
+                linestyle=style.get(owner, "-"), color=colors[i % len(colors)])
     ref = next((r for r in _ok(data, model) if r["method"] == "fp32"), None)
     if kind == "lm" and ref:
         ax.axhline(ref[key], color="black", linewidth=0.8, linestyle=":", label="fp32")
