@@ -153,9 +153,9 @@ def test_interrupted_compile_leaves_no_file(tmp_path, capsys, monkeypatch):
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(graphio.onnx, "save_model", interrupted)
     src = tmp_path / "m.onnx"
-    onnx.save_model(mixed_model(), str(src))  # the real one, before the patch matters
+    onnx.save_model(mixed_model(), str(src))  # before the patch: onnx.save_model is patched everywhere
+    monkeypatch.setattr(graphio.onnx, "save_model", interrupted)
     code, err = _run(["compile", str(src), "-o", str(tmp_path / "out.onnx"), "-q"], capsys)
     assert code == 130 and "nothing written" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
