@@ -79,6 +79,9 @@ def markdown(data: dict, plan: list[RowSpec]) -> str:
             "brackets); 'plain ORT': a stock `InferenceSession` loads and runs the file.",
             "- Best quality per setting in bold. Calibrated methods (ours and peers) get the same token ids.",
             ""]
+    notes = sorted({r["peak_note"] for r in data["rows"].values() if r.get("peak_note")})
+    if notes:
+        out[-1:-1] = [f"- Blank peak memory: {n}." for n in notes]
     methods = sorted({r.method for r in plan} | {r["method"] for r in data["rows"].values()},
                      key=lambda m: list(BY_NAME).index(m) if m in BY_NAME else 99)
     out += ["| method | by | what |", "|---|---|---|"]
