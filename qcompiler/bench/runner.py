@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
@@ -146,8 +147,6 @@ def _compile(row: RowSpec, p: Prepared, work: Path, timeout: float, cache_dir: s
         reason = _watch(proc, timeout, max_rss_gb)
     if reason:
         return None, {"status": "failed", "reason": reason}
-    import json
-
     if not Path(spec.stats).exists():
         tail = log_path.read_text().strip().splitlines()[-1:] or ["no output"]
         return None, {"status": "failed", "reason": f"worker died: {tail[0][:200]}"}
