@@ -37,7 +37,7 @@ def _cell_row(r: dict, kind: str, best: float | None) -> str:
     if r.get("status") != "ok":
         what = r.get("reason", "")
         status = "pending (not measured yet)" if r.get("status") == "pending" else f"failed: {what}"
-        return f"| {r['method']} | {status} |" + " |" * (len(cols) + 5)
+        return f"| {r['method']} | {status} |" + " |" * (len(cols) + 4)
     vals = []
     for c, _, f in cols:
         v = _fmt(r.get(c), f)
@@ -97,7 +97,7 @@ def markdown(data: dict, plan: list[RowSpec]) -> str:
                " | compile s | peak MiB | file MB | latency ms | plain ORT |"
         sep = "|---" * (len(COLUMNS[kind]) + 6) + "|"
         for setting, rows in model_rows(data, plan, model).items():
-            best = _best(rows, kind)
+            best = None if setting == REFERENCE else _best(rows, kind)
             out += [f"### {_label(setting)}", "", head, sep] + [_cell_row(r, kind, best) for r in rows] + [""]
             if setting != REFERENCE:
                 s = Setting.parse(setting)
