@@ -185,8 +185,8 @@ def test_watch_kills_a_row_past_its_time_or_memory():
 
 def test_a_worker_does_not_inherit_its_parents_peak_memory():
     """The bench's runner holds the fp32 model; its workers' peaks must be their own."""
-    code = ("import sys; sys.path.insert(0, %r); from qcompiler.resources import peak_rss_mb; print(peak_rss_mb())"
-            % str(ROOT))
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
+            "from qcompiler.resources import peak_rss_mb; print(peak_rss_mb())")
     ballast = bytearray(600 * 2**20)  # this process: > 600 MiB resident
     ballast[::4096] = b"x" * len(ballast[::4096])
     child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
