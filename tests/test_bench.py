@@ -143,7 +143,7 @@ def test_quick_run_end_to_end_then_resume(tmp_path):
         assert r["status"] == "ok", (key, r.get("reason"))
         assert r["runs_in_plain_ort"] and r["size_mb"] > 0 and r["latency_ms"] > 0, key
         if r["method"] != "fp32":
-            assert r["compile_s"] >= 0 and r["peak_rss_mb"] > 100, key
+            assert r["compile_s"] >= 0 and r["peak_rss_mb"] > 20, key  # a process with onnxruntime loaded
         if r["model"] == "tiny-bert":
             assert 0.9 < r["mean_cos"] <= 1.0 + 1e-9 and -1 <= r["spearman"] <= 1, key
         else:
