@@ -22,7 +22,7 @@ from qcompiler.config import (
     MatchConfig,
     QuantConfig,
 )
-from qcompiler.errors import ConfigError, QCompilerError
+from qcompiler.errors import ConfigError, QCompilerError, first_line
 
 log = logging.getLogger("qcompiler")
 EXIT_BAD_INPUT = 2
@@ -366,6 +366,5 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug, not bad input: still one line unless --debug
         if args.debug:
             raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        sys.stderr.write(f"qcompiler: internal error: {type(e).__name__}: {msg[:300]} (rerun with --debug)\n")
+        sys.stderr.write(f"qcompiler: internal error: {type(e).__name__}: {first_line(e)} (rerun with --debug)\n")
         return 1

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (its type's name when it has none), at most ``limit`` chars."""
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:limit]
+
+
 class QCompilerError(Exception):
     """Bad input or an impossible request. The message is shown to the user as one line."""
 

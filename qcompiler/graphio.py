@@ -11,7 +11,7 @@ from pathlib import Path
 import onnx
 import onnx_graphsurgeon as gs
 
-from qcompiler.errors import ModelLoadError, OutputError
+from qcompiler.errors import ModelLoadError, OutputError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +35,7 @@ def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
     try:  # structure only (the file's own path: no 2 GiB limit, external data not read twice)
         onnx.checker.check_model(str(p))
     except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(f"invalid ONNX model {p}: {msg[:200]}") from None
+        raise ModelLoadError(f"invalid ONNX model {p}: {first_line(e, 200)}") from None
     base = p.parent.resolve()
     for tensor in _external_tensors(model):
         loc = dict((e.key, e.value) for e in tensor.external_data).get("location", "")
@@ -56,6 +55,14 @@ def _external_tensors(model: onnx.ModelProto):
     for t in model.graph.initializer:
         if t.data_location == onnx.TensorProto.EXTERNAL:
             yield t
+
+
+def saved_bytes(path: str | os.PathLike) -> int:
+    """An ONNX file's size plus that of the external data files it names."""
+    p = Path(path)
+    model = onnx.load(str(p), load_external_data=False)
+    files = {dict((e.key, e.value) for e in t.external_data).get("location") for t in _external_tensors(model)}
+    return p.stat().st_size + sum((p.parent / f).stat().st_size for f in files if f and (p.parent / f).is_file())
 
 
 def initializer_bytes(model: onnx.ModelProto) -> int:
@@ -112,6 +119,15 @@ def save_onnx_atomic(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
             shutil.rmtree(tmpdir, ignore_errors=True)
     log.info("wrote %s (%s)", out, "external data" if external else "single file")
     return out
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file beside it: readers see the old or the new file."""
+    p = Path(path)
+    tmp = p.with_name(f".{p.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, p)
+    return p
 
 
 def import_graph(model: onnx.ModelProto) -> gs.Graph:

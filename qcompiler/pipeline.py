@@ -17,7 +17,14 @@ from qcompiler.config import CALIBRATED_METHODS, CompileConfig
 from qcompiler.emit import emit_model
 from qcompiler.errors import NothingToQuantizeError, ValidationFailed
 from qcompiler.frontends import LoadedModel, load_model
-from qcompiler.graphio import check_writable, export_graph, import_graph, save_onnx_atomic
+from qcompiler.graphio import (
+    check_writable,
+    export_graph,
+    import_graph,
+    save_onnx_atomic,
+    saved_bytes,
+    write_text_atomic,
+)
 from qcompiler.match.analysis import analyze_graph
 from qcompiler.match.sites import MatchResult, find_linear_sites, weight_reader
 from qcompiler.metadata import MODEL_KIND, SITES, TOKENIZER, module_paths
@@ -102,11 +109,7 @@ def _transformed_model(model: onnx.ModelProto, pair_transforms, online, sites) -
 
 
 def _model_bytes(model: onnx.ModelProto, path: str | None) -> int:
-    if path and Path(path).is_file():
-        p = Path(path)
-        data = [q for q in p.parent.glob(p.name + "*") if q != p]
-        return p.stat().st_size + sum(q.stat().st_size for q in data)
-    return model.ByteSize()
+    return saved_bytes(path) if path and Path(path).is_file() else model.ByteSize()
 
 
 def compile_model(source: Any = None, output: str | os.PathLike | None = None,
@@ -189,7 +192,4 @@ def compile_model(source: Any = None, output: str | os.PathLike | None = None,
 
 def write_report(report: dict, path: str | os.PathLike) -> None:
     """Atomic JSON write."""
-    p = check_writable(path)
-    tmp = p.with_name(f".{p.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    os.replace(tmp, p)
+    write_text_atomic(check_writable(path), json.dumps(report, indent=1))

@@ -35,11 +35,15 @@ def _tokenizer(tokenizer_dir: str):
     return AutoTokenizer.from_pretrained(tokenizer_dir)
 
 
-def _feeds(sess, enc: dict) -> dict[str, np.ndarray]:
+def session_feeds(sess, enc: dict) -> dict[str, np.ndarray]:
+    """The token inputs ``sess`` takes, as int64; zero token types and 0..S-1 positions when not given."""
     names = {i.name for i in sess.get_inputs()}
     feeds = {k: np.asarray(v, dtype=np.int64) for k, v in enc.items() if k in names}
     if "token_type_ids" in names and "token_type_ids" not in feeds:
         feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
+    if "position_ids" in names and "position_ids" not in feeds:
+        ids = feeds["input_ids"]
+        feeds["position_ids"] = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape).copy()
     return feeds
 
 
@@ -64,7 +68,7 @@ def pooled_embeddings(model: onnx.ModelProto | str, batches: list[dict[str, np.n
     sess = make_session(model, options)
     out = []
     for enc in tqdm(batches, desc="embed", disable=not progress, leave=False):
-        feeds = _feeds(sess, enc)
+        feeds = session_feeds(sess, enc)
         hidden = sess.run(None, feeds)[0].astype(np.float64)
         mask = feeds["attention_mask"][..., None].astype(np.float64)
         pooled = (hidden * mask).sum(1) / np.maximum(mask.sum(1), 1e-9)
@@ -121,9 +125,7 @@ def perplexity(model: onnx.ModelProto | str, windows: np.ndarray, options: Sessi
     total, count = 0.0, 0
     for w in tqdm(windows, desc="perplexity", disable=not progress, leave=False):
         ids = w[None, :]
-        feeds = _feeds(sess, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
-        if "position_ids" in {i.name for i in sess.get_inputs()}:
-            feeds["position_ids"] = np.arange(ids.shape[1], dtype=np.int64)[None]
+        feeds = session_feeds(sess, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
         logits = sess.run(None, feeds)[0][0, :-1].astype(np.float64)
         target = ids[0, 1:]
         m = logits.max(-1, keepdims=True)

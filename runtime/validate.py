@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from qcompiler.errors import ModelLoadError
+from qcompiler.errors import ModelLoadError, first_line
 from qcompiler.runtime.inputs import sample_inputs
 from qcompiler.runtime.session import SessionOptions, make_session
 
@@ -69,7 +69,6 @@ def validate(compiled: onnx.ModelProto | bytes | str, original: onnx.ModelProto,
     try:
         ref = run(original, feeds, options)
     except Exception as e:  # the input itself does not run: bad input, not our bug
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(f"the input model does not run in ONNX Runtime: {msg[:240]}") from None
+        raise ModelLoadError(f"the input model does not run in ONNX Runtime: {first_line(e, 240)}") from None
     got = run(compiled, feeds, options)
     return ValidationResult(tuple(compare(got[k], ref[k], k) for k in ref))

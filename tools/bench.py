@@ -25,6 +25,7 @@ from qcompiler.bench import plots, report  # noqa: E402
 from qcompiler.bench.grid import BY_NAME, METHODS, REFERENCE_METHODS, SETTINGS, Setting, full_plan, plan_rows  # noqa: E402
 from qcompiler.bench.runner import REAL_MODELS, ModelEntry, run  # noqa: E402
 from qcompiler.bench.store import ResultStore  # noqa: E402
+from qcompiler.graphio import write_text_atomic  # noqa: E402
 
 QUICK_SETTINGS = ("w4-b32-sym",)  # and w4-b32-asym for the methods without a symmetric mode
 QUICK_CAFEQ = (("steps", 40), ("joint_rounds", 1), ("joint_mlp_rounds", 1))
@@ -94,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     page_plan = plan if args.quick else full_plan()  # the committed page shows the whole grid
 
     def publish(s: ResultStore) -> None:
-        _atomic_write(out / "results.md", report.markdown(s.data, page_plan))
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "results.md", report.markdown(s.data, page_plan))
         if readme is not None:
             report.write_readme(readme, report.summary_table(s.data, page_plan))
 
@@ -111,15 +113,6 @@ def main(argv: list[str] | None = None) -> int:
         logging.info("plot: %s", p)
     logging.info("results: %s", out / "results.md")
     return 0
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    import os
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -24,12 +24,14 @@ import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from qcompiler.bench.grid import Setting  # noqa: E402
+from qcompiler.bench.peers import ort_default, ort_hqq  # noqa: E402
+from qcompiler.bench.tasks import alternating_latency, latency_session  # noqa: E402
 from qcompiler.config import CompileConfig, QuantConfig  # noqa: E402
 from qcompiler.frontends import load_model  # noqa: E402
 from qcompiler.frontends.bundled import bundled_path  # noqa: E402
 from qcompiler.pipeline import compile_model  # noqa: E402
 from qcompiler.runtime.evaluate import fidelity, perplexity, sentence_embeddings, token_windows  # noqa: E402
-from qcompiler.runtime.session import SessionOptions, make_session  # noqa: E402
 from qcompiler.runtime.text import default_text, paragraphs, read_text  # noqa: E402
 
 SETTINGS = {"minilm": [(4, 128, False), (4, 128, True), (3, 128, False)],
@@ -40,30 +42,13 @@ METHODS = {"rtn": ("rtn", {}), "rotate": ("rotate", {}), "cafeq-transforms": ("c
 
 
 def _ort(model: onnx.ModelProto, algo: str, bits: int, block: int, sym: bool) -> onnx.ModelProto:
-    from onnxruntime.quantization import matmul_nbits_quantizer as mq
-
-    cfg = (mq.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=sym, bits=bits) if algo == "DEFAULT"
-           else mq.HQQWeightOnlyQuantConfig(block_size=block, bits=bits))
-    q = mq.MatMulNBitsQuantizer(onnx.ModelProto.FromString(model.SerializeToString()), algo_config=cfg)
-    q.process()
-    return q.model.model
+    return (ort_default if algo == "DEFAULT" else ort_hqq)(model, Setting(bits, block, sym), [])
 
 
 def _time_ratio(a: onnx.ModelProto, b: onnx.ModelProto, feeds: dict, reps: int) -> tuple[float, float, float]:
-    opts = SessionOptions(device="cpu", threads=2)
-    sa, sb = make_session(a, opts), make_session(b, opts)
-    names = {i.name for i in sa.get_inputs()}
-    feeds = {k: v for k, v in feeds.items() if k in names}
-    for s in (sa, sb):
-        s.run(None, feeds)
-    ta, tb = [], []
-    for _ in range(reps):
-        for s, t in ((sa, ta), (sb, tb)):
-            t0 = time.perf_counter()
-            s.run(None, feeds)
-            t.append(time.perf_counter() - t0)
-    ma, mb = float(np.median(ta)), float(np.median(tb))
-    return mb / ma, ma, mb
+    """``b``'s time over ``a``'s (2 threads, ABBA-alternated medians), and both times in seconds."""
+    mb, ma = alternating_latency(b, latency_session(a), feeds, reps)
+    return mb / ma, ma / 1e3, mb / 1e3
 
 
 def _feeds(model: str) -> tuple[dict, int]:

@@ -29,9 +29,12 @@ import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from qcompiler.bench.grid import Setting  # noqa: E402
+from qcompiler.bench.peers import ort_gptq  # noqa: E402
+from qcompiler.bench.worker import feeds_from_ids  # noqa: E402
 from qcompiler.frontends import load_model  # noqa: E402
 from qcompiler.frontends.bundled import bundled_path  # noqa: E402
-from qcompiler.runtime.calib_data import calibration_feeds, calibration_tokens  # noqa: E402
+from qcompiler.runtime.calib_data import calibration_tokens  # noqa: E402
 from qcompiler.runtime.evaluate import fidelity, perplexity, sentence_embeddings, token_windows  # noqa: E402
 from qcompiler.runtime.text import default_text, paragraphs, read_text  # noqa: E402
 
@@ -40,23 +43,7 @@ METHODS = ("rtn", "gptq", "gptaq", "cafeq+gptaq", "ort-gptq")
 
 
 def _ort_gptq(model: onnx.ModelProto, tokens: np.ndarray, block: int, sym: bool) -> onnx.ModelProto:
-    from onnxruntime.quantization import matmul_nbits_quantizer as mq
-    from onnxruntime.quantization.calibrate import CalibrationDataReader
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.items = [calibration_feeds(model, tokens[i:i + 1]) for i in range(len(tokens))]
-            self.i = 0
-
-        def get_next(self):
-            self.i += 1
-            return self.items[self.i - 1] if self.i <= len(self.items) else None
-
-    cfg = mq.GPTQWeightOnlyQuantConfig(calibration_data_reader=Reader(), percdamp=0.01, block_size=block)
-    q = mq.MatMulNBitsQuantizer(onnx.ModelProto.FromString(model.SerializeToString()), block_size=block,
-                                is_symmetric=sym, algo_config=cfg)
-    q.process()
-    return q.model.model
+    return ort_gptq(model, Setting(4, block, sym), feeds_from_ids(model, tokens))
 
 
 def _compile(model: str, method: str, bits: int, block: int, sym: bool, args, tmp: Path,

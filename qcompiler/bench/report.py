@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 from qcompiler.bench.grid import BY_NAME, MODELS, REFERENCE, SETTINGS, RowSpec, Setting
+from qcompiler.graphio import write_text_atomic
 
 COLUMNS = {"encoder": [("mean_cos", "mean cos", "{:.4f}"), ("min_cos", "min cos", "{:.4f}"),
                        ("spearman", "Spearman", "{:.4f}"), ("nn_agreement", "NN agree", "{:.3f}")],
@@ -151,10 +151,9 @@ def write_readme(readme: Path, table: str) -> bool:
     text = readme.read_text()
     if README_BEGIN not in text:
         return False
-    tmp = readme.with_name(f".{readme.name}.tmp")
-    tmp.write_text(re.sub(re.escape(README_BEGIN) + ".*?" + re.escape(README_END),
-                          lambda _: README_BEGIN + "\n" + table.strip() + "\n" + README_END, text, flags=re.S))
-    os.replace(tmp, readme)
+    write_text_atomic(readme, re.sub(re.escape(README_BEGIN) + ".*?" + re.escape(README_END),
+                                     lambda _: README_BEGIN + "\n" + table.strip() + "\n" + README_END, text,
+                                     flags=re.S))
     return True
 
 

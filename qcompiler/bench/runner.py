@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 from tqdm.auto import tqdm
 
 from qcompiler.bench.grid import BY_NAME, MODELS, REFERENCE, RowSpec
@@ -21,11 +22,13 @@ from qcompiler.bench.tasks import (
     Task,
     alternating_latency,
     encoder_task,
+    latency_session,
     lm_task,
-    model_bytes,
     runs_in_plain_onnxruntime,
 )
 from qcompiler.bench.worker import WorkerSpec
+from qcompiler.errors import first_line
+from qcompiler.graphio import saved_bytes
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,7 @@ class Prepared:
     calib: str
     task: Task
     fingerprint: dict
+    reference: ort.InferenceSession  # fp32, for every row's latency
 
 
 def prepare(entry: ModelEntry, work: Path, cache_dir: str | None) -> Prepared:
@@ -91,7 +95,7 @@ def prepare(entry: ModelEntry, work: Path, cache_dir: str | None) -> Prepared:
     np.save(calib, ids)
     task.set_reference(str(fp32))
     fingerprint = {"task": task.describe, "calib": f"{n} x {length}", "calib_ids_sum": int(ids.sum())}
-    return Prepared(entry, str(fp32), str(calib), task, fingerprint)
+    return Prepared(entry, str(fp32), str(calib), task, fingerprint, latency_session(str(fp32)))
 
 
 def machine_line() -> str:
@@ -164,14 +168,14 @@ def measure(row: RowSpec, p: Prepared, work: Path, timeout: float, cache_dir: st
         path, stats = _compile(row, p, work, timeout, cache_dir, max_rss_gb)
         if path is None:
             return stats
-    result = {"status": "ok", **stats, "size_mb": model_bytes(path) / 1e6,
+    result = {"status": "ok", **stats, "size_mb": saved_bytes(path) / 1e6,
               "runs_in_plain_ort": runs_in_plain_onnxruntime(path, p.task.latency_feeds)}
     try:
         result.update(p.task.quality(path))
-        ms, ref_ms = alternating_latency(path, p.fp32, p.task.latency_feeds, p.task.latency_reps)
+        ms, ref_ms = alternating_latency(path, p.reference, p.task.latency_feeds, p.task.latency_reps)
         result.update({"latency_ms": ms, "latency_vs_fp32": ms / ref_ms})
     except Exception as e:
-        result = {"status": "failed", "reason": f"evaluation: {type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+        result = {"status": "failed", "reason": f"evaluation: {type(e).__name__}: {first_line(e, 200)}"}
     if path != p.fp32:
         for f in Path(path).parent.glob(Path(path).name + "*"):
             f.unlink()  # rows' models are not kept: SmolLM2's would fill the disk

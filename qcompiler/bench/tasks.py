@@ -13,10 +13,9 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 
-from qcompiler.runtime.evaluate import fidelity, perplexity, pooled_embeddings
+from qcompiler.runtime.evaluate import fidelity, perplexity, pooled_embeddings, session_feeds
 from qcompiler.runtime.session import SessionOptions, make_session
 
 THREADS = 2
@@ -49,22 +48,16 @@ class Task:
                 "nn_agreement": f.nn_agreement}
 
 
-def _session_feeds(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    names = {i.name for i in sess.get_inputs()}
-    out = {k: v for k, v in feeds.items() if k in names}
-    if "token_type_ids" in names and "token_type_ids" not in out:
-        out["token_type_ids"] = np.zeros_like(out["input_ids"])
-    if "position_ids" in names and "position_ids" not in out:
-        out["position_ids"] = np.zeros_like(out["input_ids"])
-    return out
+def latency_session(model: str, threads: int = THREADS) -> ort.InferenceSession:
+    return make_session(model, SessionOptions(device="cpu", threads=threads))
 
 
-def alternating_latency(model: str, reference: str, feeds: dict[str, np.ndarray], reps: int,
-                        threads: int = THREADS) -> tuple[float, float]:
-    """Median milliseconds of ``model`` and ``reference``, timed in alternating (ABBA) runs."""
-    opts = SessionOptions(device="cpu", threads=threads)
-    sa, sb = make_session(model, opts), make_session(reference, opts)
-    fa, fb = _session_feeds(sa, feeds), _session_feeds(sb, feeds)
+def alternating_latency(model: str, reference: ort.InferenceSession, feeds: dict[str, np.ndarray],
+                        reps: int) -> tuple[float, float]:
+    """Median milliseconds of ``model`` and the ``reference`` session (made once per model by
+    ``latency_session``), timed in alternating (ABBA) runs."""
+    sa, sb = latency_session(model), reference
+    fa, fb = session_feeds(sa, feeds), session_feeds(sb, feeds)
     for _ in range(2):  # warm-up
         sa.run(None, fa)
         sb.run(None, fb)
@@ -82,21 +75,10 @@ def runs_in_plain_onnxruntime(model: str, feeds: dict[str, np.ndarray]) -> bool:
     """A stock ``InferenceSession`` (CPU, default options) loads and runs the file."""
     try:
         sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
-        sess.run(None, _session_feeds(sess, feeds))
+        sess.run(None, session_feeds(sess, feeds))
         return True
     except Exception:
         return False
-
-
-def model_bytes(path: str) -> int:
-    """The file plus its external data files."""
-    from pathlib import Path
-
-    p = Path(path)
-    m = onnx.load(str(p), load_external_data=False)
-    extra = {t.external_data[i].value for t in m.graph.initializer for i in range(len(t.external_data))
-             if t.external_data[i].key == "location"}
-    return p.stat().st_size + sum((p.parent / e).stat().st_size for e in extra if (p.parent / e).exists())
 
 
 def encoder_task(batches: list[dict[str, np.ndarray]], latency_batch: tuple[int, int], reps: int,

@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 
 from qcompiler.bench.grid import REFERENCE, Setting
+from qcompiler.errors import first_line
 from qcompiler.graphio import save_onnx_atomic
 from qcompiler.resources import peak_rss_mb
 
@@ -99,8 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         code = 0
     except Exception as e:  # one line for the results table, the trace for the log
         traceback.print_exc()
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        stats = {"error": f"{type(e).__name__}: {msg}"[:300]}
+        stats = {"error": f"{type(e).__name__}: {first_line(e)}"[:300]}
         code = 1
     Path(spec.stats).write_text(json.dumps(stats))
     return code

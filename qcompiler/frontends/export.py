@@ -10,7 +10,7 @@ from typing import Any
 import onnx
 import torch
 
-from qcompiler.errors import ModelLoadError
+from qcompiler.errors import ModelLoadError, first_line
 from qcompiler.metadata import SCOPE_PREFIX, set_model_properties
 
 log = logging.getLogger(__name__)
@@ -66,8 +66,7 @@ def export_to_onnx(module: torch.nn.Module, inputs: dict[str, torch.Tensor], out
         root = e
         while root.__cause__ is not None:
             root = root.__cause__
-        first = str(root).strip().splitlines()[0] if str(root).strip() else type(root).__name__
-        raise ModelLoadError(f"torch.onnx export failed: {type(root).__name__}: {first[:300]}") from e
+        raise ModelLoadError(f"torch.onnx export failed: {type(root).__name__}: {first_line(root)}") from e
     finally:
         onnx_log.setLevel(saved_level)
     model = program.model_proto

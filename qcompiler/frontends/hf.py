@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from qcompiler.errors import ModelLoadError
+from qcompiler.errors import ModelLoadError, first_line
 from qcompiler.frontends.base import LoadedModel
 from qcompiler.frontends.cache import ExportCache, content_key
 from qcompiler.graphio import load_onnx
@@ -47,8 +47,7 @@ def _load_torch_model(folder: Path, kind: str):
     try:
         return cls.from_pretrained(str(folder), dtype=torch.float32).eval()
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(f"cannot load the checkpoint in {folder}: {first[:300]}") from None
+        raise ModelLoadError(f"cannot load the checkpoint in {folder}: {first_line(e)}") from None
 
 
 def _example_inputs(model, config: dict, batch: int, seq: int, pad: int, seed: int) -> dict:

@@ -183,8 +183,6 @@ def render_html(ins: Inspection) -> str:
 
 def write_html(ins: Inspection, path: str | os.PathLike) -> Path:
     """Atomic write of the page."""
-    p = Path(path)
-    tmp = p.with_name(f".{p.name}.tmp")
-    tmp.write_text(render_html(ins), encoding="utf-8")
-    os.replace(tmp, p)
-    return p
+    from qcompiler.graphio import write_text_atomic
+
+    return write_text_atomic(path, render_html(ins))

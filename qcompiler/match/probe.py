@@ -21,6 +21,7 @@ import math
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from qcompiler.errors import first_line
 from qcompiler.graphio import redirect_consumers
 from qcompiler.match.pairs import (
     ATTN_VO,
@@ -89,8 +90,7 @@ def probe(view: GraphView, opsets, sources: list[LinearSite], silence: list[Line
         try:
             out = _run(_probe_graph(view, sources, silence, watch, digit, base), opsets)
         except Exception as e:
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise ProbeError(first) from e
+            raise ProbeError(first_line(e, 200)) from e
         for name in watch:
             value = np.asarray(out[name], dtype=np.float64)
             whole = np.rint(value)
