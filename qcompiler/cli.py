@@ -72,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "on sample inputs exceeds this; non-finite outputs are always refused")
     c.add_argument("--force", action="store_true", help="write the model even when validation fails")
     c.add_argument("--report", help="write a JSON report here")
+    st = c.add_mutually_exclusive_group()
+    st.add_argument("--stream", dest="stream", action="store_true", default=None,
+                    help="leave an .onnx input's external data in its files and compile a chunk at a time "
+                         "(default: when it holds over 2 GiB); the output gets external data")
+    st.add_argument("--no-stream", dest="stream", action="store_false", help="load the whole model")
+    c.add_argument("--stream-chunk-mb", type=int, default=256,
+                   help="fp32 weight MB planned at once when streaming (default 256)")
     t = c.add_argument_group("cafeq / rotate (calibration-free transforms)")
     t.add_argument("--transforms", default="single,vo,updown",
                    help="any subset of single (block-diagonal T, online x T^-1 per sibling group), vo (V·O per KV "
@@ -166,7 +173,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         quant=QuantConfig(bits=args.bits, group_size=args.group_size, symmetric=args.symmetric),
         match=MatchConfig(quantize_lm_head=args.quantize_lm_head, quantize_embeddings=args.quantize_embeddings),
         method=args.method, format=args.format, accuracy_level=args.accuracy_level, validate=args.validate,
-        max_error=args.max_error, force=args.force,
+        max_error=args.max_error, force=args.force, stream=args.stream, stream_chunk_mb=args.stream_chunk_mb,
         cafeq=CafeqConfig(
             transforms=tuple(t for t in args.transforms.split(",") if t), block_size=args.block_size,
             loss=args.pseudo_loss, optimizer=args.optimizer, steps=args.steps, lr=args.lr, ortho_reg=args.ortho_reg,

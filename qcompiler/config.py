@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from qcompiler.errors import ConfigError
 
 SUPPORTED_BITS = (2, 3, 4, 8)
+STREAM_AUTO_BYTES = 2 * 1024**3  # external data above this: stream unless told otherwise
 PER_CHANNEL = 0  # group_size value meaning "one group spans all of K"
 FORMATS = ("matmulnbits", "qdq")
 METHODS = ("rtn", "cafeq", "rotate", "gptq", "gptaq", "cafeq+gptaq")
@@ -156,6 +157,11 @@ class CompileConfig:
     # test hook: apply the method's transforms but keep float weights (exactness checks)
     quantize_weights: bool = True
     calib: CalibConfig = field(default_factory=CalibConfig)
+    # streaming compile (ONNX inputs with external data): weights stay in their files, sites are planned
+    # and rewritten a chunk at a time, results go straight to the output's data file. None: on when the
+    # input keeps more than STREAM_AUTO_BYTES in external data
+    stream: bool | None = None
+    stream_chunk_mb: int = 256  # fp32 weight bytes planned together (a coupled unit is never split)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -168,3 +174,16 @@ class CompileConfig:
             raise ConfigError(f"--max-error must be a positive number, got {self.max_error}")
         if self.max_error is not None and not self.validate:
             raise ConfigError("--max-error needs validation: drop --no-validate")
+        if self.stream_chunk_mb < 1:
+            raise ConfigError(f"--stream-chunk-mb must be >= 1, got {self.stream_chunk_mb}")
+        if self.stream:
+            self.check_streamable()
+
+    def check_streamable(self) -> None:
+        """Raise ConfigError for what a streaming compile cannot do."""
+        if self.method in CALIBRATED_METHODS:
+            raise ConfigError(f"--method {self.method} runs the whole model on calibration data: a streaming "
+                              f"compile supports rtn, rotate and cafeq")
+        if self.max_error is not None:
+            raise ConfigError("--max-error needs the model-level validation, which a streaming compile skips "
+                              "(the original model does not fit its memory bound)")

@@ -19,8 +19,10 @@ log = logging.getLogger(__name__)
 EXTERNAL_DATA_THRESHOLD = 1536 * 1024 * 1024
 
 
-def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
-    """Load an ONNX file (and its external data). Raises ModelLoadError with one readable line."""
+def load_onnx(path: str | os.PathLike, load_data: bool = True) -> onnx.ModelProto:
+    """Load an ONNX file (and its external data, unless ``load_data`` is false: then the tensors keep
+    their file references, checked to exist and to lie inside the model's folder). Raises
+    ModelLoadError with one readable line."""
     p = Path(path)
     if not p.exists():
         raise ModelLoadError(f"model not found: {p}")
@@ -44,11 +46,27 @@ def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
             raise ModelLoadError(f"external data of {tensor.name!r} points outside the model folder: {loc}")
         if not target.is_file():
             raise ModelLoadError(f"external data file missing for {tensor.name!r}: {target}")
-    try:
-        onnx.load_external_data_for_model(model, str(base))
-    except Exception as e:
-        raise ModelLoadError(f"cannot read external data of {p}: {e}") from None
+        length = dict((e.key, e.value) for e in tensor.external_data).get("length")
+        offset = int(dict((e.key, e.value) for e in tensor.external_data).get("offset", 0))
+        if length is not None and offset + int(length) > target.stat().st_size:
+            raise ModelLoadError(f"external data of {tensor.name!r} is truncated: {loc} ends before byte "
+                                 f"{offset + int(length)}")
+    if load_data:
+        load_external_data(model, p)
     return model
+
+
+def load_external_data(model: onnx.ModelProto, path: str | os.PathLike) -> None:
+    """Read into ``model`` (loaded from ``path`` without it) its external data."""
+    try:
+        onnx.load_external_data_for_model(model, str(Path(path).parent.resolve()))
+    except Exception as e:
+        raise ModelLoadError(f"cannot read external data of {path}: {e}") from None
+
+
+def external_data_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the tensors ``model`` keeps in external data files."""
+    return sum(int(dict((e.key, e.value) for e in t.external_data).get("length", 0)) for t in _external_tensors(model))
 
 
 def _external_tensors(model: onnx.ModelProto):
@@ -130,8 +148,14 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return p
 
 
-def import_graph(model: onnx.ModelProto) -> gs.Graph:
+def import_graph(model: onnx.ModelProto, data_dir: str | os.PathLike | None = None) -> gs.Graph:
+    """The model as an onnx-graphsurgeon graph. ``data_dir``: the folder of a model loaded without its
+    external data; those constants then read their file on every access (``qcompiler.external``)."""
     graph = gs.import_onnx(model)
+    if data_dir is not None:
+        from qcompiler.external import attach_external
+
+        attach_external(graph, model, data_dir)
     # dead code (nodes no output depends on) is dropped first: the matcher must not plan sites for it
     graph.cleanup(remove_unused_graph_inputs=False)
     # onnx-graphsurgeon keeps (and later appends to) the model's own opset list: detach it

@@ -5,17 +5,21 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import onnx
+import onnx_graphsurgeon as gs
 
 from qcompiler import __version__
 from qcompiler.config import CALIBRATED_METHODS, CompileConfig
 from qcompiler.emit import emit_model
-from qcompiler.errors import NothingToQuantizeError, ValidationFailed
+from qcompiler.errors import ConfigError, NothingToQuantizeError, ValidationFailed
+from qcompiler.external import SPILL_NAME, DataSink, external_sources, save_with_external_data
 from qcompiler.frontends import LoadedModel, load_model
 from qcompiler.graphio import (
     check_writable,
@@ -43,6 +47,7 @@ from qcompiler.resources import peak_rss_mb
 from qcompiler.runtime.calib_data import calibration_tokens
 from qcompiler.runtime.session import SessionOptions
 from qcompiler.runtime.validate import ValidationResult, validate
+from qcompiler.stream import Chunk, chunk_sites, stream_compile
 
 log = logging.getLogger(__name__)
 
@@ -124,11 +129,18 @@ def compile_model(source: Any = None, output: str | os.PathLike | None = None,
         check_writable(output)
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    loaded: LoadedModel = load_model(source, example_inputs=example_inputs, cache_dir=cache_dir)
+    loaded: LoadedModel = load_model(source, example_inputs=example_inputs, cache_dir=cache_dir,
+                                     stream=config.stream)
     timings["load"] = time.perf_counter() - t
+    streaming = loaded.data_dir is not None
+    if streaming:
+        config.check_streamable()
+        if output is None:
+            raise ConfigError("a streaming compile writes its weights as it goes: give an output path")
+        log.info("streaming compile: weights stay in %s; chunks of %d MB", loaded.data_dir, config.stream_chunk_mb)
 
     t = time.perf_counter()
-    graph = import_graph(loaded.model)
+    graph = import_graph(loaded.model, loaded.data_dir)
     analysis = None
     if config.method in TRANSFORM_METHODS:
         analysis = analyze_graph(graph, loaded.model, config.match)
@@ -144,30 +156,80 @@ def compile_model(source: Any = None, output: str | os.PathLike | None = None,
         t = time.perf_counter()
         calibration = _calibration(config, loaded)
         timings["calibration data"] = time.perf_counter() - t
-    t = time.perf_counter()
-    sites_by_id = {s.id: s for s in match.sites}
-    plan = make_plan(config, match.sites, weight_reader(graph), analysis, progress, model=loaded.model,
-                     calibration=calibration,
-                     transformed=lambda pairs, online: _transformed_model(loaded.model, pairs, online, sites_by_id))
-    timings["plan"] = time.perf_counter() - t
+    sink_dir = None
+    try:
+        if streaming:
+            t = time.perf_counter()
+            sink_dir = Path(tempfile.mkdtemp(prefix=f".{Path(output).name}.", dir=Path(output).parent))
+            graph, plan = _stream(graph, match, analysis, config, DataSink(sink_dir / SPILL_NAME), progress)
+            timings["plan + rewrite (streamed)"] = time.perf_counter() - t
+        else:
+            t = time.perf_counter()
+            sites_by_id = {s.id: s for s in match.sites}
+            plan = make_plan(config, match.sites, weight_reader(graph), analysis, progress, model=loaded.model,
+                             calibration=calibration,
+                             transformed=lambda pairs, online: _transformed_model(loaded.model, pairs, online,
+                                                                                  sites_by_id))
+            timings["plan"] = time.perf_counter() - t
+            t = time.perf_counter()
+            graph = _rewrite(graph, plan, config)
+            timings["rewrite"] = time.perf_counter() - t
+        return _finish(graph, plan, match, loaded, config, output, timings, streaming)
+    finally:
+        if sink_dir is not None:
+            shutil.rmtree(sink_dir, ignore_errors=True)
 
-    t = time.perf_counter()
+
+def _rewrite(graph: gs.Graph, plan: QuantPlan, config: CompileConfig) -> gs.Graph:
+    """The passes that apply ``plan``: fold pair transforms, insert online transforms, quantize."""
     sites = {sp.site.id: sp.site for sp in plan.sites}
     passes: list = [FoldPairsPass(plan.pair_transforms, sites), OnlineTransformPass(plan.online, sites)]
     if config.quantize_weights:
         passes += [EmbeddingPass(plan), MatMulNBitsPass(plan, config.accuracy_level)
                    if config.format == "matmulnbits" else QDQPass(plan)]
-    graph = PassManager(passes)(graph).graph
+    return PassManager(passes)(graph).graph
+
+
+def _stream(graph: gs.Graph, match: MatchResult, analysis, config: CompileConfig, sink: DataSink,
+            progress: bool) -> tuple[gs.Graph, QuantPlan]:
+    chunks = chunk_sites(match.sites, config.stream_chunk_mb * 2**20,
+                         analysis.pairs if analysis else (), analysis.groups if analysis else ())
+    log.info("%d sites in %d chunks", len(match.sites), len(chunks))
+
+    online_units = None
+    if analysis is not None:
+        from qcompiler.methods.cafeq import select_online_units
+
+        online_units = select_online_units(analysis, config.cafeq)
+
+    def plan_chunk(g: gs.Graph, chunk: Chunk) -> QuantPlan:
+        return make_plan(config, chunk.sites, weight_reader(g), chunk.analysis() if analysis else None,
+                         online_units=online_units)
+
+    try:
+        return stream_compile(graph, chunks, plan_chunk, lambda g, p: _rewrite(g, p, config), sink, config.method,
+                              config.quant, progress)
+    finally:
+        sink.close()
+
+
+def _finish(graph: gs.Graph, plan: QuantPlan, match: MatchResult, loaded: LoadedModel, config: CompileConfig,
+            output, timings: dict[str, float], streaming: bool) -> CompileResult:
+    t = time.perf_counter()
+    sources = external_sources(graph) if streaming else {}
     props = {"qcompiler.method": config.method, "qcompiler.quant": config.quant.describe(),
              "qcompiler.format": config.format, MODEL_KIND: loaded.kind,
              SITES: json.dumps(plan.summary(), separators=(",", ":"))}
     if loaded.tokenizer_dir:
         props[TOKENIZER] = loaded.tokenizer_dir
     model = emit_model(graph, loaded.model, props)
-    timings["rewrite"] = time.perf_counter() - t
+    timings["emit"] = time.perf_counter() - t
 
     validation = None
-    if config.validate:
+    if config.validate and streaming:
+        log.warning("streaming compile: model-level validation skipped (the original does not fit the memory "
+                    "bound); per-site errors are in the report")
+    elif config.validate:
         t = time.perf_counter()
         validation = validate(model, loaded.model)
         timings["validate"] = time.perf_counter() - t
@@ -182,7 +244,8 @@ def compile_model(source: Any = None, output: str | os.PathLike | None = None,
     out_path = None
     if output is not None:
         t = time.perf_counter()
-        out_path = str(save_onnx_atomic(model, output))
+        out_path = str(save_with_external_data(model, output, sources) if streaming
+                       else save_onnx_atomic(model, output))
         timings["save"] = time.perf_counter() - t
     return CompileResult(out_path, model, plan, match, validation,
                          size_before=_model_bytes(loaded.model, loaded.onnx_path),

@@ -106,6 +106,8 @@ class QuantPlan:
     pair_transforms: tuple[PairTransform, ...] = ()  # folded into weights before quantization
     online: tuple[OnlineTransform, ...] = ()  # inserted as ops; weights become T W
     pair_stats: tuple[PairStats, ...] = ()
+    # a streaming compile's plan: codes were written into the model and dropped (shapes and stats remain)
+    released: bool = False
 
     def summary(self) -> list[dict]:
         return [
@@ -116,6 +118,8 @@ class QuantPlan:
         ]
 
     def save(self, path: str | Path) -> None:
+        if self.released:
+            raise ValueError("a streaming compile's plan holds no codes (they are in the model's data file)")
         arrays: dict[str, np.ndarray] = {}
         header = {"method": self.method, "quant": asdict(self.quant), "sites": [], "pairs": [], "online": [],
                   "pair_stats": [asdict(p) for p in self.pair_stats]}

@@ -15,3 +15,5 @@ class LoadedModel:
     tokenizer_dir: str | None = None
     onnx_path: str | None = None  # where the ONNX lives on disk (cache entry or the input file)
     cached: bool = False  # export came from the cache
+    # the external data was not read: tensors reference files in this folder (streaming compile)
+    data_dir: str | None = None

@@ -22,6 +22,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from qcompiler.errors import first_line
+from qcompiler.external import is_external, read_values
 from qcompiler.graphio import redirect_consumers
 from qcompiler.match.pairs import (
     ATTN_VO,
@@ -109,11 +110,37 @@ def _run(graph: gs.Graph, original_opsets) -> dict[str, np.ndarray]:
     from qcompiler.runtime.session import SessionOptions
     from qcompiler.runtime.validate import run
 
+    _stand_in_external(graph)
     model = export_graph(graph)
     del model.opset_import[:]
     model.opset_import.extend(original_opsets)
     feeds = sample_inputs(model, batch=1, seq=4)
     return run(model, feeds, SessionOptions(device="cpu", optimize=False))
+
+
+def _stand_in_external(graph: gs.Graph) -> None:
+    """Weights left in their files (streaming compile) are not read for a probe: a MatMul/Gemm weight
+    becomes zeros, computed from one input column (``x[..., :1] @ 0[1, N]``), which only makes attention
+    uniform and leaves channel indices flowing as they do with the real weights; other external constants
+    (embedding tables, norms) are read."""
+    for node in list(graph.nodes):
+        w = node.inputs[1] if node.op in ("MatMul", "Gemm") and len(node.inputs) > 1 else None
+        if w is None or not is_external(w) or len(w.shape) != 2 or node.attrs.get("transA", 0):
+            continue
+        trans_b = bool(node.attrs.get("transB", 0)) if node.op == "Gemm" else False
+        n = w.shape[0] if trans_b else w.shape[1]
+        x = node.inputs[0]
+        first = gs.Variable(f"{node.name}__probe_x1", dtype=x.dtype)
+        graph.nodes.append(gs.Node("Slice", name=f"{node.name}__probe_slice", inputs=[
+            x, gs.Constant(f"{node.name}__probe_s0", np.array([0], np.int64)),
+            gs.Constant(f"{node.name}__probe_s1", np.array([1], np.int64)),
+            gs.Constant(f"{node.name}__probe_ax", np.array([-1], np.int64))], outputs=[first]))
+        node.inputs[0] = first
+        node.inputs[1] = gs.Constant(f"{node.name}__probe_w0", np.zeros((n, 1) if trans_b else (1, n), w.dtype))
+    for t in graph.tensors().values():
+        if is_external(t):
+            t.values = read_values(t)
+    graph.toposort()
 
 
 def _interpret(c: AttentionCandidate, cols: np.ndarray, head_dim: int) -> CoupledPair | str:

@@ -15,6 +15,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from qcompiler.config import MatchConfig
+from qcompiler.external import read_values
 from qcompiler.match.view import constant_value
 
 FLOAT_TYPES = (np.float32, np.float16)
@@ -210,7 +211,7 @@ def weight_reader(graph: gs.Graph):
     tensors = graph.tensors()
 
     def read(site: LinearSite) -> np.ndarray:
-        w = np.asarray(tensors[site.weight].values, dtype=np.float32)
+        w = np.asarray(read_values(tensors[site.weight]), dtype=np.float32)
         return np.ascontiguousarray(w.T) if site.transposed else w
 
     return read

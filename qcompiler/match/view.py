@@ -13,6 +13,8 @@ import networkx as nx
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from qcompiler.external import read_values
+
 # ops that only move, copy or relabel elements: a per-channel transform passes through them
 LAYOUT_OPS = frozenset({"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Expand", "Identity", "Cast", "Flatten",
                         "Tile", "Dropout", "Contiguous"})
@@ -80,7 +82,7 @@ def constant_value(t: gs.Tensor) -> np.ndarray | None:
     """The value of a tensor that is an initializer, a ``Constant`` node's output, or an Identity of one."""
     for _ in range(8):
         if isinstance(t, gs.Constant):
-            return np.asarray(t.values)
+            return np.asarray(read_values(t))
         node = t.inputs[0] if t.inputs else None
         if node is None:
             return None

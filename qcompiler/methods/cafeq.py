@@ -71,8 +71,10 @@ def _rtn(w: np.ndarray, quant: QuantConfig) -> np.ndarray:
 
 class _Planner:
     def __init__(self, analysis: Analysis, weight_of: Callable[[LinearSite], np.ndarray], quant: QuantConfig,
-                 cfg: CafeqConfig, method: str, online_budget: float, progress: bool, rounder: Rounder | None = None):
+                 cfg: CafeqConfig, method: str, online_budget: float, progress: bool, rounder: Rounder | None = None,
+                 online_units: frozenset[str] | None = None):
         self.analysis, self.quant, self.cfg, self.method = analysis, quant, cfg, method
+        self.online_units = online_units
         self.rounder = rounder
         learned = method != "rotate"
         self.sites = {s.id: s for s in analysis.sites if s.role != "embedding"}
@@ -136,31 +138,12 @@ class _Planner:
         return out
 
     def _units(self, covered: set[str]) -> list[tuple[str, str, tuple[str, ...]]]:
-        """(id, input tensor, site ids) that may get an online transform, cheapest first, within budget."""
-        grouped = {m for g in self.analysis.groups for m in g.members}
-        units = [(g.id, g.input, g.members) for g in self.analysis.groups
-                 if all(m in self.sites and self.sites[m].role == "linear" for m in g.members)]
-        units += [(s.id, s.input, (s.id,)) for s in self.sites.values()
-                  if s.role == "linear" and s.id not in grouped and s.id not in covered]
-        total = sum(s.k * s.n for s in self.sites.values())
-        costed = []
-        for uid, tensor, members in units:
-            k = self.sites[members[0]].k
-            b = _block_for(k, self.cfg.block_size)
-            if b is None:
-                log.info("%s: K=%d has no power-of-two block <= %d; no single transform", uid, k, self.cfg.block_size)
-                continue
-            costed.append((k * b / total, uid, tensor, members))
-        costed.sort(key=lambda c: c[0])
-        chosen, spent = [], 0.0
-        for cost, uid, tensor, members in costed:
-            if spent + cost > self.online_budget:
-                log.info("%s: online transform left out (budget %.1f%% of the linear layers' work)", uid,
-                         100 * self.online_budget)
-                continue
-            spent += cost
-            chosen.append((uid, tensor, members))
-        return chosen
+        """(id, input tensor, site ids) that may get an online transform, cheapest first, within budget
+        (or the ones named in ``online_units``, when a streaming compile chose them for the whole model)."""
+        costed = cost_units(self.sites, self.analysis.groups, covered, self.cfg.block_size)
+        if self.online_units is not None:
+            return [(uid, tensor, members) for _, uid, tensor, members in costed if uid in self.online_units]
+        return within_budget(costed, self.online_budget)
 
     def online(self, covered: set[str]) -> tuple[list[OnlineTransform], dict[str, np.ndarray]]:
         out, blocks_of = [], {}
@@ -267,9 +250,55 @@ class _Planner:
         return out
 
 
+def cost_units(sites: dict[str, LinearSite], groups, covered: set[str], block_size: int
+               ) -> list[tuple[float, str, str, tuple[str, ...]]]:
+    """Units that may get an online transform (sibling groups of linear sites, then single linear sites
+    not in a group or ``covered``), each with its cost: extra multiply-adds as a fraction of ``sites``' own."""
+    grouped = {m for g in groups for m in g.members}
+    units = [(g.id, g.input, g.members) for g in groups
+             if all(m in sites and sites[m].role == "linear" for m in g.members)]
+    units += [(s.id, s.input, (s.id,)) for s in sites.values()
+              if s.role == "linear" and s.id not in grouped and s.id not in covered]
+    total = sum(s.k * s.n for s in sites.values())
+    costed = []
+    for uid, tensor, members in units:
+        k = sites[members[0]].k
+        b = _block_for(k, block_size)
+        if b is None:
+            log.info("%s: K=%d has no power-of-two block <= %d; no single transform", uid, k, block_size)
+            continue
+        costed.append((k * b / total, uid, tensor, members))
+    costed.sort(key=lambda c: c[0])
+    return costed
+
+
+def within_budget(costed: list[tuple[float, str, str, tuple[str, ...]]], budget: float
+                  ) -> list[tuple[str, str, tuple[str, ...]]]:
+    """Cheapest first until ``budget`` is spent."""
+    chosen, spent = [], 0.0
+    for cost, uid, tensor, members in costed:
+        if spent + cost > budget:
+            log.info("%s: online transform left out (budget %.1f%% of the linear layers' work)", uid, 100 * budget)
+            continue
+        spent += cost
+        chosen.append((uid, tensor, members))
+    return chosen
+
+
+def select_online_units(analysis: Analysis, cfg: CafeqConfig) -> frozenset[str]:
+    """The units a whole-model plan would give online transforms, chosen from shapes alone (V·O pairs
+    assumed to transform their O), for planning the model a chunk at a time."""
+    sites = {s.id: s for s in analysis.sites if s.role != "embedding"}
+    covered = {p.consumer for p in analysis.pairs if p.kind == ATTN_VO and "vo" in cfg.transforms}
+    return frozenset(uid for uid, _, _ in within_budget(cost_units(sites, analysis.groups, covered, cfg.block_size),
+                                                        cfg.online_budget))
+
+
 def plan_cafeq(analysis: Analysis, weight_of: Callable[[LinearSite], np.ndarray], quant: QuantConfig,
                cfg: CafeqConfig, method: str = "cafeq", progress: bool = False,
-               rounder: Rounder | None = None) -> QuantPlan:
+               rounder: Rounder | None = None, online_units: frozenset[str] | None = None) -> QuantPlan:
     """``method`` is ``cafeq`` (learned), ``rotate`` (random orthogonal/Hadamard, no learning) or
-    ``cafeq+gptaq`` (learned, then ``rounder``: calibrated rounding of the transformed weights)."""
-    return _Planner(analysis, weight_of, quant, cfg, method, cfg.online_budget, progress, rounder).plan()
+    ``cafeq+gptaq`` (learned, then ``rounder``: calibrated rounding of the transformed weights).
+    ``online_units``: the units allowed an online transform (default: the budget decides, cheapest first)."""
+    return _Planner(analysis, weight_of, quant, cfg, method, cfg.online_budget, progress, rounder,
+                    online_units).plan()

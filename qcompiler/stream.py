@@ -1,0 +1,127 @@
+"""Streaming compile: plan and rewrite a chunk of sites at a time, so memory holds one chunk's weights.
+
+The model's weights stay in their external data files (``qcompiler.external``). Sites are split into
+*units* that must be planned together (a sibling group shares one online transform; a coupled pair's
+factors are transformed and rounded jointly), units are packed in graph order into chunks of about
+``chunk_bytes`` of fp32 weights, and each chunk goes through the same method and passes as a whole-model
+compile would. After a chunk's passes, every large new constant is spilled to a data file and the
+chunk's codes are released; what remains in memory is the graph's structure and per-site statistics.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import onnx_graphsurgeon as gs
+from tqdm.auto import tqdm
+
+from qcompiler.algorithms.grid import QuantizedWeight
+from qcompiler.external import DataSink
+from qcompiler.match.analysis import Analysis
+from qcompiler.match.pairs import CoupledPair, SiblingGroup
+from qcompiler.match.sites import LinearSite
+from qcompiler.plan import QuantPlan, SitePlan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    sites: tuple[LinearSite, ...]
+    pairs: tuple[CoupledPair, ...] = ()
+    groups: tuple[SiblingGroup, ...] = ()
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(s.k * s.n * 4 for s in self.sites)
+
+    def analysis(self) -> Analysis:
+        """The matcher's analysis restricted to this chunk."""
+        return Analysis(self.sites, (), (), self.pairs, (), self.groups)
+
+
+def _pair_members(p: CoupledPair) -> list[str]:
+    return [p.producer, p.consumer] + ([p.gate] if p.gate else [])
+
+
+def chunk_sites(sites: Sequence[LinearSite], chunk_bytes: int, pairs: Sequence[CoupledPair] = (),
+                groups: Sequence[SiblingGroup] = ()) -> list[Chunk]:
+    """Units (sites tied by pairs and groups) packed in order into chunks of at most ``chunk_bytes`` of
+    fp32 weights; a unit larger than that is a chunk of its own. Every site is in exactly one chunk."""
+    order = {s.id: i for i, s in enumerate(sites)}
+    parent = {s.id: s.id for s in sites}
+
+    def find(x: str) -> str:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    def union(ids: list[str]) -> None:
+        ids = [i for i in ids if i in parent]
+        for other in ids[1:]:
+            a, b = find(ids[0]), find(other)
+            if a != b:
+                parent[max(a, b, key=order.__getitem__)] = min(a, b, key=order.__getitem__)
+
+    for p in pairs:
+        union(_pair_members(p))
+    for g in groups:
+        union(list(g.members))
+    units: dict[str, list[LinearSite]] = {}
+    for s in sites:
+        units.setdefault(find(s.id), []).append(s)
+    chunks: list[list[LinearSite]] = []
+    size = 0
+    for unit in sorted(units.values(), key=lambda u: order[u[0].id]):
+        unit_bytes = sum(s.k * s.n * 4 for s in unit)
+        if not chunks or size + unit_bytes > chunk_bytes:
+            chunks.append([])
+            size = 0
+        chunks[-1].extend(unit)
+        size += unit_bytes
+    out = []
+    for members in chunks:
+        ids = {s.id for s in members}
+        out.append(Chunk(tuple(members),
+                         tuple(p for p in pairs if all(m in ids for m in _pair_members(p) if m in parent)),
+                         tuple(g for g in groups if all(m in ids for m in g.members if m in parent))))
+    return out
+
+
+def released(sp: SitePlan) -> SitePlan:
+    """``sp`` without its codes (zero-stride stand-ins of the same shapes): its tensors are in the graph
+    and spilled; shapes, grid and statistics stay for the report."""
+    w = sp.weight
+
+    def ghost(a: np.ndarray) -> np.ndarray:
+        return np.broadcast_to(np.zeros((), a.dtype), a.shape)
+
+    return replace(sp, weight=QuantizedWeight(ghost(w.codes), ghost(w.scales), ghost(w.zero_points), w.bits,
+                                               w.block_size, w.symmetric))
+
+
+def merge(plans: Sequence[QuantPlan], method: str, quant) -> QuantPlan:
+    return QuantPlan(method, quant, tuple(sp for p in plans for sp in p.sites),
+                     tuple(t for p in plans for t in p.pair_transforms), tuple(o for p in plans for o in p.online),
+                     tuple(s for p in plans for s in p.pair_stats), released=True)
+
+
+def stream_compile(graph: gs.Graph, chunks: Sequence[Chunk], plan_chunk: Callable[[gs.Graph, Chunk], QuantPlan],
+                   rewrite: Callable[[gs.Graph, QuantPlan], gs.Graph], sink: DataSink, method: str, quant,
+                   progress: bool = False) -> tuple[gs.Graph, QuantPlan]:
+    """Plan, rewrite and spill ``chunks`` one after another. Returns the graph and the merged plan."""
+    plans = []
+    bar = tqdm(chunks, desc="stream", unit="chunk", disable=not progress, leave=False)
+    for chunk in bar:
+        plan = plan_chunk(graph, chunk)
+        graph = rewrite(graph, plan)
+        moved = sink.spill(graph)
+        log.debug("chunk of %d sites: %.1f MB spilled", len(chunk.sites), moved / 1e6)
+        plans.append(replace(plan, sites=tuple(released(sp) for sp in plan.sites)))
+        del plan
+    log.info("streamed %d chunks; %.1f MB written to %s", len(chunks), sink.bytes / 1e6, sink.path.name)
+    return graph, merge(plans, method, quant)
