@@ -138,11 +138,18 @@ class DataSink:
         """Move every in-memory constant of at least ``min_bytes`` into the file. Returns bytes moved."""
         moved = 0
         for t in graph.tensors().values():
-            if not isinstance(t, gs.Constant) or isinstance(t._values, LazyValues):
+            if not isinstance(t, gs.Constant) or isinstance(t._values, ExternalValues):
                 continue
-            if t.values.nbytes < min_bytes:
+            if isinstance(t._values, LazyValues):  # a tensor proto in memory (packed 4-bit codes, ...)
+                if t._values.tensor.data_location == onnx.TensorProto.EXTERNAL or t._values.nbytes < min_bytes:
+                    continue
+                proto = onnx.TensorProto()
+                proto.CopyFrom(t._values.tensor)
+                proto.name = t.name
+            elif t.values.nbytes < min_bytes:
                 continue
-            proto = OnnxExporter.export_tensor_proto(t)  # exactly the bytes the exporter would write
+            else:
+                proto = OnnxExporter.export_tensor_proto(t)  # exactly the bytes the exporter would write
             if not proto.HasField("raw_data"):
                 proto = numpy_helper.from_array(numpy_helper.to_array(proto), proto.name)
             t._values = self.write(proto)
@@ -159,7 +166,8 @@ def save_with_external_data(model: onnx.ModelProto, path: str | os.PathLike,
     """Write ``model`` to ``path`` + ``<name>.data``, atomically.
 
     External tensors are copied from the files named in ``sources`` (their ``location`` -> the file);
-    inline tensors of at least ``min_bytes`` are moved out as well, so the proto stays small.
+    inline tensors of at least ``min_bytes`` are moved out as well, so the proto stays small, and
+    external ones below it come inline.
     """
     out = Path(path)
     data_name = out.name + ".data"
@@ -173,6 +181,16 @@ def save_with_external_data(model: onnx.ModelProto, path: str | os.PathLike,
                     if src is None:
                         raise OutputError(f"external data of {t.name!r} has no known source: {info.get('location')}")
                     offset, length = int(info.get("offset", 0)), int(info["length"])
+                    if length < min_bytes:  # small ones inline: shape inputs must be (ONNX Runtime)
+                        with open(src, "rb") as f:
+                            f.seek(offset)
+                            data = f.read(length)
+                        if len(data) != length:
+                            raise OutputError(f"external data of {t.name!r} is truncated in {src}")
+                        del t.external_data[:]
+                        t.data_location = onnx.TensorProto.DEFAULT
+                        t.raw_data = data
+                        continue
                     start = _align(dst)
                     with open(src, "rb") as f:
                         f.seek(offset)
