@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from dataclasses import asdict
 from pathlib import Path
 
@@ -350,6 +352,14 @@ def _setup_logging(args: argparse.Namespace) -> None:
         logging.getLogger(noisy).setLevel(level if args.verbose else logging.ERROR)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, unwound like Ctrl-C so that temporary files go and nothing half-written stays."""
+
+
+def _terminated(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(argv if argv is not None else sys.argv[1:])
@@ -360,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # argparse: --help, --version, or a bad option (exit 2)
         return int(e.code or 0)
     _setup_logging(args)
+    previous = signal.signal(signal.SIGTERM, _terminated) if threading.current_thread() is threading.main_thread() \
+        else None
     try:
         return {"compile": cmd_compile, "eval": cmd_eval, "inspect": cmd_inspect}[args.command](args)
     except QCompilerError as e:
@@ -367,11 +379,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         sys.stderr.write(f"qcompiler: error: {e}\n")
         return e.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         sys.stderr.write("qcompiler: interrupted; nothing written\n")
-        return 130
+        return 143 if isinstance(e, Terminated) else 130
     except Exception as e:  # a bug, not bad input: still one line unless --debug
         if args.debug:
             raise
         sys.stderr.write(f"qcompiler: internal error: {type(e).__name__}: {first_line(e)} (rerun with --debug)\n")
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

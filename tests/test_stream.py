@@ -1,0 +1,176 @@
+"""Streaming compile: chunks keep coupled units whole; the streamed model equals the whole-model compile;
+memory stays bounded by a chunk; refusals and interrupts leave nothing behind."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+from qcompiler.config import CafeqConfig, CompileConfig, QuantConfig
+from qcompiler.errors import ConfigError
+from qcompiler.match.analysis import analyze
+from qcompiler.pipeline import compile_model
+from qcompiler.stream import chunk_sites, released
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def external_llama(tiny_checkpoints, cache_dir, tmp_path_factory) -> Path:
+    """The tiny Llama, saved as an .onnx file with external data (as large exports are)."""
+    from qcompiler.frontends import load_model
+
+    loaded = load_model(str(tiny_checkpoints["llama"]), cache_dir=cache_dir)
+    folder = tmp_path_factory.mktemp("external_llama")
+    path = folder / "model.onnx"
+    onnx.save_model(loaded.model, str(path), save_as_external_data=True, location="model.onnx.data",
+                    size_threshold=1024)
+    return path
+
+
+def _values(path: Path) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+
+
+def _feeds(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"input_ids": rng.integers(5, 90, (2, 7)).astype(np.int64), "attention_mask": np.ones((2, 7), np.int64)}
+
+
+def _run(path: Path) -> np.ndarray:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, _feeds())[0]
+
+
+def test_chunks_keep_pairs_and_groups_whole(external_llama):
+    analysis = analyze(onnx.load(str(external_llama)))
+    assert analysis.pairs and analysis.groups
+    for budget in (1, 64 * 1024, 2**40):
+        chunks = chunk_sites(analysis.sites, budget, analysis.pairs, analysis.groups)
+        ids = [s.id for c in chunks for s in c.sites]
+        assert sorted(ids) == sorted(s.id for s in analysis.sites)  # every site exactly once
+        where = {s.id: i for i, c in enumerate(chunks) for s in c.sites}
+        for p in analysis.pairs:
+            members = {where[m] for m in (p.producer, p.consumer, p.gate) if m}
+            assert len(members) == 1, p.id
+            assert p in chunks[where[p.producer]].pairs
+        for g in analysis.groups:
+            assert len({where[m] for m in g.members}) == 1
+            assert g in chunks[where[g.members[0]]].groups
+        if budget == 2**40:
+            assert len(chunks) == 1
+    # at a 1-byte budget every unit is a chunk of its own: here one per pair (with its sibling group)
+    assert len(chunk_sites(analysis.sites, 1, analysis.pairs, analysis.groups)) == len(analysis.pairs)
+
+
+@pytest.mark.parametrize("method,fmt,embed", [("rtn", "matmulnbits", False), ("rtn", "qdq", True),
+                                              ("cafeq", "matmulnbits", False), ("rotate", "qdq", False)])
+def test_streamed_model_equals_the_whole_model_compile(external_llama, tmp_path, method, fmt, embed):
+    from qcompiler.config import MatchConfig
+
+    base = dict(quant=QuantConfig(bits=4, group_size=32), method=method, format=fmt,
+                match=MatchConfig(quantize_embeddings=embed), cafeq=CafeqConfig(steps=5, joint_rounds=1))
+    whole = compile_model(str(external_llama), tmp_path / "whole.onnx", CompileConfig(**base, stream=False))
+    streamed = compile_model(str(external_llama), tmp_path / "streamed.onnx",
+                             CompileConfig(**base, stream=True, stream_chunk_mb=1))
+    assert streamed.validation is None and whole.validation is not None
+    assert (tmp_path / "streamed.onnx.data").is_file()
+    onnx.checker.check_model(str(tmp_path / "streamed.onnx"))
+    a, b = _values(tmp_path / "whole.onnx"), _values(tmp_path / "streamed.onnx")
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    np.testing.assert_array_equal(_run(tmp_path / "whole.onnx"), _run(tmp_path / "streamed.onnx"))
+    assert streamed.plan.released and [s["id"] for s in streamed.plan.summary()] == \
+        [s["id"] for s in whole.plan.summary()]
+    assert len(streamed.plan.online) == len(whole.plan.online)
+    with pytest.raises(ValueError, match="streaming"):
+        streamed.plan.save(tmp_path / "plan.npz")
+
+
+def test_streamed_transforms_are_exact(external_llama, tmp_path):
+    out = tmp_path / "t.onnx"
+    res = compile_model(str(external_llama), out, CompileConfig(method="cafeq", stream=True, stream_chunk_mb=1,
+                                                                quantize_weights=False, cafeq=CafeqConfig(steps=5)))
+    assert res.plan.pair_transforms or res.plan.online
+    want, got = _run(external_llama), _run(out)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-4
+
+
+def test_released_plan_keeps_shapes_and_storage_without_memory(external_llama, tmp_path):
+    res = compile_model(str(external_llama), tmp_path / "w.onnx", CompileConfig(stream=False))
+    for sp in res.plan.sites:
+        r = released(sp)
+        assert r.weight.shape == sp.weight.shape and r.weight.storage_bits() == sp.weight.storage_bits()
+        assert r.weight.codes.strides == (0, 0)
+
+
+def test_stream_refusals_write_nothing(external_llama, tmp_path):
+    with pytest.raises(ConfigError, match="streaming"):
+        CompileConfig(method="gptq", stream=True)
+    with pytest.raises(ConfigError, match="validation"):
+        CompileConfig(max_error=0.1, stream=True)
+    with pytest.raises(ConfigError, match="external data"):
+        compile_model("minilm", tmp_path / "x.onnx", CompileConfig(stream=True))
+    with pytest.raises(ConfigError, match="output"):
+        compile_model(str(external_llama), None, CompileConfig(stream=True))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stream_is_automatic_above_the_threshold(external_llama, tmp_path, monkeypatch):
+    import qcompiler.frontends.onnx_file as onnx_file
+
+    monkeypatch.setattr(onnx_file, "STREAM_AUTO_BYTES", 0)
+    res = compile_model(str(external_llama), tmp_path / "auto.onnx", CompileConfig())
+    assert res.plan.released and res.validation is None
+    res = compile_model(str(external_llama), tmp_path / "off.onnx", CompileConfig(stream=False))
+    assert not res.plan.released
+
+
+def _compile_cli(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "qcompiler", "compile", *args, "-q"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_sigterm_during_a_streaming_compile_leaves_nothing(external_llama, tmp_path):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    proc = _compile_cli([str(external_llama), "-o", str(out_dir / "m.onnx"), "--method", "cafeq", "--stream",
+                         "--stream-chunk-mb", "1", "--steps", "2000"])
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(out_dir.iterdir()) and proc.poll() is None:
+        time.sleep(0.2)
+    assert any(out_dir.iterdir()), "the compile never started writing"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "nothing written" in err
+    assert list(out_dir.iterdir()) == []
+
+
+def test_streaming_peak_memory_is_bounded_by_a_chunk(tmp_path):
+    """A ~380 MB synthetic Llama: the streamed compile's peak stays well below the whole-model compile's."""
+    folder = tmp_path / "synth"
+    subprocess.run([sys.executable, "tools/make_synthetic_llama.py", "--out", str(folder), "--layers", "8",
+                    "--hidden", "1024", "--intermediate", "2816", "--vocab", "4000"], cwd=ROOT, check=True,
+                   capture_output=True)
+    model_mb = sum(f.stat().st_size for f in folder.iterdir()) / 2**20
+    assert model_mb > 300
+    peaks = {}
+    for mode in ("--stream", "--no-stream"):
+        report = tmp_path / f"{mode}.json"
+        proc = _compile_cli([str(folder / "model.onnx"), "-o", str(tmp_path / f"{mode}.onnx"), mode,
+                             "--stream-chunk-mb", "16", "--no-validate", "--report", str(report)])
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err
+        peaks[mode] = json.loads(report.read_text())["peak_rss_mb"]
+    # whole-model: the weights (and their codes) in memory; streamed: one 16 MB chunk at a time
+    assert peaks["--stream"] < peaks["--no-stream"] - 0.5 * model_mb, peaks
