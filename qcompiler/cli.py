@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cafeq: which coupled pairs are rounded jointly (subset of vo,updown)")
     t.add_argument("--joint-rounds", type=int, default=4,
                    help="cafeq: alternations of joint rounding per V·O pair (default 4)")
+    t.add_argument("--joint-max-gb", type=float, default=4.0,
+                   help="skip joint rounding of a pair needing more memory than this (wide MLPs; default 4)")
     t.add_argument("--joint-mlp-rounds", type=int, default=2,
                    help="cafeq: alternations of joint rounding per up·down pair (default 2)")
     t.add_argument("--joint-channel-weight", type=float, default=4.0,
@@ -182,7 +184,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
             temperature=args.temperature, init=args.init, seed=args.seed, device=args.device,
             online_budget=args.online_budget,
             joint_pairs=tuple(t for t in args.joint_pairs.split(",") if t) if args.joint_rounding else (),
-            joint_rounds=args.joint_rounds, joint_mlp_rounds=args.joint_mlp_rounds,
+            joint_rounds=args.joint_rounds, joint_mlp_rounds=args.joint_mlp_rounds, joint_max_gb=args.joint_max_gb,
             joint_channel_weight=args.joint_channel_weight),
         quantize_weights=not args.transforms_only,
         calib=CalibConfig(source=args.calib, tokenizer=args.tokenizer, samples=args.calib_samples,

@@ -80,6 +80,9 @@ class CafeqConfig:
     # MLP pairs: weight of each channel's own product error (the activation between the factors);
     # MiniLM 3-bit fidelity (1 - cos, MLP pairs only): 0.1083 without, 0.1049 at 1, 0.0846 at 4
     joint_channel_weight: float = 4.0
+    # a pair whose joint rounding would need more memory than this is rounded plainly (with a warning):
+    # MLP pairs cost ~26 x C^2 float64 (C = intermediate width): 0.5 GB for C = 1536, 7 GB for 5632
+    joint_max_gb: float = 4.0
 
     def __post_init__(self) -> None:
         bad = [t for t in self.transforms if t not in TRANSFORMS]
@@ -103,6 +106,8 @@ class CafeqConfig:
         if not (0 <= self.joint_rounds <= 50 and 0 <= self.joint_mlp_rounds <= 50):
             raise ConfigError(f"--joint-rounds and --joint-mlp-rounds must be in 0..50, got {self.joint_rounds}, "
                               f"{self.joint_mlp_rounds}")
+        if not self.joint_max_gb > 0:
+            raise ConfigError(f"--joint-max-gb must be > 0, got {self.joint_max_gb}")
         if not self.joint_channel_weight >= 0:
             raise ConfigError(f"--joint-channel-weight must be >= 0, got {self.joint_channel_weight}")
         if self.device not in ("auto", "cpu", "cuda"):

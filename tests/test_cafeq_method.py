@@ -64,6 +64,29 @@ def test_no_joint_rounding(pair_checkpoints, cache_dir):
     assert all(p.stats.plain_rel_error == p.stats.rel_error for p in plan.sites)
 
 
+def test_joint_rounding_skips_pairs_over_the_memory_limit(pair_checkpoints, cache_dir, caplog):
+    from qcompiler.match.pairs import MLP_UP_DOWN
+    from qcompiler.methods.cafeq import joint_memory_bytes
+
+    base = dict(quant=QuantConfig(3, 32, False), method="cafeq", validate=False)
+    # the tiny Llama's MLP pairs (C = 128) need ~3.6 MB, its V·O pairs less: a 3 MB limit skips only MLPs
+    limit = 3 / 1024
+    with caplog.at_level("WARNING"):
+        plan = compile_model(str(pair_checkpoints["llama"]), None,
+                             CompileConfig(**base, cafeq=CafeqConfig(steps=10, joint_max_gb=limit)),
+                             cache_dir=cache_dir).plan
+    assert "joint rounding skipped" in caplog.text
+    mlp = [ps for ps in plan.pair_stats if ps.kind == MLP_UP_DOWN]
+    assert mlp and all(ps.pqe == ps.pqe_plain for ps in mlp)
+    assert any(ps.pqe < ps.pqe_plain for ps in plan.pair_stats if ps.kind != MLP_UP_DOWN)
+    from qcompiler.match.pairs import CoupledPair
+
+    wide = CoupledPair("p", MLP_UP_DOWN, "up", "down", (0, 5632), ("diagonal",))
+    assert 7e9 < joint_memory_bytes(wide, 2048) < 8.5e9  # the measured 7.3 GB (1 round, C = 5632)
+    smol = CoupledPair("p", MLP_UP_DOWN, "up", "down", (0, 1536), ("diagonal",))
+    assert joint_memory_bytes(smol, 576) < CafeqConfig().joint_max_gb * 2**30  # SmolLM2: never skipped
+
+
 def test_online_budget_limits_the_online_ops(pair_checkpoints, cache_dir):
     base = dict(quant=QuantConfig(4, 32, False), method="rotate", validate=False)
     none = compile_model(str(pair_checkpoints["llama"]), None,
