@@ -189,6 +189,4 @@ class CompileConfig:
         if self.method in CALIBRATED_METHODS:
             raise ConfigError(f"--method {self.method} runs the whole model on calibration data: a streaming "
                               f"compile supports rtn, rotate and cafeq")
-        if self.max_error is not None:
-            raise ConfigError("--max-error needs the model-level validation, which a streaming compile skips "
-                              "(the original model does not fit its memory bound)")
+

@@ -45,7 +45,9 @@ from qcompiler.passes import (
 from qcompiler.plan import QuantPlan
 from qcompiler.resources import peak_rss_mb
 from qcompiler.runtime.calib_data import calibration_tokens
+from qcompiler.runtime.inputs import sample_inputs
 from qcompiler.runtime.session import SessionOptions
+from qcompiler.runtime.stream_validate import validate_streamed
 from qcompiler.runtime.validate import ValidationResult, validate
 from qcompiler.stream import Chunk, chunk_sites, stream_compile
 
@@ -161,7 +163,7 @@ def compile_model(source: Any = None, output: str | os.PathLike | None = None,
         if streaming:
             t = time.perf_counter()
             sink_dir = Path(tempfile.mkdtemp(prefix=f".{Path(output).name}.", dir=Path(output).parent))
-            graph, plan = _stream(graph, match, analysis, config, DataSink(sink_dir / SPILL_NAME), progress)
+            graph, plan, cuts = _stream(graph, match, analysis, config, DataSink(sink_dir / SPILL_NAME), progress)
             timings["plan + rewrite (streamed)"] = time.perf_counter() - t
         else:
             t = time.perf_counter()
@@ -174,7 +176,8 @@ def compile_model(source: Any = None, output: str | os.PathLike | None = None,
             t = time.perf_counter()
             graph = _rewrite(graph, plan, config)
             timings["rewrite"] = time.perf_counter() - t
-        return _finish(graph, plan, match, loaded, config, output, timings, streaming)
+            cuts = []
+        return _finish(graph, plan, match, loaded, config, output, timings, cuts if streaming else None)
     finally:
         if sink_dir is not None:
             shutil.rmtree(sink_dir, ignore_errors=True)
@@ -191,7 +194,8 @@ def _rewrite(graph: gs.Graph, plan: QuantPlan, config: CompileConfig) -> gs.Grap
 
 
 def _stream(graph: gs.Graph, match: MatchResult, analysis, config: CompileConfig, sink: DataSink,
-            progress: bool) -> tuple[gs.Graph, QuantPlan]:
+            progress: bool) -> tuple[gs.Graph, QuantPlan, list[str]]:
+    """Plan and rewrite chunk by chunk; also returns where the chunks start (node names, for validation)."""
     chunks = chunk_sites(match.sites, config.stream_chunk_mb * 2**20,
                          analysis.pairs if analysis else (), analysis.groups if analysis else ())
     log.info("%d sites in %d chunks", len(match.sites), len(chunks))
@@ -207,14 +211,17 @@ def _stream(graph: gs.Graph, match: MatchResult, analysis, config: CompileConfig
                          online_units=online_units)
 
     try:
-        return stream_compile(graph, chunks, plan_chunk, lambda g, p: _rewrite(g, p, config), sink, config.method,
-                              config.quant, progress)
+        graph, plan = stream_compile(graph, chunks, plan_chunk, lambda g, p: _rewrite(g, p, config), sink,
+                                     config.method, config.quant, progress)
+        return graph, plan, [c.sites[0].node for c in chunks]
     finally:
         sink.close()
 
 
 def _finish(graph: gs.Graph, plan: QuantPlan, match: MatchResult, loaded: LoadedModel, config: CompileConfig,
-            output, timings: dict[str, float], streaming: bool) -> CompileResult:
+            output, timings: dict[str, float], cuts: list[str] | None) -> CompileResult:
+    """Emit, validate (whole, or stretch by stretch when streamed: ``cuts``) and save."""
+    streaming = cuts is not None
     t = time.perf_counter()
     sources = external_sources(graph) if streaming else {}
     props = {"qcompiler.method": config.method, "qcompiler.quant": config.quant.describe(),
@@ -226,12 +233,13 @@ def _finish(graph: gs.Graph, plan: QuantPlan, match: MatchResult, loaded: Loaded
     timings["emit"] = time.perf_counter() - t
 
     validation = None
-    if config.validate and streaming:
-        log.warning("streaming compile: model-level validation skipped (the original does not fit the memory "
-                    "bound); per-site errors are in the report")
-    elif config.validate:
+    if config.validate:
         t = time.perf_counter()
-        validation = validate(model, loaded.model)
+        if streaming:  # the original does not fit the memory bound: both models run stretch by stretch
+            validation = validate_streamed(loaded.model, loaded.data_dir, model, sources, cuts,
+                                           sample_inputs(loaded.model), SessionOptions(device=config.cafeq.device))
+        else:
+            validation = validate(model, loaded.model)
         timings["validate"] = time.perf_counter() - t
         log.info("validation: max relative error %.3e, min cosine %.5f",
                  validation.max_rel_error, validation.min_cosine)

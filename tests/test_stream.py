@@ -82,7 +82,8 @@ def test_streamed_model_equals_the_whole_model_compile(external_llama, tmp_path,
     whole = compile_model(str(external_llama), tmp_path / "whole.onnx", CompileConfig(**base, stream=False))
     streamed = compile_model(str(external_llama), tmp_path / "streamed.onnx",
                              CompileConfig(**base, stream=True, stream_chunk_mb=1))
-    assert streamed.validation is None and whole.validation is not None
+    # validation stretch by stretch gives the whole-model validation's figures
+    assert streamed.validation.max_rel_error == pytest.approx(whole.validation.max_rel_error, rel=1e-4, abs=1e-6)
     assert (tmp_path / "streamed.onnx.data").is_file()
     onnx.checker.check_model(str(tmp_path / "streamed.onnx"))
     a, b = _values(tmp_path / "whole.onnx"), _values(tmp_path / "streamed.onnx")
@@ -117,8 +118,6 @@ def test_released_plan_keeps_shapes_and_storage_without_memory(external_llama, t
 def test_stream_refusals_write_nothing(external_llama, tmp_path):
     with pytest.raises(ConfigError, match="streaming"):
         CompileConfig(method="gptq", stream=True)
-    with pytest.raises(ConfigError, match="validation"):
-        CompileConfig(max_error=0.1, stream=True)
     with pytest.raises(ConfigError, match="external data"):
         compile_model("minilm", tmp_path / "x.onnx", CompileConfig(stream=True))
     with pytest.raises(ConfigError, match="output"):
@@ -131,9 +130,37 @@ def test_stream_is_automatic_above_the_threshold(external_llama, tmp_path, monke
 
     monkeypatch.setattr(onnx_file, "STREAM_AUTO_BYTES", 0)
     res = compile_model(str(external_llama), tmp_path / "auto.onnx", CompileConfig())
-    assert res.plan.released and res.validation is None
+    assert res.plan.released and res.validation is not None
     res = compile_model(str(external_llama), tmp_path / "off.onnx", CompileConfig(stream=False))
     assert not res.plan.released
+
+
+def test_streamed_validation_gate_refuses_and_writes_nothing(external_llama, tmp_path, capsys):
+    from qcompiler.cli import main
+
+    out = tmp_path / "q.onnx"
+    code = main(["compile", str(external_llama), "-o", str(out), "--stream", "--stream-chunk-mb", "1",
+                 "--bits", "2", "--max-error", "1e-6", "-q"])
+    assert code == 3 and "validation failed" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_streamed_validation_sees_a_broken_weight(external_llama, tmp_path, monkeypatch):
+    """A stretch-by-stretch validation that did not run the compiled weights would miss this."""
+    import qcompiler.stream as stream
+
+    real = stream.DataSink.spill
+
+    def corrupt(self, graph, min_bytes=stream.DataSink.spill.__defaults__[0]):
+        for t in graph.tensors().values():
+            if t.name.endswith("_scales") and not hasattr(t._values, "path"):
+                t.values = t.values * 3  # every scale of this chunk tripled
+        return real(self, graph, min_bytes)
+
+    monkeypatch.setattr(stream.DataSink, "spill", corrupt)
+    res = compile_model(str(external_llama), tmp_path / "bad.onnx", CompileConfig(stream=True, stream_chunk_mb=1))
+    good = compile_model(str(external_llama), tmp_path / "good.onnx", CompileConfig(stream=False))
+    assert res.validation.max_rel_error > 5 * good.validation.max_rel_error
 
 
 def _compile_cli(args: list[str]) -> subprocess.Popen:

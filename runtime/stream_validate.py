@@ -1,0 +1,147 @@
+"""Validation of a streamed compile: the original and the compiled model run side by side, one stretch at
+a time, so that only one stretch's weights are in memory.
+
+The original's nodes are cut before given nodes (the first site of every chunk). The tensors alive across
+a cut (produced before it and read after it: the residual stream, masks, rotary tables) are the *state*
+there; both models keep those names, since passes only rewrite the sites between them. For each stretch,
+each model's nodes that compute the next state from the current one are found by walking back from the
+next state, and run as a small model whose initializers are read from their files just for it. The
+original's state and the compiled model's state advance separately; the final outputs are compared.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from qcompiler.errors import QCompilerError
+from qcompiler.external import external_info
+from qcompiler.runtime.segments import _node_inputs, _types
+from qcompiler.runtime.session import SessionOptions, make_session
+from qcompiler.runtime.validate import ValidationResult, compare
+
+log = logging.getLogger(__name__)
+
+
+class StreamValidationError(QCompilerError):
+    """The two models cannot be cut at the same tensors (a pass renamed a state tensor)."""
+
+
+def _cut_states(model: onnx.ModelProto, cuts: Sequence[str]) -> list[list[str]]:
+    """For every cut (a node name of ``model``) the state there, in graph order; and the final outputs."""
+    nodes = list(model.graph.node)
+    position = {n.name: i for i, n in enumerate(nodes)}
+    inits = {t.name for t in model.graph.initializer}
+    produced_at: dict[str, int] = {i.name: -1 for i in model.graph.input if i.name not in inits}
+    last_use: dict[str, int] = {}
+    for i, n in enumerate(nodes):
+        for t in _node_inputs(n):
+            last_use[t] = i
+        for t in n.output:
+            if t:
+                produced_at[t] = i
+    for o in model.graph.output:
+        last_use[o.name] = len(nodes)
+    states = []
+    for p in sorted({position[c] for c in cuts if c in position}):
+        states.append(sorted(t for t, at in produced_at.items() if at < p and last_use.get(t, -1) >= p))
+    states.append([o.name for o in model.graph.output])
+    return states
+
+
+class _Stretcher:
+    """Runs stretches of one model: the nodes that compute ``targets`` from ``state``."""
+
+    def __init__(self, model: onnx.ModelProto, sources: Mapping[str, Path], options: SessionOptions,
+                 types: Mapping[str, onnx.TypeProto]):
+        self.model, self.sources, self.options, self.types = model, sources, options, types
+        self.producer = {o: n for n in model.graph.node for o in n.output if o}
+        self.inits = {t.name: t for t in model.graph.initializer}
+        self.order = {id(n): i for i, n in enumerate(model.graph.node)}
+
+    def _initializer(self, name: str) -> onnx.TensorProto:
+        t = self.inits[name]
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            return t
+        info = external_info(t)
+        path = self.sources.get(info.get("location", ""))
+        if path is None:
+            raise StreamValidationError(f"no file for the external data of {name!r}")
+        loaded = onnx.TensorProto()
+        loaded.CopyFrom(t)
+        del loaded.external_data[:]
+        loaded.data_location = onnx.TensorProto.DEFAULT
+        with open(path, "rb") as f:
+            f.seek(int(info.get("offset", 0)))
+            loaded.raw_data = f.read(int(info["length"])) if "length" in info else f.read()
+        return loaded
+
+    def _output(self, name: str) -> onnx.ValueInfoProto:
+        tp = self.types.get(name)
+        if tp is None:
+            raise StreamValidationError(f"no type known for tensor {name!r}")
+        return onnx.helper.make_tensor_value_info(name, tp.tensor_type.elem_type, None)
+
+    def run(self, state: Mapping[str, np.ndarray], targets: Sequence[str]) -> dict[str, np.ndarray]:
+        out = {t: state[t] for t in targets if t in state}
+        todo = [t for t in targets if t not in state]
+        if not todo:
+            return out
+        keep, need, seen, kept = [], list(todo), set(todo), set()
+        while need:
+            t = need.pop()
+            if t in state or t in self.inits or t == "":
+                continue
+            node = self.producer.get(t)
+            if node is None:
+                raise StreamValidationError(f"tensor {t!r} is neither computed nor in the state")
+            if id(node) in kept:
+                continue
+            kept.add(id(node))
+            keep.append(node)
+            for i in _node_inputs(node):
+                if i not in seen:
+                    seen.add(i)
+                    need.append(i)
+        keep.sort(key=lambda n: self.order[id(n)])
+        reads = sorted({i for n in keep for i in _node_inputs(n)})
+        inputs = [i for i in reads if i in state]
+        graph = onnx.helper.make_graph(
+            keep, "stretch",
+            [onnx.helper.make_tensor_value_info(i, onnx.helper.np_dtype_to_tensor_dtype(state[i].dtype),
+                                                [f"{i}:{d}" for d in range(state[i].ndim)]) for i in inputs],
+            [self._output(t) for t in todo],
+            initializer=[self._initializer(i) for i in reads if i in self.inits and i not in state])
+        sub = onnx.helper.make_model(graph, opset_imports=list(self.model.opset_import))
+        sub.ir_version = self.model.ir_version
+        sub.functions.extend(self.model.functions)
+        session = make_session(sub, self.options)
+        out.update(zip(todo, session.run(list(todo), {i: state[i] for i in inputs}), strict=True))
+        return out
+
+
+def validate_streamed(original: onnx.ModelProto, original_dir: str | os.PathLike, compiled: onnx.ModelProto,
+                      compiled_sources: Mapping[str, Path], cuts: Sequence[str], feeds: Mapping[str, np.ndarray],
+                      options: SessionOptions | None = None) -> ValidationResult:
+    """Both models on ``feeds``, cut before each node of ``cuts`` (names in ``original``); models keep their
+    external data references (``original``: relative to ``original_dir``; ``compiled``: ``compiled_sources``)."""
+    options = options or SessionOptions(device="cpu")
+    base = Path(original_dir)
+    orig_sources = {external_info(t).get("location", ""): base / external_info(t).get("location", "")
+                    for t in original.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+    types = _types(original)  # state tensors have the same names and types in both (contrib ops defeat
+    a = _Stretcher(original, orig_sources, options, types)  # ONNX's shape inference on the compiled one)
+    b = _Stretcher(compiled, compiled_sources, options, types)
+    state_a = {k: np.asarray(v) for k, v in feeds.items()}
+    state_b = dict(state_a)
+    states = _cut_states(original, cuts)
+    for i, targets in enumerate(states):
+        state_a = a.run(state_a, targets)
+        state_b = b.run(state_b, targets)
+        log.debug("stretch %d/%d: %d state tensors", i + 1, len(states), len(targets))
+    return ValidationResult(tuple(compare(state_b[o], state_a[o], o) for o in states[-1]))
