@@ -195,7 +195,7 @@ def _rewrite(graph: gs.Graph, plan: QuantPlan, config: CompileConfig) -> gs.Grap
 
 def _stream(graph: gs.Graph, match: MatchResult, analysis, config: CompileConfig, sink: DataSink,
             progress: bool) -> tuple[gs.Graph, QuantPlan, list[str]]:
-    """Plan and rewrite chunk by chunk; also returns where the chunks start (node names, for validation)."""
+    """Plan and rewrite chunk by chunk; also returns where validation cuts the models (node names)."""
     chunks = chunk_sites(match.sites, config.stream_chunk_mb * 2**20,
                          analysis.pairs if analysis else (), analysis.groups if analysis else ())
     log.info("%d sites in %d chunks", len(match.sites), len(chunks))
@@ -213,7 +213,8 @@ def _stream(graph: gs.Graph, match: MatchResult, analysis, config: CompileConfig
     try:
         graph, plan = stream_compile(graph, chunks, plan_chunk, lambda g, p: _rewrite(g, p, config), sink,
                                      config.method, config.quant, progress)
-        return graph, plan, [c.sites[0].node for c in chunks]
+        # validation cuts before every site: a stretch holds one weight's worth (either model's basis is its own)
+        return graph, plan, [s.node for s in match.sites]
     finally:
         sink.close()
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from qcompiler.errors import QCompilerError
 from qcompiler.external import external_info
@@ -111,18 +112,29 @@ class _Stretcher:
         keep.sort(key=lambda n: self.order[id(n)])
         reads = sorted({i for n in keep for i in _node_inputs(n)})
         inputs = [i for i in reads if i in state]
+        # large weights read by standard ops are fed, not embedded: ONNX Runtime then uses the array as is
+        # (an initializer would be copied by serialisation, by the session and again by pre-packing)
+        standard = {i for i in reads if all(n.domain in ("", "ai.onnx") for n in keep if i in _node_inputs(n))}
+        fed = {i: self._array(i) for i in reads if i in self.inits and i not in state and i in standard
+               and self.inits[i].data_location == onnx.TensorProto.EXTERNAL}
         graph = onnx.helper.make_graph(
             keep, "stretch",
             [onnx.helper.make_tensor_value_info(i, onnx.helper.np_dtype_to_tensor_dtype(state[i].dtype),
-                                                [f"{i}:{d}" for d in range(state[i].ndim)]) for i in inputs],
+                                                [f"{i}:{d}" for d in range(state[i].ndim)]) for i in inputs]
+            + [onnx.helper.make_tensor_value_info(i, self.inits[i].data_type, list(self.inits[i].dims)) for i in fed],
             [self._output(t) for t in todo],
-            initializer=[self._initializer(i) for i in reads if i in self.inits and i not in state])
+            initializer=[self._initializer(i) for i in reads if i in self.inits and i not in state and i not in fed])
         sub = onnx.helper.make_model(graph, opset_imports=list(self.model.opset_import))
         sub.ir_version = self.model.ir_version
         sub.functions.extend(self.model.functions)
         session = make_session(sub, self.options)
-        out.update(zip(todo, session.run(list(todo), {i: state[i] for i in inputs}), strict=True))
+        feeds = {i: state[i] for i in inputs}
+        feeds.update(fed)
+        out.update(zip(todo, session.run(list(todo), feeds), strict=True))
         return out
+
+    def _array(self, name: str) -> np.ndarray:
+        return numpy_helper.to_array(self._initializer(name))
 
 
 def validate_streamed(original: onnx.ModelProto, original_dir: str | os.PathLike, compiled: onnx.ModelProto,
