@@ -79,8 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="leave an .onnx input's external data in its files and compile a chunk at a time "
                          "(default: when it holds over 2 GiB); the output gets external data")
     st.add_argument("--no-stream", dest="stream", action="store_false", help="load the whole model")
-    c.add_argument("--stream-chunk-mb", type=int, default=256,
-                   help="fp32 weight MB planned at once when streaming (default 256)")
+    c.add_argument("--stream-chunk-mb", type=int, default=None,
+                   help="fp32 weight MB planned at once when streaming (default: rtn 256, cafeq/rotate 16)")
     t = c.add_argument_group("cafeq / rotate (calibration-free transforms)")
     t.add_argument("--transforms", default="single,vo,updown",
                    help="any subset of single (block-diagonal T, online x T^-1 per sibling group), vo (V·O per KV "

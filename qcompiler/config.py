@@ -9,6 +9,7 @@ from qcompiler.errors import ConfigError
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 STREAM_AUTO_BYTES = 2 * 1024**3  # external data above this: stream unless told otherwise
+STREAM_CHUNK_MB = {"rtn": 256, "rotate": 16, "cafeq": 16}  # default chunk per method (streaming)
 PER_CHANNEL = 0  # group_size value meaning "one group spans all of K"
 FORMATS = ("matmulnbits", "qdq")
 METHODS = ("rtn", "cafeq", "rotate", "gptq", "gptaq", "cafeq+gptaq")
@@ -166,7 +167,9 @@ class CompileConfig:
     # and rewritten a chunk at a time, results go straight to the output's data file. None: on when the
     # input keeps more than STREAM_AUTO_BYTES in external data
     stream: bool | None = None
-    stream_chunk_mb: int = 256  # fp32 weight bytes planned together (a coupled unit is never split)
+    # fp32 weight MB planned together (a coupled unit is never split); None: STREAM_CHUNK_MB by method
+    # (transform methods hold ~10 float64 copies of a chunk's weights while they learn and round)
+    stream_chunk_mb: int | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -179,10 +182,14 @@ class CompileConfig:
             raise ConfigError(f"--max-error must be a positive number, got {self.max_error}")
         if self.max_error is not None and not self.validate:
             raise ConfigError("--max-error needs validation: drop --no-validate")
-        if self.stream_chunk_mb < 1:
+        if self.stream_chunk_mb is not None and self.stream_chunk_mb < 1:
             raise ConfigError(f"--stream-chunk-mb must be >= 1, got {self.stream_chunk_mb}")
         if self.stream:
             self.check_streamable()
+
+    @property
+    def chunk_mb(self) -> int:
+        return self.stream_chunk_mb or STREAM_CHUNK_MB.get(self.method, 64)
 
     def check_streamable(self) -> None:
         """Raise ConfigError for what a streaming compile cannot do."""

@@ -139,7 +139,7 @@ def compile_model(source: Any = None, output: str | os.PathLike | None = None,
         config.check_streamable()
         if output is None:
             raise ConfigError("a streaming compile writes its weights as it goes: give an output path")
-        log.info("streaming compile: weights stay in %s; chunks of %d MB", loaded.data_dir, config.stream_chunk_mb)
+        log.info("streaming compile: weights stay in %s; chunks of %d MB", loaded.data_dir, config.chunk_mb)
 
     t = time.perf_counter()
     graph = import_graph(loaded.model, loaded.data_dir)
@@ -196,7 +196,7 @@ def _rewrite(graph: gs.Graph, plan: QuantPlan, config: CompileConfig) -> gs.Grap
 def _stream(graph: gs.Graph, match: MatchResult, analysis, config: CompileConfig, sink: DataSink,
             progress: bool) -> tuple[gs.Graph, QuantPlan, list[str]]:
     """Plan and rewrite chunk by chunk; also returns where validation cuts the models (node names)."""
-    chunks = chunk_sites(match.sites, config.stream_chunk_mb * 2**20,
+    chunks = chunk_sites(match.sites, config.chunk_mb * 2**20,
                          analysis.pairs if analysis else (), analysis.groups if analysis else ())
     log.info("%d sites in %d chunks", len(match.sites), len(chunks))
 

@@ -10,6 +10,7 @@ chunk's codes are released; what remains in memory is the graph's structure and 
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -110,6 +111,15 @@ def merge(plans: Sequence[QuantPlan], method: str, quant) -> QuantPlan:
                      tuple(s for p in plans for s in p.pair_stats), released=True)
 
 
+def trim_heap() -> None:
+    """Give freed heap memory back to the system (glibc keeps it otherwise: a chunk's many mid-sized arrays
+    fragment the heap, and the streamed compile's resident size would creep up chunk by chunk)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 def stream_compile(graph: gs.Graph, chunks: Sequence[Chunk], plan_chunk: Callable[[gs.Graph, Chunk], QuantPlan],
                    rewrite: Callable[[gs.Graph, QuantPlan], gs.Graph], sink: DataSink, method: str, quant,
                    progress: bool = False) -> tuple[gs.Graph, QuantPlan]:
@@ -123,5 +133,6 @@ def stream_compile(graph: gs.Graph, chunks: Sequence[Chunk], plan_chunk: Callabl
         log.debug("chunk of %d sites: %.1f MB spilled", len(chunk.sites), moved / 1e6)
         plans.append(replace(plan, sites=tuple(released(sp) for sp in plan.sites)))
         del plan
+        trim_heap()
     log.info("streamed %d chunks; %.1f MB written to %s", len(chunks), sink.bytes / 1e6, sink.path.name)
     return graph, merge(plans, method, quant)
