@@ -111,6 +111,21 @@ def merge(plans: Sequence[QuantPlan], method: str, quant) -> QuantPlan:
                      tuple(s for p in plans for s in p.pair_stats), released=True)
 
 
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def bound_heap(mmap_bytes: int = 1 << 20) -> None:
+    """Serve every allocation of at least ``mmap_bytes`` from its own mapping, returned on free.
+
+    glibc raises this threshold as large blocks are freed (up to 32 MB), after which a solver's many
+    temporary arrays come from the heap and fragment it: the resident size of a streamed compile then
+    spiked to 3x its working set. Fixing the threshold costs a page fault per new large array."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, mmap_bytes)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def trim_heap() -> None:
     """Give freed heap memory back to the system (glibc keeps it otherwise: a chunk's many mid-sized arrays
     fragment the heap, and the streamed compile's resident size would creep up chunk by chunk)."""
@@ -124,6 +139,7 @@ def stream_compile(graph: gs.Graph, chunks: Sequence[Chunk], plan_chunk: Callabl
                    rewrite: Callable[[gs.Graph, QuantPlan], gs.Graph], sink: DataSink, method: str, quant,
                    progress: bool = False) -> tuple[gs.Graph, QuantPlan]:
     """Plan, rewrite and spill ``chunks`` one after another. Returns the graph and the merged plan."""
+    bound_heap()
     plans = []
     bar = tqdm(chunks, desc="stream", unit="chunk", disable=not progress, leave=False)
     for chunk in bar:

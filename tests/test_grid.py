@@ -90,3 +90,16 @@ def test_grid_search_never_rounds_a_group_worse(sym):
     plain = group_err(*fit_grid(w, 3, 64, sym))
     searched = group_err(*fit_grid_search(w, 3, 64, sym, np.linspace(1, 0.5, 11)))
     assert np.all(searched <= plain + 1e-6) and searched.sum() < 0.9 * plain.sum()
+
+
+def test_grid_search_in_column_slices_is_the_same_fit(monkeypatch):
+    import qcompiler.algorithms.grid as grid_mod
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((256, 300)).astype(np.float32)
+    ratios = np.linspace(1.0, 0.6, 9)
+    whole = grid_mod.fit_grid_search(w, 3, 64, False, ratios)
+    monkeypatch.setattr(grid_mod, "GRID_SEARCH_ELEMENTS", 256 * 9 * 7)  # 7 columns at a time, uneven tail
+    sliced = grid_mod.fit_grid_search(w, 3, 64, False, ratios)
+    np.testing.assert_array_equal(whole[0], sliced[0])
+    np.testing.assert_array_equal(whole[1], sliced[1])

@@ -104,6 +104,9 @@ def fit_grid(
     return scales, zps
 
 
+GRID_SEARCH_ELEMENTS = 1 << 22  # weight copies a grid search holds at once (x ~6 temporaries, float32)
+
+
 def fit_grid_search(
     w: np.ndarray, bits: int, block_size: int, symmetric: bool, ratios: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -111,6 +114,10 @@ def fit_grid_search(
     gives the group the smallest squared rounding error (values outside are clamped)."""
     w = np.asarray(w, dtype=F32)
     n, r = w.shape[1], len(ratios)
+    cols = max(1, GRID_SEARCH_ELEMENTS // max(1, w.shape[0] * r))
+    if n > cols:  # columns are independent: a slice at a time bounds the R-fold temporaries
+        parts = [fit_grid_search(w[:, i:i + cols], bits, block_size, symmetric, ratios) for i in range(0, n, cols)]
+        return np.concatenate([p[0] for p in parts], axis=1), np.concatenate([p[1] for p in parts], axis=1)
     wide = np.concatenate([w] * r, axis=1)  # [K, R*N]: every ratio at once
     s, z = fit_grid(wide * np.repeat(np.asarray(ratios, dtype=F32), n)[None], bits, block_size, symmetric)
     err = (dequantize(quantize_codes(wide, s, z, bits, block_size), s, z, block_size) - wide) ** 2
