@@ -26,6 +26,7 @@ from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from qcompiler.errors import OutputError
+from qcompiler.graphio import external_info
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +36,21 @@ SPILL_MIN_BYTES = 64 * 1024  # constants at least this large leave memory
 SPILL_NAME = "qcompiler-spill.data"
 
 
-def external_info(tensor: onnx.TensorProto) -> dict[str, str]:
-    return {e.key: e.value for e in tensor.external_data}
+def inline_copy(tensor: onnx.TensorProto, path: str | os.PathLike) -> onnx.TensorProto:
+    """A copy of the external ``tensor`` with its bytes read from ``path`` (its data file) into ``raw_data``."""
+    info = external_info(tensor)
+    offset, length = int(info.get("offset", 0)), int(info["length"]) if "length" in info else -1
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read(length)
+    if length >= 0 and len(data) != length:
+        raise OutputError(f"external data of {tensor.name!r} is truncated in {path}")
+    out = onnx.TensorProto()
+    out.CopyFrom(tensor)
+    del out.external_data[:]
+    out.data_location = onnx.TensorProto.DEFAULT
+    out.raw_data = data
+    return out
 
 
 def _set_external(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
@@ -52,23 +66,13 @@ class ExternalValues(LazyValues):
     def __init__(self, tensor: onnx.TensorProto, path: str | os.PathLike):
         super().__init__(tensor)
         self.path = Path(path)
-        info = external_info(tensor)
-        self.offset = int(info.get("offset", 0))
-        self.length = int(info["length"]) if "length" in info else None
+        self.offset = int(external_info(tensor).get("offset", 0))
 
     def read_bytes(self) -> bytes:
-        with open(self.path, "rb") as f:
-            f.seek(self.offset)
-            data = f.read() if self.length is None else f.read(self.length)
-        return data
+        return inline_copy(self.tensor, self.path).raw_data
 
     def load(self) -> np.ndarray:
-        t = onnx.TensorProto()
-        t.CopyFrom(self.tensor)
-        del t.external_data[:]
-        t.data_location = onnx.TensorProto.DEFAULT
-        t.raw_data = self.read_bytes()
-        return numpy_helper.to_array(t)
+        return numpy_helper.to_array(inline_copy(self.tensor, self.path))
 
     def __str__(self) -> str:
         return f"ExternalValues (shape={self.shape}, dtype={self.dtype}, file={self.path.name})"
@@ -182,14 +186,7 @@ def save_with_external_data(model: onnx.ModelProto, path: str | os.PathLike,
                         raise OutputError(f"external data of {t.name!r} has no known source: {info.get('location')}")
                     offset, length = int(info.get("offset", 0)), int(info["length"])
                     if length < min_bytes:  # small ones inline: shape inputs must be (ONNX Runtime)
-                        with open(src, "rb") as f:
-                            f.seek(offset)
-                            data = f.read(length)
-                        if len(data) != length:
-                            raise OutputError(f"external data of {t.name!r} is truncated in {src}")
-                        del t.external_data[:]
-                        t.data_location = onnx.TensorProto.DEFAULT
-                        t.raw_data = data
+                        t.CopyFrom(inline_copy(t, src))
                         continue
                     start = _align(dst)
                     with open(src, "rb") as f:

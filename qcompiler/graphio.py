@@ -40,14 +40,14 @@ def load_onnx(path: str | os.PathLike, load_data: bool = True) -> onnx.ModelProt
         raise ModelLoadError(f"invalid ONNX model {p}: {first_line(e, 200)}") from None
     base = p.parent.resolve()
     for tensor in _external_tensors(model):
-        loc = dict((e.key, e.value) for e in tensor.external_data).get("location", "")
+        info = external_info(tensor)
+        loc = info.get("location", "")
         target = (base / loc).resolve()
         if base not in target.parents and target != base:
             raise ModelLoadError(f"external data of {tensor.name!r} points outside the model folder: {loc}")
         if not target.is_file():
             raise ModelLoadError(f"external data file missing for {tensor.name!r}: {target}")
-        length = dict((e.key, e.value) for e in tensor.external_data).get("length")
-        offset = int(dict((e.key, e.value) for e in tensor.external_data).get("offset", 0))
+        length, offset = info.get("length"), int(info.get("offset", 0))
         if length is not None and offset + int(length) > target.stat().st_size:
             raise ModelLoadError(f"external data of {tensor.name!r} is truncated: {loc} ends before byte "
                                  f"{offset + int(length)}")
@@ -66,7 +66,12 @@ def load_external_data(model: onnx.ModelProto, path: str | os.PathLike) -> None:
 
 def external_data_bytes(model: onnx.ModelProto) -> int:
     """Bytes of the tensors ``model`` keeps in external data files."""
-    return sum(int(dict((e.key, e.value) for e in t.external_data).get("length", 0)) for t in _external_tensors(model))
+    return sum(int(external_info(t).get("length", 0)) for t in _external_tensors(model))
+
+
+def external_info(tensor: onnx.TensorProto) -> dict[str, str]:
+    """A tensor's external data entries (location, offset, length) as a dict."""
+    return {e.key: e.value for e in tensor.external_data}
 
 
 def _external_tensors(model: onnx.ModelProto):
@@ -79,7 +84,7 @@ def saved_bytes(path: str | os.PathLike) -> int:
     """An ONNX file's size plus that of the external data files it names."""
     p = Path(path)
     model = onnx.load(str(p), load_external_data=False)
-    files = {dict((e.key, e.value) for e in t.external_data).get("location") for t in _external_tensors(model)}
+    files = {external_info(t).get("location") for t in _external_tensors(model)}
     return p.stat().st_size + sum((p.parent / f).stat().st_size for f in files if f and (p.parent / f).is_file())
 
 

@@ -176,8 +176,8 @@ def compile_model(source: Any = None, output: str | os.PathLike | None = None,
             t = time.perf_counter()
             graph = _rewrite(graph, plan, config)
             timings["rewrite"] = time.perf_counter() - t
-            cuts = []
-        return _finish(graph, plan, match, loaded, config, output, timings, cuts if streaming else None)
+            cuts = None
+        return _finish(graph, plan, match, loaded, config, output, timings, cuts)
     finally:
         if sink_dir is not None:
             shutil.rmtree(sink_dir, ignore_errors=True)

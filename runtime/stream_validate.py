@@ -21,7 +21,8 @@ import onnx
 from onnx import numpy_helper
 
 from qcompiler.errors import QCompilerError
-from qcompiler.external import external_info
+from qcompiler.external import inline_copy
+from qcompiler.graphio import external_info
 from qcompiler.runtime.segments import _node_inputs, _types
 from qcompiler.runtime.session import SessionOptions, make_session
 from qcompiler.runtime.validate import ValidationResult, compare
@@ -69,18 +70,10 @@ class _Stretcher:
         t = self.inits[name]
         if t.data_location != onnx.TensorProto.EXTERNAL:
             return t
-        info = external_info(t)
-        path = self.sources.get(info.get("location", ""))
+        path = self.sources.get(external_info(t).get("location", ""))
         if path is None:
             raise StreamValidationError(f"no file for the external data of {name!r}")
-        loaded = onnx.TensorProto()
-        loaded.CopyFrom(t)
-        del loaded.external_data[:]
-        loaded.data_location = onnx.TensorProto.DEFAULT
-        with open(path, "rb") as f:
-            f.seek(int(info.get("offset", 0)))
-            loaded.raw_data = f.read(int(info["length"])) if "length" in info else f.read()
-        return loaded
+        return inline_copy(t, path)
 
     def _output(self, name: str) -> onnx.ValueInfoProto:
         tp = self.types.get(name)
@@ -144,8 +137,9 @@ def validate_streamed(original: onnx.ModelProto, original_dir: str | os.PathLike
     external data references (``original``: relative to ``original_dir``; ``compiled``: ``compiled_sources``)."""
     options = options or SessionOptions(device="cpu")
     base = Path(original_dir)
-    orig_sources = {external_info(t).get("location", ""): base / external_info(t).get("location", "")
-                    for t in original.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+    locations = {external_info(t).get("location", "") for t in original.graph.initializer
+                 if t.data_location == onnx.TensorProto.EXTERNAL}
+    orig_sources = {loc: base / loc for loc in locations}
     types = _types(original)  # state tensors have the same names and types in both (contrib ops defeat
     a = _Stretcher(original, orig_sources, options, types)  # ONNX's shape inference on the compiled one)
     b = _Stretcher(compiled, compiled_sources, options, types)
