@@ -31,6 +31,17 @@ def _gpu_present() -> bool:
     return any(Path(p).exists() for p in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/dxg"))
 
 
+def _preload_cuda_libraries() -> None:
+    """Load the CUDA/cuDNN libraries of the ``nvidia-*`` wheels (what torch's CUDA build uses) so that
+    the CUDA provider finds them without LD_LIBRARY_PATH; a no-op where they are missing."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        try:
+            preload()
+        except Exception as e:  # pragma: no cover - depends on the machine
+            log.debug("onnxruntime.preload_dlls: %s", e)
+
+
 def make_session(model: onnx.ModelProto | bytes | str | os.PathLike,
                  options: SessionOptions | None = None) -> ort.InferenceSession:
     options = options or SessionOptions()
@@ -46,6 +57,7 @@ def make_session(model: onnx.ModelProto | bytes | str | os.PathLike,
     want_cuda = options.device == "cuda" or (
         options.device == "auto" and _gpu_present() and "CUDAExecutionProvider" in ort.get_available_providers())
     if want_cuda:
+        _preload_cuda_libraries()
         try:
             sess = ort.InferenceSession(source, so, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
             if sess.get_providers()[0] == "CUDAExecutionProvider":
