@@ -132,9 +132,10 @@ class DataSink:
         self._f.write(data)
         self._f.flush()
         self.bytes += len(data)
-        out = onnx.TensorProto()
-        out.CopyFrom(tensor)
-        out.ClearField("raw_data")
+        # a fresh proto, not a copy with raw_data cleared: protobuf (upb) frees a message's memory only
+        # with its arena, so a cleared copy kept every spilled tensor's bytes alive (the streamed
+        # compile's resident size grew by each chunk's spilled bytes)
+        out = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
         _set_external(out, self.path.name, offset, len(data))
         return ExternalValues(out, self.path)
 
