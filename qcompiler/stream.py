@@ -11,6 +11,7 @@ chunk's codes are released; what remains in memory is the graph's structure and 
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -149,6 +150,9 @@ def stream_compile(graph: gs.Graph, chunks: Sequence[Chunk], plan_chunk: Callabl
         log.debug("chunk of %d sites: %.1f MB spilled", len(chunk.sites), moved / 1e6)
         plans.append(replace(plan, sites=tuple(released(sp) for sp in plan.sites)))
         del plan
+        # the rewrite leaves replaced constants (a chunk's weights) in reference cycles with their old
+        # nodes; Python's cyclic collector runs by object counts, not bytes, and left them for many chunks
+        gc.collect()
         trim_heap()
     log.info("streamed %d chunks; %.1f MB written to %s", len(chunks), sink.bytes / 1e6, sink.path.name)
     return graph, merge(plans, method, quant)

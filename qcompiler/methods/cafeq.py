@@ -78,13 +78,14 @@ class _Planner:
         self.rounder = rounder
         learned = method != "rotate"
         self.sites = {s.id: s for s in analysis.sites if s.role != "embedding"}
-        self.original = {}
+        # float32: the weights come as float32, so this is exact; the solvers work on float64 copies
+        self.original: dict[str, np.ndarray] = {}
         for sid, s in self.sites.items():
-            w = np.asarray(weight_of(s), dtype=np.float64)
+            w = np.asarray(weight_of(s), dtype=np.float32)
             if not np.isfinite(w).all():
                 raise QCompilerError(f"weight of site {sid} contains NaN or Inf")
             self.original[sid] = w
-        self.folded = {sid: w.copy() for sid, w in self.original.items()}  # after pair transforms
+        self.folded = {sid: w.astype(np.float64) for sid, w in self.original.items()}  # after pair transforms
         self.online_budget, self.progress = online_budget, progress
         self.rng = np.random.default_rng(cfg.seed)
         self.learn = LearnConfig(loss=cfg.loss, optimizer=cfg.optimizer, steps=cfg.steps, lr=cfg.lr,
@@ -207,7 +208,8 @@ class _Planner:
             stored = apply_blocks(blocks_of[sid], w) if sid in blocks_of else w
             qws[sid] = quantize(stored.astype(np.float32), self.quant.bits, self.quant.group_size,
                                 self.quant.symmetric)
-        plain = {sid: self._effective(qw, blocks_of.get(sid)) for sid, qw in qws.items()}
+        # the dequantized weights below are kept for the statistics only: float32 halves a chunk's peak
+        plain = {sid: self._effective(qw, blocks_of.get(sid)).astype(np.float32) for sid, qw in qws.items()}
         calibrated = {}
         if self.rounder is not None:
             stored = {sid: apply_blocks(blocks_of[sid], w) if sid in blocks_of else w for sid, w in self.folded.items()}
@@ -218,10 +220,14 @@ class _Planner:
         site_plans, effective, rtn = [], {}, {}
         for sid, site in self.sites.items():
             w, qw = self.folded[sid], qws[sid]
-            effective[sid] = eff = self._effective(qw, blocks_of.get(sid))
+            eff = self._effective(qw, blocks_of.get(sid))
             err2 = float(np.sum((eff - w) ** 2))
-            rtn[sid] = _rtn(self.original[sid], self.quant)  # plain RTN of the untransformed weight, once
-            rtn2 = float(np.sum((rtn[sid] - self.original[sid]) ** 2))
+            effective[sid] = eff.astype(np.float32)
+            del eff
+            r = _rtn(self.original[sid], self.quant)  # plain RTN of the untransformed weight, once
+            rtn2 = float(np.sum((r - self.original[sid]) ** 2))
+            rtn[sid] = r.astype(np.float32)
+            del r
             norm_w, norm_o = max(float(np.linalg.norm(w)), 1e-30), max(float(np.linalg.norm(self.original[sid])), 1e-30)
             plain_rel = float(np.sum((plain[sid] - w) ** 2)) ** 0.5 / norm_w  # the same formula as rel_error
             cal = calibrated.get(sid)
