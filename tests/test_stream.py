@@ -107,6 +107,33 @@ def test_streamed_transforms_are_exact(external_llama, tmp_path):
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-4
 
 
+def test_no_replaced_weight_outlives_its_chunk(external_llama, tmp_path, monkeypatch):
+    """Replaced constants sit in reference cycles (gs tensors and their consumer lists): without a
+    collection per chunk they waited for Python's count-driven collector, a chunk's weights at a time."""
+    import gc
+
+    import onnx_graphsurgeon as gs
+
+    import qcompiler.pipeline as pipeline
+    import qcompiler.stream as stream
+
+    orphans = []
+
+    def check_then_trim():
+        orphans.append(sum(1 for o in gc.get_objects() if type(o) is gs.Constant and not o.outputs
+                           and isinstance(o._values, np.ndarray) and o._values.nbytes >= 1024))
+
+    monkeypatch.setattr(stream, "trim_heap", check_then_trim)
+    monkeypatch.setattr(pipeline, "chunk_sites", lambda sites, _, pairs, groups: chunk_sites(sites, 1, pairs, groups))
+    gc.disable()  # as when the count-driven collector happens not to run
+    try:
+        compile_model(str(external_llama), tmp_path / "m.onnx", CompileConfig(
+            method="cafeq", stream=True, stream_chunk_mb=1, validate=False, cafeq=CafeqConfig(steps=5)))
+    finally:
+        gc.enable()
+    assert len(orphans) > 2 and max(orphans) == 0, orphans
+
+
 def test_released_plan_keeps_shapes_and_storage_without_memory(external_llama, tmp_path):
     res = compile_model(str(external_llama), tmp_path / "w.onnx", CompileConfig(stream=False))
     for sp in res.plan.sites:
