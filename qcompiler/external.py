@@ -36,8 +36,8 @@ SPILL_MIN_BYTES = 64 * 1024  # constants at least this large leave memory
 SPILL_NAME = "qcompiler-spill.data"
 
 
-def inline_copy(tensor: onnx.TensorProto, path: str | os.PathLike) -> onnx.TensorProto:
-    """A copy of the external ``tensor`` with its bytes read from ``path`` (its data file) into ``raw_data``."""
+def read_external(tensor: onnx.TensorProto, path: str | os.PathLike) -> bytes:
+    """The bytes of the external ``tensor`` from ``path`` (its data file)."""
     info = external_info(tensor)
     offset, length = int(info.get("offset", 0)), int(info["length"]) if "length" in info else -1
     with open(path, "rb") as f:
@@ -45,11 +45,16 @@ def inline_copy(tensor: onnx.TensorProto, path: str | os.PathLike) -> onnx.Tenso
         data = f.read(length)
     if length >= 0 and len(data) != length:
         raise OutputError(f"external data of {tensor.name!r} is truncated in {path}")
+    return data
+
+
+def inline_copy(tensor: onnx.TensorProto, path: str | os.PathLike) -> onnx.TensorProto:
+    """A copy of the external ``tensor`` with its bytes read from ``path`` (its data file) into ``raw_data``."""
     out = onnx.TensorProto()
     out.CopyFrom(tensor)
     del out.external_data[:]
     out.data_location = onnx.TensorProto.DEFAULT
-    out.raw_data = data
+    out.raw_data = read_external(tensor, path)
     return out
 
 
@@ -69,7 +74,7 @@ class ExternalValues(LazyValues):
         self.offset = int(external_info(tensor).get("offset", 0))
 
     def read_bytes(self) -> bytes:
-        return inline_copy(self.tensor, self.path).raw_data
+        return read_external(self.tensor, self.path)
 
     def load(self) -> np.ndarray:
         return numpy_helper.to_array(inline_copy(self.tensor, self.path))

@@ -16,17 +16,12 @@ from qcompiler.algorithms.gptq import ActivationStats
 from qcompiler.cli import main
 from qcompiler.runtime.session import SessionOptions, make_session
 from tests.graphs import mixed_model
+from tests.test_cafeq_algorithms import _outlier_weight
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA device")]
 
 GRID = Grid(3, 32, False)
-
-
-def _outlier_weight(rng, k, n):
-    w = rng.standard_normal((k, n))
-    w[rng.integers(0, k, 6), rng.integers(0, n, 6)] *= 12
-    return w
 
 
 def _cuda_ep() -> bool:
