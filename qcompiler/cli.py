@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--calib-batch", type=int, default=8, help="sequences per ONNX Runtime run (default 8)")
     k.add_argument("--percdamp", type=float, default=0.01, help="Hessian damping, fraction of mean diag (0.01)")
     k.add_argument("--act-order", action="store_true", help="round inputs by decreasing activation energy")
+    k.add_argument("--no-attention-values", dest="attention_values", action="store_false",
+                   help="round attention V projections on their inputs X alone, not as attention mixes them (A X)")
     k.add_argument("--alpha", type=float, default=0.25, help="GPTAQ: weight of the asymmetric term (0.25)")
     k.add_argument("--gptq-block", type=int, default=128, help="rows per lazy batch update (128)")
     c.add_argument("--cache-dir", help="export cache folder (default ~/.cache/qcompiler)")
@@ -190,7 +192,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         calib=CalibConfig(source=args.calib, tokenizer=args.tokenizer, samples=args.calib_samples,
                           seqlen=args.calib_seqlen, holdout=args.calib_holdout, batch=args.calib_batch,
                           percdamp=args.percdamp, act_order=args.act_order, alpha=args.alpha, block=args.gptq_block,
-                          seed=args.seed),
+                          attention_values=args.attention_values, seed=args.seed),
     )
     output = args.output or _default_output(args.model, args.method, args.bits)
     if args.report:

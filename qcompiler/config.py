@@ -133,6 +133,10 @@ class CalibConfig:
     alpha: float = 0.25  # GPTAQ's asymmetric term (the official code's default)
     block: int = 128  # lazy-batch rows of the solver
     seed: int = 0  # which windows of the text are drawn
+    # attention V projections: round each KV head's columns against the error the attention output sees,
+    # ||A X dW|| (A the attention weights), not ||X dW||: attention sinks make a few tokens' values count
+    # far more than their share of X (README, "Calibrated methods")
+    attention_values: bool = True
 
     def __post_init__(self) -> None:
         if self.samples < 1 or self.seqlen < 2 or self.holdout < 0 or self.batch < 1:

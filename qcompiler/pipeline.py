@@ -144,7 +144,8 @@ def compile_model(source: Any = None, output: str | os.PathLike | None = None,
     t = time.perf_counter()
     graph = import_graph(loaded.model, loaded.data_dir)
     analysis = None
-    if config.method in TRANSFORM_METHODS:
+    # transform methods need the pairs and groups; calibrated ones the V·O pairs' heads and attention weights
+    if config.method in TRANSFORM_METHODS or (config.method in CALIBRATED_METHODS and config.calib.attention_values):
         analysis = analyze_graph(graph, loaded.model, config.match)
         match = MatchResult(analysis.sites, analysis.rejected)
     else:

@@ -174,10 +174,16 @@ class SegmentedModel:
         out += sorted(t for t, p in self._producer.items() if p < position and self._last_use.get(t, -1) >= position)
         return out
 
-    def segment(self, start: int, stop: int | None) -> Segment:
-        """The sub-model from the state at ``start`` to the state at ``stop`` (None: nothing after)."""
+    def segment(self, start: int, stop: int | None, only: Sequence[str] | None = None) -> Segment:
+        """The sub-model from the state at ``start`` to the state at ``stop`` (None: nothing after); with
+        ``only``, a probe: it computes just those tensors (produced in the stretch), nothing is carried."""
         end = len(self._nodes) if stop is None else stop
-        outputs = [t for t in self.live(stop) if start <= self._producer.get(t, -1) < end]
+        if only is not None:
+            bad = [t for t in only if not start <= self._producer.get(t, -1) < end]
+            if bad:
+                raise QCompilerError(f"calibration: {bad[0]} is not computed between the cuts {start} and {end}")
+        outputs = list(only) if only is not None else [
+            t for t in self.live(stop) if start <= self._producer.get(t, -1) < end]
         need, keep = set(outputs), []
         for idx in range(end - 1, start - 1, -1):
             n = self._nodes[idx]
@@ -201,7 +207,7 @@ class SegmentedModel:
         model = onnx.helper.make_model(graph, opset_imports=list(self.model.opset_import))
         model.ir_version = self.model.ir_version
         model.functions.extend(self.model.functions)
-        carried = [t for t in self.live(stop) if t not in outputs]
+        carried = [] if only is not None else [t for t in self.live(stop) if t not in outputs]
         return Segment(model, tuple(t for t in inputs if t not in self._feeds),
                        tuple(t for t in inputs if t in self._feeds), tuple(outputs), tuple(carried))
 

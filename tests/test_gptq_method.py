@@ -57,6 +57,38 @@ def test_gptaq_with_alpha_zero_is_gptq(tiny_checkpoints, cache_dir, ids_file):
     assert not all(np.array_equal(x.weight.codes, y.weight.codes) for x, y in zip(a.sites, c.sites, strict=True))
 
 
+def test_v_columns_solved_per_head_are_the_plain_solution_when_the_statistics_agree():
+    """Columns are independent problems: splitting V by head with the group's own H changes nothing."""
+    from qcompiler.algorithms.gptq import GridSpec, SolverConfig, solve_rows
+    from qcompiler.methods.gptq import _slices, _solve
+    from qcompiler.runtime.calibrate import GroupData, HeadStats
+    from qcompiler.runtime.segments import Group
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((200, 32))
+    h = x.T @ x / 200
+    w = rng.standard_normal((32, 24))
+    heads = {"v": (HeadStats(8, 16, h, None), HeadStats(16, 24, h, None))}
+    data = GroupData(Group("x", ("v",), 0), h, None, 200, heads)
+    slices = _slices(24, data, "v")
+    assert [(lo, hi) for lo, hi, _, _ in slices] == [(0, 8), (8, 16), (16, 24)]
+    grid = GridSpec(3, 16, True)
+    got, want = _solve(w, slices, grid, SolverConfig()), solve_rows(w, h, grid, None, SolverConfig())
+    assert np.array_equal(got.codes, want.codes) and np.array_equal(got.scales, want.scales)
+
+
+def test_attention_values_change_only_v(tiny_checkpoints, cache_dir, ids_file):
+    """With the attention-mixed statistics the first layer's V is rounded differently, the Q and K beside it
+    (same input, rounded before any V) alike."""
+    folder = str(tiny_checkpoints["llama"])
+    on = compile_model(folder, None, _cfg(ids_file, "gptq"), cache_dir=cache_dir).plan
+    off = compile_model(folder, None, _cfg(ids_file, "gptq", attention_values=False), cache_dir=cache_dir).plan
+    first = {p.site.id: (p, q) for p, q in zip(on.sites, off.sites, strict=True)
+             if any(p.site.id.endswith(f".layers.0.self_attn.{x}_proj") for x in "qkv")}  # V's group
+    same = {sid: np.array_equal(p.weight.codes, q.weight.codes) for sid, (p, q) in first.items()}
+    assert {sid for sid, eq in same.items() if not eq} == {sid for sid in same if sid.endswith("v_proj")}, same
+
+
 def test_cafeq_then_gptaq(tiny_checkpoints, cache_dir, ids_file):
     folder = str(tiny_checkpoints["llama"])
     res = compile_model(folder, None, _cfg(ids_file, "cafeq+gptaq"), cache_dir=cache_dir)

@@ -47,6 +47,8 @@ class CoupledPair:
     gate: str | None = None  # gated MLP: the gate site (same id as producer when fused)
     gate_cols: tuple[int, int] | None = None
     activation: str = ""  # the element-wise ops between the factors
+    probs: str = ""  # attn_vo: the attention weights tensor (``probs @ V``), [batch, heads, query, key] in
+    #                  the usual layout (calibration weighs V's inputs by it)
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,7 @@ class AttentionCandidate:
     consumer: LinearSite
     attention: str  # the probs @ V MatMul node
     value_operand: str  # its right operand (heads on axis -3.., head channels last)
+    probs: str = ""  # its left operand: the attention weights
 
 
 @dataclass
@@ -170,7 +173,7 @@ def find_attention_candidates(view: GraphView, sites: list[LinearSite], site_rej
             rejected.append(PairRejection(ATTN_VO, s.id, o.id, f"V's values also flow into {walk.escapes[0]}"))
             continue
         attn, operand = walk.attention[0]
-        found.append(AttentionCandidate(s, o, attn.name, operand.name))
+        found.append(AttentionCandidate(s, o, attn.name, operand.name, attn.inputs[0].name))
     return found, rejected
 
 

@@ -53,7 +53,8 @@ def make_plan(config: CompileConfig, sites: Sequence[LinearSite], weight_of: Wei
     if config.method in ("gptq", "gptaq"):
         from qcompiler.methods.gptq import plan_calibrated
 
-        return plan_calibrated(model, sites, weight_of, config.quant, config.method, calibration, progress)
+        return plan_calibrated(model, sites, weight_of, config.quant, config.method, calibration, progress,
+                               analysis.pairs if analysis is not None else ())
     if config.method in TRANSFORM_METHODS:
         from qcompiler.methods.cafeq import plan_cafeq
 
@@ -65,7 +66,8 @@ def make_plan(config: CompileConfig, sites: Sequence[LinearSite], weight_of: Wei
 
             if transformed is None:
                 raise ConfigError("method cafeq+gptaq needs the transformed model's builder")
-            rounder = calibrated_rounder(transformed, analysis.sites, config.quant, calibration, progress)
+            rounder = calibrated_rounder(transformed, analysis.sites, config.quant, calibration, progress,
+                                         analysis.pairs)
         return plan_cafeq(analysis, weight_of, config.quant, config.cafeq, config.method, progress=progress,
                           rounder=rounder, online_units=online_units)
     raise ConfigError(f"method {config.method!r} is not built yet")

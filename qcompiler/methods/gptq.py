@@ -19,10 +19,11 @@ from qcompiler.algorithms.gptq import GridSpec, SolverConfig, solve_rows
 from qcompiler.algorithms.grid import QuantizedWeight, quantize, relative_error
 from qcompiler.config import CalibConfig, QuantConfig
 from qcompiler.errors import QCompilerError
+from qcompiler.match.pairs import ATTN_VO, CoupledPair
 from qcompiler.match.sites import LinearSite
 from qcompiler.plan import QuantPlan, SitePlan, SiteStats
 from qcompiler.runtime.calib_data import calibration_feeds
-from qcompiler.runtime.calibrate import GroupData, calibrate
+from qcompiler.runtime.calibrate import GroupData, ValueHeads, calibrate
 from qcompiler.runtime.segments import SegmentedModel
 from qcompiler.runtime.session import SessionOptions
 
@@ -49,15 +50,59 @@ class Rounded:
     holdout_error: float | None
 
 
-def _rel_proxy(h: np.ndarray, w: np.ndarray, w_hat: np.ndarray) -> float:
-    dw = w_hat - w
-    ref = float(np.sum((h @ w) * w))
-    return float(np.sum((h @ dw) * dw)) / ref if ref > 0 else 0.0
+Slice = tuple[int, int, np.ndarray, np.ndarray | None]  # columns [lo, hi) and their H, D
+
+
+def _slices(n: int, data: GroupData, sid: str) -> list[Slice]:
+    """The columns of site ``sid`` with the statistics each is solved with: a V site's KV heads with their
+    attention-mixed ``H``, ``D``; every other column with the group's."""
+    heads = sorted(data.heads.get(sid, ()), key=lambda hs: hs.lo)
+    out, at = [], 0
+    for hs in heads:
+        if hs.lo > at:
+            out.append((at, hs.lo, data.h, data.d))
+        out.append((hs.lo, hs.hi, hs.h, hs.d))
+        at = hs.hi
+    if at < n:
+        out.append((at, n, data.h, data.d))
+    return out
+
+
+def _solve(w: np.ndarray, slices: list[Slice], grid: GridSpec, solver: SolverConfig) -> QuantizedWeight:
+    """:func:`solve_rows` per column slice (groups run along K, so columns are independent problems)."""
+    parts = [solve_rows(w[:, lo:hi], h, grid, d, solver) for lo, hi, h, d in slices]
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    return QuantizedWeight(np.concatenate([p.codes for p in parts], axis=1),
+                           np.concatenate([p.scales for p in parts], axis=1),
+                           np.concatenate([p.zero_points for p in parts], axis=1),
+                           first.bits, first.block_size, first.symmetric)
+
+
+def _rel_proxy(slices: list[Slice], w: np.ndarray, w_hat: np.ndarray) -> float:
+    """``sum tr(dW^T H dW) / sum tr(W^T H W)`` over the column slices."""
+    num = ref = 0.0
+    for lo, hi, h, _ in slices:
+        ws, dw = w[:, lo:hi], w_hat[:, lo:hi] - w[:, lo:hi]
+        ref += float(np.sum((h @ ws) * ws))
+        num += float(np.sum((h @ dw) * dw))
+    return num / ref if ref > 0 else 0.0
+
+
+def value_heads(pairs: Sequence[CoupledPair], sites: Sequence[LinearSite]) -> dict[str, ValueHeads]:
+    """The V sites of ``pairs`` whose attention weights the matcher found, for :func:`calibrate`."""
+    ids = {s.id for s in sites}
+    return {p.producer: ValueHeads(p.probs, p.producer_cols, p.head_dim, p.kv_map) for p in pairs
+            if p.kind == ATTN_VO and p.probs and p.producer in ids and p.kv_map}
 
 
 def round_calibrated(model: onnx.ModelProto, sites: Sequence[LinearSite], weights: Mapping[str, np.ndarray],
-                     quant: QuantConfig, calib: Calibration, progress: bool = False) -> dict[str, Rounded]:
-    """GPTQ/GPTAQ-round every site of ``model`` whose float weight (``[K, N]``) is in ``weights``."""
+                     quant: QuantConfig, calib: Calibration, progress: bool = False,
+                     pairs: Sequence[CoupledPair] = ()) -> dict[str, Rounded]:
+    """GPTQ/GPTAQ-round every site of ``model`` whose float weight (``[K, N]``) is in ``weights``. With
+    ``pairs`` (and ``CalibConfig.attention_values`` on), each V·O pair's V is rounded per KV head against the error the
+    attention output sees, ``||A X (W_hat - W)||``, rather than ``||X (W_hat - W)||``."""
     cfg = calib.config
     for s in sites:
         if not np.isfinite(weights[s.id]).all():
@@ -79,27 +124,31 @@ def round_calibrated(model: onnx.ModelProto, sites: Sequence[LinearSite], weight
         out = {}
         for sid in data.group.sites:
             w = np.asarray(weights[sid], dtype=np.float64)
-            qw = solve_rows(w, data.h, grid, data.d, solver)
+            slices = _slices(w.shape[1], data, sid)
+            qw = _solve(w, slices, grid, solver)
             w_hat = qw.dequantize().astype(np.float64)
             rtn = quantize(w.astype(np.float32), quant.bits, quant.group_size, quant.symmetric)
             rtn_hat = rtn.dequantize().astype(np.float64)
-            partial[sid] = (qw, _rel_proxy(data.h, w, w_hat), _rel_proxy(data.h, w, rtn_hat),
+            partial[sid] = (qw, _rel_proxy(slices, w, w_hat), _rel_proxy(slices, w, rtn_hat),
                             relative_error(w, rtn_hat))
             out[sid] = w_hat
         return out
 
+    values = value_heads(pairs, sites) if cfg.attention_values else {}
     result = calibrate(seg, {s: weights[s] for s in by_id}, batches, quantize_group, target=calib.asymmetric,
-                       holdout=holdout, options=calib.options, device=calib.device, progress=progress)
+                       holdout=holdout, options=calib.options, device=calib.device, progress=progress,
+                       values=values)
     log.info("calibrated %d groups on %d tokens", result.groups, result.tokens)
     return {sid: Rounded(qw, p, r, rel, result.holdout_error.get(sid)) for sid, (qw, p, r, rel) in partial.items()}
 
 
 def plan_calibrated(model: onnx.ModelProto, sites: Sequence[LinearSite], weight_of: Callable[[LinearSite], np.ndarray],
-                    quant: QuantConfig, method: str, calib: Calibration, progress: bool = False) -> QuantPlan:
+                    quant: QuantConfig, method: str, calib: Calibration, progress: bool = False,
+                    pairs: Sequence[CoupledPair] = ()) -> QuantPlan:
     """``gptq`` / ``gptaq``: linear sites by calibrated rounding, embedding tables by RTN."""
     weights = {s.id: weight_of(s) for s in sites}
     linear = [s for s in sites if s.role != "embedding"]
-    rounded = round_calibrated(model, linear, weights, quant, calib, progress)
+    rounded = round_calibrated(model, linear, weights, quant, calib, progress, pairs)
     plans = []
     for s in sites:
         w = weights[s.id]
@@ -115,13 +164,14 @@ def plan_calibrated(model: onnx.ModelProto, sites: Sequence[LinearSite], weight_
 
 
 def calibrated_rounder(model_of: Callable[[Sequence, Sequence], onnx.ModelProto], sites: Sequence[LinearSite],
-                       quant: QuantConfig, calib: Calibration, progress: bool = False):
+                       quant: QuantConfig, calib: Calibration, progress: bool = False,
+                       pairs: Sequence[CoupledPair] = ()):
     """For cafeq+gptaq: a rounder for the CafeQ planner. ``model_of(pair_transforms, online)`` is the float
     model with the transforms applied; the planner gives the stored (transformed) weights."""
     by_id = {s.id: s for s in sites}
 
     def rounder(pair_transforms, online, stored: Mapping[str, np.ndarray]) -> dict[str, Rounded]:
         model = model_of(pair_transforms, online)
-        return round_calibrated(model, [by_id[s] for s in stored], stored, quant, calib, progress)
+        return round_calibrated(model, [by_id[s] for s in stored], stored, quant, calib, progress, pairs)
 
     return rounder
