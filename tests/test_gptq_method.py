@@ -118,7 +118,9 @@ def test_cli_bad_calibration_leaves_nothing(tmp_path, capsys, tiny_checkpoints, 
 
 @pytest.mark.slow
 def test_minilm_gptaq_beats_gptq_beats_rtn(minilm_dir, cache_dir):
-    """3-bit block 128 asym, 16 x 128 Python-docs tokens, fidelity on 64 Jargon File paragraphs."""
+    """3-bit block 128 asym, 16 x 128 Python-docs tokens, fidelity on 64 Jargon File paragraphs. Plain V
+    statistics: on MiniLM (no attention sinks) the attention-mixed ones cost a little (1 - cos, 16 samples:
+    gptq 0.1562 -> 0.1647, gptaq 0.1479 -> 0.1530), while on SmolLM2 they are what puts GPTQ below RTN."""
     from qcompiler.runtime.evaluate import fidelity, sentence_embeddings
     from qcompiler.runtime.text import default_text, paragraphs, read_text
 
@@ -127,7 +129,7 @@ def test_minilm_gptaq_beats_gptq_beats_rtn(minilm_dir, cache_dir):
     score, holdout = {}, {}
     for method in ("rtn", "gptq", "gptaq"):
         cfg = CompileConfig(quant=QuantConfig(3, 128, False), method=method, validate=False,
-                            calib=CalibConfig(samples=16, seqlen=128, holdout=8))
+                            calib=CalibConfig(samples=16, seqlen=128, holdout=8, attention_values=False))
         plan_model = compile_model("minilm", None, cfg, cache_dir=cache_dir)
         score[method] = 1 - fidelity(sentence_embeddings(plan_model.model, str(minilm_dir), texts), ref).mean_cosine
         holdout[method] = [p.stats.holdout_error for p in plan_model.plan.sites]
