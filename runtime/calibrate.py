@@ -102,19 +102,19 @@ def _value_stats(seg: SegmentedModel, gi: int, values: Mapping[str, ValueHeads],
     for m in range(n_cal):
         a_q = probe(q[m], w_q)
         a_fp = probe(fp[m], w_fp) if target else None
-        for s in sites:
+        x = torch.from_numpy(np.ascontiguousarray(q[m][group.input], np.float32))
+        xt = torch.from_numpy(np.ascontiguousarray(fp[m][group.input], np.float32)) if target else None
+        for s in list(acc):
             v = values[s]
             a = a_q[v.probs]
-            if a.ndim != 4 or a.shape[1] != len(v.kv_map) or q[m][group.input].size != a.shape[0] * a.shape[3] * k:
+            if a.ndim != 4 or a.shape[1] != len(v.kv_map) or x.numel() != a.shape[0] * a.shape[3] * k:
                 log.info("%s: attention weights of shape %s do not match; plain statistics", s, a.shape)
-                acc.pop(s)
-                break
-            x = torch.from_numpy(np.ascontiguousarray(q[m][group.input], np.float32).reshape(a.shape[0], a.shape[3], k))
-            xt = (torch.from_numpy(np.ascontiguousarray(fp[m][group.input], np.float32).reshape(x.shape))
-                  if target else None)
+                del acc[s]
+                continue
+            xs = x.reshape(a.shape[0], a.shape[3], k)  # [batch, key, K]
+            xts = xt.reshape(xs.shape) if target else None
             for j, h in enumerate(v.kv_map):
-                acc[s][h].add(_mix(a[:, j], x), _mix(a_fp[v.probs][:, j], xt) if target else None)
-        sites = [s for s in sites if s in acc]
+                acc[s][h].add(_mix(a[:, j], xs), _mix(a_fp[v.probs][:, j], xts) if target else None)
     out = {}
     for s, stats in acc.items():
         lo, d = values[s].cols[0], values[s].head_dim

@@ -11,11 +11,8 @@ from tests.helpers import outputs
 from tests.test_segments import _with_outputs, segmented
 
 
-@pytest.mark.parametrize("family", ["llama", "bert"])
-def test_driver_statistics_match_whole_model_runs(family, tiny_checkpoints, cache_dir):
-    model, seg, weights = segmented(tiny_checkpoints[family], cache_dir)
-    batches = [sample_inputs(model, batch=2, seq=6, seed=i) for i in range(2)]
-    holdout = [sample_inputs(model, batch=1, seq=5, seed=9)]
+def _recording_rtn(weights):
+    """A quantize callback for :func:`calibrate` (3-bit RTN) that records what it is given and returns."""
     seen, w_hat = [], {}
 
     def rtn(data):
@@ -23,6 +20,16 @@ def test_driver_statistics_match_whole_model_runs(family, tiny_checkpoints, cach
         out = {s: quantize(weights[s], 3, 16, False).dequantize() for s in data.group.sites}
         w_hat.update(out)
         return out
+
+    return seen, w_hat, rtn
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_driver_statistics_match_whole_model_runs(family, tiny_checkpoints, cache_dir):
+    model, seg, weights = segmented(tiny_checkpoints[family], cache_dir)
+    batches = [sample_inputs(model, batch=2, seq=6, seed=i) for i in range(2)]
+    holdout = [sample_inputs(model, batch=1, seq=5, seed=9)]
+    seen, w_hat, rtn = _recording_rtn(weights)
 
     res = calibrate(seg, weights, batches, rtn, target=True, holdout=holdout)
     assert [d.group for d in seen] == list(seg.groups)
@@ -80,13 +87,7 @@ def test_value_statistics_are_those_of_the_attention_mixed_inputs(family, tiny_c
     values = value_heads(analysis.pairs, analysis.sites)
     assert values and set(values) == {p.producer for p in analysis.pairs if p.kind == "attn_vo"}
     batches = [sample_inputs(model, batch=2, seq=6, seed=i) for i in range(2)]
-    seen, w_hat = [], {}
-
-    def rtn(data):
-        seen.append(data)
-        out = {s: quantize(weights[s], 3, 16, False).dequantize() for s in data.group.sites}
-        w_hat.update(out)
-        return out
+    seen, w_hat, rtn = _recording_rtn(weights)
 
     calibrate(seg, weights, batches, rtn, target=True, values=values)
     checked = 0
