@@ -87,7 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "head, folded), updown (up·down diagonal + permutation, folded)")
     t.add_argument("--block-size", type=int, default=64, help="b of the single-matrix transforms (default 64)")
     t.add_argument("--online-budget", type=float, default=0.03,
-                   help="extra multiply-adds the online ops may add, as a fraction of the linear layers' (0.03)")
+                   help="the most the online x T^-1 ops may add to run time, as a fraction (0.03)")
+    t.add_argument("--online-regime", default="auto", choices=["auto", "token", "batch"],
+                   help="run time the budget is counted in: token (batch-1 token step: each op's fixed cost "
+                        "counts), batch (arithmetic); auto: token for causal LMs, else batch")
     t.add_argument("--pseudo-loss", default="ste", choices=["ste", "lse"],
                    help="ste: straight-through Frobenius (default); lse: LogSumExp smooth range")
     t.add_argument("--optimizer", default="adam", choices=["adam", "cayley"])
@@ -184,7 +187,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
             transforms=tuple(t for t in args.transforms.split(",") if t), block_size=args.block_size,
             loss=args.pseudo_loss, optimizer=args.optimizer, steps=args.steps, lr=args.lr, ortho_reg=args.ortho_reg,
             temperature=args.temperature, init=args.init, seed=args.seed, device=args.device,
-            online_budget=args.online_budget,
+            online_budget=args.online_budget, online_regime=args.online_regime,
             joint_pairs=tuple(t for t in args.joint_pairs.split(",") if t) if args.joint_rounding else (),
             joint_rounds=args.joint_rounds, joint_mlp_rounds=args.joint_mlp_rounds, joint_max_gb=args.joint_max_gb,
             joint_channel_weight=args.joint_channel_weight),

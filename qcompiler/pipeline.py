@@ -30,10 +30,11 @@ from qcompiler.graphio import (
     write_text_atomic,
 )
 from qcompiler.match.analysis import analyze_graph
-from qcompiler.match.sites import MatchResult, find_linear_sites, weight_reader
+from qcompiler.match.sites import MatchResult, find_linear_sites, float_weight_bytes, weight_reader
 from qcompiler.metadata import MODEL_KIND, SITES, TOKENIZER, module_paths
 from qcompiler.methods import TRANSFORM_METHODS, make_plan
 from qcompiler.methods.gptq import Calibration
+from qcompiler.methods.online_cost import StepCost, step_cost
 from qcompiler.passes import (
     EmbeddingPass,
     FoldPairsPass,
@@ -154,6 +155,7 @@ def compile_model(source: Any = None, output: str | os.PathLike | None = None,
         raise NothingToQuantizeError(f"nothing to quantize in {loaded.source}: no MatMul/Gemm with a "
                                      f"constant 2-D weight ({len(match.rejected)} candidates rejected)")
     timings["match"] = time.perf_counter() - t
+    step = _step_cost(config, loaded, graph, match) if config.method in TRANSFORM_METHODS else None
     calibration = None
     if config.method in CALIBRATED_METHODS:
         t = time.perf_counter()
@@ -164,13 +166,14 @@ def compile_model(source: Any = None, output: str | os.PathLike | None = None,
         if streaming:
             t = time.perf_counter()
             sink_dir = Path(tempfile.mkdtemp(prefix=f".{Path(output).name}.", dir=Path(output).parent))
-            graph, plan, cuts = _stream(graph, match, analysis, config, DataSink(sink_dir / SPILL_NAME), progress)
+            graph, plan, cuts = _stream(graph, match, analysis, config, DataSink(sink_dir / SPILL_NAME), progress,
+                                        step)
             timings["plan + rewrite (streamed)"] = time.perf_counter() - t
         else:
             t = time.perf_counter()
             sites_by_id = {s.id: s for s in match.sites}
             plan = make_plan(config, match.sites, weight_reader(graph), analysis, progress, model=loaded.model,
-                             calibration=calibration,
+                             calibration=calibration, step=step,
                              transformed=lambda pairs, online: _transformed_model(loaded.model, pairs, online,
                                                                                   sites_by_id))
             timings["plan"] = time.perf_counter() - t
@@ -194,8 +197,22 @@ def _rewrite(graph: gs.Graph, plan: QuantPlan, config: CompileConfig) -> gs.Grap
     return PassManager(passes)(graph).graph
 
 
+def _step_cost(config: CompileConfig, loaded: LoadedModel, graph: gs.Graph, match: MatchResult) -> StepCost:
+    """The model's run-time cost that the online-transform budget is a fraction of. ``auto``: the
+    token regime for causal LMs (HF kind, or a graph with ``logits`` output or ``past`` inputs)."""
+    regime = config.cafeq.online_regime
+    if regime == "auto":
+        decoder = (loaded.kind == "causal_lm" or any(t.name == "logits" for t in graph.outputs)
+                   or any(t.name.startswith("past") for t in graph.inputs))
+        regime = "token" if decoder else "batch"
+    step = step_cost(regime, match.sites, config.quant, float_weight_bytes(graph, match.sites))
+    log.info("online transforms: %s regime (%.1f M multiply-adds per token, %.1f MB read per token step)",
+             regime, step.macs / 1e6, step.token_bytes / 2**20)
+    return step
+
+
 def _stream(graph: gs.Graph, match: MatchResult, analysis, config: CompileConfig, sink: DataSink,
-            progress: bool) -> tuple[gs.Graph, QuantPlan, list[str]]:
+            progress: bool, step: StepCost | None) -> tuple[gs.Graph, QuantPlan, list[str]]:
     """Plan and rewrite chunk by chunk; also returns where validation cuts the models (node names)."""
     chunks = chunk_sites(match.sites, config.chunk_mb * 2**20,
                          analysis.pairs if analysis else (), analysis.groups if analysis else ())
@@ -205,7 +222,7 @@ def _stream(graph: gs.Graph, match: MatchResult, analysis, config: CompileConfig
     if analysis is not None:
         from qcompiler.methods.cafeq import select_online_units
 
-        online_units = select_online_units(analysis, config.cafeq)
+        online_units = select_online_units(analysis, config.cafeq, step) if step is not None else None
 
     def plan_chunk(g: gs.Graph, chunk: Chunk) -> QuantPlan:
         return make_plan(config, chunk.sites, weight_reader(g), chunk.analysis() if analysis else None,

@@ -3,6 +3,8 @@
     python tools/cafeq_results.py minilm      # fidelity on 256 Jargon File paragraphs, + ORT DEFAULT/HQQ
     python tools/cafeq_results.py smollm2     # perplexity on 8 x 512 Jargon File tokens
     python tools/cafeq_results.py minilm --timing   # also the run-time overhead of the online transforms
+    python tools/cafeq_results.py smollm2 --save DIR    # keep the compiled models (DIR/<setting>.<method>.onnx)
+    python tools/cafeq_results.py smollm2 --time DIR --repeats 5  # time saved cafeq models against rtn
 
 Settings: 4-bit block 128 asym and sym, 3-bit block 128 asym (MiniLM); 3- and 4-bit block 128 sym
 (SmolLM2). Every compile uses the default options of its method. Overhead: ONNX Runtime CPU, 2 threads,
@@ -73,6 +75,20 @@ def overhead(model: str, blocks: list[int]) -> None:
                           "rtn_ms": 1e3 * t_rtn, "transformed_ms": 1e3 * t_rot}), flush=True)
 
 
+def time_saved(model: str, folder: Path, repeats: int) -> None:
+    """Every saved cafeq model against the rtn model of its setting, ``repeats`` ABBA runs each: the
+    ratios, their median, and the number of online ops."""
+    feeds, reps = _feeds(model)
+    for path in sorted(folder.glob("*.cafeq.onnx")):
+        rtn_path = path.with_name(path.name.replace(".cafeq.onnx", ".rtn.onnx"))
+        a, b = onnx.load(str(rtn_path)), onnx.load(str(path))
+        ops = sum(1 for n in b.graph.node if n.name.endswith("_online_MatMul"))
+        ratios = [_time_ratio(a, b, feeds, reps)[0] for _ in range(repeats)]
+        print(json.dumps({"model": model, "setting": path.name.split(".")[0], "online_ops": ops,
+                          "ratio_median": float(np.median(ratios)), "ratios": [round(r, 4) for r in ratios]}),
+              flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("model", choices=list(SETTINGS))
@@ -82,8 +98,14 @@ def main() -> None:
     ap.add_argument("--bits", help="only these settings' bit widths (e.g. 3)")
     ap.add_argument("--overhead-blocks", help="only time the online ops for these block sizes (e.g. 16,32,64): "
                     "rotate models (same ops as cafeq, no learning) against RTN, first setting")
+    ap.add_argument("--save", help="write every compiled model to this folder (<setting>.<method>.onnx)")
+    ap.add_argument("--time", help="only time the cafeq models saved in this folder against their rtn ones")
+    ap.add_argument("--repeats", type=int, default=5, help="timing runs per model with --time (5)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.time:
+        time_saved(args.model, Path(args.time), args.repeats)
+        return
     if args.overhead_blocks:
         overhead(args.model, [int(b) for b in args.overhead_blocks.split(",")])
         return
@@ -121,6 +143,9 @@ def main() -> None:
             res = compile_model(args.model, None, CompileConfig(quant=q, method=base, validate=False,
                                                                 cafeq=CafeqConfig(**overrides)))
             models[method] = res.model
+            if args.save:
+                Path(args.save).mkdir(parents=True, exist_ok=True)
+                onnx.save(res.model, str(Path(args.save) / f"{q.describe().replace(' ', '_')}.{method}.onnx"))
             pqe = {}
             for kind in ("attn_vo", "mlp_up_down"):
                 ps = [p for p in res.plan.pair_stats if p.kind == kind]

@@ -8,6 +8,7 @@ graph.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -269,3 +270,17 @@ def find_quantized_sites(graph: gs.Graph, module_paths: dict[str, str] | None = 
                               dtype=str(np.dtype(sdt)) if sdt is not None else "float32")
             found.append(QuantizedSite(site, "DequantizeLinear", bits, int(dq.attrs.get("block_size", 0)), not zp))
     return found
+
+
+def float_weight_bytes(graph: gs.Graph, sites: Sequence[LinearSite]) -> int:
+    """Bytes of the constant weights that MatMul/Gemm nodes other than ``sites`` read (they stay in
+    float: an output head, rejected candidates). A batch-1 token step reads all of them."""
+    quantized = {s.node for s in sites}
+    total = 0
+    for node in graph.nodes:
+        if node.op in ("MatMul", "Gemm") and node.name not in quantized and len(node.inputs) > 1:
+            const, _, _ = _weight_source(node)
+            dtype = _np_dtype(const.dtype) if const is not None else None
+            if dtype is not None and const.shape is not None:
+                total += int(np.prod(const.shape)) * dtype.itemsize
+    return total

@@ -17,6 +17,7 @@ from qcompiler.plan import QuantPlan
 
 if TYPE_CHECKING:
     from qcompiler.methods.gptq import Calibration
+    from qcompiler.methods.online_cost import StepCost
 
 WeightFn = Callable[[LinearSite], np.ndarray]
 
@@ -40,11 +41,12 @@ def finite_weights(weight_of: WeightFn) -> WeightFn:
 def make_plan(config: CompileConfig, sites: Sequence[LinearSite], weight_of: WeightFn,
               analysis: Analysis | None = None, progress: bool = False, *, model: onnx.ModelProto | None = None,
               calibration: Calibration | None = None, transformed: TransformedModelFn | None = None,
-              online_units: frozenset[str] | None = None) -> QuantPlan:
+              online_units: frozenset[str] | None = None, step: StepCost | None = None) -> QuantPlan:
     """The method's plan. Transform methods need the full analysis (pairs and groups); calibrated
     methods need the ``model`` to run and the ``calibration`` tokens (cafeq+gptaq: ``transformed``).
     ``online_units``: for a plan of part of a model, the units the whole model's budget gives online
-    transforms (``cafeq.select_online_units``)."""
+    transforms (``cafeq.select_online_units``); ``step``: the run-time cost the online budget is a
+    fraction of (``online_cost.step_cost``)."""
     if config.method in CALIBRATED_METHODS and (model is None or calibration is None):
         raise ConfigError(f"method {config.method} needs the model and calibration data")
     weight_of = finite_weights(weight_of)
@@ -69,5 +71,5 @@ def make_plan(config: CompileConfig, sites: Sequence[LinearSite], weight_of: Wei
             rounder = calibrated_rounder(transformed, analysis.sites, config.quant, calibration, progress,
                                          analysis.pairs)
         return plan_cafeq(analysis, weight_of, config.quant, config.cafeq, config.method, progress=progress,
-                          rounder=rounder, online_units=online_units)
+                          rounder=rounder, online_units=online_units, step=step)
     raise ConfigError(f"method {config.method!r} is not built yet")

@@ -2,9 +2,9 @@
 
 Order: pair transforms first (folded into the weights, free at run time), then single-matrix
 block-diagonal transforms on the sites whose input side no pair transform covers (an online op each,
-shared by a sibling group), then round-to-nearest of the transformed weights. The online ops are
-chosen cheapest first (largest output width per input, i.e. lowest ``b / N``) within a budget of extra
-multiply-adds (``online_budget``, a fraction of the quantized sites' own).
+shared by a sibling group), then round-to-nearest of the transformed weights. Every candidate group is
+learned; the online ops kept are those with the largest gain (the drop in the group's relative
+quantization error) per run-time cost, within ``online_budget`` (methods/online_cost.py).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from qcompiler.errors import QCompilerError
 from qcompiler.match.analysis import Analysis
 from qcompiler.match.pairs import ATTN_VO, MLP_UP_DOWN, CoupledPair
 from qcompiler.match.sites import LinearSite
+from qcompiler.methods.online_cost import StepCost, Unit, by_gain, candidate_units, cheapest_first, step_cost
 from qcompiler.plan import OnlineTransform, PairStats, PairTransform, QuantPlan, SitePlan, SiteStats
 
 log = logging.getLogger(__name__)
@@ -56,25 +57,16 @@ def _device(requested: str) -> str:
     return requested
 
 
-def _block_for(k: int, b: int) -> int | None:
-    """The largest power of two <= b dividing K (at least 8), else None."""
-    while b >= 8:
-        if k % b == 0:
-            return b
-        b //= 2
-    return None
-
-
 def _rtn(w: np.ndarray, quant: QuantConfig) -> np.ndarray:
     return quantize(w, quant.bits, quant.group_size, quant.symmetric).dequantize().astype(np.float64)
 
 
 class _Planner:
     def __init__(self, analysis: Analysis, weight_of: Callable[[LinearSite], np.ndarray], quant: QuantConfig,
-                 cfg: CafeqConfig, method: str, online_budget: float, progress: bool, rounder: Rounder | None = None,
+                 cfg: CafeqConfig, method: str, step: StepCost, progress: bool, rounder: Rounder | None = None,
                  online_units: frozenset[str] | None = None):
         self.analysis, self.quant, self.cfg, self.method = analysis, quant, cfg, method
-        self.online_units = online_units
+        self.online_units, self.step = online_units, step
         self.rounder = rounder
         learned = method != "rotate"
         self.sites = {s.id: s for s in analysis.sites if s.role != "embedding"}
@@ -86,7 +78,7 @@ class _Planner:
                 raise QCompilerError(f"weight of site {sid} contains NaN or Inf")
             self.original[sid] = w
         self.folded = {sid: w.astype(np.float64) for sid, w in self.original.items()}  # after pair transforms
-        self.online_budget, self.progress = online_budget, progress
+        self.progress = progress
         self.rng = np.random.default_rng(cfg.seed)
         self.learn = LearnConfig(loss=cfg.loss, optimizer=cfg.optimizer, steps=cfg.steps, lr=cfg.lr,
                                  ortho_reg=cfg.ortho_reg, temperature=cfg.temperature, init=cfg.init,
@@ -138,34 +130,44 @@ class _Planner:
                 out.append(PairTransform(p, scale=scale, perm=perm))
         return out
 
-    def _units(self, covered: set[str]) -> list[tuple[str, str, tuple[str, ...]]]:
-        """(id, input tensor, site ids) that may get an online transform, cheapest first, within budget
-        (or the ones named in ``online_units``, when a streaming compile chose them for the whole model)."""
-        costed = cost_units(self.sites, self.analysis.groups, covered, self.cfg.block_size)
-        if self.online_units is not None:
-            return [(uid, tensor, members) for _, uid, tensor, members in costed if uid in self.online_units]
-        return within_budget(costed, self.online_budget)
-
     def online(self, covered: set[str]) -> tuple[list[OnlineTransform], dict[str, np.ndarray]]:
-        out, blocks_of = [], {}
+        """The online transforms: those named in ``online_units`` (a streamed plan, chosen for the whole
+        model), the cheapest within budget (rotate), or the learned ones of most gain per cost."""
         if "single" not in self.cfg.transforms:
-            return out, blocks_of
-        units = self._units(covered)
-        for uid, tensor, members in tqdm(units, desc=f"{self.method} single", unit="group",
-                                         disable=not self.progress, leave=False):
-            k = self.sites[members[0]].k
-            b = _block_for(k, self.cfg.block_size)
+            return [], {}
+        units = candidate_units(self.sites, self.analysis.groups, covered, self.cfg.block_size, self.step)
+        budget = self.cfg.online_budget
+        if self.online_units is not None:
+            units, budget = [u for u in units if u.id in self.online_units], float("inf")
+        elif self.method == "rotate":
+            units = cheapest_first(units, budget)
+        else:  # only a unit that fits the budget on its own can be chosen
+            units = [u for u in units if u.cost <= budget]
+        blocks, gains = {}, {}
+        for u in tqdm(units, desc=f"{self.method} single", unit="group", disable=not self.progress, leave=False):
+            k = self.sites[u.members[0]].k
             if self.method == "rotate":
                 init = "hadamard" if self.cfg.init == "hadamard" else "orthogonal"
-                blocks = initial_blocks(k // b, b, init, self.rng)
-            else:
-                res = learn_block_transform([self.folded[m] for m in members], self.grid(k), b, self.learn)
-                if res.error >= res.identity_error:
-                    continue
-                blocks = res.value
-            out.append(OnlineTransform(uid, tensor, tuple(members), blocks))
-            for m in members:
-                blocks_of[m] = blocks
+                blocks[u.id] = initial_blocks(k // u.block, u.block, init, self.rng)
+                continue
+            res = learn_block_transform([self.folded[m] for m in u.members], self.grid(k), u.block, self.learn)
+            norm = sum(float(np.sum(self.folded[m] ** 2)) for m in u.members) or 1.0
+            gains[u.id] = (res.identity_error - res.error) / norm  # drop in relative squared error
+            blocks[u.id] = res.value
+            log.info("%s: relative error %.4f -> %.4f with T (costs %.2f%% of run time)", u.id,
+                     res.identity_error / norm, res.error / norm, 100 * u.cost)
+        if self.method != "rotate":
+            units = by_gain(units, gains, budget)
+        return self._transforms(units, blocks)
+
+    @staticmethod
+    def _transforms(units: list[Unit], blocks: dict[str, np.ndarray]
+                    ) -> tuple[list[OnlineTransform], dict[str, np.ndarray]]:
+        out, blocks_of = [], {}
+        for u in units:
+            out.append(OnlineTransform(u.id, u.input, u.members, blocks[u.id]))
+            for m in u.members:
+                blocks_of[m] = blocks[u.id]
         return out, blocks_of
 
     def _effective(self, qw: QuantizedWeight, blocks: np.ndarray | None) -> np.ndarray:
@@ -276,55 +278,26 @@ def joint_memory_bytes(p: CoupledPair, k: int) -> int:
     return 8 * (26 * c * c + 10 * c * k)
 
 
-def cost_units(sites: dict[str, LinearSite], groups, covered: set[str], block_size: int
-               ) -> list[tuple[float, str, str, tuple[str, ...]]]:
-    """Units that may get an online transform (sibling groups of linear sites, then single linear sites
-    not in a group or ``covered``), each with its cost: extra multiply-adds as a fraction of ``sites``' own."""
-    grouped = {m for g in groups for m in g.members}
-    units = [(g.id, g.input, g.members) for g in groups
-             if all(m in sites and sites[m].role == "linear" for m in g.members)]
-    units += [(s.id, s.input, (s.id,)) for s in sites.values()
-              if s.role == "linear" and s.id not in grouped and s.id not in covered]
-    total = sum(s.k * s.n for s in sites.values())
-    costed = []
-    for uid, tensor, members in units:
-        k = sites[members[0]].k
-        b = _block_for(k, block_size)
-        if b is None:
-            log.info("%s: K=%d has no power-of-two block <= %d; no single transform", uid, k, block_size)
-            continue
-        costed.append((k * b / total, uid, tensor, members))
-    costed.sort(key=lambda c: c[0])
-    return costed
-
-
-def within_budget(costed: list[tuple[float, str, str, tuple[str, ...]]], budget: float
-                  ) -> list[tuple[str, str, tuple[str, ...]]]:
-    """Cheapest first until ``budget`` is spent."""
-    chosen, spent = [], 0.0
-    for cost, uid, tensor, members in costed:
-        if spent + cost > budget:
-            log.info("%s: online transform left out (budget %.1f%% of the linear layers' work)", uid, 100 * budget)
-            continue
-        spent += cost
-        chosen.append((uid, tensor, members))
-    return chosen
-
-
-def select_online_units(analysis: Analysis, cfg: CafeqConfig) -> frozenset[str]:
-    """The units a whole-model plan would give online transforms, chosen from shapes alone (V·O pairs
-    assumed to transform their O), for planning the model a chunk at a time."""
+def select_online_units(analysis: Analysis, cfg: CafeqConfig, step: StepCost) -> frozenset[str]:
+    """The units a whole-model plan gives online transforms when planning a chunk at a time: chosen
+    from shapes alone, cheapest first (gains are not known before the chunks are learned; V·O pairs
+    are assumed to transform their O)."""
     sites = {s.id: s for s in analysis.sites if s.role != "embedding"}
     covered = {p.consumer for p in analysis.pairs if p.kind == ATTN_VO and "vo" in cfg.transforms}
-    return frozenset(uid for uid, _, _ in within_budget(cost_units(sites, analysis.groups, covered, cfg.block_size),
-                                                        cfg.online_budget))
+    units = candidate_units(sites, analysis.groups, covered, cfg.block_size, step)
+    return frozenset(u.id for u in cheapest_first(units, cfg.online_budget))
 
 
 def plan_cafeq(analysis: Analysis, weight_of: Callable[[LinearSite], np.ndarray], quant: QuantConfig,
                cfg: CafeqConfig, method: str = "cafeq", progress: bool = False,
-               rounder: Rounder | None = None, online_units: frozenset[str] | None = None) -> QuantPlan:
+               rounder: Rounder | None = None, online_units: frozenset[str] | None = None,
+               step: StepCost | None = None) -> QuantPlan:
     """``method`` is ``cafeq`` (learned), ``rotate`` (random orthogonal/Hadamard, no learning) or
     ``cafeq+gptaq`` (learned, then ``rounder``: calibrated rounding of the transformed weights).
-    ``online_units``: the units allowed an online transform (default: the budget decides, cheapest first)."""
-    return _Planner(analysis, weight_of, quant, cfg, method, cfg.online_budget, progress, rounder,
-                    online_units).plan()
+    ``online_units``: the units allowed an online transform (default: the budget decides).
+    ``step``: the model's run-time cost the budget is a fraction of (default: the batch regime, from
+    the sites; the pipeline gives the configured regime with the float weights' bytes)."""
+    if step is None:
+        regime = "batch" if cfg.online_regime == "auto" else cfg.online_regime
+        step = step_cost(regime, analysis.sites, quant)
+    return _Planner(analysis, weight_of, quant, cfg, method, step, progress, rounder, online_units).plan()

@@ -1,0 +1,107 @@
+"""The run-time cost model of CafeQ's online ops and the budget's choice of units."""
+
+import logging
+
+import numpy as np
+import pytest
+
+from qcompiler.algorithms.grid import quantize
+from qcompiler.algorithms.packing import pack_matmulnbits
+from qcompiler.config import CafeqConfig, CompileConfig, QuantConfig
+from qcompiler.errors import ConfigError
+from qcompiler.graphio import import_graph
+from qcompiler.match.sites import LinearSite, find_linear_sites, float_weight_bytes
+from qcompiler.methods.online_cost import (
+    OP_FIXED_BYTES,
+    Unit,
+    block_for,
+    by_gain,
+    candidate_units,
+    cheapest_first,
+    op_cost,
+    step_cost,
+    stored_bytes,
+)
+from qcompiler.pipeline import compile_model
+
+
+def _site(sid: str, k: int, n: int, dtype: str = "float32") -> LinearSite:
+    return LinearSite(id=sid, node=f"{sid}_node", op_type="MatMul", weight=f"{sid}_w", transposed=False, k=k, n=n,
+                      input=f"{sid}_in", output=f"{sid}_out", bias=None, role="linear", dtype=dtype)
+
+
+@pytest.mark.parametrize("bits,group,sym", [(4, 32, False), (3, 128, True), (2, 64, False), (8, 32, True)])
+def test_stored_bytes_are_those_of_the_packed_tensors(bits, group, sym):
+    k, n = 256, 24
+    w = np.random.default_rng(0).standard_normal((k, n)).astype(np.float32)
+    t = pack_matmulnbits(quantize(w, bits, group, sym))
+    packed = t.b.nbytes + t.scales.nbytes + (t.zero_points.nbytes if t.zero_points is not None else 0)
+    assert stored_bytes(_site("s", k, n), QuantConfig(bits, group, sym)) == packed
+
+
+def test_token_steps_charge_each_op_its_fixed_cost_and_batches_their_arithmetic():
+    sites = [_site("a", 576, 960), _site("b", 576, 3072)]
+    q = QuantConfig(4, 128, True)
+    batch, token = step_cost("batch", sites, q), step_cost("token", sites, q, float_bytes=10**6)
+    assert batch.macs == token.macs == 576 * (960 + 3072)
+    assert token.token_bytes == pytest.approx(sum(stored_bytes(s, q) for s in sites) + 10**6)
+    assert op_cost(576, 64, batch) == pytest.approx(576 * 64 / batch.macs)
+    assert op_cost(576, 64, token) == pytest.approx((OP_FIXED_BYTES + 4 * 576 * 64) / token.token_bytes)
+    # at a token step a smaller block saves its T^-1's bytes, not the op's fixed cost
+    assert op_cost(576, 16, token) > 0.4 * op_cost(576, 64, token)
+    assert op_cost(576, 16, batch) == pytest.approx(0.25 * op_cost(576, 64, batch))
+    with pytest.raises(ValueError, match="regime"):
+        step_cost("auto", sites, q)
+
+
+def test_units_are_groups_and_lone_uncovered_sites_with_a_usable_block():
+    class Group:
+        def __init__(self, gid, tensor, members):
+            self.id, self.input, self.members = gid, tensor, members
+
+    sites = {s.id: s for s in [_site("q", 64, 64), _site("k", 64, 32), _site("o", 64, 64), _site("down", 128, 64),
+                               _site("odd", 36, 8)]}
+    step = step_cost("batch", list(sites.values()), QuantConfig(4, 32, False))
+    units = candidate_units(sites, [Group("qk", "x", ("q", "k"))], {"o"}, 64, step)
+    assert [u.id for u in units] == ["qk", "down"]  # cheapest first; o covered; K=36 has no block >= 8
+    assert [u.block for u in units] == [64, 64] and units[0].members == ("q", "k")
+    assert block_for(96, 64) == 32 and block_for(36, 64) is None
+
+
+def test_gain_per_cost_decides_within_the_budget():
+    units = [Unit("cheap", "x", ("a",), 64, 0.01), Unit("dear", "y", ("b",), 64, 0.02),
+             Unit("useless", "z", ("c",), 64, 0.001), Unit("best", "w", ("d",), 64, 0.01)]
+    gains = {"cheap": 0.01, "dear": 0.05, "useless": 0.0, "best": 0.03}
+    # gain per cost: best 3, dear 2.5, cheap 1; a unit with no gain is never taken
+    assert [u.id for u in by_gain(units, gains, 0.03)] == ["best", "dear"]
+    assert [u.id for u in by_gain(units, gains, 0.025)] == ["best", "cheap"]  # dear no longer fits
+    assert [u.id for u in by_gain(units, gains, 1.0)] == ["best", "dear", "cheap"]
+    assert [u.id for u in cheapest_first(units, 0.021)] == ["useless", "cheap", "best"]
+    assert by_gain(units, gains, 0.0) == [] and cheapest_first(units, 0.0) == []
+
+
+def test_float_weight_bytes_counts_the_head_kept_in_float(tiny_checkpoints, cache_dir):
+    from qcompiler.frontends import load_model
+
+    model = load_model(str(tiny_checkpoints["llama"]), cache_dir=cache_dir).model
+    graph = import_graph(model)
+    match = find_linear_sites(graph)
+    head = [r for r in match.rejected if "output head" in r.reason]
+    assert len(head) == 1
+    assert float_weight_bytes(graph, match.sites) == 512 * 64 * 4  # vocab x hidden, float32
+
+
+def test_the_regime_decides_how_many_online_ops_fit(smollm2, cache_dir, caplog):
+    """SmolLM2 (token regime, auto): each op's fixed cost limits the ops to about 23 at the default
+    budget; counted as arithmetic (batch), all 60 groups and 9 of the 30 down projections fit."""
+    q = QuantConfig(3, 128, True)
+    with caplog.at_level(logging.INFO, logger="qcompiler.pipeline"):
+        token = compile_model("smollm2", None, CompileConfig(quant=q, method="rotate", validate=False),
+                              cache_dir=cache_dir)
+    assert "token regime" in caplog.text
+    batch = compile_model("smollm2", None, CompileConfig(quant=q, method="rotate", validate=False,
+                                                         cafeq=CafeqConfig(online_regime="batch")),
+                          cache_dir=cache_dir)
+    assert 15 <= len(token.plan.online) <= 30 and len(batch.plan.online) == 69
+    with pytest.raises(ConfigError, match="--online-regime"):
+        CafeqConfig(online_regime="fast")
