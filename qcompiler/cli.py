@@ -88,9 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--block-size", type=int, default=64, help="b of the single-matrix transforms (default 64)")
     t.add_argument("--online-budget", type=float, default=0.03,
                    help="the most the online x T^-1 ops may add to run time, as a fraction (0.03)")
-    t.add_argument("--online-regime", default="auto", choices=["auto", "token", "batch"],
-                   help="run time the budget is counted in: token (batch-1 token step: each op's fixed cost "
-                        "counts), batch (arithmetic); auto: token for causal LMs, else batch")
+    t.add_argument("--online-regime", default="batch", choices=["batch", "token"],
+                   help="run time the budget is counted in: batch (arithmetic, default) or token (a decoder's "
+                        "batch-1 token step, where each op's fixed cost counts; fewer ops, less accuracy)")
     t.add_argument("--pseudo-loss", default="ste", choices=["ste", "lse"],
                    help="ste: straight-through Frobenius (default); lse: LogSumExp smooth range")
     t.add_argument("--optimizer", default="adam", choices=["adam", "cayley"])

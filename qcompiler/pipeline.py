@@ -155,7 +155,7 @@ def compile_model(source: Any = None, output: str | os.PathLike | None = None,
         raise NothingToQuantizeError(f"nothing to quantize in {loaded.source}: no MatMul/Gemm with a "
                                      f"constant 2-D weight ({len(match.rejected)} candidates rejected)")
     timings["match"] = time.perf_counter() - t
-    step = _step_cost(config, loaded, graph, match) if config.method in TRANSFORM_METHODS else None
+    step = _step_cost(config, graph, match) if config.method in TRANSFORM_METHODS else None
     calibration = None
     if config.method in CALIBRATED_METHODS:
         t = time.perf_counter()
@@ -197,14 +197,9 @@ def _rewrite(graph: gs.Graph, plan: QuantPlan, config: CompileConfig) -> gs.Grap
     return PassManager(passes)(graph).graph
 
 
-def _step_cost(config: CompileConfig, loaded: LoadedModel, graph: gs.Graph, match: MatchResult) -> StepCost:
-    """The model's run-time cost that the online-transform budget is a fraction of. ``auto``: the
-    token regime for causal LMs (HF kind, or a graph with ``logits`` output or ``past`` inputs)."""
+def _step_cost(config: CompileConfig, graph: gs.Graph, match: MatchResult) -> StepCost:
+    """The model's run-time cost that the online-transform budget is a fraction of."""
     regime = config.cafeq.online_regime
-    if regime == "auto":
-        decoder = (loaded.kind == "causal_lm" or any(t.name == "logits" for t in graph.outputs)
-                   or any(t.name.startswith("past") for t in graph.inputs))
-        regime = "token" if decoder else "batch"
     step = step_cost(regime, match.sites, config.quant, float_weight_bytes(graph, match.sites))
     log.info("online transforms: %s regime (%.1f M multiply-adds per token, %.1f MB read per token step)",
              regime, step.macs / 1e6, step.token_bytes / 2**20)

@@ -2,9 +2,9 @@
 
 Order: pair transforms first (folded into the weights, free at run time), then single-matrix
 block-diagonal transforms on the sites whose input side no pair transform covers (an online op each,
-shared by a sibling group), then round-to-nearest of the transformed weights. Every candidate group is
-learned; the online ops kept are those with the largest gain (the drop in the group's relative
-quantization error) per run-time cost, within ``online_budget`` (methods/online_cost.py).
+shared by a sibling group), then round-to-nearest of the transformed weights. The online ops are
+chosen cheapest first within ``online_budget``, a fraction of run time in the regime's cost model
+(methods/online_cost.py); a learned transform that does not beat plain RTN is dropped.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from qcompiler.errors import QCompilerError
 from qcompiler.match.analysis import Analysis
 from qcompiler.match.pairs import ATTN_VO, MLP_UP_DOWN, CoupledPair
 from qcompiler.match.sites import LinearSite
-from qcompiler.methods.online_cost import StepCost, Unit, by_gain, candidate_units, cheapest_first, step_cost
+from qcompiler.methods.online_cost import StepCost, Unit, candidate_units, cheapest_first, step_cost
 from qcompiler.plan import OnlineTransform, PairStats, PairTransform, QuantPlan, SitePlan, SiteStats
 
 log = logging.getLogger(__name__)
@@ -131,34 +131,28 @@ class _Planner:
         return out
 
     def online(self, covered: set[str]) -> tuple[list[OnlineTransform], dict[str, np.ndarray]]:
-        """The online transforms: those named in ``online_units`` (a streamed plan, chosen for the whole
-        model), the cheapest within budget (rotate), or the learned ones of most gain per cost."""
+        """The online transforms of the units named in ``online_units`` (a streamed plan, chosen for the
+        whole model), else of the cheapest units within budget; learned ones only where they beat RTN."""
         if "single" not in self.cfg.transforms:
             return [], {}
         units = candidate_units(self.sites, self.analysis.groups, covered, self.cfg.block_size, self.step)
-        budget = self.cfg.online_budget
         if self.online_units is not None:
-            units, budget = [u for u in units if u.id in self.online_units], float("inf")
-        elif self.method == "rotate":
-            units = cheapest_first(units, budget)
-        else:  # only a unit that fits the budget on its own can be chosen
-            units = [u for u in units if u.cost <= budget]
-        blocks, gains = {}, {}
+            units = [u for u in units if u.id in self.online_units]
+        else:
+            units = cheapest_first(units, self.cfg.online_budget)
+        blocks, kept = {}, []
         for u in tqdm(units, desc=f"{self.method} single", unit="group", disable=not self.progress, leave=False):
             k = self.sites[u.members[0]].k
             if self.method == "rotate":
                 init = "hadamard" if self.cfg.init == "hadamard" else "orthogonal"
                 blocks[u.id] = initial_blocks(k // u.block, u.block, init, self.rng)
+                kept.append(u)
                 continue
             res = learn_block_transform([self.folded[m] for m in u.members], self.grid(k), u.block, self.learn)
-            norm = sum(float(np.sum(self.folded[m] ** 2)) for m in u.members) or 1.0
-            gains[u.id] = (res.identity_error - res.error) / norm  # drop in relative squared error
-            blocks[u.id] = res.value
-            log.info("%s: relative error %.4f -> %.4f with T (costs %.2f%% of run time)", u.id,
-                     res.identity_error / norm, res.error / norm, 100 * u.cost)
-        if self.method != "rotate":
-            units = by_gain(units, gains, budget)
-        return self._transforms(units, blocks)
+            if res.error < res.identity_error:
+                blocks[u.id] = res.value
+                kept.append(u)
+        return self._transforms(kept, blocks)
 
     @staticmethod
     def _transforms(units: list[Unit], blocks: dict[str, np.ndarray]
@@ -298,6 +292,5 @@ def plan_cafeq(analysis: Analysis, weight_of: Callable[[LinearSite], np.ndarray]
     ``step``: the model's run-time cost the budget is a fraction of (default: the batch regime, from
     the sites; the pipeline gives the configured regime with the float weights' bytes)."""
     if step is None:
-        regime = "batch" if cfg.online_regime == "auto" else cfg.online_regime
-        step = step_cost(regime, analysis.sites, quant)
+        step = step_cost(cfg.online_regime, analysis.sites, quant)
     return _Planner(analysis, weight_of, quant, cfg, method, step, progress, rounder, online_units).plan()
