@@ -17,6 +17,7 @@ from qcompiler import __version__
 from qcompiler.config import (
     CALIBRATED_METHODS,
     METHODS,
+    ONLINE_REGIMES,
     PER_CHANNEL,
     CafeqConfig,
     CalibConfig,
@@ -88,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--block-size", type=int, default=64, help="b of the single-matrix transforms (default 64)")
     t.add_argument("--online-budget", type=float, default=0.03,
                    help="the most the online x T^-1 ops may add to run time, as a fraction (0.03)")
-    t.add_argument("--online-regime", default="batch", choices=["batch", "token"],
+    t.add_argument("--online-regime", default="batch", choices=ONLINE_REGIMES,
                    help="run time the budget is counted in: batch (arithmetic, default) or token (a decoder's "
                         "batch-1 token step, where each op's fixed cost counts; fewer ops, less accuracy)")
     t.add_argument("--pseudo-loss", default="ste", choices=["ste", "lse"],

@@ -16,6 +16,7 @@ METHODS = ("rtn", "cafeq", "rotate", "gptq", "gptaq", "cafeq+gptaq")
 CALIBRATED_METHODS = ("gptq", "gptaq", "cafeq+gptaq")
 TRANSFORMS = ("single", "vo", "updown")
 JOINT_PAIRS = ("vo", "updown")
+ONLINE_REGIMES = ("batch", "token")  # what --online-budget is a fraction of (methods/online_cost.py)
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ class CafeqConfig:
     # of the regime: batch (arithmetic; prefill, encoders) or token (a decoder's batch-1 token step, where
     # each op's fixed cost counts: SmolLM2 keeps 23 of its 60 groups' ops); cheapest first
     online_budget: float = 0.03
-    online_regime: str = "batch"
+    online_regime: str = "batch"  # one of ONLINE_REGIMES
     column_batch: int = 1024  # wide groups learn on this many random columns per step
     # joint rounding of coupled pairs after the transforms (cafeq only): which pair kinds, how many
     # alternations (one round = producer's step, then consumer's)
@@ -103,8 +104,9 @@ class CafeqConfig:
             raise ConfigError("--steps must be >= 0, --lr > 0 and --ortho-reg >= 0")
         if not 0 <= self.online_budget <= 1:
             raise ConfigError(f"--online-budget must be in [0, 1], got {self.online_budget}")
-        if self.online_regime not in ("batch", "token"):
-            raise ConfigError(f"--online-regime must be batch or token, got {self.online_regime!r}")
+        if self.online_regime not in ONLINE_REGIMES:
+            raise ConfigError(f"--online-regime must be one of {', '.join(ONLINE_REGIMES)}, got "
+                              f"{self.online_regime!r}")
         bad = [t for t in self.joint_pairs if t not in JOINT_PAIRS]
         if bad:
             raise ConfigError(f"--joint-pairs takes a subset of {','.join(JOINT_PAIRS)}, got {','.join(bad)}")

@@ -37,7 +37,7 @@ from qcompiler.errors import QCompilerError
 from qcompiler.match.analysis import Analysis
 from qcompiler.match.pairs import ATTN_VO, MLP_UP_DOWN, CoupledPair
 from qcompiler.match.sites import LinearSite
-from qcompiler.methods.online_cost import StepCost, Unit, candidate_units, cheapest_first, step_cost
+from qcompiler.methods.online_cost import StepCost, candidate_units, cheapest_first, step_cost
 from qcompiler.plan import OnlineTransform, PairStats, PairTransform, QuantPlan, SitePlan, SiteStats
 
 log = logging.getLogger(__name__)
@@ -140,28 +140,20 @@ class _Planner:
             units = [u for u in units if u.id in self.online_units]
         else:
             units = cheapest_first(units, self.cfg.online_budget)
-        blocks, kept = {}, []
+        out, blocks_of = [], {}
         for u in tqdm(units, desc=f"{self.method} single", unit="group", disable=not self.progress, leave=False):
             k = self.sites[u.members[0]].k
             if self.method == "rotate":
                 init = "hadamard" if self.cfg.init == "hadamard" else "orthogonal"
-                blocks[u.id] = initial_blocks(k // u.block, u.block, init, self.rng)
-                kept.append(u)
-                continue
-            res = learn_block_transform([self.folded[m] for m in u.members], self.grid(k), u.block, self.learn)
-            if res.error < res.identity_error:
-                blocks[u.id] = res.value
-                kept.append(u)
-        return self._transforms(kept, blocks)
-
-    @staticmethod
-    def _transforms(units: list[Unit], blocks: dict[str, np.ndarray]
-                    ) -> tuple[list[OnlineTransform], dict[str, np.ndarray]]:
-        out, blocks_of = [], {}
-        for u in units:
-            out.append(OnlineTransform(u.id, u.input, u.members, blocks[u.id]))
+                blocks = initial_blocks(k // u.block, u.block, init, self.rng)
+            else:
+                res = learn_block_transform([self.folded[m] for m in u.members], self.grid(k), u.block, self.learn)
+                if res.error >= res.identity_error:
+                    continue
+                blocks = res.value
+            out.append(OnlineTransform(u.id, u.input, u.members, blocks))
             for m in u.members:
-                blocks_of[m] = blocks[u.id]
+                blocks_of[m] = blocks
         return out, blocks_of
 
     def _effective(self, qw: QuantizedWeight, blocks: np.ndarray | None) -> np.ndarray:
@@ -273,9 +265,8 @@ def joint_memory_bytes(p: CoupledPair, k: int) -> int:
 
 
 def select_online_units(analysis: Analysis, cfg: CafeqConfig, step: StepCost) -> frozenset[str]:
-    """The units a whole-model plan gives online transforms when planning a chunk at a time: chosen
-    from shapes alone, cheapest first (gains are not known before the chunks are learned; V·O pairs
-    are assumed to transform their O)."""
+    """The units a whole-model plan would give online transforms, chosen from shapes alone (V·O pairs
+    assumed to transform their O), for planning the model a chunk at a time."""
     sites = {s.id: s for s in analysis.sites if s.role != "embedding"}
     covered = {p.consumer for p in analysis.pairs if p.kind == ATTN_VO and "vo" in cfg.transforms}
     units = candidate_units(sites, analysis.groups, covered, cfg.block_size, step)
@@ -289,8 +280,8 @@ def plan_cafeq(analysis: Analysis, weight_of: Callable[[LinearSite], np.ndarray]
     """``method`` is ``cafeq`` (learned), ``rotate`` (random orthogonal/Hadamard, no learning) or
     ``cafeq+gptaq`` (learned, then ``rounder``: calibrated rounding of the transformed weights).
     ``online_units``: the units allowed an online transform (default: the budget decides).
-    ``step``: the model's run-time cost the budget is a fraction of (default: the batch regime, from
-    the sites; the pipeline gives the configured regime with the float weights' bytes)."""
+    ``step``: the model's run-time cost the budget is a fraction of (default: ``cfg.online_regime``'s,
+    from the sites alone; the pipeline adds the bytes of the weights kept in float)."""
     if step is None:
         step = step_cost(cfg.online_regime, analysis.sites, quant)
     return _Planner(analysis, weight_of, quant, cfg, method, step, progress, rounder, online_units).plan()

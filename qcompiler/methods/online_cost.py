@@ -27,12 +27,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from qcompiler.algorithms.packing import container_bits
-from qcompiler.config import QuantConfig
+from qcompiler.config import ONLINE_REGIMES, QuantConfig
 from qcompiler.match.sites import LinearSite
 
 log = logging.getLogger(__name__)
 
-REGIMES = ("batch", "token")
 # The fixed cost of one online op at a batch-1 token step, in bytes of weight reading it is worth.
 # Measured on SmolLM2 (ONNX Runtime CPU, 2 threads, 3-bit block 128, one token): 60 ops with block-64
 # T^-1 (147 KB each) added 5.5-6.8% to a 24-25 ms step that reads 174 MB (7 GB/s), i.e. 22-28 us or
@@ -81,8 +80,8 @@ def stored_bytes(site: LinearSite, quant: QuantConfig) -> float:
 
 def step_cost(regime: str, sites: Sequence[LinearSite], quant: QuantConfig, float_bytes: int = 0) -> StepCost:
     """``float_bytes``: weights MatMul/Gemm nodes read that stay in float (``match.float_weight_bytes``)."""
-    if regime not in ("token", "batch"):
-        raise ValueError(f"regime must be token or batch, got {regime!r}")
+    if regime not in ONLINE_REGIMES:
+        raise ValueError(f"regime must be one of {ONLINE_REGIMES}, got {regime!r}")
     linear = [s for s in sites if s.role != "embedding"]
     return StepCost(regime, sum(s.k * s.n for s in linear),
                     sum(stored_bytes(s, quant) for s in linear) + float_bytes)
@@ -118,13 +117,9 @@ def candidate_units(sites: Mapping[str, LinearSite], groups, covered: set[str], 
 
 
 def cheapest_first(units: Sequence[Unit], budget: float) -> list[Unit]:
-    """Units in order of cost until ``budget`` is spent (no gains known)."""
-    return _fill(sorted(units, key=lambda u: u.cost), budget)
-
-
-def _fill(ranked: Sequence[Unit], budget: float) -> list[Unit]:
+    """Units in order of cost, each one that still fits, until ``budget`` is spent."""
     chosen, spent = [], 0.0
-    for u in ranked:
+    for u in sorted(units, key=lambda u: u.cost):
         if spent + u.cost > budget + 1e-12:
             log.info("%s: online transform left out (costs %.2f%% of run time; %.2f%% of the %.1f%% budget "
                      "spent)", u.id, 100 * u.cost, 100 * spent, 100 * budget)
