@@ -22,22 +22,22 @@ def load_model(spec: Any = None, *, example_inputs: dict | None = None,
     """Load ``spec``: None or a bundled name, a path to ``.onnx``, an HF folder, or an ``nn.Module``
     (then ``example_inputs`` is a dict of input name -> tensor).
 
-    ``stream``: an ``.onnx`` input's external data is left in its files (True), loaded (False), or left
-    there when it exceeds ``STREAM_AUTO_BYTES`` (None). Other inputs are always in memory; True refuses them.
+    ``stream``: the weights are left in files (True), loaded (False), or left there when they exceed
+    ``STREAM_AUTO_BYTES`` as fp32 (None). An ``.onnx`` input keeps its external data files; a Hugging Face
+    folder with safetensors weights is exported without loading them (``hf_stream``). An ``nn.Module`` is
+    in memory already: True refuses it.
     """
     spec = DEFAULT_MODEL if spec is None else spec
-    if stream and not (isinstance(spec, (str, os.PathLike)) and Path(spec).is_file()):
-        raise ConfigError(f"a streaming compile reads an .onnx file with external data, not {spec!r}; "
-                          f"export it first (a Hugging Face folder is exported in memory)")
     if not isinstance(spec, (str, os.PathLike)):
+        if stream:
+            raise ConfigError("a streaming compile reads files (an .onnx with external data or a Hugging Face "
+                              "folder), not an nn.Module already in memory")
         from qcompiler.frontends.module import load_module
 
         return load_module(spec, example_inputs)
     text = str(spec)
     if text in BUNDLED and not Path(text).exists():
-        from qcompiler.frontends.hf import load_hf_folder
-
-        return load_hf_folder(bundled_path(text, cache_dir), cache_dir=cache_dir, name=text)
+        return _load_folder(Path(bundled_path(text, cache_dir)), cache_dir, stream, name=text)
     path = Path(text)
     if not path.exists():
         raise ModelLoadError(f"model not found: {text} (give an .onnx file, a Hugging Face folder or "
@@ -45,7 +45,22 @@ def load_model(spec: Any = None, *, example_inputs: dict | None = None,
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"not a Hugging Face checkpoint folder (no config.json): {path}")
-        from qcompiler.frontends.hf import load_hf_folder
-
-        return load_hf_folder(path, cache_dir=cache_dir)
+        return _load_folder(path, cache_dir, stream)
     return load_onnx_model(path, stream)
+
+
+def _load_folder(folder: Path, cache_dir, stream: bool | None, name: str | None = None) -> LoadedModel:
+    """A Hugging Face folder: exported in memory, or with its weights left on disk (``stream``)."""
+    if stream is None:
+        from qcompiler.config import STREAM_AUTO_BYTES
+        from qcompiler.frontends.safetensors_index import checkpoint_tensors, float_bytes_fp32
+
+        stream = (any(folder.glob("*.safetensors"))
+                  and float_bytes_fp32(checkpoint_tensors(folder)) > STREAM_AUTO_BYTES)
+    if stream:
+        from qcompiler.frontends.hf_stream import load_hf_streamed
+
+        return load_hf_streamed(folder, cache_dir=cache_dir, name=name)
+    from qcompiler.frontends.hf import load_hf_folder
+
+    return load_hf_folder(folder, cache_dir=cache_dir, name=name)

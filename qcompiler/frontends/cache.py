@@ -7,6 +7,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import onnx
@@ -36,6 +38,18 @@ def content_key(folder: Path, extra: dict[str, str]) -> str:
     return h.hexdigest()[:32]
 
 
+def stat_key(folder: Path, extra: dict[str, str]) -> str:
+    """sha256 over the config's bytes and the weight files' names, sizes and modification times: for
+    checkpoints too large to hash on every compile (the streamed export)."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"format": EXPORT_FORMAT, **extra}, sort_keys=True).encode())
+    h.update((folder / "config.json").read_bytes())
+    for p in sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in _WEIGHT_SUFFIXES):
+        st = p.stat()
+        h.update(f"{p.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    return h.hexdigest()[:32]
+
+
 class ExportCache:
     def __init__(self, root: str | os.PathLike | None = None):
         self.root = Path(root) if root else default_cache_dir() / "exports"
@@ -48,20 +62,27 @@ class ExportCache:
         return None
 
     def put(self, key: str, model: onnx.ModelProto, info: dict) -> Path:
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=self.root))
-        try:
+        with self.staging(key) as tmp:
             large = model.ByteSize() > 1536 * 1024 * 1024 if _can_size(model) else True
             onnx.save_model(model, str(tmp / "model.onnx"), save_as_external_data=large,
                             all_tensors_to_one_file=True, location="model.onnx.data")
             (tmp / "info.json").write_text(json.dumps(info, indent=1))
+        return self.root / key / "model.onnx"
+
+    @contextmanager
+    def staging(self, key: str) -> Iterator[Path]:
+        """A fresh folder to write the entry ``key`` into (``model.onnx``, its data, ``info.json``); it
+        becomes the entry when the block ends without an error, and is removed otherwise."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=self.root))
+        try:
+            yield tmp
             final = self.root / key
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        return self.root / key / "model.onnx"
 
 
 def _can_size(model: onnx.ModelProto) -> bool:

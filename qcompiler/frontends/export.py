@@ -39,6 +39,17 @@ def export_to_onnx(module: torch.nn.Module, inputs: dict[str, torch.Tensor], out
                    extra_kwargs: dict[str, Any] | None = None) -> onnx.ModelProto:
     """Export ``module`` called with keyword ``inputs``. ``dynamic_axes`` maps input name -> {axis: dim
     name}; every example tensor must be its own object (aliased inputs break the export)."""
+    model = export_program(module, inputs, output_names, dynamic_axes, select, extra_kwargs).model_proto
+    set_model_properties(model, {SCOPE_PREFIX: WRAPPER_ATTR + "."})
+    return model
+
+
+def export_program(module: torch.nn.Module, inputs: dict[str, torch.Tensor], output_names: Sequence[str],
+                   dynamic_axes: dict[str, dict[int, str]] | None = None,
+                   select: Callable[[Any], Any] = lambda out: out,
+                   extra_kwargs: dict[str, Any] | None = None, optimize: bool = True):
+    """``export_to_onnx``'s ``torch.onnx.ONNXProgram``, optimized by the exporter unless ``optimize`` is
+    false (then initializers may still hold the module's tensors, meta ones included)."""
     ids = [id(t) for t in inputs.values()]
     if len(set(ids)) != len(ids):
         raise ModelLoadError("example inputs must be distinct tensors (aliased inputs break the export)")
@@ -61,7 +72,7 @@ def export_to_onnx(module: torch.nn.Module, inputs: dict[str, torch.Tensor], out
             warnings.simplefilter("ignore")
             program = torch.onnx.export(wrapper, tuple(inputs.values()), dynamo=True, input_names=names,
                                         output_names=list(output_names), dynamic_shapes=shapes,
-                                        verbose=False, optimize=True)
+                                        verbose=False, optimize=optimize)
     except Exception as e:
         root = e
         while root.__cause__ is not None:
@@ -69,6 +80,4 @@ def export_to_onnx(module: torch.nn.Module, inputs: dict[str, torch.Tensor], out
         raise ModelLoadError(f"torch.onnx export failed: {type(root).__name__}: {first_line(root)}") from e
     finally:
         onnx_log.setLevel(saved_level)
-    model = program.model_proto
-    set_model_properties(model, {SCOPE_PREFIX: WRAPPER_ATTR + "."})
-    return model
+    return program
