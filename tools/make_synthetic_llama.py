@@ -1,10 +1,14 @@
-"""Write a synthetic Llama-shaped ONNX model of a chosen size (random weights) with external data.
+"""Write a synthetic Llama-shaped model of a chosen size (random weights): ONNX with external data, or a
+Hugging Face folder with sharded safetensors.
 
-For the streaming-compile measurement (issue 8): the model is exported from a randomly initialised
-``transformers.LlamaForCausalLM`` through the same torch.onnx dynamo path as qcompiler's HF frontend, and
-saved as ``model.onnx`` + ``model.onnx.data``. Nothing here is committed; the files go where ``--out`` says.
+For the streaming-compile measurement (issue 8). ``--format onnx`` (default): the model is exported from a
+randomly initialised ``transformers.LlamaForCausalLM`` through the same torch.onnx dynamo path as
+qcompiler's HF frontend, and saved as ``model.onnx`` + ``model.onnx.data``. ``--format hf``: the model is
+saved with ``save_pretrained`` in shards of ``--shard-gb``, as large checkpoints are published. Nothing
+here is committed; the files go where ``--out`` says.
 
     python tools/make_synthetic_llama.py --out /tmp/synth-llama --gib 6
+    python tools/make_synthetic_llama.py --out /tmp/synth-hf --gib 6 --format hf
 """
 
 from __future__ import annotations
@@ -34,7 +38,11 @@ def layers_for(gib: float, hidden: int = HIDDEN, intermediate: int = INTERMEDIAT
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True, help="folder for model.onnx and model.onnx.data")
+    ap.add_argument("--out", required=True, help="folder for model.onnx and model.onnx.data, or the HF folder")
+    ap.add_argument("--format", choices=("onnx", "hf"), default="onnx")
+    ap.add_argument("--shard-gb", type=float, default=2.0, help="--format hf: safetensors shard size (GB)")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="--format hf: the checkpoint's stored type")
     ap.add_argument("--gib", type=float, default=6.0, help="fp32 parameter size to reach (GiB)")
     ap.add_argument("--layers", type=int, help="override the layer count (default: from --gib)")
     ap.add_argument("--hidden", type=int, default=HIDDEN)
@@ -61,6 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     n = sum(p.numel() for p in model.parameters())
     log.info("%d layers, %.2f B parameters, %.2f GiB fp32 (built in %.0fs)", layers, n / 1e9, n * 4 / 2**30,
              time.perf_counter() - t)
+    if args.format == "hf":
+        t = time.perf_counter()
+        model.to(getattr(torch, args.dtype)).save_pretrained(args.out, max_shard_size=f"{int(args.shard_gb * 1000)}MB")
+        size = sum(f.stat().st_size for f in Path(args.out).glob("*.safetensors"))
+        log.info("wrote %s (%.2f GiB of safetensors) in %.0fs", args.out, size / 2**30, time.perf_counter() - t)
+        return 0
     ids = torch.randint(5, 1000, (2, 16))
     mask = torch.ones(2, 16, dtype=torch.int64)
     wrapper = _Wrapper(model, ["input_ids", "attention_mask"], lambda o: o.logits, {"use_cache": False}).eval()

@@ -23,6 +23,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from qcompiler.errors import ModelLoadError
 from qcompiler.frontends.base import LoadedModel
@@ -112,11 +113,12 @@ def _write_weights(graph, sources: dict[str, StoredTensor], scope: str, staging:
     from torch._subclasses.fake_tensor import FakeTensor
 
     count = written = 0
-    with open(staging / DATA_NAME, "wb") as out:
-        for name, value in list(graph.initializers.items()):
-            raw = getattr(value.const_value, "raw", None)
-            if not isinstance(raw, FakeTensor):
-                continue
+    fake = [(name, value) for name, value in graph.initializers.items()
+            if isinstance(getattr(value.const_value, "raw", None), FakeTensor)]
+    total = sum(4 * sources[n[len(scope):]].numel for n, _ in fake if n[len(scope):] in sources)
+    with open(staging / DATA_NAME, "wb") as out, tqdm(total=total, unit="B", unit_scale=True, desc="weights",
+                                                       disable=not log.isEnabledFor(logging.INFO)) as bar:
+        for name, value in fake:
             pname = name[len(scope):] if name.startswith(scope) else name
             stored = sources.get(pname)
             if stored is None:
@@ -127,15 +129,15 @@ def _write_weights(graph, sources: dict[str, StoredTensor], scope: str, staging:
             if (len(uses) == 1 and array.ndim == 2 and not value.is_graph_output()
                     and uses[0].node.op_type == "Transpose" and uses[0].node.domain in ("", "ai.onnx")
                     and tuple(uses[0].node.attributes.get_ints("perm", (1, 0))) == (1, 0)):
-                array = np.ascontiguousarray(array.T)
+                array = array.T  # made contiguous (the transposed copy) when written
                 node = uses[0].node
                 target = node.outputs[0]
             pad = (-out.tell()) % ALIGN
             out.write(b"\0" * pad)
             offset = out.tell()
-            data = array.astype("<f4", copy=False).tobytes()
-            out.write(data)
-            tensor = ir.ExternalTensor(DATA_NAME, offset, len(data), ir.DataType.FLOAT, shape=ir.Shape(array.shape),
+            array = np.ascontiguousarray(array, dtype="<f4")
+            out.write(memoryview(array).cast("B"))  # no bytes copy of a large tensor
+            tensor = ir.ExternalTensor(DATA_NAME, offset, array.nbytes, ir.DataType.FLOAT, shape=ir.Shape(array.shape),
                                        name=target.name, base_dir=staging)
             if target is value:
                 value.const_value = tensor
@@ -147,8 +149,9 @@ def _write_weights(graph, sources: dict[str, StoredTensor], scope: str, staging:
                 graph.initializers.pop(name)
                 graph.register_initializer(new)
             count += 1
-            written += len(data)
-            del array, data
+            written += array.nbytes
+            bar.update(array.nbytes)
+            del array
     return count, written
 
 

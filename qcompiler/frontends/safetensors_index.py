@@ -34,8 +34,9 @@ class StoredTensor:
         return int(np.prod(self.shape, dtype=np.int64))
 
 
-def read_header(path: str | os.PathLike) -> dict[str, dict]:
-    """One file's header (``__metadata__`` dropped). ModelLoadError names the file if it is not safetensors."""
+def read_header(path: str | os.PathLike) -> tuple[dict[str, dict], int]:
+    """One file's header (``__metadata__`` dropped) and where its data starts. ModelLoadError names the file
+    if it is not safetensors."""
     p = Path(path)
     try:
         with open(p, "rb") as f:
@@ -53,7 +54,7 @@ def read_header(path: str | os.PathLike) -> dict[str, dict]:
     if not isinstance(header, dict):
         raise ModelLoadError(f"not a safetensors file (header is not a JSON object): {p}")
     header.pop("__metadata__", None)
-    return header
+    return header, 8 + n
 
 
 def checkpoint_tensors(folder: str | os.PathLike) -> dict[str, StoredTensor]:
@@ -67,8 +68,9 @@ def checkpoint_tensors(folder: str | os.PathLike) -> dict[str, StoredTensor]:
                               else ""))
     out: dict[str, StoredTensor] = {}
     for f in files:
+        header, start = read_header(f)
         end = f.stat().st_size
-        for name, spec in read_header(f).items():
+        for name, spec in header.items():
             try:
                 dtype, shape, (lo, hi) = spec["dtype"], tuple(int(d) for d in spec["shape"]), spec["data_offsets"]
             except (KeyError, TypeError, ValueError):
@@ -76,7 +78,7 @@ def checkpoint_tensors(folder: str | os.PathLike) -> dict[str, StoredTensor]:
             if name in out:
                 raise ModelLoadError(f"tensor {name!r} is in both {out[name].file.name} and {f.name}")
             t = StoredTensor(name, f, dtype, shape)
-            if dtype in ITEM_BYTES and (hi - lo != t.numel * ITEM_BYTES[dtype] or hi > end):
+            if dtype in ITEM_BYTES and (hi - lo != t.numel * ITEM_BYTES[dtype] or start + hi > end):
                 raise ModelLoadError(f"tensor {name!r} in {f.name} is truncated or mis-sized")
             out[name] = t
     return out
