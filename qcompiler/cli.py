@@ -77,8 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--report", help="write a JSON report here")
     st = c.add_mutually_exclusive_group()
     st.add_argument("--stream", dest="stream", action="store_true", default=None,
-                    help="leave an .onnx input's external data in its files and compile a chunk at a time "
-                         "(default: when it holds over 2 GiB); the output gets external data")
+                    help="leave the weights on disk (an .onnx input's external data; a Hugging Face folder's "
+                         "safetensors, exported without loading them) and compile a chunk at a time (default: "
+                         "above 2 GiB of fp32 weights); the output gets external data")
     st.add_argument("--no-stream", dest="stream", action="store_false", help="load the whole model")
     c.add_argument("--stream-chunk-mb", type=int, default=None,
                    help="fp32 weight MB planned at once when streaming (default: rtn 256, cafeq/rotate 16)")
