@@ -194,3 +194,24 @@ def test_a_module_cannot_stream(tmp_path):
         compile_model(torch.nn.Linear(8, 8), tmp_path / "x.onnx", CompileConfig(stream=True),
                       example_inputs={"x": torch.zeros(2, 8)})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_export_holds_one_checkpoint_tensor_at_a_time(tiny_checkpoints, tmp_path, monkeypatch):
+    """Memory bound of the streamed export: each tensor read from the checkpoint is gone before the next."""
+    import gc
+    import weakref
+
+    import qcompiler.frontends.hf_stream as hf_stream
+
+    real, alive, reads = hf_stream.read_fp32, [], []
+
+    def tracked(t):
+        gc.collect()
+        reads.append(sum(r() is not None for r in alive))
+        array = real(t)
+        alive.append(weakref.ref(array))
+        return array
+
+    monkeypatch.setattr(hf_stream, "read_fp32", tracked)
+    load_model(str(tiny_checkpoints["llama"]), cache_dir=tmp_path, stream=True)
+    assert len(reads) > 10 and max(reads) == 0, reads
