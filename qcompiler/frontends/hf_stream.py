@@ -3,7 +3,7 @@
 The model is built with fake parameters (buffers, such as rotary frequencies, are
 real: they are computed, not stored) and exported unoptimized, so every parameter is an initializer
 without data. Each one is then copied from the checkpoint's safetensors files (one file or shards) into
-the export's data file, a tensor at a time, as fp32; a parameter whose only use is a 2-D ``Transpose``
+the export's data file, in pieces of at most 64 MB, as fp32; a parameter whose only use is a 2-D ``Transpose``
 (a Linear's weight) is written transposed and the ``Transpose`` dropped, which is the fold the
 exporter's optimizer makes in memory. The optimizer then runs on the graph with those tensors left in
 the file (it folds only small constants), so the graph is the in-memory export's. The result goes
@@ -22,14 +22,13 @@ from dataclasses import replace
 from importlib.metadata import version
 from pathlib import Path
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from qcompiler.errors import ModelLoadError
 from qcompiler.frontends.base import LoadedModel
 from qcompiler.frontends.cache import ExportCache, stat_key
 from qcompiler.frontends.hf import _example_inputs, _read_config, _select, model_kind
-from qcompiler.frontends.safetensors_index import StoredTensor, checkpoint_tensors, read_fp32
+from qcompiler.frontends.safetensors_index import StoredTensor, checkpoint_tensors, read_fp32_pieces
 from qcompiler.metadata import MODEL_KIND, SCOPE_PREFIX, TOKENIZER
 
 log = logging.getLogger(__name__)
@@ -106,53 +105,60 @@ def _parameter_sources(module, stored: dict[str, StoredTensor]) -> dict[str, Sto
     return out
 
 
+def _lone_transpose(value):
+    """The node of a lone 2-D ``Transpose`` (perm 1,0) that is ``value``'s only use, else None."""
+    uses = list(value.uses())
+    if len(uses) != 1 or value.is_graph_output() or value.shape is None or len(value.shape) != 2:
+        return None
+    node = uses[0].node
+    if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx"):
+        return None
+    return node if tuple(node.attributes.get_ints("perm", (1, 0))) == (1, 0) else None
+
+
 def _write_weights(graph, sources: dict[str, StoredTensor], scope: str, staging: Path) -> tuple[int, int]:
-    """Copy every fake initializer's tensor from the checkpoint into ``staging / DATA_NAME`` and point the
-    initializer at it; fold a lone 2-D Transpose into the copy. Returns (tensors, bytes)."""
+    """Copy every fake initializer's tensor from the checkpoint into ``staging / DATA_NAME``, a piece at a
+    time, and point the initializer at it; a lone 2-D Transpose is folded into the copy (the tensor is
+    written transposed and the Transpose's output becomes the initializer). Returns (tensors, bytes)."""
     import onnx_ir as ir
     from torch._subclasses.fake_tensor import FakeTensor
 
-    count = written = 0
     fake = [(name, value) for name, value in graph.initializers.items()
             if isinstance(getattr(value.const_value, "raw", None), FakeTensor)]
-    total = sum(4 * sources[n[len(scope):]].numel for n, _ in fake if n[len(scope):] in sources)
-    with open(staging / DATA_NAME, "wb") as out, tqdm(total=total, unit="B", unit_scale=True, desc="weights",
+    sourced = []
+    for name, value in fake:
+        stored = sources.get(name[len(scope):] if name.startswith(scope) else name)
+        if stored is None:
+            raise ModelLoadError(f"initializer {name!r} is not a parameter of the model")
+        sourced.append((name, value, stored))
+    written = 0
+    with open(staging / DATA_NAME, "wb") as out, tqdm(total=sum(4 * t.numel for *_, t in sourced), unit="B",
+                                                       unit_scale=True, desc="weights",
                                                        disable=not log.isEnabledFor(logging.INFO)) as bar:
-        for name, value in fake:
-            pname = name[len(scope):] if name.startswith(scope) else name
-            stored = sources.get(pname)
-            if stored is None:
-                raise ModelLoadError(f"initializer {name!r} is not a parameter of the model")
-            array = read_fp32(stored)
-            uses = list(value.uses())
-            target = value
-            if (len(uses) == 1 and array.ndim == 2 and not value.is_graph_output()
-                    and uses[0].node.op_type == "Transpose" and uses[0].node.domain in ("", "ai.onnx")
-                    and tuple(uses[0].node.attributes.get_ints("perm", (1, 0))) == (1, 0)):
-                array = array.T  # made contiguous (the transposed copy) when written
-                node = uses[0].node
-                target = node.outputs[0]
-            pad = (-out.tell()) % ALIGN
-            out.write(b"\0" * pad)
+        for name, value, stored in sourced:
+            node = _lone_transpose(value)
+            shape = tuple(reversed(stored.shape)) if node else stored.shape
+            out.write(b"\0" * ((-out.tell()) % ALIGN))
             offset = out.tell()
-            array = np.ascontiguousarray(array, dtype="<f4")
-            out.write(memoryview(array).cast("B"))  # no bytes copy of a large tensor
-            tensor = ir.ExternalTensor(DATA_NAME, offset, array.nbytes, ir.DataType.FLOAT, shape=ir.Shape(array.shape),
+            for piece in read_fp32_pieces(stored, transpose=node is not None):
+                out.write(memoryview(piece).cast("B"))  # no bytes copy
+                bar.update(piece.nbytes)
+                del piece
+            length = out.tell() - offset
+            written += length
+            target = node.outputs[0] if node else value
+            tensor = ir.ExternalTensor(DATA_NAME, offset, length, ir.DataType.FLOAT, shape=ir.Shape(shape),
                                        name=target.name, base_dir=staging)
-            if target is value:
+            if node is None:
                 value.const_value = tensor
-            else:  # the Transpose's output becomes the initializer
-                new = ir.Value(name=target.name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.FLOAT),
-                               const_value=tensor)
-                ir.convenience.replace_all_uses_with(target, new)
-                graph.remove(node, safe=True)
-                graph.initializers.pop(name)
-                graph.register_initializer(new)
-            count += 1
-            written += array.nbytes
-            bar.update(array.nbytes)
-            del array
-    return count, written
+                continue
+            new = ir.Value(name=target.name, shape=ir.Shape(shape), type=ir.TensorType(ir.DataType.FLOAT),
+                           const_value=tensor)
+            ir.convenience.replace_all_uses_with(target, new)
+            graph.remove(node, safe=True)
+            graph.initializers.pop(name)
+            graph.register_initializer(new)
+    return len(sourced), written
 
 
 def load_hf_streamed(folder: str | os.PathLike, cache_dir: str | os.PathLike | None = None,

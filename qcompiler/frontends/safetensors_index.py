@@ -2,7 +2,7 @@
 
 A safetensors file is an 8-byte little-endian header length, a JSON header (name -> dtype, shape,
 ``data_offsets`` into the data that follows) and the raw tensor bytes. Reading the headers is enough
-to know every tensor's file, type and size; the data is read one tensor at a time (``read_fp32``).
+to know every tensor's file, type and size; the data is read a piece at a time (``read_fp32_pieces``).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,15 +90,37 @@ def float_bytes_fp32(tensors: dict[str, StoredTensor]) -> int:
     return sum(4 * t.numel for t in tensors.values() if t.dtype in FLOAT_DTYPES)
 
 
-def read_fp32(t: StoredTensor) -> np.ndarray:
-    """One tensor's values as float32 (bf16/fp16/fp64 converted)."""
+PIECE_BYTES = 64 * 1024 * 1024  # fp32 bytes per piece read by ``read_fp32_pieces``
+
+
+def read_fp32_pieces(t: StoredTensor, transpose: bool = False,
+                     piece_bytes: int | None = None) -> Iterator[np.ndarray]:
+    """A tensor's values as float32 (bf16/fp16/fp64 converted), in row-major order, in contiguous pieces of
+    at most about ``piece_bytes`` (default ``PIECE_BYTES``; one row if a row is larger): memory holds one
+    piece, however large the tensor. ``transpose`` (2-D only): the pieces are the transposed matrix's,
+    read a block of columns at a time."""
     import torch
     from safetensors import safe_open
 
     if t.dtype not in FLOAT_DTYPES:
         raise ModelLoadError(f"tensor {t.name!r} in {t.file.name} is {t.dtype}, not a float type")
+    if transpose and len(t.shape) != 2:
+        raise ValueError(f"only a 2-D tensor can be read transposed, not {t.shape}")
+    rows = t.shape[1] if transpose else (t.shape[0] if t.shape else 1)
+    row_bytes = 4 * max(1, t.numel // max(rows, 1))
+    step = max(1, (piece_bytes or PIECE_BYTES) // row_bytes)
     try:
         with safe_open(str(t.file), framework="pt") as f:
-            return f.get_tensor(t.name).to(torch.float32).numpy()
+            if not t.shape:
+                yield f.get_tensor(t.name).to(torch.float32).numpy().reshape(())
+                return
+            sl = f.get_slice(t.name)
+            for a in range(0, rows, step):
+                b = min(rows, a + step)
+                piece = sl[:, a:b].to(torch.float32).T if transpose else sl[a:b].to(torch.float32)
+                yield np.ascontiguousarray(piece.numpy())
+                del piece
+    except ModelLoadError:
+        raise
     except Exception as e:  # safetensors' own errors: truncated files and the like
         raise ModelLoadError(f"cannot read tensor {t.name!r} from {t.file}: {e}") from None
