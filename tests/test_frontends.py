@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import onnx
 import pytest
@@ -24,6 +26,15 @@ def test_hf_export_is_cached_by_content(tiny_checkpoints, cache_dir, tmp_path):
     key = content_key(folder, {})
     (folder / "config.json").write_text((folder / "config.json").read_text() + "\n")
     assert content_key(folder, {}) != key  # any byte change misses the cache
+    # by_stat (the streamed export): the config's bytes, and the weight files' sizes and times
+    key = content_key(folder, {}, by_stat=True)
+    (folder / "config.json").write_text((folder / "config.json").read_text() + "\n")
+    assert content_key(folder, {}, by_stat=True) != key
+    key = content_key(folder, {}, by_stat=True)
+    weights = folder / "model.safetensors"
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    assert content_key(folder, {}, by_stat=True) != key
 
 
 def test_export_has_dynamic_batch_and_sequence(tiny_checkpoints, cache_dir):

@@ -51,16 +51,17 @@ def load_model(spec: Any = None, *, example_inputs: dict | None = None,
 
 def _load_folder(folder: Path, cache_dir, stream: bool | None, name: str | None = None) -> LoadedModel:
     """A Hugging Face folder: exported in memory, or with its weights left on disk (``stream``)."""
-    if stream is None:
+    stored = None  # the safetensors headers, read once
+    if stream is None and any(folder.glob("*.safetensors")):
         from qcompiler.config import STREAM_AUTO_BYTES
         from qcompiler.frontends.safetensors_index import checkpoint_tensors, float_bytes_fp32
 
-        stream = (any(folder.glob("*.safetensors"))
-                  and float_bytes_fp32(checkpoint_tensors(folder)) > STREAM_AUTO_BYTES)
+        stored = checkpoint_tensors(folder)
+        stream = float_bytes_fp32(stored) > STREAM_AUTO_BYTES
     if stream:
         from qcompiler.frontends.hf_stream import load_hf_streamed
 
-        return load_hf_streamed(folder, cache_dir=cache_dir, name=name)
+        return load_hf_streamed(folder, cache_dir=cache_dir, name=name, stored=stored)
     from qcompiler.frontends.hf import load_hf_folder
 
     return load_hf_folder(folder, cache_dir=cache_dir, name=name)

@@ -14,7 +14,7 @@ from pathlib import Path
 import onnx
 
 EXPORT_FORMAT = "1"
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
 def default_cache_dir() -> Path:
@@ -24,29 +24,23 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qcompiler"
 
 
-def content_key(folder: Path, extra: dict[str, str]) -> str:
-    """sha256 over the config and weight files' bytes plus the exporter versions in ``extra``."""
+def content_key(folder: Path, extra: dict[str, str], by_stat: bool = False) -> str:
+    """sha256 over the config and weight files plus the exporter versions in ``extra``: over their bytes,
+    or (``by_stat``, for checkpoints too large to hash on every compile) over the config's bytes and the
+    weight files' names, sizes and modification times."""
     h = hashlib.sha256()
     h.update(json.dumps({"format": EXPORT_FORMAT, **extra}, sort_keys=True).encode())
     files = sorted(p for p in folder.iterdir()
-                   if p.is_file() and (p.name == "config.json" or p.suffix in _WEIGHT_SUFFIXES))
+                   if p.is_file() and (p.name == "config.json" or p.suffix in WEIGHT_SUFFIXES))
     for p in files:
         h.update(p.name.encode())
+        if by_stat and p.name != "config.json":
+            st = p.stat()
+            h.update(f"\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+            continue
         with open(p, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 22), b""):
                 h.update(chunk)
-    return h.hexdigest()[:32]
-
-
-def stat_key(folder: Path, extra: dict[str, str]) -> str:
-    """sha256 over the config's bytes and the weight files' names, sizes and modification times: for
-    checkpoints too large to hash on every compile (the streamed export)."""
-    h = hashlib.sha256()
-    h.update(json.dumps({"format": EXPORT_FORMAT, **extra}, sort_keys=True).encode())
-    h.update((folder / "config.json").read_bytes())
-    for p in sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in _WEIGHT_SUFFIXES):
-        st = p.stat()
-        h.update(f"{p.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
     return h.hexdigest()[:32]
 
 

@@ -49,7 +49,7 @@ def export_program(module: torch.nn.Module, inputs: dict[str, torch.Tensor], out
                    select: Callable[[Any], Any] = lambda out: out,
                    extra_kwargs: dict[str, Any] | None = None, optimize: bool = True):
     """``export_to_onnx``'s ``torch.onnx.ONNXProgram``, optimized by the exporter unless ``optimize`` is
-    false (then initializers may still hold the module's tensors, meta ones included)."""
+    false (then initializers hold the module's own tensors, fake ones included)."""
     ids = [id(t) for t in inputs.values()]
     if len(set(ids)) != len(ids):
         raise ModelLoadError("example inputs must be distinct tensors (aliased inputs break the export)")

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from qcompiler.errors import ModelLoadError
 from qcompiler.frontends.base import LoadedModel
-from qcompiler.frontends.cache import ExportCache, stat_key
+from qcompiler.frontends.cache import ExportCache, content_key
 from qcompiler.frontends.hf import _example_inputs, _read_config, _select, model_kind
 from qcompiler.frontends.safetensors_index import StoredTensor, checkpoint_tensors, read_fp32_pieces
 from qcompiler.metadata import MODEL_KIND, SCOPE_PREFIX, TOKENIZER
@@ -80,8 +80,10 @@ def _checkpoint_key(module_name: str, aliases: list[str], stored: dict[str, Stor
                     prefix: str) -> StoredTensor | None:
     """The checkpoint tensor of a parameter (any of its tied names, with or without the base model's prefix)."""
     for name in [module_name, *aliases]:
-        for key in (name, f"{prefix}.{name}" if prefix else name,
-                    name[len(prefix) + 1:] if prefix and name.startswith(prefix + ".") else name):
+        keys = [name]
+        if prefix:
+            keys.append(name[len(prefix) + 1:] if name.startswith(prefix + ".") else f"{prefix}.{name}")
+        for key in keys:
             if key in stored:
                 return stored[key]
     return None
@@ -162,9 +164,10 @@ def _write_weights(graph, sources: dict[str, StoredTensor], scope: str, staging:
 
 
 def load_hf_streamed(folder: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
-                     name: str | None = None) -> LoadedModel:
-    """Export ``folder`` (safetensors weights) to an ONNX file whose weights are external, without holding
-    them in memory; cached by the files' names, sizes and times. The result streams (``data_dir`` set)."""
+                     name: str | None = None, stored: dict[str, StoredTensor] | None = None) -> LoadedModel:
+    """Export ``folder`` (safetensors weights; ``stored``: its ``checkpoint_tensors`` when already read) to an
+    ONNX file whose weights are external, without holding them in memory; cached by the files' names, sizes
+    and times. The result streams (``data_dir`` set)."""
     import onnx
     import torch
 
@@ -175,9 +178,9 @@ def load_hf_streamed(folder: str | os.PathLike, cache_dir: str | os.PathLike | N
     folder = Path(folder).resolve()
     config = _read_config(folder)
     kind = model_kind(config)
-    stored = checkpoint_tensors(folder)
-    key = stat_key(folder, {"torch": version("torch"), "transformers": version("transformers"), "kind": kind,
-                            "route": "streamed"})
+    stored = checkpoint_tensors(folder) if stored is None else stored
+    key = content_key(folder, {"torch": version("torch"), "transformers": version("transformers"), "kind": kind,
+                               "route": "streamed"}, by_stat=True)
     cache = ExportCache(Path(cache_dir) / "exports" if cache_dir else None)
     hit = cache.get(key)
     if hit is None:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from qcompiler.errors import ModelLoadError
+from qcompiler.frontends.cache import WEIGHT_SUFFIXES
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the format's own limit
 ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
@@ -63,7 +64,7 @@ def checkpoint_tensors(folder: str | os.PathLike) -> dict[str, StoredTensor]:
     folder = Path(folder)
     files = sorted(folder.glob("*.safetensors"))
     if not files:
-        others = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".gguf"))
+        others = sorted(p.name for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES)
         raise ModelLoadError(f"no *.safetensors weights in {folder}" +
                              (f" (found {', '.join(others[:3])}; convert them to safetensors to stream)" if others
                               else ""))
