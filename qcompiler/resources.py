@@ -32,3 +32,33 @@ def current_rss_mb() -> float:
     """This process's resident memory now (MiB; Linux ``VmRSS``, else the peak)."""
     now = _status_mb("VmRSS")
     return peak_rss_mb() if now is None else now
+
+
+def machine_busy_seconds(stat: str | None = None) -> float | None:
+    """CPU seconds the whole machine has spent busy since boot (Linux ``/proc/stat``: user, nice, system,
+    irq, softirq, steal), or None where that cannot be read. ``stat``: the file's text (for tests)."""
+    import os
+
+    try:
+        text = stat if stat is not None else open("/proc/stat").read()
+        f = text.splitlines()[0].split()  # cpu user nice system idle iowait irq softirq steal ...
+        if f[0] != "cpu" or len(f) < 9:
+            return None
+        ticks = sum(int(f[i]) for i in (1, 2, 3, 6, 7, 8))
+    except (OSError, IndexError, ValueError):
+        return None
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds() -> float:
+    """CPU seconds used by this process's finished (waited-for) children."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def others_cpu_share(busy: float, own: float, wall: float, cores: int) -> float:
+    """The share of the machine (0-1) that other processes used over ``wall`` seconds in which the
+    machine was ``busy`` CPU seconds, ``own`` of them the measured process's."""
+    return min(1.0, max(0.0, (busy - own) / max(wall * cores, 1e-9)))

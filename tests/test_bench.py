@@ -59,11 +59,12 @@ def _data():
         _row("enc", "w4-b128-sym", "rtn", mean_cos=0.94, min_cos=0.9, spearman=0.95, nn_agreement=0.7,
              compile_s=1.0, peak_rss_mb=900, size_mb=50.0, latency_ms=10.0, latency_vs_fp32=1.1,
              runs_in_plain_ort=True),
-        _row("enc", "w4-b128-sym", "gptq", mean_cos=0.97, min_cos=0.94, spearman=0.97, nn_agreement=0.8),
+        _row("enc", "w4-b128-sym", "gptq", mean_cos=0.97, min_cos=0.94, spearman=0.97, nn_agreement=0.8,
+             compile_s=30.0, others_cpu=0.45),
         {"model": "enc", "setting": "w4-b128-sym", "method": "ort-gptq", "status": "failed",
          "reason": "timed out after 10 s"},
         _row("lm", REFERENCE, "fp32", perplexity=24.9),
-        _row("lm", "w3-b128-sym", "rtn", perplexity=140.2),
+        _row("lm", "w3-b128-sym", "rtn", perplexity=140.2, compile_s=4.0, others_cpu=0.05),
         _row("lm", "w3-b128-sym", "gptaq", perplexity=70.3),
     ]
     return {"meta": {"machine": "test box", "runs": [{"command": "python tools/bench.py", "started": "now",
@@ -84,6 +85,7 @@ def test_results_page_bolds_the_best_row_and_shows_failed_and_pending_rows():
     assert "| cafeq | pending (not measured yet) |" in md
     assert "test box" in md and "`python tools/bench.py`" in md
     assert "10.0 (1.10x)" in md
+    assert "| 30.0 (busy 45%) |" in md and "| 4.0 |" in md  # other jobs' CPU flags a compile time above 10%
     table = report.summary_table(data, plan)
     assert "| gptaq | **70.30** |" in table and "fp32 24.90" in table and "| cafeq | pending |" in table
 
@@ -144,6 +146,7 @@ def test_quick_run_end_to_end_then_resume(tmp_path):
         assert r["runs_in_plain_ort"] and r["size_mb"] > 0 and r["latency_ms"] > 0, key
         if r["method"] != "fp32":
             assert r["compile_s"] >= 0 and r["peak_rss_mb"] > 20, key  # a process with onnxruntime loaded
+            assert 0 <= r["others_cpu"] <= 1, key
         if r["model"] == "tiny-bert":
             assert 0.9 < r["mean_cos"] <= 1.0 + 1e-9 and -1 <= r["spearman"] <= 1, key
         else:

@@ -13,6 +13,8 @@ COLUMNS = {"encoder": [("mean_cos", "mean cos", "{:.4f}"), ("min_cos", "min cos"
            "lm": [("perplexity", "perplexity", "{:.2f}")]}
 PRIMARY = {"encoder": ("mean_cos", True), "lm": ("perplexity", False)}
 README_BEGIN, README_END = "<!-- bench:begin -->", "<!-- bench:end -->"
+# a row's compile time is flagged when other processes used more than this share of the machine meanwhile
+BUSY_SHARE = 0.1
 
 
 def _label(setting: str) -> str:
@@ -21,6 +23,11 @@ def _label(setting: str) -> str:
 
 def _fmt(v, f="{:.1f}") -> str:
     return "" if v is None else f.format(v)
+
+
+def _compile_cell(r: dict) -> str:
+    cell = _fmt(r.get("compile_s"))
+    return f"{cell} (busy {r['others_cpu']:.0%})" if cell and r.get("others_cpu", 0) > BUSY_SHARE else cell
 
 
 def _best(rows: list[dict], kind: str) -> float | None:
@@ -45,7 +52,7 @@ def _cell_row(r: dict, kind: str, best: float | None) -> str:
             v = f"**{v}**"
         vals.append(v)
     lat = "" if r.get("latency_ms") is None else f"{r['latency_ms']:.1f} ({r['latency_vs_fp32']:.2f}x)"
-    return (f"| {r['method']} | " + " | ".join(vals) + f" | {_fmt(r.get('compile_s'))} | "
+    return (f"| {r['method']} | " + " | ".join(vals) + f" | {_compile_cell(r)} | "
             f"{_fmt(r.get('peak_rss_mb'), '{:.0f}')} | {_fmt(r.get('size_mb'))} | {lat} | "
             f"{'yes' if r.get('runs_in_plain_ort') else 'no'} |")
 
@@ -77,6 +84,9 @@ def markdown(data: dict, plan: list[RowSpec]) -> str:
             "`ru_maxrss`); ours start from the cached export, peers from the exported fp32 ONNX file.",
             "- Latency: ONNX Runtime CPU, 2 threads, median of alternating runs against fp32 (ratio in "
             "brackets); 'plain ORT': a stock `InferenceSession` loads and runs the file.",
+            f"- 'busy N%': other processes used N% of the machine's CPU during that row's compile (above "
+            f"{BUSY_SHARE:.0%}), so its compile time is an upper bound; rows measured before the bench recorded "
+            "this (2026-11-23) carry no mark even where other jobs ran.",
             "- Best quality per setting in bold. Calibrated methods (ours and peers) get the same token ids.",
             ""]
     notes = sorted({r["peak_note"] for r in data["rows"].values() if r.get("peak_note")})

@@ -29,6 +29,7 @@ from qcompiler.bench.tasks import (
 from qcompiler.bench.worker import WorkerSpec
 from qcompiler.errors import first_line
 from qcompiler.graphio import saved_bytes
+from qcompiler.resources import children_cpu_seconds, machine_busy_seconds, others_cpu_share
 
 log = logging.getLogger(__name__)
 
@@ -145,10 +146,12 @@ def _compile(row: RowSpec, p: Prepared, work: Path, timeout: float, cache_dir: s
     spec.write(spec_path)
     log_path = folder / f"{stem}.log"
     Path(spec.stats).unlink(missing_ok=True)
+    busy0, own0, t0 = machine_busy_seconds(), children_cpu_seconds(), time.monotonic()
     with open(log_path, "w") as logf:
         proc = subprocess.Popen([sys.executable, "-m", "qcompiler.bench.worker", str(spec_path)], stdout=logf,
                                 stderr=subprocess.STDOUT, env={**os.environ, "TQDM_DISABLE": "1"})
         reason = _watch(proc, timeout, max_rss_gb)
+    busy1, own1, wall = machine_busy_seconds(), children_cpu_seconds(), time.monotonic() - t0
     if reason:
         return None, {"status": "failed", "reason": reason}
     if not Path(spec.stats).exists():
@@ -157,6 +160,8 @@ def _compile(row: RowSpec, p: Prepared, work: Path, timeout: float, cache_dir: s
     stats = json.loads(Path(spec.stats).read_text())
     if "error" in stats:
         return None, {"status": "failed", "reason": stats["error"]}
+    if busy0 is not None and busy1 is not None:  # other jobs on the cores make compile_s an upper bound
+        stats["others_cpu"] = round(others_cpu_share(busy1 - busy0, own1 - own0, wall, os.cpu_count() or 1), 3)
     return spec.out, stats
 
 
