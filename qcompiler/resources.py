@@ -38,9 +38,10 @@ def machine_busy_seconds(stat: str | None = None) -> float | None:
     """CPU seconds the whole machine has spent busy since boot (Linux ``/proc/stat``: user, nice, system,
     irq, softirq, steal), or None where that cannot be read. ``stat``: the file's text (for tests)."""
     import os
+    from pathlib import Path
 
     try:
-        text = stat if stat is not None else open("/proc/stat").read()
+        text = stat if stat is not None else Path("/proc/stat").read_text()
         f = text.splitlines()[0].split()  # cpu user nice system idle iowait irq softirq steal ...
         if f[0] != "cpu" or len(f) < 9:
             return None
