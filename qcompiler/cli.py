@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ste: straight-through Frobenius (default); lse: LogSumExp smooth range")
     t.add_argument("--optimizer", default="adam", choices=["adam", "cayley"])
     t.add_argument("--steps", type=int, default=400)
+    t.add_argument("--patience", type=int, default=100,
+                   help="stop a learner once its best error has not fallen by 0.01%% in this many steps (0: never)")
     t.add_argument("--lr", type=float, default=2e-2)
     t.add_argument("--ortho-reg", type=float, default=0.0, help="orthonormality penalty weight (adam)")
     t.add_argument("--temperature", type=float, default=20.0, help="LSE temperature")
@@ -187,7 +189,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
         max_error=args.max_error, force=args.force, stream=args.stream, stream_chunk_mb=args.stream_chunk_mb,
         cafeq=CafeqConfig(
             transforms=tuple(t for t in args.transforms.split(",") if t), block_size=args.block_size,
-            loss=args.pseudo_loss, optimizer=args.optimizer, steps=args.steps, lr=args.lr, ortho_reg=args.ortho_reg,
+            loss=args.pseudo_loss, optimizer=args.optimizer, steps=args.steps, patience=args.patience, lr=args.lr,
+            ortho_reg=args.ortho_reg,
             temperature=args.temperature, init=args.init, seed=args.seed, device=args.device,
             online_budget=args.online_budget, online_regime=args.online_regime,
             joint_pairs=tuple(t for t in args.joint_pairs.split(",") if t) if args.joint_rounding else (),

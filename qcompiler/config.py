@@ -64,6 +64,7 @@ class CafeqConfig:
     loss: str = "ste"  # ste (straight-through Frobenius) | lse (LogSumExp smooth range)
     optimizer: str = "adam"  # adam (+ orthonormality penalty) | cayley (orthogonal)
     steps: int = 400
+    patience: int = 100 # a learner stops once its best error has not fallen by 0.01% in this many steps
     lr: float = 2e-2
     ortho_reg: float = 0.0
     temperature: float = 20.0
@@ -100,8 +101,8 @@ class CafeqConfig:
             raise ConfigError(f"--optimizer must be adam or cayley, got {self.optimizer!r}")
         if self.init not in ("identity", "orthogonal", "hadamard"):
             raise ConfigError(f"--init must be identity, orthogonal or hadamard, got {self.init!r}")
-        if self.steps < 0 or not self.lr > 0 or self.ortho_reg < 0:
-            raise ConfigError("--steps must be >= 0, --lr > 0 and --ortho-reg >= 0")
+        if self.steps < 0 or self.patience < 0 or not self.lr > 0 or self.ortho_reg < 0:
+            raise ConfigError("--steps and --patience must be >= 0, --lr > 0 and --ortho-reg >= 0")
         if not 0 <= self.online_budget <= 1:
             raise ConfigError(f"--online-budget must be in [0, 1], got {self.online_budget}")
         if self.online_regime not in ONLINE_REGIMES:

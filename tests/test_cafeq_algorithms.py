@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from qcompiler.algorithms.cafeq import (
+    PLATEAU_TOL,
     Grid,
     LearnConfig,
+    _Plateau,
     channel_order,
     hadamard,
     initial_blocks,
@@ -41,6 +43,59 @@ def test_fake_quant_passes_gradients_straight_through():
     w = torch.randn(64, 8, requires_grad=True)
     fake_quant(w, 3, 32, False, ste=True).sum().backward()
     assert w.grad is not None and torch.count_nonzero(w.grad) > 0
+
+
+def _reference_fake_quant(w: torch.Tensor, bits: int, block: int, symmetric: bool) -> torch.Tensor:
+    """The STE fake quantization as plain autograd of its formula: what ``fake_quant``'s hand-written
+    backward must reproduce."""
+    def ste_round(x):
+        return x + (torch.round(x) - x).detach()
+
+    k, n = w.shape
+    nb = -(-k // block)
+    wb = torch.cat([w, w.new_zeros(nb * block - k, n)]).reshape(nb, block, n)
+    mx, mn = wb.amax(dim=1, keepdim=True), wb.amin(dim=1, keepdim=True)
+    if symmetric:
+        mid = float(1 << (bits - 1))
+        scale = torch.where(mx.abs() > mn.abs(), mx, mn) / -mid
+        zero = torch.full_like(scale, mid)
+    else:
+        qmax = float((1 << bits) - 1)
+        mn, mx = mn.clamp(max=0), mx.clamp(min=0)
+        scale = (mx - mn) / qmax
+        zero = ste_round(-mn / torch.where(scale == 0, torch.ones_like(scale), scale)).clamp(0, qmax)
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    q = ste_round(wb / safe + zero).clamp(0, float((1 << bits) - 1))
+    return torch.where(scale == 0, torch.zeros_like(wb), (q - zero) * scale).reshape(-1, n)[:k]
+
+
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("bits,block", [(2, 32), (3, 128), (4, 128), (4, 48), (8, 64)])
+@pytest.mark.parametrize("kind", ["normal", "ties", "one-signed"])
+def test_fake_quant_gradient_is_autograd_of_its_formula(bits, block, sym, kind):
+    """The hand-written STE backward equals autograd of the plain formula: groups padded with zeros,
+    all-zero groups, one-signed groups (asym: the zero point clamps) and tied extremes included."""
+    g = torch.Generator().manual_seed(bits * 100 + block)
+    w0 = torch.randn(200, 24, generator=g, dtype=torch.float64)
+    zero_group = slice(0, block)
+    w0[zero_group, 3] = 0.0  # an all-zero group
+    if kind == "ties":  # integer values: tied maxima and minima, and u exactly on the clamp bounds
+        w0 = torch.round(w0 * 3)
+    elif kind == "one-signed":
+        w0 = w0.abs() + 0.5
+        w0[:, 5] *= -1
+        w0[zero_group, 3] = 0.0
+    up = torch.randn(200, 24, generator=g, dtype=torch.float64)
+    grads, values = [], []
+    for f in (fake_quant, lambda w, *a: _reference_fake_quant(w, *a)):
+        w = w0.clone().requires_grad_(True)
+        y = f(w * 1.0, bits, block, sym)
+        (y * up).sum().backward()
+        values.append(y.detach())
+        grads.append(w.grad)
+    assert torch.equal(values[0], values[1])
+    np.testing.assert_allclose(grads[0].numpy(), grads[1].numpy(), rtol=1e-10, atol=1e-10)
+    assert torch.count_nonzero(grads[0]) > 0
 
 
 @pytest.mark.parametrize("loss,optimizer", [("ste", "adam"), ("ste", "cayley"), ("lse", "adam")])
@@ -88,6 +143,32 @@ def test_updown_scale_and_channel_order():
     perm = channel_order(down)
     assert sorted(perm) == list(range(64))
     assert weighted_row_error(up[:, perm], down[perm], GRID) < weighted_row_error(up, down, GRID)
+
+
+def test_learners_stop_once_the_error_plateaus():
+    """``patience``: a learner whose best error stops falling stops early and reports the steps it ran;
+    with patience 0 it runs every step; stopping never loses what was reached before the stop."""
+    rng = np.random.default_rng(4)
+    up, down = rng.standard_normal((32, 64)), rng.standard_normal((64, 24)) * np.exp(rng.normal(0, 1, (64, 1)))
+    full = learn_updown_scale(up, down, GRID, LearnConfig(steps=600, patience=0))
+    early = learn_updown_scale(up, down, GRID, LearnConfig(steps=600, patience=30))
+    assert full.steps == 600 and early.steps < 600, early.steps
+    cut = learn_updown_scale(up, down, GRID, LearnConfig(steps=early.steps, patience=0))
+    assert early.error == pytest.approx(cut.error, rel=1e-9)  # the best of the steps it ran
+    assert early.error < early.identity_error and early.error <= full.error * 1.01, (early.error, full.error)
+    ws = [_outlier_weight(rng, 64, 48)]
+    for exact in (True, False):  # the STE loss read every step, or the true error every 10 (column subsets)
+        cfg = LearnConfig(steps=3000, lr=0.02, ortho_reg=0.0, patience=100, column_batch=64 if exact else 16)
+        res = learn_block_transform(ws, GRID, 16, cfg)
+        assert res.steps < 3000 and res.error < res.identity_error, (exact, res.steps)
+
+
+def test_plateau_counts_steps_without_a_real_improvement():
+    p = _Plateau(1.0, 3)
+    assert not p.stalled(0.5) and not p.stalled(0.5) and not p.stalled(0.5 * (1 - PLATEAU_TOL / 2))
+    assert p.stalled(0.5)  # three steps with no fall beyond the tolerance
+    assert not _Plateau(1.0, 0).stalled(1.0, 1000)  # patience 0: never
+    assert _Plateau(1.0, 10).stalled(1.0, 10)  # counted in steps, e.g. 10 per true-error check
 
 
 def test_initial_blocks():

@@ -43,6 +43,28 @@ class LearnConfig:
     # wide groups are learned on a random subset of this many columns per step (the loss is a sum over
     # columns, each with its own quant groups, so the subset gives an unbiased gradient)
     column_batch: int = 1024
+    # stop early once the best true error has not fallen by ``PLATEAU_TOL`` (relative) in this many
+    # steps (0: never). On SmolLM2 the up·down scale stops after ~180 of 400 steps with the error it
+    # reaches in 400; the transforms keep improving and run all 400. A slow start (small lr) can sit
+    # on a plateau for ~50 steps before it falls: keep the patience well above that.
+    patience: int = 100
+
+
+PLATEAU_TOL = 1e-4
+
+
+class _Plateau:
+    """Counts the steps since the best error last fell by more than ``PLATEAU_TOL`` (relative)."""
+
+    def __init__(self, start: float, patience: int):
+        self.mark, self.since, self.patience = start, 0, patience
+
+    def stalled(self, best: float, steps: int = 1) -> bool:
+        if best < self.mark * (1 - PLATEAU_TOL):
+            self.mark, self.since = best, 0
+        else:
+            self.since += steps
+        return 0 < self.patience <= self.since
 
 
 @dataclass(frozen=True)
@@ -61,7 +83,7 @@ class LearnResult:
     start_error: float  # true proxy error of the start (identity unless a random init was asked)
     error: float  # true proxy error of the kept transform
     identity_error: float  # true proxy error with no transform (plain RTN)
-    steps: int
+    steps: int  # steps run: fewer than asked once the error plateaued (LearnConfig.patience)
 
 
 def hadamard(n: int) -> np.ndarray:
@@ -147,6 +169,7 @@ def _optimise(module: _Transform, true_error: Callable[[], float], surrogate: Ca
     # with the STE loss the surrogate's forward value *is* the true proxy error of the current iterate,
     # so it is read from the loss before each step instead of being recomputed
     ste = cfg.loss == "ste" and cfg.ortho_reg == 0 and exact_surrogate
+    plateau, done = _Plateau(start, cfg.patience), cfg.steps
     for step in range(cfg.steps):
         opt.zero_grad(set_to_none=True)
         surrogate_value = surrogate()
@@ -156,6 +179,9 @@ def _optimise(module: _Transform, true_error: Callable[[], float], surrogate: Ca
         value = float(surrogate_value.detach())
         if ste and value < best:
             best, best_m = value, module.matrices()[0].detach().clone()
+        if ste and plateau.stalled(best):
+            done = step
+            break
         loss.backward()
         opt.step()
         if not ste and (step % 10 == 9 or step == cfg.steps - 1):
@@ -163,12 +189,15 @@ def _optimise(module: _Transform, true_error: Callable[[], float], surrogate: Ca
                 err = true_error()
             if err < best:
                 best, best_m = err, module.matrices()[0].detach().clone()
+            if plateau.stalled(best, 10):
+                done = step + 1
+                break
     if ste:
         with torch.no_grad():
             err = true_error()
         if err < best:
             best, best_m = err, module.matrices()[0].detach().clone()
-    return best_m.double().cpu().numpy(), best, start, cfg.steps
+    return best_m.double().cpu().numpy(), best, start, done
 
 
 def _t(x: np.ndarray, device: str) -> torch.Tensor:
@@ -199,7 +228,8 @@ def learn_block_transform(weights: list[np.ndarray], grid: Grid, block: int, cfg
     def surrogate() -> torch.Tensor:
         m, m_inv = module.matrices()
         cols = torch.randperm(n, generator=gen, device=cfg.device)[:cfg.column_batch] if subsample else None
-        part = wb if cols is None else wb[:, :, cols]
+        # a gather along the last dim of the 2-D weight: 6x faster than indexing the 3-D view's
+        part = wb if cols is None else w.index_select(1, cols).reshape(nb, block, -1)
         width = part.shape[2]
         tw = torch.einsum("kij,kjn->kin", m, part).reshape(k, width)
         if cfg.loss == "lse":
@@ -273,17 +303,21 @@ def learn_updown_scale(up: np.ndarray, down: np.ndarray, grid_down: Grid, cfg: L
         identity = float(error(False))
     best, best_theta = identity, theta.detach().clone()
     opt = torch.optim.Adam([theta], lr=max(cfg.lr, 1e-2))
-    for _ in range(cfg.steps):
+    plateau, done = _Plateau(identity, cfg.patience), cfg.steps
+    for step in range(cfg.steps):
         opt.zero_grad(set_to_none=True)
         loss = error(True)  # its forward value is the true error of the current theta
         value = float(loss.detach())
         if value < best:
             best, best_theta = value, theta.detach().clone()
+        if plateau.stalled(best):
+            done = step
+            break
         loss.backward()
         opt.step()
         with torch.no_grad():
             theta.clamp_(-4.0, 4.0)
-    return LearnResult(torch.exp(best_theta).double().cpu().numpy(), identity, best, identity, cfg.steps)
+    return LearnResult(torch.exp(best_theta).double().cpu().numpy(), identity, best, identity, done)
 
 
 def channel_order(down: np.ndarray) -> np.ndarray:

@@ -3,16 +3,17 @@
 ``fake_quant(w)`` returns ``w_hat`` with the forward value of RTN on the block grid (ties aside:
 torch rounds half to even, MLAS half away from zero) and, with ``ste=True``, round's gradient passed
 straight through, so a loss on ``w_hat`` can be differentiated with respect to a transform of ``w``.
+
+The STE gradient is that of the composition ``w_hat = (clamp(round(w / s + z), 0, qmax) - z) * s``
+with ``round`` taken as the identity, ``s`` and ``z`` functions of the group's max and min (the
+gradient of a group's max goes to the elements equal to it, shared among ties, as ``amax``'s does).
+It is written out by hand (``_FakeQuantSTE``): autograd of the composition makes about twice as many
+passes over the weight, and CafeQ's learners spend most of their time here.
 """
 
 from __future__ import annotations
 
 import torch
-
-
-def _round(x: torch.Tensor, ste: bool) -> torch.Tensor:
-    r = torch.round(x)
-    return x + (r - x).detach() if ste else r
 
 
 def blocked(w: torch.Tensor, block: int) -> torch.Tensor:
@@ -25,22 +26,80 @@ def blocked(w: torch.Tensor, block: int) -> torch.Tensor:
     return w.reshape(nb, block, n)
 
 
-def fake_quant(w: torch.Tensor, bits: int, block: int, symmetric: bool, ste: bool = True) -> torch.Tensor:
-    k = w.shape[0]
-    block = block or k
-    wb = blocked(w, block)
+def _nonzero(scale: torch.Tensor) -> torch.Tensor:
+    return torch.where(scale == 0, torch.ones_like(scale), scale)
+
+
+def _grid(wb: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, ...]:
+    """Per group of ``wb`` (``[n_blocks, block, N]``, groups along dim 1): (max, min, scale, zero)."""
     mx, mn = wb.amax(dim=1, keepdim=True), wb.amin(dim=1, keepdim=True)
     if symmetric:
         mid = float(1 << (bits - 1))
-        extreme = torch.where(mx.abs() > mn.abs(), mx, mn)
-        scale = extreme / -mid
-        zero = torch.full_like(scale, mid)
-    else:
+        scale = torch.where(mx.abs() > mn.abs(), mx, mn) / -mid
+        return mx, mn, scale, torch.full_like(scale, mid)
+    qmax = float((1 << bits) - 1)
+    scale = (mx.clamp(min=0) - mn.clamp(max=0)) / qmax
+    zero = torch.round(-mn.clamp(max=0) / _nonzero(scale)).clamp(0, qmax)
+    return mx, mn, scale, zero
+
+
+def _extreme_grad(wb: torch.Tensor, extreme: torch.Tensor, grad: torch.Tensor, out: torch.Tensor) -> None:
+    """``out += d(extreme)/d(wb) * grad`` for a group max (or min): shared among the tied elements."""
+    hit = wb == extreme
+    share = grad / hit.sum(dim=1, keepdim=True)
+    out.add_(torch.where(hit, share, 0.0))
+
+
+class _FakeQuantSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, wb: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
         qmax = float((1 << bits) - 1)
-        mn, mx = mn.clamp(max=0), mx.clamp(min=0)
-        scale = (mx - mn) / qmax
-        zero = _round(-mn / torch.where(scale == 0, torch.ones_like(scale), scale), ste).clamp(0, qmax)
-    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
-    q = _round(wb / safe + zero, ste).clamp(0, float((1 << bits) - 1))
-    w_hat = torch.where(scale == 0, torch.zeros_like(wb), (q - zero) * scale)
+        mx, mn, scale, zero = _grid(wb, bits, symmetric)
+        safe = _nonzero(scale)
+        r = torch.round(wb / safe + zero)
+        inside = (r >= 0) & (r <= qmax)  # where clamp passes the gradient (bounds included, as torch's)
+        d = r.clamp_(0, qmax).sub_(zero)  # q - z
+        ctx.save_for_backward(wb, d, inside, mx, mn, scale, zero)
+        ctx.bits, ctx.symmetric = bits, symmetric
+        # a zero scale means an all-zero group: q == z there, so w_hat is 0
+        return d * scale
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        wb, d, inside, mx, mn, scale, zero = ctx.saved_tensors
+        bits, qmax = ctx.bits, float((1 << ctx.bits) - 1)
+        live = scale != 0  # where(scale == 0, 1, scale) passes no gradient to a zero scale
+        safe = _nonzero(scale)
+        gd = g * scale  # d(w_hat)/dq
+        gu = torch.where(inside, gd, 0.0)  # d(w_hat)/du, u = w / s + z
+        out = gu / safe
+        # d/ds: through (q - z) * s, and through u's w / s
+        g_scale = (g * d).sum(dim=1, keepdim=True) - torch.where(live, (gu * wb).sum(dim=1, keepdim=True)
+                                                                / (safe * safe), 0.0)
+        if ctx.symmetric:
+            g_ext = g_scale / -float(1 << (bits - 1))
+            pick_max = mx.abs() > mn.abs()
+            g_mx, g_mn = torch.where(pick_max, g_ext, 0.0), torch.where(pick_max, 0.0, g_ext)
+        else:
+            mn0 = mn.clamp(max=0)
+            g_zero = gu.sum(dim=1, keepdim=True) - gd.sum(dim=1, keepdim=True)  # z in u, and in (q - z)
+            z_raw = torch.round(-mn0 / safe)
+            g_zero = torch.where((z_raw >= 0) & (z_raw <= qmax), g_zero, 0.0)  # z = clamp(round(-min / s))
+            g_scale = g_scale + torch.where(live, g_zero * mn0 / (safe * safe), 0.0)
+            g_mx = torch.where(mx >= 0, g_scale / qmax, 0.0)  # s = (max(mx, 0) - min(mn, 0)) / qmax
+            g_mn = torch.where(mn <= 0, -g_scale / qmax - g_zero / safe, 0.0)
+        _extreme_grad(wb, mx, g_mx, out)
+        _extreme_grad(wb, mn, g_mn, out)
+        return out, None, None
+
+
+def fake_quant(w: torch.Tensor, bits: int, block: int, symmetric: bool, ste: bool = True) -> torch.Tensor:
+    k = w.shape[0]
+    wb = blocked(w, block or k)
+    if ste:
+        w_hat = _FakeQuantSTE.apply(wb, bits, symmetric)
+    else:
+        _, _, scale, zero = _grid(wb, bits, symmetric)
+        q = torch.round(wb / _nonzero(scale) + zero).clamp(0, float((1 << bits) - 1))
+        w_hat = (q - zero) * scale
     return w_hat.reshape(-1, w.shape[1])[:k]

@@ -83,7 +83,7 @@ class _Planner:
         self.learn = LearnConfig(loss=cfg.loss, optimizer=cfg.optimizer, steps=cfg.steps, lr=cfg.lr,
                                  ortho_reg=cfg.ortho_reg, temperature=cfg.temperature, init=cfg.init,
                                  seed=cfg.seed, device=_device(cfg.device) if learned else "cpu",
-                                 column_batch=cfg.column_batch)
+                                 column_batch=cfg.column_batch, patience=cfg.patience)
         self.joint_kinds = {ATTN_VO if k == "vo" else MLP_UP_DOWN for k in cfg.joint_pairs}
         if method != "cafeq":  # rotate: a baseline; cafeq+gptaq: calibrated rounding instead
             self.joint_kinds = set()
