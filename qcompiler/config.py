@@ -64,7 +64,7 @@ class CafeqConfig:
     loss: str = "ste"  # ste (straight-through Frobenius) | lse (LogSumExp smooth range)
     optimizer: str = "adam"  # adam (+ orthonormality penalty) | cayley (orthogonal)
     steps: int = 400
-    patience: int = 100 # a learner stops once its best error has not fallen by 0.01% in this many steps
+    patience: int = 100  # a learner stops once its best error has not fallen by 0.01% in this many steps
     lr: float = 2e-2
     ortho_reg: float = 0.0
     temperature: float = 20.0

@@ -50,18 +50,22 @@ def _extreme_grad(wb: torch.Tensor, extreme: torch.Tensor, grad: torch.Tensor, o
     out.add_(torch.where(hit, share, 0.0))
 
 
+def _codes(wb: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, ...]:
+    """(q - z, where clamp passes the gradient, max, min, scale, zero); ``w_hat = (q - z) * scale``
+    (a zero scale means an all-zero group: q == z there, so w_hat is 0)."""
+    qmax = float((1 << bits) - 1)
+    mx, mn, scale, zero = _grid(wb, bits, symmetric)
+    r = torch.round(wb / _nonzero(scale) + zero)
+    inside = (r >= 0) & (r <= qmax)  # clamp's gradient passes here (bounds included, as torch's)
+    return r.clamp_(0, qmax).sub_(zero), inside, mx, mn, scale, zero
+
+
 class _FakeQuantSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, wb: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
-        qmax = float((1 << bits) - 1)
-        mx, mn, scale, zero = _grid(wb, bits, symmetric)
-        safe = _nonzero(scale)
-        r = torch.round(wb / safe + zero)
-        inside = (r >= 0) & (r <= qmax)  # where clamp passes the gradient (bounds included, as torch's)
-        d = r.clamp_(0, qmax).sub_(zero)  # q - z
+        d, inside, mx, mn, scale, zero = _codes(wb, bits, symmetric)
         ctx.save_for_backward(wb, d, inside, mx, mn, scale, zero)
         ctx.bits, ctx.symmetric = bits, symmetric
-        # a zero scale means an all-zero group: q == z there, so w_hat is 0
         return d * scale
 
     @staticmethod
@@ -99,7 +103,6 @@ def fake_quant(w: torch.Tensor, bits: int, block: int, symmetric: bool, ste: boo
     if ste:
         w_hat = _FakeQuantSTE.apply(wb, bits, symmetric)
     else:
-        _, _, scale, zero = _grid(wb, bits, symmetric)
-        q = torch.round(wb / _nonzero(scale) + zero).clamp(0, float((1 << bits) - 1))
-        w_hat = (q - zero) * scale
+        d, _, _, _, scale, _ = _codes(wb, bits, symmetric)
+        w_hat = d * scale
     return w_hat.reshape(-1, w.shape[1])[:k]
