@@ -83,6 +83,8 @@ def test_results_page_bolds_the_best_row_and_shows_failed_and_pending_rows():
     assert "**70.30**" in md and "**140.20**" not in md  # lower perplexity wins
     assert "failed: timed out after 10 s" in md
     assert "| cafeq | pending (not measured yet) |" in md
+    # a peer's known failure mode is explained once, under the method table; methods without one add nothing
+    assert md.count("odd number of blocks") == 1 and "- ort-gptq: ONNX Runtime 1.31 packs" in md
     assert "test box" in md and "`python tools/bench.py`" in md
     assert "10.0 (1.10x)" in md
     assert "| 30.0 (busy 45%) |" in md and "| 4.0 |" in md  # other jobs' CPU flags a compile time above 10%

@@ -97,6 +97,9 @@ def markdown(data: dict, plan: list[RowSpec]) -> str:
     out += ["| method | by | what |", "|---|---|---|"]
     out += [f"| {m} | {BY_NAME[m].owner} | {BY_NAME[m].summary} |" for m in methods if m in BY_NAME]
     out.append("")
+    known = [f"- {m}: {BY_NAME[m].note}." for m in methods if m in BY_NAME and BY_NAME[m].note]
+    if known:
+        out += known + [""]
     for model in sorted({r.model for r in plan} | {r["model"] for r in data["rows"].values()}):
         info = data["models"].get(model, {})
         kind = info.get("kind", "encoder")
