@@ -149,24 +149,26 @@ def refine(codes: np.ndarray, step: np.ndarray, zero: np.ndarray, qmax: int, w: 
     """Coordinate descent on ``||X W_hat - X~ W||^2`` over integer codes (``[K, N]``, modified in
     place; ``W_hat = (codes - zero) * step`` per entry, sequential axis K). Returns the moves made."""
     h = np.array(h, dtype=np.float64)
+    h_cols = np.ascontiguousarray(h.T)  # h_cols[r] is H's column r, read contiguously
     dead = np.diag(h) <= 0
     target = h @ w if d is None or alpha == 0 else (h + alpha * np.asarray(d, dtype=np.float64).T) @ w
-    grad = h @ ((codes.astype(np.float64) - zero) * step) - target  # half the gradient
+    # half the gradient, transposed ([N, K]): a move in row r updates a few contiguous rows of it
+    grad_t = np.ascontiguousarray((h @ ((codes.astype(np.float64) - zero) * step) - target).T)
     moves = 0
     for _ in range(passes):
         moved = 0
         for r in np.flatnonzero(~dead):
-            hr, st, cr = h[r, r], step[r], codes[r]
-            gain_up = st * st * hr + 2 * st * grad[r]  # objective change for code + 1
-            gain_dn = st * st * hr - 2 * st * grad[r]
+            hr, st, cr, g = h[r, r], step[r], codes[r], grad_t[:, r]
+            gain_up = st * st * hr + 2 * st * g  # objective change for code + 1
+            gain_dn = st * st * hr - 2 * st * g
             up = (gain_up < 0) & (cr < qmax) & (gain_up <= gain_dn)
             dn = (gain_dn < 0) & (cr > 0) & ~up
             if not (up.any() or dn.any()):
                 continue
-            idx = np.flatnonzero(up | dn)  # few entries move: update only their columns
+            idx = np.flatnonzero(up | dn)  # few entries move: update only their gradients
             delta = np.where(up[idx], st[idx], -st[idx])
             codes[r, idx] = (cr[idx].astype(np.int16) + np.where(up[idx], 1, -1)).astype(codes.dtype)
-            grad[:, idx] += np.outer(h[:, r], delta)
+            grad_t[idx] += np.outer(delta, h_cols[r])
             moved += idx.size
         moves += moved
         if not moved:
