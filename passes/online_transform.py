@@ -1,22 +1,40 @@
 """Insert CafeQ's online ``x T^-1`` (block-diagonal ``T``) once per sibling group; weights become ``T W``.
 
-``x W = (x T^-1)(T W)``. The op is standard ONNX: ``Reshape(x, [-1, K/b, b])``, ``Transpose`` to
-``[K/b, M, b]``, a batched ``MatMul`` with ``T^-1`` (``[K/b, b, b]``), ``Transpose`` back, and ``Reshape``
-to ``x``'s shape. Exact up to float rounding; the quantizing pass that follows stores ``Q(T W)``.
+``x W = (x T^-1)(T W)``. The op is standard ONNX, in one of two layouts:
+
+- ``matmul`` (throughput: encoders, prefill): ``Reshape(x, [-1, K/b, b])``, ``Transpose`` to
+  ``[K/b, M, b]``, a batched ``MatMul`` with ``T^-1`` (``[K/b, b, b]``), ``Transpose`` back, ``Reshape`` to
+  ``x``'s shape. Each block is one GEMM over all M rows.
+- ``conv`` (a decoder's batch-1 token step): ``Reshape(x, [-1, K, 1])``, a 1x1 ``Conv`` with
+  ``group = K/b`` (weight ``[K, b, 1]``: block j's ``T^-1`` transposed), ``Reshape`` back. ONNX Runtime
+  runs a token's small grouped Conv on one thread, where the batched MatMul hands its K/b GEMMs to
+  the thread pool; but at large M the Conv does one small product per row and is slower.
+
+With ``fold_scale``, an input made by ``Mul(a, s)`` with a constant ``s`` over the last axis (a norm's
+gain) and read by nothing but the group is replaced by ``a``, and ``diag(s)`` is folded into the
+op's ``T^-1``: one node fewer, the same function. Exact up to float rounding; the quantizing pass
+that follows stores ``Q(T W)``.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from qcompiler.algorithms.transforms import apply_blocks
+from qcompiler.config import ONLINE_LAYOUTS
+from qcompiler.match.view import constant_value
 from qcompiler.passes._rewire import nodes_by_name
 from qcompiler.passes._weights import WeightTransformPass, weight_slot
 from qcompiler.passes.base import PassError, PassResult
 from qcompiler.plan import OnlineTransform
+
+log = logging.getLogger(__name__)
+
+_CORE = ("_online_MatMul", "_online_Conv")  # one per inserted op, whatever the layout
 
 
 def _name(text: str) -> str:
@@ -25,6 +43,13 @@ def _name(text: str) -> str:
 
 class OnlineTransformPass(WeightTransformPass):
     transforms: list[OnlineTransform]
+
+    def __init__(self, transforms, sites, layout: str = "matmul", fold_scale: bool = False):
+        super().__init__(transforms, sites)
+        if layout not in ONLINE_LAYOUTS or layout == "auto":
+            raise PassError(f"online layout must be matmul or conv, got {layout!r}")
+        self.layout, self.fold_scale = layout, fold_scale
+        self.folded = 0  # inputs whose scaling Mul was folded (after call)
 
     def requires(self, graph: gs.Graph) -> None:
         nodes = nodes_by_name(graph)
@@ -43,27 +68,20 @@ class OnlineTransformPass(WeightTransformPass):
         self._before = _count(graph)  # a streaming compile inserts them a chunk at a time
         nodes = nodes_by_name(graph)
         tensors = graph.tensors()
+        outputs = {t.name for t in graph.outputs}
         for t in self.transforms:
             x = tensors[t.input]
             nb, b, _ = t.blocks.shape
             base = _name(t.id) + "_online"
             dtype = np.dtype(self.sites[t.sites[0]].dtype)
-            inv = np.linalg.inv(t.blocks.astype(np.float64)).astype(dtype)
-
-            shape = gs.Variable(f"{base}_shape", dtype=np.int64)
-            flat, heads, mixed, back, out = (gs.Variable(f"{base}_{s}", dtype=x.dtype)
-                                             for s in ("flat", "blocks", "mixed", "back", "out"))
-            graph.nodes += [
-                gs.Node("Shape", f"{base}_Shape", inputs=[x], outputs=[shape]),
-                gs.Node("Reshape", f"{base}_Reshape", inputs=[x, gs.Constant(f"{base}_split", np.array(
-                    [-1, nb, b], dtype=np.int64))], outputs=[flat]),
-                gs.Node("Transpose", f"{base}_Transpose", attrs={"perm": [1, 0, 2]}, inputs=[flat], outputs=[heads]),
-                gs.Node("MatMul", f"{base}_MatMul", inputs=[heads, gs.Constant(f"{base}_T_inv", inv)],
-                        outputs=[mixed]),
-                gs.Node("Transpose", f"{base}_TransposeBack", attrs={"perm": [1, 0, 2]}, inputs=[mixed],
-                        outputs=[back]),
-                gs.Node("Reshape", f"{base}_ReshapeBack", inputs=[back, shape], outputs=[out]),
-            ]
+            inv = np.linalg.inv(t.blocks.astype(np.float64))
+            members = {self.sites[sid].node for sid in t.sites}
+            scale = _foldable_scale(x, nb * b, members, outputs) if self.fold_scale else None
+            if scale is not None:
+                x, s = scale
+                inv = inv * s.reshape(nb, b, 1)  # diag(s) T^-1, block by block
+                self.folded += 1
+            out = self._insert(graph, base, x, inv.astype(dtype))
             for sid in t.sites:
                 site = self.sites[sid]
                 node = nodes[site.node]
@@ -73,7 +91,40 @@ class OnlineTransformPass(WeightTransformPass):
                 slot.write(f"{site.weight}_T")
         if self.transforms:
             graph.cleanup().toposort()
+            log.info("%d online transforms (%s layout), %d input scalings folded into them",
+                     len(self.transforms), self.layout, self.folded)
         return PassResult(graph, bool(self.transforms))
+
+    def _insert(self, graph: gs.Graph, base: str, x: gs.Tensor, inv: np.ndarray) -> gs.Variable:
+        """The nodes of ``x -> x T^-1`` (``inv``: ``[K/b, b, b]``); returns their output."""
+        nb, b, _ = inv.shape
+        shape = gs.Variable(f"{base}_shape", dtype=np.int64)
+        out = gs.Variable(f"{base}_out", dtype=x.dtype)
+        if self.layout == "conv":
+            flat, mixed = (gs.Variable(f"{base}_{s}", dtype=x.dtype) for s in ("flat", "mixed"))
+            weight = np.ascontiguousarray(inv.transpose(0, 2, 1).reshape(nb * b, b, 1))
+            graph.nodes += [
+                gs.Node("Shape", f"{base}_Shape", inputs=[x], outputs=[shape]),
+                gs.Node("Reshape", f"{base}_Reshape", inputs=[x, gs.Constant(f"{base}_split", np.array(
+                    [-1, nb * b, 1], dtype=np.int64))], outputs=[flat]),
+                gs.Node("Conv", f"{base}_Conv", attrs={"group": nb, "kernel_shape": [1]},
+                        inputs=[flat, gs.Constant(f"{base}_T_inv", weight)], outputs=[mixed]),
+                gs.Node("Reshape", f"{base}_ReshapeBack", inputs=[mixed, shape], outputs=[out]),
+            ]
+            return out
+        flat, heads, mixed, back = (gs.Variable(f"{base}_{s}", dtype=x.dtype)
+                                    for s in ("flat", "blocks", "mixed", "back"))
+        graph.nodes += [
+            gs.Node("Shape", f"{base}_Shape", inputs=[x], outputs=[shape]),
+            gs.Node("Reshape", f"{base}_Reshape", inputs=[x, gs.Constant(f"{base}_split", np.array(
+                [-1, nb, b], dtype=np.int64))], outputs=[flat]),
+            gs.Node("Transpose", f"{base}_Transpose", attrs={"perm": [1, 0, 2]}, inputs=[flat], outputs=[heads]),
+            gs.Node("MatMul", f"{base}_MatMul", inputs=[heads, gs.Constant(f"{base}_T_inv", inv)], outputs=[mixed]),
+            gs.Node("Transpose", f"{base}_TransposeBack", attrs={"perm": [1, 0, 2]}, inputs=[mixed],
+                    outputs=[back]),
+            gs.Node("Reshape", f"{base}_ReshapeBack", inputs=[back, shape], outputs=[out]),
+        ]
+        return out
 
     def ensures(self, graph: gs.Graph) -> None:
         n = _count(graph) - self._before
@@ -81,5 +132,21 @@ class OnlineTransformPass(WeightTransformPass):
             raise PassError(f"expected {len(self.transforms)} new online transforms, found {n}")
 
 
+def _foldable_scale(x: gs.Tensor, k: int, members: set[str], outputs: set[str]) -> tuple[gs.Tensor, np.ndarray] | None:
+    """``(a, s)`` when ``x = Mul(a, s)``, ``s`` a constant over the last axis (``[K]`` or ``[1, ..., K]``)
+    and ``x`` read only by the group's ``members``; else None."""
+    if len(x.inputs) != 1 or x.inputs[0].op != "Mul" or x.name in outputs:
+        return None
+    if any(c.name not in members for c in x.outputs):
+        return None
+    mul = x.inputs[0]
+    for i in (0, 1):
+        s, a = constant_value(mul.inputs[i]), mul.inputs[1 - i]
+        if (s is not None and constant_value(a) is None and s.shape[-1:] == (k,) and s.size == k
+                and np.issubdtype(s.dtype, np.floating) and np.all(np.isfinite(s))):
+            return a, s.reshape(k).astype(np.float64)
+    return None
+
+
 def _count(graph: gs.Graph) -> int:
-    return sum(1 for node in graph.nodes if node.name.endswith("_online_MatMul"))
+    return sum(1 for node in graph.nodes if node.name.endswith(_CORE))

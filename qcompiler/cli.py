@@ -17,6 +17,7 @@ from qcompiler import __version__
 from qcompiler.config import (
     CALIBRATED_METHODS,
     METHODS,
+    ONLINE_LAYOUTS,
     ONLINE_REGIMES,
     PER_CHANNEL,
     CafeqConfig,
@@ -93,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--online-regime", default="batch", choices=ONLINE_REGIMES,
                    help="run time the budget is counted in: batch (arithmetic, default) or token (a decoder's "
                         "batch-1 token step, where each op's fixed cost counts; fewer ops, less accuracy)")
+    t.add_argument("--online-layout", default="auto", choices=ONLINE_LAYOUTS,
+                   help="how the online x T^-1 ops are written: matmul (batched MatMul: encoders, prefill), conv "
+                        "(grouped 1x1 Conv: a decoder's batch-1 token steps), auto (default: conv for causal LMs)")
     t.add_argument("--pseudo-loss", default="ste", choices=["ste", "lse"],
                    help="ste: straight-through Frobenius (default); lse: LogSumExp smooth range")
     t.add_argument("--optimizer", default="adam", choices=["adam", "cayley"])
@@ -193,6 +197,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
             ortho_reg=args.ortho_reg,
             temperature=args.temperature, init=args.init, seed=args.seed, device=args.device,
             online_budget=args.online_budget, online_regime=args.online_regime,
+            online_layout=args.online_layout,
             joint_pairs=tuple(t for t in args.joint_pairs.split(",") if t) if args.joint_rounding else (),
             joint_rounds=args.joint_rounds, joint_mlp_rounds=args.joint_mlp_rounds, joint_max_gb=args.joint_max_gb,
             joint_channel_weight=args.joint_channel_weight),

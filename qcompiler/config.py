@@ -17,6 +17,8 @@ CALIBRATED_METHODS = ("gptq", "gptaq", "cafeq+gptaq")
 TRANSFORMS = ("single", "vo", "updown")
 JOINT_PAIRS = ("vo", "updown")
 ONLINE_REGIMES = ("batch", "token")  # what --online-budget is a fraction of (methods/online_cost.py)
+# how the online x T^-1 is written (passes/online_transform.py); auto: conv for causal LMs, else matmul
+ONLINE_LAYOUTS = ("auto", "matmul", "conv")
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,9 @@ class CafeqConfig:
     # each op's fixed cost counts: SmolLM2 keeps 23 of its 60 groups' ops); cheapest first
     online_budget: float = 0.03
     online_regime: str = "batch"  # one of ONLINE_REGIMES
+    # the ops' layout, one of ONLINE_LAYOUTS: matmul (batched MatMul; fastest for encoders and prefill) or conv
+    # (grouped 1x1 Conv; fastest at a decoder's batch-1 token step); auto picks conv for causal LMs
+    online_layout: str = "auto"
     column_batch: int = 1024  # wide groups learn on this many random columns per step
     # joint rounding of coupled pairs after the transforms (cafeq only): which pair kinds, how many
     # alternations (one round = producer's step, then consumer's)
@@ -108,6 +113,9 @@ class CafeqConfig:
         if self.online_regime not in ONLINE_REGIMES:
             raise ConfigError(f"--online-regime must be one of {', '.join(ONLINE_REGIMES)}, got "
                               f"{self.online_regime!r}")
+        if self.online_layout not in ONLINE_LAYOUTS:
+            raise ConfigError(f"--online-layout must be one of {', '.join(ONLINE_LAYOUTS)}, got "
+                              f"{self.online_layout!r}")
         bad = [t for t in self.joint_pairs if t not in JOINT_PAIRS]
         if bad:
             raise ConfigError(f"--joint-pairs takes a subset of {','.join(JOINT_PAIRS)}, got {','.join(bad)}")

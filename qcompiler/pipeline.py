@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -142,6 +143,7 @@ def compile_model(source: Any = None, output: str | os.PathLike | None = None,
             raise ConfigError("a streaming compile writes its weights as it goes: give an output path")
         log.info("streaming compile: weights stay in %s; chunks of %d MB", loaded.data_dir, config.chunk_mb)
 
+    config = _resolve_layout(config, loaded)
     t = time.perf_counter()
     graph = import_graph(loaded.model, loaded.data_dir)
     analysis = None
@@ -187,10 +189,22 @@ def compile_model(source: Any = None, output: str | os.PathLike | None = None,
             shutil.rmtree(sink_dir, ignore_errors=True)
 
 
+def _resolve_layout(config: CompileConfig, loaded: LoadedModel) -> CompileConfig:
+    """``--online-layout auto``: conv for a causal LM (a Hugging Face causal LM, or an ONNX file with a
+    ``logits`` output), whose batch-1 token steps it makes cheaper; matmul otherwise."""
+    if config.cafeq.online_layout != "auto":
+        return config
+    causal = loaded.kind == "causal_lm" or (
+        loaded.kind == "onnx" and any(o.name == "logits" for o in loaded.model.graph.output))
+    layout = "conv" if causal else "matmul"
+    return dataclasses.replace(config, cafeq=dataclasses.replace(config.cafeq, online_layout=layout))
+
+
 def _rewrite(graph: gs.Graph, plan: QuantPlan, config: CompileConfig) -> gs.Graph:
     """The passes that apply ``plan``: fold pair transforms, insert online transforms, quantize."""
     sites = {sp.site.id: sp.site for sp in plan.sites}
-    passes: list = [FoldPairsPass(plan.pair_transforms, sites), OnlineTransformPass(plan.online, sites)]
+    passes: list = [FoldPairsPass(plan.pair_transforms, sites),
+                    OnlineTransformPass(plan.online, sites, config.cafeq.online_layout, fold_scale=True)]
     if config.quantize_weights:
         passes += [EmbeddingPass(plan), MatMulNBitsPass(plan, config.accuracy_level)
                    if config.format == "matmulnbits" else QDQPass(plan)]
@@ -241,6 +255,8 @@ def _finish(graph: gs.Graph, plan: QuantPlan, match: MatchResult, loaded: Loaded
     props = {"qcompiler.method": config.method, "qcompiler.quant": config.quant.describe(),
              "qcompiler.format": config.format, MODEL_KIND: loaded.kind,
              SITES: json.dumps(plan.summary(), separators=(",", ":"))}
+    if plan.online:
+        props["qcompiler.online_layout"] = config.cafeq.online_layout
     if loaded.tokenizer_dir:
         props[TOKENIZER] = loaded.tokenizer_dir
     model = emit_model(graph, loaded.model, props)

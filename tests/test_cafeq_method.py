@@ -98,11 +98,43 @@ def test_online_budget_limits_the_online_ops(pair_checkpoints, cache_dir):
     assert not no_single.plan.online and no_single.plan.pair_transforms
 
 
+def _layout(model) -> str | None:
+    return {p.key: p.value for p in model.metadata_props}.get("qcompiler.online_layout")
+
+
+def test_online_layout_auto_is_conv_for_causal_lms(pair_checkpoints, cache_dir):
+    """auto writes a causal LM's online ops as grouped Convs (and folds the norms' gains into them);
+    both layouts compute the same function."""
+    base = dict(quant=QuantConfig(4, 32, False), method="rotate", validate=False, quantize_weights=False)
+    auto = compile_model(str(pair_checkpoints["llama"]), None,
+                         CompileConfig(**base, cafeq=CafeqConfig(online_budget=1.0)), cache_dir=cache_dir)
+    mm = compile_model(str(pair_checkpoints["llama"]), None,
+                       CompileConfig(**base, cafeq=CafeqConfig(online_budget=1.0, online_layout="matmul")),
+                       cache_dir=cache_dir)
+    n = len(auto.plan.online)
+    assert n >= 4 and _layout(auto.model) == "conv" and _layout(mm.model) == "matmul"
+    assert sum(x.op_type == "Conv" for x in auto.model.graph.node) == n
+    assert not [x for x in mm.model.graph.node if x.op_type == "Conv"]
+    assert len(mm.model.graph.node) - len(auto.model.graph.node) == 2 * n  # 4 nodes per op against 6
+    # 2 layers x (q/k/v, gate/up) read an RMSNorm's gain: folded into their ops in either layout
+    from qcompiler.frontends import load_model
+
+    original = load_model(str(pair_checkpoints["llama"]), cache_dir=cache_dir).model
+    muls = sum(x.op_type == "Mul" for x in original.graph.node)
+    for m in (auto.model, mm.model):
+        assert sum(x.op_type == "Mul" for x in m.graph.node) == muls - 4
+    feeds = sample_inputs(auto.model, batch=2, seq=5)
+    a, b = outputs(auto.model, feeds), outputs(mm.model, feeds)
+    assert max(rel(a[k], b[k]) for k in a) < 1e-5
+
+
 def test_bad_cafeq_options_are_one_line_errors(capsys):
     with pytest.raises(ConfigError, match="--transforms"):
         CafeqConfig(transforms=("single", "bogus"))
     with pytest.raises(ConfigError, match="--block-size"):
         CafeqConfig(block_size=48)
+    with pytest.raises(ConfigError, match="--online-layout"):
+        CafeqConfig(online_layout="dense")
     assert main(["compile", "--method", "cafeq", "--transforms", "vo,nope", "-o", "/tmp/x.onnx"]) == 2
     assert "--transforms" in capsys.readouterr().err
 
@@ -124,6 +156,8 @@ def test_minilm_cafeq_3bit_beats_rtn(minilm, tmp_path):
     f_r = fidelity(sentence_embeddings(rtn.model, tok, texts), ref)
     assert 1 - f_c.mean_cosine < 0.75 * (1 - f_r.mean_cosine), (f_c, f_r)
     assert len(cafeq.plan.online) == 12 and len(cafeq.plan.pair_transforms) >= 6
+    # an encoder's online ops stay batched MatMuls (the grouped Conv is slower on a batch)
+    assert _layout(cafeq.model) == "matmul" and not [n for n in cafeq.model.graph.node if n.op_type == "Conv"]
     assert np.mean([p.stats.plain_rel_error for p in cafeq.plan.sites]) < \
         np.mean([p.stats.rel_error for p in rtn.plan.sites])
     # joint rounding (default): every product better than with the same transforms and plain rounding,

@@ -2,6 +2,7 @@
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import pytest
 
 from qcompiler.algorithms.transforms import random_invertible
@@ -27,18 +28,23 @@ def _transforms(analysis, b, rng):
     return out
 
 
+NODES = {"matmul": 6, "conv": 4}  # nodes per online op
+
+
+@pytest.mark.parametrize("layout", ["matmul", "conv"])
 @pytest.mark.parametrize("family", ["llama", "gpt2"])  # 3-D activations; GPT-2's 2-D Gemm inputs
-def test_structure_checker_and_equivalence(family, pair_checkpoints, cache_dir):
+def test_structure_checker_and_equivalence(family, layout, pair_checkpoints, cache_dir):
     model = load_model(str(pair_checkpoints[family]), cache_dir=cache_dir).model
     before = model.SerializeToString()
     graph = import_graph(model)
     analysis = analyze_graph(graph, model)
     transforms = _transforms(analysis, 16, np.random.default_rng(0))
     n_before = len(graph.nodes)
-    result = OnlineTransformPass(transforms, {s.id: s for s in analysis.sites})(graph)
+    result = OnlineTransformPass(transforms, {s.id: s for s in analysis.sites}, layout)(graph)
     assert result.modified
     ops = [n.op for n in result.graph.nodes]
-    assert len(ops) == n_before + 6 * len(transforms)
+    assert len(ops) == n_before + NODES[layout] * len(transforms)
+    assert ops.count("Conv") == (len(transforms) if layout == "conv" else 0)
     members = {m for t in transforms for m in t.sites}
     for s in analysis.sites:  # every member reads the transformed tensor; the others do not
         node = next(n for n in result.graph.nodes if n.name == s.node)
@@ -67,3 +73,58 @@ def test_refuses_wrong_width_and_foreign_input(pair_checkpoints, cache_dir):
     other = analysis.groups[1]
     with pytest.raises(PassError, match="does not read"):
         OnlineTransformPass([OnlineTransform(g.id, other.input, g.members, np.stack([np.eye(16)] * 4))], sites)(graph)
+
+
+def _gain_muls(graph, transforms):
+    """The transforms whose input is ``Mul(x, constant gain)``: a norm's gain, foldable."""
+    tensors = graph.tensors()
+    return [t for t in transforms if tensors[t.input].inputs and tensors[t.input].inputs[0].op == "Mul"
+            and any(isinstance(i, gs.Constant) for i in tensors[t.input].inputs[0].inputs)]
+
+
+@pytest.mark.parametrize("layout", ["matmul", "conv"])
+def test_norm_gain_is_folded_exactly(layout, pair_checkpoints, cache_dir):
+    model = load_model(str(pair_checkpoints["llama"]), cache_dir=cache_dir).model
+    graph = import_graph(model)
+    analysis = analyze_graph(graph, model)
+    rng = np.random.default_rng(1)
+    transforms = _transforms(analysis, 16, rng)
+    gains = _gain_muls(graph, transforms)
+    assert len(gains) >= 2  # the RMSNorm gains before q/k/v and gate/up
+    for t in gains:  # a fresh model's gains are ones: make them tell rows from columns
+        c = next(i for i in graph.tensors()[t.input].inputs[0].inputs if isinstance(i, gs.Constant))
+        c.values = rng.uniform(0.5, 1.5, c.values.shape).astype(c.values.dtype)
+    before = emit_model(graph, model, {}).SerializeToString()
+    n_before, muls = len(graph.nodes), sum(n.op == "Mul" for n in graph.nodes)
+    p = OnlineTransformPass(transforms, {s.id: s for s in analysis.sites}, layout, fold_scale=True)
+    result = p(graph)
+    assert p.folded == len(gains)
+    ops = [n.op for n in result.graph.nodes]
+    assert len(ops) == n_before + NODES[layout] * len(transforms) - len(gains)
+    assert ops.count("Mul") == muls - len(gains)
+    out = emit_model(result.graph, model, {})
+    onnx.checker.check_model(out, full_check=True)
+    feeds = sample_inputs(model, batch=2, seq=7)
+    ref, got = outputs(onnx.ModelProto.FromString(before), feeds), outputs(out, feeds)
+    assert all(rel(got[k], ref[k]) < 1e-5 for k in ref), {k: rel(got[k], ref[k]) for k in ref}
+
+
+def test_gain_read_elsewhere_is_not_folded(pair_checkpoints, cache_dir):
+    model = load_model(str(pair_checkpoints["llama"]), cache_dir=cache_dir).model
+    graph = import_graph(model)
+    analysis = analyze_graph(graph, model)
+    transforms = _transforms(analysis, 16, np.random.default_rng(2))
+    gains = _gain_muls(graph, transforms)
+    shared = graph.tensors()[gains[0].input]  # a second reader: the Mul's output must stay
+    extra = gs.Variable("extra_out", dtype=shared.dtype)
+    graph.nodes.append(gs.Node("Identity", "extra", inputs=[shared], outputs=[extra]))
+    graph.outputs.append(extra)
+    p = OnlineTransformPass(transforms, {s.id: s for s in analysis.sites}, "conv", fold_scale=True)
+    result = p(graph)
+    assert p.folded == len(gains) - 1
+    assert shared.name in result.graph.tensors() and shared.inputs[0].op == "Mul"
+
+
+def test_refuses_unknown_layout():
+    with pytest.raises(PassError, match="layout"):
+        OnlineTransformPass([], {}, "auto")
