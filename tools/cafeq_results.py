@@ -5,6 +5,7 @@
     python tools/cafeq_results.py minilm --timing   # also the run-time overhead of the online transforms
     python tools/cafeq_results.py smollm2 --save DIR    # keep the compiled models (DIR/<setting>.<method>.onnx)
     python tools/cafeq_results.py smollm2 --time DIR --repeats 5  # time saved cafeq models against rtn
+    python tools/cafeq_results.py smollm2 --overhead-blocks 64   # the online ops' cost, per layout
 
 Settings: 4-bit block 128 asym and sym, 3-bit block 128 asym (MiniLM); 3- and 4-bit block 128 sym
 (SmolLM2). Every compile uses the default options of its method. Overhead: ONNX Runtime CPU, 2 threads,
@@ -61,18 +62,67 @@ def _feeds(model: str) -> tuple[dict, int]:
     return {"input_ids": np.array([[1234]]), "attention_mask": np.ones((1, 1), np.int64)}, 300
 
 
-def overhead(model: str, blocks: list[int]) -> None:
+def overhead(model: str, blocks: list[int], layouts: list[str], rounds: int, prefill: int) -> None:
+    """The online ops' run-time cost: rotate models (cafeq's ops, no learning) of each block size and
+    layout against the RTN model, at the first setting, in alternating rounds (``blocked_rounds``); the
+    ratio is taken per round, and its median and quartiles reported."""
+    import tempfile
+
     from qcompiler.config import CafeqConfig
 
     q = QuantConfig(*SETTINGS[model][0])
-    rtn = compile_model(model, None, CompileConfig(quant=q, validate=False)).model
-    feeds, reps = _feeds(model)
-    for b in blocks:
-        res = compile_model(model, None, CompileConfig(quant=q, method="rotate", validate=False,
-                                                       cafeq=CafeqConfig(block_size=b)))
-        ratio, t_rtn, t_rot = _time_ratio(rtn, res.model, feeds, reps)
-        print(json.dumps({"model": model, "block_size": b, "online_ops": len(res.plan.online), "ratio": ratio,
-                          "rtn_ms": 1e3 * t_rtn, "transformed_ms": 1e3 * t_rot}), flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {"rtn": Path(tmp) / "rtn.onnx"}
+        compile_model(model, paths["rtn"], CompileConfig(quant=q, validate=False))
+        ops = {}
+        for b in blocks:
+            for layout in layouts:
+                name = f"block {b} {layout}"
+                paths[name] = Path(tmp) / f"rotate{b}.{layout}.onnx"
+                res = compile_model(model, paths[name], CompileConfig(
+                    quant=q, method="rotate", validate=False, cafeq=CafeqConfig(block_size=b, online_layout=layout)))
+                ops[name] = len(res.plan.online)
+        feeds = ["batch"] if model == "minilm" else ["token"] + ([f"prefill{prefill}"] if prefill else [])
+        for feed in feeds:
+            times = blocked_rounds(list(paths.values()), feed, rounds if feed == "token" else max(4, rounds // 4))
+            for name, t in zip(paths, times.T, strict=True):
+                if name == "rtn":
+                    continue
+                r = t / times[:, 0]
+                print(json.dumps({"model": model, "setting": q.describe(), "run": feed, "transforms": name,
+                                  "online_ops": ops[name], "ratio_median": round(float(np.median(r)), 4),
+                                  "ratio_quartiles": [round(float(x), 4) for x in np.percentile(r, [25, 75])],
+                                  "rtn_ms": round(1e3 * float(np.median(times[:, 0])), 3),
+                                  "transformed_ms": round(1e3 * float(np.median(t)), 3)}), flush=True)
+
+
+def _run_feeds(feed: str) -> dict:
+    """Inputs of a timed run: MiniLM's batch, a batch-1 token step, or a prefill of N tokens."""
+    if feed == "batch":
+        return _feeds("minilm")[0]
+    n = 1 if feed == "token" else int(feed.removeprefix("prefill"))
+    return {"input_ids": np.full((1, n), 1234), "attention_mask": np.ones((1, n), np.int64)}
+
+
+def blocked_rounds(paths: list[Path], feed: str, rounds: int) -> np.ndarray:
+    """``[rounds, models]``: each round runs every model for a block of runs (order alternating between
+    rounds) and keeps the block's median, the first two runs dropped (the previous session's pool
+    threads are still spinning then). All sessions live in this process: 2 threads each, ONNX
+    Runtime's default options."""
+    feeds = _run_feeds(feed)
+    block = 20 if feed == "token" else 4
+    sessions = [latency_session(str(p)) for p in paths]
+    inputs = [{i.name: feeds[i.name] for i in s.get_inputs()} for s in sessions]
+    out = np.zeros((rounds, len(paths)))
+    for r in range(rounds):
+        for i in (range(len(paths)) if r % 2 == 0 else reversed(range(len(paths)))):
+            t = []
+            for _ in range(block + 2):
+                t0 = time.perf_counter()
+                sessions[i].run(None, inputs[i])
+                t.append(time.perf_counter() - t0)
+            out[r, i] = np.median(t[2:])
+    return out
 
 
 def time_saved(model: str, folder: Path, repeats: int) -> None:
@@ -98,6 +148,11 @@ def main() -> None:
     ap.add_argument("--bits", help="only these settings' bit widths (e.g. 3)")
     ap.add_argument("--overhead-blocks", help="only time the online ops for these block sizes (e.g. 16,32,64): "
                     "rotate models (same ops as cafeq, no learning) against RTN, first setting")
+    ap.add_argument("--layouts", default="matmul,conv", help="with --overhead-blocks: the online layouts timed")
+    ap.add_argument("--rounds", type=int, default=40,
+                    help="with --overhead-blocks: alternating rounds (40; a quarter for batches)")
+    ap.add_argument("--prefill", type=int, default=256,
+                    help="with --overhead-blocks on smollm2: also time a prefill of this many tokens (0: none)")
     ap.add_argument("--save", help="write every compiled model to this folder (<setting>.<method>.onnx)")
     ap.add_argument("--time", help="only time the cafeq models saved in this folder against their rtn ones")
     ap.add_argument("--repeats", type=int, default=5, help="timing runs per model with --time (5)")
@@ -107,7 +162,8 @@ def main() -> None:
         time_saved(args.model, Path(args.time), args.repeats)
         return
     if args.overhead_blocks:
-        overhead(args.model, [int(b) for b in args.overhead_blocks.split(",")])
+        overhead(args.model, [int(b) for b in args.overhead_blocks.split(",")], args.layouts.split(","),
+                 args.rounds, args.prefill)
         return
     ref = load_model(args.model)
     tok = str(bundled_path(args.model))
