@@ -133,8 +133,8 @@ class OnlineTransformPass(WeightTransformPass):
 
 
 def _foldable_scale(x: gs.Tensor, k: int, members: set[str], outputs: set[str]) -> tuple[gs.Tensor, np.ndarray] | None:
-    """``(a, s)`` when ``x = Mul(a, s)``, ``s`` a constant over the last axis (``[K]`` or ``[1, ..., K]``)
-    and ``x`` read only by the group's ``members``; else None."""
+    """``(a, s)`` when ``x = Mul(a, s)``, ``s`` a constant over the last axis (``[K]`` or ``[1, ..., K]``),
+    ``a`` known to be ``K`` wide (not broadcast) and ``x`` read only by the group's ``members``; else None."""
     if len(x.inputs) != 1 or x.inputs[0].op != "Mul" or x.name in outputs:
         return None
     if any(c.name not in members for c in x.outputs):
@@ -143,6 +143,7 @@ def _foldable_scale(x: gs.Tensor, k: int, members: set[str], outputs: set[str]) 
     for i in (0, 1):
         s, a = constant_value(mul.inputs[i]), mul.inputs[1 - i]
         if (s is not None and constant_value(a) is None and s.shape[-1:] == (k,) and s.size == k
+                and a.shape is not None and len(a.shape) >= 1 and a.shape[-1] == k
                 and np.issubdtype(s.dtype, np.floating) and np.all(np.isfinite(s))):
             return a, s.reshape(k).astype(np.float64)
     return None

@@ -128,3 +128,22 @@ def test_gain_read_elsewhere_is_not_folded(pair_checkpoints, cache_dir):
 def test_refuses_unknown_layout():
     with pytest.raises(PassError, match="layout"):
         OnlineTransformPass([], {}, "auto")
+
+
+def test_only_a_full_width_input_scaling_folds():
+    from qcompiler.passes.online_transform import _foldable_scale
+
+    def scaled(a_shape, s_shape):
+        a = gs.Variable("a", dtype=np.float32, shape=a_shape)
+        x = gs.Variable("x", dtype=np.float32, shape=[2, 3, 8])
+        gs.Node("Mul", "mul", inputs=[a, gs.Constant("s", np.full(s_shape, 2.0, np.float32))], outputs=[x])
+        gs.Node("MatMul", "site", inputs=[x, gs.Constant("w", np.ones((8, 4), np.float32))],
+                outputs=[gs.Variable("y", dtype=np.float32)])
+        return x
+
+    found = _foldable_scale(scaled([2, 3, 8], [1, 1, 8]), 8, {"site"}, set())
+    assert found is not None and found[0].name == "a" and np.array_equal(found[1], np.full(8, 2.0))
+    assert _foldable_scale(scaled([2, 3, 1], [8]), 8, {"site"}, set()) is None  # a broadcast along K
+    assert _foldable_scale(scaled([2, 3, 8], [8]), 8, {"other"}, set()) is None  # x read by a non-member
+    assert _foldable_scale(scaled([2, 3, 8], [8]), 8, {"site"}, {"x"}) is None  # x is a graph output
+    assert _foldable_scale(scaled([2, 3, 8], [2, 3, 8]), 8, {"site"}, set()) is None  # not a per-channel gain
