@@ -31,6 +31,15 @@ def _transforms(analysis, b, rng):
 NODES = {"matmul": 6, "conv": 4}  # nodes per online op
 
 
+def _check_equivalent(graph, model, before: bytes) -> None:
+    """The rewritten graph passes the ONNX checker and computes what the model ``before`` did (1e-5)."""
+    out = emit_model(graph, model, {})
+    onnx.checker.check_model(out, full_check=True)
+    feeds = sample_inputs(model, batch=2, seq=7)
+    ref, got = outputs(onnx.ModelProto.FromString(before), feeds), outputs(out, feeds)
+    assert all(rel(got[k], ref[k]) < 1e-5 for k in ref), {k: rel(got[k], ref[k]) for k in ref}
+
+
 @pytest.mark.parametrize("layout", ["matmul", "conv"])
 @pytest.mark.parametrize("family", ["llama", "gpt2"])  # 3-D activations; GPT-2's 2-D Gemm inputs
 def test_structure_checker_and_equivalence(family, layout, pair_checkpoints, cache_dir):
@@ -49,11 +58,7 @@ def test_structure_checker_and_equivalence(family, layout, pair_checkpoints, cac
     for s in analysis.sites:  # every member reads the transformed tensor; the others do not
         node = next(n for n in result.graph.nodes if n.name == s.node)
         assert node.inputs[0].name.endswith("_online_out") == (s.id in members)
-    out = emit_model(result.graph, model, {})
-    onnx.checker.check_model(out, full_check=True)
-    feeds = sample_inputs(model, batch=2, seq=7)
-    ref, got = outputs(onnx.ModelProto.FromString(before), feeds), outputs(out, feeds)
-    assert all(rel(got[k], ref[k]) < 1e-5 for k in ref), {k: rel(got[k], ref[k]) for k in ref}
+    _check_equivalent(result.graph, model, before)
 
 
 def test_no_transforms_is_a_no_op(pair_checkpoints, cache_dir):
@@ -102,11 +107,7 @@ def test_norm_gain_is_folded_exactly(layout, pair_checkpoints, cache_dir):
     ops = [n.op for n in result.graph.nodes]
     assert len(ops) == n_before + NODES[layout] * len(transforms) - len(gains)
     assert ops.count("Mul") == muls - len(gains)
-    out = emit_model(result.graph, model, {})
-    onnx.checker.check_model(out, full_check=True)
-    feeds = sample_inputs(model, batch=2, seq=7)
-    ref, got = outputs(onnx.ModelProto.FromString(before), feeds), outputs(out, feeds)
-    assert all(rel(got[k], ref[k]) < 1e-5 for k in ref), {k: rel(got[k], ref[k]) for k in ref}
+    _check_equivalent(result.graph, model, before)
 
 
 def test_gain_read_elsewhere_is_not_folded(pair_checkpoints, cache_dir):
