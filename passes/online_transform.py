@@ -25,7 +25,6 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from qcompiler.algorithms.transforms import apply_blocks
-from qcompiler.config import ONLINE_LAYOUTS
 from qcompiler.match.view import constant_value
 from qcompiler.passes._rewire import nodes_by_name
 from qcompiler.passes._weights import WeightTransformPass, weight_slot
@@ -46,7 +45,7 @@ class OnlineTransformPass(WeightTransformPass):
 
     def __init__(self, transforms, sites, layout: str = "matmul", fold_scale: bool = False):
         super().__init__(transforms, sites)
-        if layout not in ONLINE_LAYOUTS or layout == "auto":
+        if layout not in ("matmul", "conv"):  # "auto" is resolved by the pipeline
             raise PassError(f"online layout must be matmul or conv, got {layout!r}")
         self.layout, self.fold_scale = layout, fold_scale
         self.folded = 0  # inputs whose scaling Mul was folded (after call)
@@ -96,33 +95,31 @@ class OnlineTransformPass(WeightTransformPass):
         return PassResult(graph, bool(self.transforms))
 
     def _insert(self, graph: gs.Graph, base: str, x: gs.Tensor, inv: np.ndarray) -> gs.Variable:
-        """The nodes of ``x -> x T^-1`` (``inv``: ``[K/b, b, b]``); returns their output."""
+        """The nodes of ``x -> x T^-1`` (``inv``: ``[K/b, b, b]``); returns their output. Both layouts
+        reshape ``x`` to rows and back to its own shape; they differ in what runs between."""
         nb, b, _ = inv.shape
         shape = gs.Variable(f"{base}_shape", dtype=np.int64)
-        out = gs.Variable(f"{base}_out", dtype=x.dtype)
-        if self.layout == "conv":
-            flat, mixed = (gs.Variable(f"{base}_{s}", dtype=x.dtype) for s in ("flat", "mixed"))
+        flat, mixed, out = (gs.Variable(f"{base}_{s}", dtype=x.dtype) for s in ("flat", "mixed", "out"))
+        if self.layout == "conv":  # [M, K, 1] through a grouped 1x1 Conv (weight: each block's T^-1 transposed)
+            split = [-1, nb * b, 1]
             weight = np.ascontiguousarray(inv.transpose(0, 2, 1).reshape(nb * b, b, 1))
-            graph.nodes += [
-                gs.Node("Shape", f"{base}_Shape", inputs=[x], outputs=[shape]),
-                gs.Node("Reshape", f"{base}_Reshape", inputs=[x, gs.Constant(f"{base}_split", np.array(
-                    [-1, nb * b, 1], dtype=np.int64))], outputs=[flat]),
-                gs.Node("Conv", f"{base}_Conv", attrs={"group": nb, "kernel_shape": [1]},
-                        inputs=[flat, gs.Constant(f"{base}_T_inv", weight)], outputs=[mixed]),
-                gs.Node("Reshape", f"{base}_ReshapeBack", inputs=[mixed, shape], outputs=[out]),
-            ]
-            return out
-        flat, heads, mixed, back = (gs.Variable(f"{base}_{s}", dtype=x.dtype)
-                                    for s in ("flat", "blocks", "mixed", "back"))
+            core = [gs.Node("Conv", f"{base}_Conv", attrs={"group": nb, "kernel_shape": [1]},
+                            inputs=[flat, gs.Constant(f"{base}_T_inv", weight)], outputs=[mixed])]
+        else:  # [M, K/b, b] -> [K/b, M, b], one GEMM per block, and back
+            split = [-1, nb, b]
+            heads, prod = (gs.Variable(f"{base}_{s}", dtype=x.dtype) for s in ("blocks", "prod"))
+            core = [gs.Node("Transpose", f"{base}_Transpose", attrs={"perm": [1, 0, 2]}, inputs=[flat],
+                            outputs=[heads]),
+                    gs.Node("MatMul", f"{base}_MatMul", inputs=[heads, gs.Constant(f"{base}_T_inv", inv)],
+                            outputs=[prod]),
+                    gs.Node("Transpose", f"{base}_TransposeBack", attrs={"perm": [1, 0, 2]}, inputs=[prod],
+                            outputs=[mixed])]
         graph.nodes += [
             gs.Node("Shape", f"{base}_Shape", inputs=[x], outputs=[shape]),
             gs.Node("Reshape", f"{base}_Reshape", inputs=[x, gs.Constant(f"{base}_split", np.array(
-                [-1, nb, b], dtype=np.int64))], outputs=[flat]),
-            gs.Node("Transpose", f"{base}_Transpose", attrs={"perm": [1, 0, 2]}, inputs=[flat], outputs=[heads]),
-            gs.Node("MatMul", f"{base}_MatMul", inputs=[heads, gs.Constant(f"{base}_T_inv", inv)], outputs=[mixed]),
-            gs.Node("Transpose", f"{base}_TransposeBack", attrs={"perm": [1, 0, 2]}, inputs=[mixed],
-                    outputs=[back]),
-            gs.Node("Reshape", f"{base}_ReshapeBack", inputs=[back, shape], outputs=[out]),
+                split, dtype=np.int64))], outputs=[flat]),
+            *core,
+            gs.Node("Reshape", f"{base}_ReshapeBack", inputs=[mixed, shape], outputs=[out]),
         ]
         return out
 
