@@ -197,3 +197,22 @@ def test_a_worker_does_not_inherit_its_parents_peak_memory():
     child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert child < 300, child
     del ballast
+
+
+def test_a_timeout_names_the_last_progress_and_spares_the_methods_other_settings(tmp_path):
+    from qcompiler.bench.runner import last_progress, timed_out_elsewhere
+
+    assert last_progress("loading\rProgress: [##   ] 10.00%\rProgress: [###  ] 15.70%") == "15.70%"
+    assert last_progress("no bar here") is None
+    store = ResultStore(tmp_path / "results.json")
+    store.put("m/w4-b32-asym/ort-gptq", {"model": "m", "setting": "w4-b32-asym", "method": "ort-gptq",
+                                         "status": "failed", "reason": "timed out after 1800 s, its log's "
+                                         "last progress 9.92%"})
+    store.put("m/w4-b32-asym/gptq", {"model": "m", "setting": "w4-b32-asym", "method": "gptq",
+                                     "status": "failed", "reason": "used more than 16 GB of memory"})
+    why = timed_out_elsewhere(store, RowSpec("m", "w4-b128-sym", "ort-gptq"), timeout=1800)
+    assert why.startswith("not run: ort-gptq timed out on m at w4-b32-asym (timed out after 1800 s")
+    assert timed_out_elsewhere(store, RowSpec("m", "w4-b128-sym", "ort-gptq"), timeout=3600) is None  # longer now
+    assert timed_out_elsewhere(store, RowSpec("m", "w4-b32-asym", "ort-gptq"), timeout=1800) is None  # itself
+    assert timed_out_elsewhere(store, RowSpec("m", "w4-b128-sym", "gptq"), timeout=1800) is None  # not a timeout
+    assert timed_out_elsewhere(store, RowSpec("other", "w4-b128-sym", "ort-gptq"), timeout=1800) is None

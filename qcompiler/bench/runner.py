@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -135,6 +136,24 @@ def _watch(proc: subprocess.Popen, timeout: float, max_rss_gb: float) -> str | N
     return None
 
 
+def last_progress(text: str) -> str | None:
+    """The last percentage a worker's log printed (peers' progress bars), e.g. ``'12.40%'``."""
+    found = re.findall(r"\d+(?:\.\d+)?%", text)
+    return found[-1] if found else None
+
+
+def timed_out_elsewhere(store: ResultStore, row: RowSpec, timeout: float) -> str | None:
+    """The reason to skip ``row`` when its method already timed out on its model at another setting,
+    with at least this run's ``timeout``: a method's compile time depends on the model far more than
+    on bits and block, so it would time out again (``--redo`` measures it anyway)."""
+    for r in store.rows.values():
+        m = re.match(r"timed out after (\d+) s", str(r.get("reason", "")))
+        if m and (r.get("model"), r.get("method")) == (row.model, row.method) \
+                and r.get("setting") != row.setting and float(m.group(1)) >= timeout - 1:
+            return f"not run: {row.method} timed out on {row.model} at {r['setting']} ({r['reason']})"
+    return None
+
+
 def _compile(row: RowSpec, p: Prepared, work: Path, timeout: float, cache_dir: str | None,
              max_rss_gb: float) -> tuple[str | None, dict]:
     folder = work / row.model / "rows"
@@ -153,6 +172,8 @@ def _compile(row: RowSpec, p: Prepared, work: Path, timeout: float, cache_dir: s
         reason = _watch(proc, timeout, max_rss_gb)
     busy1, own1, wall = machine_busy_seconds(), children_cpu_seconds(), time.monotonic() - t0
     if reason:
+        progress = last_progress(log_path.read_text(errors="replace"))
+        reason += f", its log's last progress {progress}" if progress else ""
         return None, {"status": "failed", "reason": reason}
     if not Path(spec.stats).exists():
         tail = log_path.read_text().strip().splitlines()[-1:] or ["no output"]
@@ -208,7 +229,9 @@ def run(store: ResultStore, models: list[ModelEntry], rows: list[RowSpec], work:
             store.models[entry.name] = {"fingerprint": p.fingerprint, "kind": entry.kind,
                                         "source": entry.source}
         t0 = time.perf_counter()
-        result = measure(row, prepared[row.model], work, timeout, cache_dir, max_rss_gb)
+        skip = None if redo else timed_out_elsewhere(store, row, timeout)
+        result = {"status": "failed", "reason": skip} if skip else \
+            measure(row, prepared[row.model], work, timeout, cache_dir, max_rss_gb)
         result.update({"model": row.model, "setting": row.setting, "method": row.method,
                        "owner": BY_NAME[row.method].owner, "wall_s": time.perf_counter() - t0})
         if row.setting == REFERENCE:
