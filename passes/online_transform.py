@@ -25,6 +25,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from qcompiler.algorithms.transforms import apply_blocks
+from qcompiler.config import ONLINE_LAYOUTS
 from qcompiler.match.view import constant_value
 from qcompiler.passes._rewire import nodes_by_name
 from qcompiler.passes._weights import WeightTransformPass, weight_slot
@@ -45,7 +46,7 @@ class OnlineTransformPass(WeightTransformPass):
 
     def __init__(self, transforms, sites, layout: str = "matmul", fold_scale: bool = False):
         super().__init__(transforms, sites)
-        if layout not in ("matmul", "conv"):  # "auto" is resolved by the pipeline
+        if layout not in ONLINE_LAYOUTS or layout == "auto":  # "auto" is resolved by the pipeline
             raise PassError(f"online layout must be matmul or conv, got {layout!r}")
         self.layout, self.fold_scale = layout, fold_scale
         self.folded = 0  # inputs whose scaling Mul was folded (after call)

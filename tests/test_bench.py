@@ -207,7 +207,7 @@ def test_a_timeout_names_the_last_progress_and_spares_the_methods_other_settings
     store = ResultStore(tmp_path / "results.json")
     store.put("m/w4-b32-asym/ort-gptq", {"model": "m", "setting": "w4-b32-asym", "method": "ort-gptq",
                                          "status": "failed", "reason": "timed out after 1800 s, its log's "
-                                         "last progress 9.92%"})
+                                         "last progress 9.92%", "timed_out_s": 1800})
     store.put("m/w4-b32-asym/gptq", {"model": "m", "setting": "w4-b32-asym", "method": "gptq",
                                      "status": "failed", "reason": "used more than 16 GB of memory"})
     why = timed_out_elsewhere(store, RowSpec("m", "w4-b128-sym", "ort-gptq"), timeout=1800)

@@ -75,8 +75,8 @@ def overhead(model: str, blocks: list[int], layouts: list[str], rounds: int, pre
     with tempfile.TemporaryDirectory() as tmp:
         paths = {"rtn": Path(tmp) / "rtn.onnx"}
         compile_model(model, paths["rtn"], CompileConfig(quant=q, validate=False))
-        paths["rtn, a second session (control)"] = paths["rtn"]
-        ops = {"rtn, a second session (control)": 0}
+        control = "rtn, a second session (control)"
+        paths[control], ops = paths["rtn"], {control: 0}
         for b in blocks:
             for layout in layouts:
                 name = f"block {b} {layout}"

@@ -147,9 +147,8 @@ def timed_out_elsewhere(store: ResultStore, row: RowSpec, timeout: float) -> str
     with at least this run's ``timeout``: a method's compile time depends on the model far more than
     on bits and block, so it would time out again (``--redo`` measures it anyway)."""
     for r in store.rows.values():
-        m = re.match(r"timed out after (\d+) s", str(r.get("reason", "")))
-        if m and (r.get("model"), r.get("method")) == (row.model, row.method) \
-                and r.get("setting") != row.setting and float(m.group(1)) >= timeout - 1:
+        if (r.get("model"), r.get("method")) == (row.model, row.method) and r.get("setting") != row.setting \
+                and r.get("timed_out_s", 0) >= timeout:
             return f"not run: {row.method} timed out on {row.model} at {r['setting']} ({r['reason']})"
     return None
 
@@ -174,7 +173,8 @@ def _compile(row: RowSpec, p: Prepared, work: Path, timeout: float, cache_dir: s
     if reason:
         progress = last_progress(log_path.read_text(errors="replace"))
         reason += f", its log's last progress {progress}" if progress else ""
-        return None, {"status": "failed", "reason": reason}
+        limit = {"timed_out_s": timeout} if reason.startswith("timed out") else {}
+        return None, {"status": "failed", "reason": reason, **limit}
     if not Path(spec.stats).exists():
         tail = log_path.read_text().strip().splitlines()[-1:] or ["no output"]
         return None, {"status": "failed", "reason": f"worker died: {tail[0][:200]}"}
