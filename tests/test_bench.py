@@ -88,6 +88,13 @@ def test_results_page_bolds_the_best_row_and_shows_failed_and_pending_rows():
     assert "test box" in md and "`python tools/bench.py`" in md
     assert "10.0 (1.10x)" in md
     assert "| 30.0 (busy 45%) |" in md and "| 4.0 |" in md  # other jobs' CPU flags a compile time above 10%
+    # a model's reading note sits under its own heading only
+    assert "Note:" not in md
+    rows = {k.replace("lm/", "smollm2/", 1): {**r, "model": "smollm2"} for k, r in data["rows"].items()
+            if r["model"] == "lm"}
+    md = report.markdown({**data, "rows": rows, "models": {"smollm2": data["models"]["lm"]}}, [])
+    assert md.count("Note: SmolLM2's only offline copy is a Q4_1") == 1
+    assert md.index("## smollm2") < md.index("Note: SmolLM2") < md.index("### 3-bit")
     table = report.summary_table(data, plan)
     assert "| gptaq | **70.30** |" in table and "fp32 24.90" in table and "| cafeq | pending |" in table
 

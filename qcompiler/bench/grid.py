@@ -37,6 +37,15 @@ SETTINGS = tuple(Setting.parse(k) for k in (
 
 # the real models of the committed page and their kind (encoder: embedding fidelity; lm: perplexity)
 MODELS = {"minilm": "encoder", "smollm2": "lm"}
+# what a reader must know to read a model's tables, printed under its heading
+MODEL_NOTES = {
+    "smollm2": "SmolLM2's only offline copy is a Q4_1 GGUF file dequantized to fp32 (DATA.md): every weight "
+               "already lies on an asymmetric 4-bit grid of 32-wide blocks along K whose offset is a float. "
+               "ORT's HQQ writes float zero points, so at 4-bit block 32 asym it can land on that grid and "
+               "come out near fp32; integer zero points (ours, ORT DEFAULT, k_quant) cannot. Compare methods "
+               "at 3 bits and symmetric grids. Float zero points also take MatMulNBits off its fast CPU path "
+               "(ort-hqq's latency)",
+}
 # how much dearer a row is than on MiniLM (SmolLM2: 4x the weights, 4x the calibration tokens)
 MODEL_SCALE = {"smollm2": 8}
 

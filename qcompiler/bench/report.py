@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from qcompiler.bench.grid import BY_NAME, MODELS, REFERENCE, SETTINGS, RowSpec, Setting
+from qcompiler.bench.grid import BY_NAME, MODEL_NOTES, MODELS, REFERENCE, SETTINGS, RowSpec, Setting
 from qcompiler.graphio import write_text_atomic
 
 COLUMNS = {"encoder": [("mean_cos", "mean cos", "{:.4f}"), ("min_cos", "min cos", "{:.4f}"),
@@ -106,6 +106,8 @@ def markdown(data: dict, plan: list[RowSpec]) -> str:
         fp = info.get("fingerprint", {})
         out += [f"## {model}", "", f"Quality on {fp.get('task', '?')}; calibration {fp.get('calib', '?')} "
                 "token ids (Python's documentation; random ids for tiny models).", ""]
+        if model in MODEL_NOTES:
+            out += [f"Note: {MODEL_NOTES[model]}.", ""]
         head = "| method | " + " | ".join(h for _, h, _ in COLUMNS[kind]) + \
                " | compile s | peak MiB | file MB | latency ms | plain ORT |"
         sep = "|---" * (len(COLUMNS[kind]) + 6) + "|"
