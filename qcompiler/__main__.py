@@ -1,3 +1,4 @@
 from qcompiler.cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # not when a worker process (qcompiler.workers) imports it
+    raise SystemExit(main())

@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--temperature", type=float, default=20.0, help="LSE temperature")
     t.add_argument("--init", default="identity", choices=["identity", "orthogonal", "hadamard"])
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--jobs", type=int, default=0,
+                   help="worker processes for learning and joint rounding (default 0: one per core on models "
+                        "of 1M+ weights); the result does not depend on it")
     t.add_argument("--no-joint-rounding", dest="joint_rounding", action="store_false",
                    help="cafeq: round each weight alone (skip joint rounding of the coupled pairs)")
     t.add_argument("--joint-pairs", default="vo,updown",
@@ -200,7 +203,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
             online_layout=args.online_layout,
             joint_pairs=tuple(t for t in args.joint_pairs.split(",") if t) if args.joint_rounding else (),
             joint_rounds=args.joint_rounds, joint_mlp_rounds=args.joint_mlp_rounds, joint_max_gb=args.joint_max_gb,
-            joint_channel_weight=args.joint_channel_weight),
+            joint_channel_weight=args.joint_channel_weight, jobs=args.jobs),
         quantize_weights=not args.transforms_only,
         calib=CalibConfig(source=args.calib, tokenizer=args.tokenizer, samples=args.calib_samples,
                           seqlen=args.calib_seqlen, holdout=args.calib_holdout, batch=args.calib_batch,

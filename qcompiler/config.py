@@ -82,6 +82,9 @@ class CafeqConfig:
     # (grouped 1x1 Conv; fastest at a decoder's batch-1 token step); auto picks conv for causal LMs
     online_layout: str = "auto"
     column_batch: int = 1024  # wide groups learn on this many random columns per step
+    # worker processes for the learners and joint rounding (0: the machine's cores, for a model big
+    # enough to pay the workers' start); every task runs on one thread, so the plan is the same for any value
+    jobs: int = 0
     # joint rounding of coupled pairs after the transforms (cafeq only): which pair kinds, how many
     # alternations (one round = producer's step, then consumer's)
     joint_pairs: tuple[str, ...] = JOINT_PAIRS
@@ -106,6 +109,8 @@ class CafeqConfig:
             raise ConfigError(f"--optimizer must be adam or cayley, got {self.optimizer!r}")
         if self.init not in ("identity", "orthogonal", "hadamard"):
             raise ConfigError(f"--init must be identity, orthogonal or hadamard, got {self.init!r}")
+        if self.jobs < 0:
+            raise ConfigError(f"--jobs must be >= 0 (0: one per core), got {self.jobs}")
         if self.steps < 0 or self.patience < 0 or not self.lr > 0 or self.ortho_reg < 0:
             raise ConfigError("--steps and --patience must be >= 0, --lr > 0 and --ortho-reg >= 0")
         if not 0 <= self.online_budget <= 1:

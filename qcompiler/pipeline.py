@@ -45,13 +45,14 @@ from qcompiler.passes import (
     QDQPass,
 )
 from qcompiler.plan import QuantPlan
-from qcompiler.resources import peak_rss_mb
+from qcompiler.resources import compile_peak_mb, note_workers_peak
 from qcompiler.runtime.calib_data import calibration_tokens
 from qcompiler.runtime.inputs import sample_inputs
 from qcompiler.runtime.session import SessionOptions
 from qcompiler.runtime.stream_validate import validate_streamed
 from qcompiler.runtime.validate import ValidationResult, validate
 from qcompiler.stream import Chunk, chunk_sites, stream_compile
+from qcompiler.workers import TaskPool, resolve_jobs
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ class CompileResult:
                 "max_rel_error": self.validation.max_rel_error, "min_cosine": self.validation.min_cosine,
                 "outputs": [asdict(o) for o in self.validation.outputs]},
             "timings_s": self.timings,
-            "peak_rss_mb": peak_rss_mb(),
+            "peak_rss_mb": compile_peak_mb(),
             "cached_export": self.cached_export,
         }
 
@@ -237,9 +238,13 @@ def _stream(graph: gs.Graph, match: MatchResult, analysis, config: CompileConfig
         return make_plan(config, chunk.sites, weight_reader(g), chunk.analysis() if analysis else None,
                          online_units=online_units)
 
+    learns = config.method in ("cafeq", "cafeq+gptaq")
+    jobs = resolve_jobs(config.cafeq.jobs, sum(s.k * s.n for s in match.sites), config.cafeq.device) if learns else 1
     try:
-        graph, plan = stream_compile(graph, chunks, plan_chunk, lambda g, p: _rewrite(g, p, config), sink,
-                                     config.method, config.quant, progress)
+        with TaskPool(jobs) as pool:  # one set of workers for every chunk
+            graph, plan = stream_compile(graph, chunks, plan_chunk, lambda g, p: _rewrite(g, p, config), sink,
+                                         config.method, config.quant, progress)
+        note_workers_peak(pool.workers_peak_mb)
         # validation cuts before every site: a stretch holds one weight's worth (either model's basis is its own)
         return graph, plan, [s.node for s in match.sites]
     finally:

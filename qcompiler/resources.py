@@ -28,6 +28,21 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+_WORKERS_PEAK_MB = 0.0  # the largest worker pool this process ran (qcompiler.workers), its peaks added up
+
+
+def note_workers_peak(mb: float) -> None:
+    """Record a finished worker pool's peak memory (the sum of its workers')."""
+    global _WORKERS_PEAK_MB
+    _WORKERS_PEAK_MB = max(_WORKERS_PEAK_MB, mb)
+
+
+def compile_peak_mb() -> float:
+    """A compile's peak memory (MiB): this process's, plus the largest worker pool it ran (each worker's
+    peak added: an upper bound, since they need not peak together or with this process)."""
+    return peak_rss_mb() + _WORKERS_PEAK_MB
+
+
 def current_rss_mb() -> float:
     """This process's resident memory now (MiB; Linux ``VmRSS``, else the peak)."""
     now = _status_mb("VmRSS")

@@ -166,3 +166,28 @@ def test_minilm_cafeq_3bit_beats_rtn(minilm, tmp_path):
         ps = [p for p in cafeq.plan.pair_stats if p.kind == kind]
         assert len(ps) == 6 and all(p.pqe < p.pqe_plain for p in ps)
         assert np.mean([p.pqe for p in ps]) < cut * np.mean([p.pqe_plain for p in ps])
+
+
+def test_the_plan_is_the_same_for_any_number_of_worker_processes(pair_checkpoints, cache_dir):
+    """Learning and joint rounding on two worker processes give the codes and transforms of one process."""
+    plans = []
+    for jobs in (1, 2):
+        cfg = CompileConfig(quant=QuantConfig(3, 32, False), method="cafeq", validate=False,
+                            cafeq=CafeqConfig(steps=20, online_budget=1.0, jobs=jobs))
+        plans.append(compile_model(str(pair_checkpoints["llama"]), None, cfg, cache_dir=cache_dir).plan)
+    one, two = plans
+    assert one.online and one.pair_transforms and one.pair_stats
+    assert [o.id for o in one.online] == [o.id for o in two.online]
+    assert all(np.array_equal(a.blocks, b.blocks) for a, b in zip(one.online, two.online, strict=True))
+    for a, b in zip(one.pair_transforms, two.pair_transforms, strict=True):
+        for name in ("matrices", "scale", "perm"):
+            x, y = getattr(a, name), getattr(b, name)
+            assert (x is None and y is None) or np.array_equal(x, y), name
+    for a, b in zip(one.sites, two.sites, strict=True):
+        assert np.array_equal(a.weight.codes, b.weight.codes) and np.array_equal(a.weight.scales, b.weight.scales)
+    assert one.pair_stats == two.pair_stats
+
+
+def test_jobs_must_not_be_negative():
+    with pytest.raises(ConfigError, match="--jobs"):
+        CafeqConfig(jobs=-1)

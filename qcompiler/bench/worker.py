@@ -23,7 +23,7 @@ import onnx
 from qcompiler.bench.grid import REFERENCE, Setting
 from qcompiler.errors import first_line
 from qcompiler.graphio import save_onnx_atomic
-from qcompiler.resources import peak_rss_mb
+from qcompiler.resources import compile_peak_mb
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def run(spec: WorkerSpec) -> dict:
         _ours(spec, setting)
     else:
         _peer(spec, setting)
-    return {"compile_s": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb()}
+    return {"compile_s": time.perf_counter() - t0, "peak_rss_mb": compile_peak_mb()}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from qcompiler.algorithms.cafeq import (
     Grid,
@@ -39,6 +38,8 @@ from qcompiler.match.pairs import ATTN_VO, MLP_UP_DOWN, CoupledPair
 from qcompiler.match.sites import LinearSite
 from qcompiler.methods.online_cost import StepCost, candidate_units, cheapest_first, step_cost
 from qcompiler.plan import OnlineTransform, PairStats, PairTransform, QuantPlan, SitePlan, SiteStats
+from qcompiler.resources import note_workers_peak
+from qcompiler.workers import TaskPool, open_pool, resolve_jobs
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ class _Planner:
         self.joint_cfg = {ATTN_VO: JointConfig(rounds=cfg.joint_rounds),
                           MLP_UP_DOWN: JointConfig(rounds=cfg.joint_mlp_rounds,
                                                    channel_weight=cfg.joint_channel_weight)}
+        self.pool = TaskPool(1)  # plan_cafeq hands in a started pool; this one runs tasks in-process
 
     def grid(self, k: int) -> Grid:
         return Grid(self.quant.bits, self.quant.group_size or k, self.quant.symmetric)
@@ -97,32 +99,44 @@ class _Planner:
     def _usable(self, p: CoupledPair) -> bool:
         return all(i in self.sites for i in (p.producer, p.consumer, p.gate) if i)
 
+    def _pair_task(self, p: CoupledPair) -> tuple[str, tuple]:
+        """(kind, arguments) of :func:`_learn_pair` for ``p`` on its factors as folded so far."""
+        cols = slice(*p.producer_cols)
+        a, b = self.folded[p.producer][:, cols], self.folded[p.consumer]
+        if p.kind == ATTN_VO:
+            return p.kind, (a, b, p.kv_map, p.head_dim, self.grid(a.shape[0]), self.grid(b.shape[0]), self.learn)
+        diagonal = "diagonal" in p.exact or "positive_diagonal" in p.exact
+        return p.kind, (a, b, self.grid(b.shape[0]), self.learn, diagonal)
+
     def pair_transforms(self) -> list[PairTransform]:
+        pairs = [p for p in self.analysis.pairs if self._usable(p) and (
+            "vo" in self.cfg.transforms if p.kind == ATTN_VO
+            else "updown" in self.cfg.transforms and self.method != "rotate")]
+        learned: dict[str, Any] = {}
+        if self.method != "rotate":
+            # learned side by side on the factors as they come in: the same as one after another, since
+            # a fold touches only its own pair's sites; pairs sharing a factor wait for the folds before them
+            shared = _shared_sites(pairs)
+            free = [p for p in pairs if not _sites_of(p) & shared]
+            results = self.pool.map(_learn_pair, [self._pair_task(p) for p in free], f"{self.method} pairs")
+            learned = {p.id: r for p, r in zip(free, results, strict=True)}
         out = []
-        pairs = [p for p in self.analysis.pairs if self._usable(p)]
-        for p in tqdm(pairs, desc=f"{self.method} pairs", unit="pair", disable=not self.progress, leave=False):
-            cols = slice(*p.producer_cols)
-            a, b = self.folded[p.producer][:, cols], self.folded[p.consumer]
-            if p.kind == ATTN_VO and "vo" in self.cfg.transforms:
+        for p in pairs:
+            res = learned[p.id] if p.id in learned else None
+            if res is None and self.method != "rotate":
+                res = self.pool.map(_learn_pair, [self._pair_task(p)])[0]
+            if p.kind == ATTN_VO:
                 if self.method == "rotate":
                     mats = initial_blocks(p.num_kv_heads, p.head_dim, "orthogonal", self.rng)
                 else:
-                    res = learn_vo(a, b, p.kv_map, p.head_dim, self.grid(a.shape[0]), self.grid(b.shape[0]),
-                                   self.learn)
                     mats = res.value
                     if np.allclose(mats, np.eye(p.head_dim)):
                         continue
                 fold_attn_vo(self.folded[p.producer], None, self.folded[p.consumer], p.producer_cols, p.head_dim,
                              p.kv_map, mats)
                 out.append(PairTransform(p, matrices=mats))
-            elif p.kind != ATTN_VO and "updown" in self.cfg.transforms and self.method != "rotate":
-                grid = self.grid(b.shape[0])
-                perm = channel_order(b)
-                if weighted_row_error(a[:, perm], b[perm], grid) >= weighted_row_error(a, b, grid):
-                    perm = np.arange(b.shape[0])
-                scale = np.ones(b.shape[0])
-                if "diagonal" in p.exact or "positive_diagonal" in p.exact:
-                    scale = learn_updown_scale(a[:, perm], b[perm], grid, self.learn).value
+            else:
+                perm, scale = res
                 if np.array_equal(perm, np.arange(len(perm))) and np.allclose(scale, 1.0):
                     continue
                 fold_mlp(self.folded[p.producer], None, p.producer_cols, self.folded[p.consumer], scale, perm,
@@ -141,13 +155,16 @@ class _Planner:
         else:
             units = cheapest_first(units, self.cfg.online_budget)
         out, blocks_of = [], {}
-        for u in tqdm(units, desc=f"{self.method} single", unit="group", disable=not self.progress, leave=False):
+        learned = [] if self.method == "rotate" else self.pool.map(
+            learn_block_transform, [([self.folded[m] for m in u.members], self.grid(self.sites[u.members[0]].k),
+                                     u.block, self.learn) for u in units], f"{self.method} single")
+        for i, u in enumerate(units):
             k = self.sites[u.members[0]].k
             if self.method == "rotate":
                 init = "hadamard" if self.cfg.init == "hadamard" else "orthogonal"
                 blocks = initial_blocks(k // u.block, u.block, init, self.rng)
             else:
-                res = learn_block_transform([self.folded[m] for m in u.members], self.grid(k), u.block, self.learn)
+                res = learned[i]
                 if res.error >= res.identity_error:
                     continue
                 blocks = res.value
@@ -175,11 +192,15 @@ class _Planner:
                 claimed |= {p.producer, p.consumer}
                 pairs.append(p)
         grid = GridSpec(self.quant.bits, self.quant.group_size, self.quant.symmetric)
-        for p in tqdm(pairs, desc="joint rounding", unit="pair", disable=not self.progress, leave=False):
+        tasks = [(self.folded[p.producer][:, slice(*p.producer_cols)], self.folded[p.consumer], grid, grid,
+                  Heads(p.head_dim, p.kv_map) if p.kind == ATTN_VO else None, blocks_of.get(p.producer),
+                  blocks_of.get(p.consumer), self.joint_cfg[p.kind]) for p in pairs]
+        # side by side only as many as fit in --joint-max-gb together
+        need = max((joint_memory_bytes(p, self.sites[p.producer].k) for p in pairs), default=1)
+        limit = max(1, int(self.cfg.joint_max_gb * 2**30 // need))
+        for p, res in zip(pairs, self.pool.map(joint_round, tasks, "joint rounding", limit),
+                          strict=True):
             cols = slice(*p.producer_cols)
-            heads = Heads(p.head_dim, p.kv_map) if p.kind == ATTN_VO else None
-            res = joint_round(self.folded[p.producer][:, cols], self.folded[p.consumer], grid, grid, heads,
-                              blocks_of.get(p.producer), blocks_of.get(p.consumer), self.joint_cfg[p.kind])
             log.info("%s: joint rounding PQE %.4f -> %.4f", p.id, res.pqe_plain, res.pqe)
             qws[p.producer] = replace_columns(qws[p.producer], cols, res.a)
             qws[p.consumer] = res.b
@@ -249,6 +270,34 @@ class _Planner:
         return out
 
 
+def _learn_pair(kind: str, args: tuple) -> Any:
+    """One pair's transform (a task): V·O's ``LearnResult``; up·down's ``(perm, scale)``, the channel
+    order kept only where it lowers down's weighted error, then the scale where the activation allows."""
+    if kind == ATTN_VO:
+        return learn_vo(*args)
+    a, b, grid, learn, diagonal = args
+    perm = channel_order(b)
+    if weighted_row_error(a[:, perm], b[perm], grid) >= weighted_row_error(a, b, grid):
+        perm = np.arange(b.shape[0])
+    scale = learn_updown_scale(a[:, perm], b[perm], grid, learn).value if diagonal else np.ones(b.shape[0])
+    return perm, scale
+
+
+def _sites_of(p: CoupledPair) -> set[str]:
+    """What learning ``p`` reads (its factors) and folding it writes (its factors and gate)."""
+    return {p.producer, p.consumer} | ({p.gate} if p.gate else set())
+
+
+def _shared_sites(pairs: Sequence[CoupledPair]) -> set[str]:
+    """Sites of more than one of ``pairs``."""
+    seen: set[str] = set()
+    shared: set[str] = set()
+    for p in pairs:
+        for sid in _sites_of(p):
+            (shared if sid in seen else seen).add(sid)
+    return shared
+
+
 def _channels(p: CoupledPair) -> int:
     """Width of the solver's Hessians: the pair's inner channels (V·O: O's rows, all query heads)."""
     if p.kind == ATTN_VO:
@@ -284,4 +333,15 @@ def plan_cafeq(analysis: Analysis, weight_of: Callable[[LinearSite], np.ndarray]
     from the sites alone; the pipeline adds the bytes of the weights kept in float)."""
     if step is None:
         step = step_cost(cfg.online_regime, analysis.sites, quant)
-    return _Planner(analysis, weight_of, quant, cfg, method, step, progress, rounder, online_units).plan()
+    planner = _Planner(analysis, weight_of, quant, cfg, method, step, progress, rounder, online_units)
+    if method == "rotate":  # nothing to learn
+        return planner.plan()
+    planner.pool = open_pool()
+    if planner.pool is not None:  # a streaming compile's, for all its chunks
+        return planner.plan()
+    elements = sum(w.size for w in planner.original.values())
+    with TaskPool(resolve_jobs(cfg.jobs, elements, planner.learn.device), progress) as pool:
+        planner.pool = pool
+        plan = planner.plan()
+    note_workers_peak(pool.workers_peak_mb)
+    return plan

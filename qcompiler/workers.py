@@ -1,0 +1,181 @@
+"""Independent CPU tasks of a method (learning one group's transform, jointly rounding one pair) on a
+pool of single-threaded worker processes.
+
+Why processes: CafeQ's learners and solvers run thousands of small torch and numpy operations, so a
+second thread speeds one task up by about 1.4x on two cores, while two single-threaded tasks side by side
+run at nearly full speed each. Why single-threaded everywhere, in-process too: torch's reductions split
+their sums by thread count, so a task's result would otherwise depend on the machine's cores and on
+``jobs``. With one thread per task a plan is the same whatever ``jobs`` and wherever it runs.
+
+A task is a top-level function and its arguments (pickled to the worker: numpy arrays and frozen
+configs). Results come back in the order of the tasks.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from contextlib import contextmanager
+from typing import Any
+
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+# what a worker's numerical libraries read at start-up for their thread counts
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+# below this many weight elements a pool's start-up (a few seconds: each worker imports torch) costs
+# more than it saves: tiny models stay in-process
+AUTO_MIN_ELEMENTS = 1_000_000
+# each worker holds its own torch (about 0.4 GB before any task): auto stops here on big machines
+AUTO_MAX_JOBS = 8
+
+
+def machine_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def resolve_jobs(jobs: int, elements: int, device: str = "cpu") -> int:
+    """Workers for ``jobs`` (0: auto, the machine's cores up to ``AUTO_MAX_JOBS`` when the work is worth a
+    pool) given the weight ``elements`` the tasks cover. Learning on CUDA stays in-process (one device,
+    one context)."""
+    if jobs < 0:
+        raise ValueError(f"jobs must be >= 0, got {jobs}")
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device != "cpu":
+        return 1
+    if jobs == 0:
+        return min(machine_cores(), AUTO_MAX_JOBS) if elements >= AUTO_MIN_ELEMENTS else 1
+    return jobs
+
+
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """torch on one thread inside the block (the in-process path), as in a worker."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _start_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _call(fn: Callable[..., Any], args: tuple) -> tuple[Any, int, float]:
+    """A task in a worker: its result, the worker's pid and the worker's peak memory so far (MiB)."""
+    from qcompiler.resources import peak_rss_mb
+
+    return fn(*args), os.getpid(), peak_rss_mb()
+
+
+_OPEN: list[TaskPool] = []  # pools entered in this process, innermost last
+
+
+def open_pool() -> TaskPool | None:
+    """The pool a caller up the stack has started (a streaming compile keeps one for all its chunks)."""
+    return _OPEN[-1] if _OPEN else None
+
+
+class TaskPool:
+    """``with TaskPool(jobs) as pool: results = pool.map(fn, [args, ...], desc)``. ``jobs`` 1 runs the
+    tasks here, one after another; more starts that many worker processes (spawned, one thread each),
+    kept for every ``map`` of the block. ``workers_peak_mb``: the workers' peak memories (as of their
+    last task) added up, an upper bound of what they held at once."""
+
+    def __init__(self, jobs: int, progress: bool = False):
+        if jobs < 1:
+            raise ValueError(f"a pool needs jobs >= 1, got {jobs}")
+        self.jobs, self.progress = jobs, progress
+        self._peaks: dict[int, float] = {}
+        self._pool: ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> TaskPool:
+        if self.jobs > 1:
+            saved = {k: os.environ.get(k) for k in THREAD_VARIABLES}
+            os.environ.update({k: "1" for k in THREAD_VARIABLES})  # read by the spawned workers only
+            try:
+                self._pool = ProcessPoolExecutor(self.jobs, mp_context=mp.get_context("spawn"),
+                                                 initializer=_start_worker)
+                # start every worker now, while the variables hold (workers are started on demand)
+                for f in [self._pool.submit(_start_worker) for _ in range(self.jobs)]:
+                    f.result()
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+            log.info("%d worker processes", self.jobs)
+        _OPEN.append(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self in _OPEN:
+            _OPEN.remove(self)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    @property
+    def workers_peak_mb(self) -> float:
+        return sum(self._peaks.values())
+
+    def map(self, fn: Callable[..., Any], tasks: Sequence[tuple], desc: str = "",
+            limit: int | None = None) -> list[Any]:
+        """``[fn(*t) for t in tasks]``, in order, at most ``limit`` at once (default: one per worker); a
+        task's exception is raised here."""
+        bar = tqdm(total=len(tasks), desc=desc, unit="task", disable=not self.progress, leave=False)
+        try:
+            if self._pool is None or len(tasks) < 2 or limit == 1:
+                out = []
+                with single_thread():
+                    for t in tasks:
+                        out.append(fn(*t))
+                        bar.update()
+                return out
+            limit = self.jobs if limit is None else max(1, min(limit, self.jobs))
+            futures: list[Future | None] = [None] * len(tasks)
+            running: set[Future] = set()
+            for i, t in enumerate(tasks):
+                if len(running) >= limit:
+                    running = self._settle(running, bar)
+                futures[i] = self._pool.submit(_call, fn, t)
+                running.add(futures[i])
+            while running:
+                running = self._settle(running, bar)
+            out = []
+            for f in futures:
+                result, pid, peak = f.result()
+                self._peaks[pid] = max(peak, self._peaks.get(pid, 0.0))
+                out.append(result)
+            return out
+        finally:
+            bar.close()
+
+    @staticmethod
+    def _settle(running: set[Future], bar) -> set[Future]:
+        """Wait for one or more of ``running`` to finish; raise the first failure."""
+        done, rest = wait(running, return_when=FIRST_COMPLETED)
+        bar.update(len(done))
+        for f in done:
+            if f.exception() is not None:
+                for r in rest:
+                    r.cancel()
+                raise f.exception()
+        return rest

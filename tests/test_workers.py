@@ -1,0 +1,78 @@
+"""The worker pool: results in task order, failures raised, the in-flight limit, peaks, thread counts."""
+
+import os
+
+import pytest
+
+from qcompiler import resources
+from qcompiler.workers import AUTO_MIN_ELEMENTS, TaskPool, open_pool, resolve_jobs
+
+
+def _square(x):
+    return x * x
+
+
+def _fail(x):
+    if x == 3:
+        raise ValueError("task 3 failed")
+    return x
+
+
+def _threads(_):
+    import torch
+
+    return torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS"), os.getpid()
+
+
+def test_results_come_back_in_task_order_from_worker_processes():
+    with TaskPool(2) as pool:
+        assert open_pool() is pool
+        assert pool.map(_square, [(i,) for i in range(9)]) == [i * i for i in range(9)]
+        seen = pool.map(_threads, [(i,) for i in range(6)])
+        assert pool.workers_peak_mb > 0
+    assert open_pool() is None
+    assert {t for t, _, _ in seen} == {1} and {v for _, v, _ in seen} == {"1"}  # one thread per worker
+    assert os.getpid() not in {p for *_, p in seen}
+
+
+def test_the_parent_keeps_its_thread_settings():
+    import torch
+
+    before, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    with TaskPool(2) as pool:
+        pool.map(_square, [(1,), (2,)])
+        assert torch.get_num_threads() == before
+    assert os.environ.get("OMP_NUM_THREADS") == env
+    with TaskPool(1) as pool:  # in-process: one thread while the tasks run, then as before
+        assert pool.map(_threads, [(0,), (1,)])[0][0] == 1
+    assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_failing_task_raises_its_error(jobs):
+    with TaskPool(jobs) as pool, pytest.raises(ValueError, match="task 3 failed"):
+        pool.map(_fail, [(i,) for i in range(6)], limit=1 if jobs == 1 else None)
+
+
+def test_limit_one_runs_in_process():
+    with TaskPool(2) as pool:
+        assert {p for *_, p in pool.map(_threads, [(0,), (1,)], limit=1)} == {os.getpid()}
+
+
+def test_resolve_jobs():
+    assert resolve_jobs(3, 10) == 3
+    assert resolve_jobs(0, 10) == 1  # a tiny model: not worth the workers' start
+    assert resolve_jobs(0, AUTO_MIN_ELEMENTS) >= 1
+    assert resolve_jobs(4, AUTO_MIN_ELEMENTS, "cuda") == 1
+    with pytest.raises(ValueError):
+        resolve_jobs(-1, 10)
+    with pytest.raises(ValueError):
+        TaskPool(0)
+
+
+def test_compile_peak_adds_the_largest_pool(monkeypatch):
+    monkeypatch.setattr(resources, "_WORKERS_PEAK_MB", 0.0)
+    own = resources.peak_rss_mb()
+    resources.note_workers_peak(123.0)
+    resources.note_workers_peak(50.0)
+    assert resources.compile_peak_mb() >= own + 123.0
