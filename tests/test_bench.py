@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qcompiler.bench import report
+from qcompiler.bench import report, runner
 from qcompiler.bench.grid import BY_NAME, METHODS, REFERENCE, SETTINGS, RowSpec, Setting, plan_rows
 from qcompiler.bench.store import ResultStore
 from qcompiler.bench.worker import WorkerSpec
@@ -156,6 +156,8 @@ def test_quick_run_end_to_end_then_resume(tmp_path):
         if r["method"] != "fp32":
             assert r["compile_s"] >= 0 and r["peak_rss_mb"] > 20, key  # a process with onnxruntime loaded
             assert 0 <= r["others_cpu"] <= 1, key
+        # which code measured the row (a checkout's commit, marked when the code differs from it) and when
+        assert r["code"] == runner.code_version() and r["code"].split("+")[0] and r["measured"][:2] == "20", key
         if r["model"] == "tiny-bert":
             assert 0.9 < r["mean_cos"] <= 1.0 + 1e-9 and -1 <= r["spearman"] <= 1, key
         else:

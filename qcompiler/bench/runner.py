@@ -208,6 +208,22 @@ def measure(row: RowSpec, p: Prepared, work: Path, timeout: float, cache_dir: st
     return result
 
 
+def code_version() -> str | None:
+    """The repository's commit (short), with ``+changes`` when tracked files differ from it; None
+    outside a git checkout. Each row records it: rows of one page may come from different commits."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "qcompiler", "passes", "runtime"],
+                               cwd=root, timeout=10).returncode != 0
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+changes" if dirty else "") if head else None
+
+
 def run(store: ResultStore, models: list[ModelEntry], rows: list[RowSpec], work: Path, timeout: float,
         redo: bool, command: str, cache_dir: str | None = None, progress: bool = True,
         on_row=None, max_rss_gb: float = 16.0) -> None:
@@ -216,6 +232,7 @@ def run(store: ResultStore, models: list[ModelEntry], rows: list[RowSpec], work:
     store.meta.setdefault("runs", []).append({"command": command, "started": time.strftime("%Y-%m-%d %H:%M"),
                                               "wall_s": 0.0, "rows": 0})
     run_info = store.meta["runs"][-1]
+    version = code_version()
     pending = [r for r in rows if redo or not store.done(r.key)]
     log.info("%d rows, %d already measured, %d to run", len(rows), len(rows) - len(pending), len(pending))
     prepared: dict[str, Prepared] = {}
@@ -233,7 +250,8 @@ def run(store: ResultStore, models: list[ModelEntry], rows: list[RowSpec], work:
         result = {"status": "failed", "reason": skip} if skip else \
             measure(row, prepared[row.model], work, timeout, cache_dir, max_rss_gb)
         result.update({"model": row.model, "setting": row.setting, "method": row.method,
-                       "owner": BY_NAME[row.method].owner, "wall_s": time.perf_counter() - t0})
+                       "owner": BY_NAME[row.method].owner, "wall_s": time.perf_counter() - t0,
+                       "measured": time.strftime("%Y-%m-%d %H:%M"), "code": version})
         if row.setting == REFERENCE:
             result["reference"] = True
         run_info["wall_s"] = time.time() - started
