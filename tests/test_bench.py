@@ -225,3 +225,14 @@ def test_a_timeout_names_the_last_progress_and_spares_the_methods_other_settings
     assert timed_out_elsewhere(store, RowSpec("m", "w4-b32-asym", "ort-gptq"), timeout=1800) is None  # itself
     assert timed_out_elsewhere(store, RowSpec("m", "w4-b128-sym", "gptq"), timeout=1800) is None  # not a timeout
     assert timed_out_elsewhere(store, RowSpec("other", "w4-b128-sym", "ort-gptq"), timeout=1800) is None
+    # a timeout on a smaller model spares the bigger one's rows at every setting, not the other way round
+    store.put("minilm/w4-b32-sym/onnxsim-awq", {"model": "minilm", "setting": "w4-b32-sym", "method": "onnxsim-awq",
+                                                "status": "failed", "reason": "timed out after 1500 s",
+                                                "timed_out_s": 1500})
+    why = timed_out_elsewhere(store, RowSpec("smollm2", "w4-b32-sym", "onnxsim-awq"), timeout=1500)
+    assert why.startswith("not run: onnxsim-awq timed out on minilm at w4-b32-sym (timed out after 1500 s")
+    assert timed_out_elsewhere(store, RowSpec("smollm2", "w4-b32-sym", "onnxsim-awq"), timeout=3000) is None
+    store.put("smollm2/w4-b32-asym/ort-gptq", {"model": "smollm2", "setting": "w4-b32-asym", "method": "ort-gptq",
+                                               "status": "failed", "reason": "timed out after 1800 s",
+                                               "timed_out_s": 1800})
+    assert timed_out_elsewhere(store, RowSpec("minilm", "w4-b32-asym", "ort-gptq"), timeout=1800) is None

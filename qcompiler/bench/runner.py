@@ -17,7 +17,7 @@ import numpy as np
 import onnxruntime as ort
 from tqdm.auto import tqdm
 
-from qcompiler.bench.grid import BY_NAME, MODELS, REFERENCE, RowSpec
+from qcompiler.bench.grid import BY_NAME, MODEL_SCALE, MODELS, REFERENCE, RowSpec
 from qcompiler.bench.store import ResultStore
 from qcompiler.bench.tasks import (
     Task,
@@ -143,13 +143,18 @@ def last_progress(text: str) -> str | None:
 
 
 def timed_out_elsewhere(store: ResultStore, row: RowSpec, timeout: float) -> str | None:
-    """The reason to skip ``row`` when its method already timed out on its model at another setting,
-    with at least this run's ``timeout``: a method's compile time depends on the model far more than
-    on bits and block, so it would time out again (``--redo`` measures it anyway)."""
+    """The reason to skip ``row`` when its method already timed out, with at least this run's ``timeout``,
+    on its model at another setting or on a smaller model (``MODEL_SCALE``): a method's compile time
+    depends on the model far more than on bits and block, so it would time out again (``--redo``
+    measures it anyway)."""
+    scale = MODEL_SCALE.get(row.model, 1)
     for r in store.rows.values():
-        if (r.get("model"), r.get("method")) == (row.model, row.method) and r.get("setting") != row.setting \
-                and r.get("timed_out_s", 0) >= timeout:
-            return f"not run: {row.method} timed out on {row.model} at {r['setting']} ({r['reason']})"
+        if r.get("method") != row.method or r.get("timed_out_s", 0) < timeout:
+            continue
+        same_model = r.get("model") == row.model
+        if (same_model and r.get("setting") != row.setting) or \
+                (not same_model and MODEL_SCALE.get(r.get("model"), 1) < scale):
+            return f"not run: {row.method} timed out on {r['model']} at {r['setting']} ({r['reason']})"
     return None
 
 
