@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qcompiler.bench import report, runner
-from qcompiler.bench.grid import BY_NAME, METHODS, REFERENCE, SETTINGS, RowSpec, Setting, plan_rows
-from qcompiler.bench.store import ResultStore
-from qcompiler.bench.worker import WorkerSpec
-from qcompiler.bench.worker import main as worker_main
+from tools.qbench import report, runner
+from tools.qbench.grid import BY_NAME, METHODS, REFERENCE, SETTINGS, RowSpec, Setting, plan_rows
+from tools.qbench.store import ResultStore
+from tools.qbench.worker import WorkerSpec
+from tools.qbench.worker import main as worker_main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -180,14 +180,14 @@ def test_committed_readme_table_is_the_one_results_json_gives():
     results = ROOT / "bench" / "results.json"
     if not results.exists():
         pytest.skip("no committed bench results")
-    from qcompiler.bench.grid import full_plan
+    from tools.qbench.grid import full_plan
 
     data = json.loads(results.read_text())
     assert report.readme_block(ROOT / "README.md") == report.summary_table(data, full_plan()).strip()
 
 
 def test_watch_kills_a_row_past_its_time_or_memory():
-    from qcompiler.bench.runner import _watch
+    from tools.qbench.runner import _watch
 
     slow = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     assert _watch(slow, timeout=0.5, max_rss_gb=100) == "timed out after 0 s" and slow.returncode is not None
@@ -209,7 +209,7 @@ def test_a_worker_does_not_inherit_its_parents_peak_memory():
 
 
 def test_a_timeout_names_the_last_progress_and_spares_the_methods_other_settings(tmp_path):
-    from qcompiler.bench.runner import last_progress, timed_out_elsewhere
+    from tools.qbench.runner import last_progress, timed_out_elsewhere
 
     assert last_progress("loading\rProgress: [##   ] 10.00%\rProgress: [###  ] 15.70%") == "15.70%"
     assert last_progress("no bar here") is None

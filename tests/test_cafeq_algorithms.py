@@ -147,15 +147,26 @@ def test_updown_scale_and_channel_order():
 
 def test_learners_stop_once_the_error_plateaus():
     """``patience``: a learner whose best error stops falling stops early and reports the steps it ran;
-    with patience 0 it runs every step; stopping never loses what was reached before the stop."""
+    with patience 0 it runs every step; stopping never loses what was reached before the stop.
+
+    How far a learner would still fall after a plateau is not a property of the learner (an STE
+    trajectory can leave a plateau late, and where depends on the processor's float rounding), so
+    the bounds here are the ones that hold for any rounding: the early stop keeps the best of exactly
+    the steps it ran, running on can only keep something at least as good, and the stop came after
+    ``patience`` steps without a real improvement."""
     rng = np.random.default_rng(4)
     up, down = rng.standard_normal((32, 64)), rng.standard_normal((64, 24)) * np.exp(rng.normal(0, 1, (64, 1)))
     full = learn_updown_scale(up, down, GRID, LearnConfig(steps=600, patience=0))
     early = learn_updown_scale(up, down, GRID, LearnConfig(steps=600, patience=30))
-    assert full.steps == 600 and early.steps < 600, early.steps
+    assert full.steps == 600 and 30 <= early.steps < 600, early.steps
     cut = learn_updown_scale(up, down, GRID, LearnConfig(steps=early.steps, patience=0))
     assert early.error == pytest.approx(cut.error, rel=1e-9)  # the best of the steps it ran
-    assert early.error < early.identity_error and early.error <= full.error * 1.01, (early.error, full.error)
+    assert full.error <= early.error * (1 + 1e-9)  # running on keeps the best of a superset of those steps
+    assert early.error < early.identity_error
+    # the stop was earned: the 30 steps before it did not improve on the best of the steps up to them
+    # (indices 0 .. steps - 30) by more than PLATEAU_TOL
+    on = learn_updown_scale(up, down, GRID, LearnConfig(steps=early.steps - 29, patience=0))
+    assert early.error >= on.error * (1 - PLATEAU_TOL) - 1e-15, (on.error, early.error)
     ws = [_outlier_weight(rng, 64, 48)]
     for exact in (True, False):  # the STE loss read every step, or the true error every 10 (column subsets)
         cfg = LearnConfig(steps=3000, lr=0.02, ortho_reg=0.0, patience=100, column_batch=64 if exact else 16)

@@ -27,9 +27,9 @@ import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qcompiler.bench.grid import Setting  # noqa: E402
-from qcompiler.bench.peers import ort_default, ort_hqq  # noqa: E402
-from qcompiler.bench.tasks import alternating_latency, latency_session  # noqa: E402
+from tools.qbench.grid import Setting  # noqa: E402
+from tools.qbench.peers import ort_default, ort_hqq  # noqa: E402
+from tools.qbench.tasks import alternating_latency, latency_session  # noqa: E402
 from qcompiler.config import CompileConfig, QuantConfig  # noqa: E402
 from qcompiler.frontends import load_model  # noqa: E402
 from qcompiler.frontends.bundled import bundled_path  # noqa: E402

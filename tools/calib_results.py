@@ -29,9 +29,9 @@ import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qcompiler.bench.grid import Setting  # noqa: E402
-from qcompiler.bench.peers import ort_gptq  # noqa: E402
-from qcompiler.bench.worker import feeds_from_ids  # noqa: E402
+from tools.qbench.grid import Setting  # noqa: E402
+from tools.qbench.peers import ort_gptq  # noqa: E402
+from tools.qbench.worker import feeds_from_ids  # noqa: E402
 from qcompiler.frontends import load_model  # noqa: E402
 from qcompiler.frontends.bundled import bundled_path  # noqa: E402
 from qcompiler.runtime.calib_data import calibration_tokens  # noqa: E402

@@ -17,9 +17,9 @@ import numpy as np
 import onnxruntime as ort
 from tqdm.auto import tqdm
 
-from qcompiler.bench.grid import BY_NAME, MODEL_SCALE, MODELS, REFERENCE, RowSpec
-from qcompiler.bench.store import ResultStore
-from qcompiler.bench.tasks import (
+from tools.qbench.grid import BY_NAME, MODEL_SCALE, MODELS, REFERENCE, RowSpec
+from tools.qbench.store import ResultStore
+from tools.qbench.tasks import (
     Task,
     alternating_latency,
     encoder_task,
@@ -27,12 +27,13 @@ from qcompiler.bench.tasks import (
     lm_task,
     runs_in_plain_onnxruntime,
 )
-from qcompiler.bench.worker import WorkerSpec
+from tools.qbench.worker import WorkerSpec
 from qcompiler.errors import first_line
 from qcompiler.graphio import saved_bytes
 from qcompiler.resources import children_cpu_seconds, machine_busy_seconds, others_cpu_share
 
 log = logging.getLogger(__name__)
+REPO = Path(__file__).resolve().parents[2]  # the checkout: tools/qbench/runner.py -> .
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,13 @@ def timed_out_elsewhere(store: ResultStore, row: RowSpec, timeout: float) -> str
     return None
 
 
+def _worker_env() -> dict[str, str]:
+    """A worker runs ``python -m tools.qbench.worker``: the bench is not installed, so the checkout
+    goes first on its path, whatever the caller's working directory."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, "TQDM_DISABLE": "1"}
+
+
 def _compile(row: RowSpec, p: Prepared, work: Path, timeout: float, cache_dir: str | None,
              max_rss_gb: float) -> tuple[str | None, dict]:
     folder = work / row.model / "rows"
@@ -171,8 +179,8 @@ def _compile(row: RowSpec, p: Prepared, work: Path, timeout: float, cache_dir: s
     Path(spec.stats).unlink(missing_ok=True)
     busy0, own0, t0 = machine_busy_seconds(), children_cpu_seconds(), time.monotonic()
     with open(log_path, "w") as logf:
-        proc = subprocess.Popen([sys.executable, "-m", "qcompiler.bench.worker", str(spec_path)], stdout=logf,
-                                stderr=subprocess.STDOUT, env={**os.environ, "TQDM_DISABLE": "1"})
+        proc = subprocess.Popen([sys.executable, "-m", "tools.qbench.worker", str(spec_path)], stdout=logf,
+                                stderr=subprocess.STDOUT, env=_worker_env())
         reason = _watch(proc, timeout, max_rss_gb)
     busy1, own1, wall = machine_busy_seconds(), children_cpu_seconds(), time.monotonic() - t0
     if reason:
@@ -218,11 +226,12 @@ def code_version() -> str | None:
     outside a git checkout. Each row records it: rows of one page may come from different commits."""
     import subprocess
 
-    root = Path(__file__).resolve().parents[2]
+    root = REPO
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
                               timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "qcompiler", "passes", "runtime"],
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "qcompiler", "passes", "runtime",
+                                "tools/qbench"],
                                cwd=root, timeout=10).returncode != 0
     except (OSError, subprocess.SubprocessError):
         return None

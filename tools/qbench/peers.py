@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from qcompiler.bench.grid import Setting
+from tools.qbench.grid import Setting
 
 Feeds = list[dict[str, np.ndarray]]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qcompiler.bench.grid import BY_NAME, REFERENCE, Setting
+from tools.qbench.grid import BY_NAME, REFERENCE, Setting
 
 BAR_SETTINGS = ("w4-b128-sym", "w4-b32-sym", "w4-b128-asym", "w4-b32-asym")
 

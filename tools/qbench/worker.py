@@ -1,4 +1,4 @@
-"""One bench row's compile, in its own process: ``python -m qcompiler.bench.worker SPEC.json``.
+"""One bench row's compile, in its own process: ``python -m tools.qbench.worker SPEC.json``.
 
 Its own process, so that each row's peak memory is its own (``ru_maxrss`` when the compile is done)
 and a crash or a time-out costs one row, not the run. The spec names the model source, the fp32 ONNX
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from qcompiler.bench.grid import REFERENCE, Setting
+from tools.qbench.grid import REFERENCE, Setting
 from qcompiler.errors import first_line
 from qcompiler.graphio import save_onnx_atomic
 from qcompiler.resources import compile_peak_mb
@@ -72,8 +72,8 @@ def _ours(spec: WorkerSpec, setting: Setting) -> onnx.ModelProto:
 
 
 def _peer(spec: WorkerSpec, setting: Setting | None) -> onnx.ModelProto:
-    from qcompiler.bench.grid import BY_NAME
-    from qcompiler.bench.peers import PEERS
+    from tools.qbench.grid import BY_NAME
+    from tools.qbench.peers import PEERS
 
     model = onnx.load(spec.fp32)
     feeds = feeds_from_ids(model, np.load(spec.calib)) if BY_NAME[spec.method].calibrated else []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from qcompiler.bench.grid import BY_NAME, MODEL_NOTES, MODELS, REFERENCE, SETTINGS, RowSpec, Setting
+from tools.qbench.grid import BY_NAME, MODEL_NOTES, MODELS, REFERENCE, SETTINGS, RowSpec, Setting
 from qcompiler.graphio import write_text_atomic
 
 COLUMNS = {"encoder": [("mean_cos", "mean cos", "{:.4f}"), ("min_cos", "min cos", "{:.4f}"),
