@@ -21,11 +21,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from qcompiler.graphio import write_text_atomic  # noqa: E402
 from tools.qbench import plots, report  # noqa: E402
 from tools.qbench.grid import BY_NAME, METHODS, REFERENCE_METHODS, SETTINGS, Setting, full_plan, plan_rows  # noqa: E402
 from tools.qbench.runner import REAL_MODELS, ModelEntry, run  # noqa: E402
 from tools.qbench.store import ResultStore  # noqa: E402
-from qcompiler.graphio import write_text_atomic  # noqa: E402
 
 QUICK_SETTINGS = ("w4-b32-sym",)  # and w4-b32-asym for the methods without a symmetric mode
 QUICK_CAFEQ = (("steps", 40), ("joint_rounds", 1), ("joint_mlp_rounds", 1))

@@ -27,15 +27,15 @@ import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools.qbench.grid import Setting  # noqa: E402
-from tools.qbench.peers import ort_default, ort_hqq  # noqa: E402
-from tools.qbench.tasks import alternating_latency, latency_session  # noqa: E402
 from qcompiler.config import CompileConfig, QuantConfig  # noqa: E402
 from qcompiler.frontends import load_model  # noqa: E402
 from qcompiler.frontends.bundled import bundled_path  # noqa: E402
 from qcompiler.pipeline import compile_model  # noqa: E402
 from qcompiler.runtime.evaluate import fidelity, perplexity, sentence_embeddings, token_windows  # noqa: E402
 from qcompiler.runtime.text import default_text, paragraphs, read_text  # noqa: E402
+from tools.qbench.grid import Setting  # noqa: E402
+from tools.qbench.peers import ort_default, ort_hqq  # noqa: E402
+from tools.qbench.tasks import alternating_latency, latency_session  # noqa: E402
 
 SETTINGS = {"minilm": [(4, 128, False), (4, 128, True), (3, 128, False)],
             "smollm2": [(3, 128, True), (4, 128, True)]}

@@ -29,14 +29,14 @@ import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools.qbench.grid import Setting  # noqa: E402
-from tools.qbench.peers import ort_gptq  # noqa: E402
-from tools.qbench.worker import feeds_from_ids  # noqa: E402
 from qcompiler.frontends import load_model  # noqa: E402
 from qcompiler.frontends.bundled import bundled_path  # noqa: E402
 from qcompiler.runtime.calib_data import calibration_tokens  # noqa: E402
 from qcompiler.runtime.evaluate import fidelity, perplexity, sentence_embeddings, token_windows  # noqa: E402
 from qcompiler.runtime.text import default_text, paragraphs, read_text  # noqa: E402
+from tools.qbench.grid import Setting  # noqa: E402
+from tools.qbench.peers import ort_gptq  # noqa: E402
+from tools.qbench.worker import feeds_from_ids  # noqa: E402
 
 SETTINGS = [(3, 128, True), (4, 128, True)]
 METHODS = ("rtn", "gptq", "gptaq", "cafeq+gptaq", "ort-gptq")

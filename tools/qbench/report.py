@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from tools.qbench.grid import BY_NAME, MODEL_NOTES, MODELS, REFERENCE, SETTINGS, RowSpec, Setting
 from qcompiler.graphio import write_text_atomic
+from tools.qbench.grid import BY_NAME, MODEL_NOTES, MODELS, REFERENCE, SETTINGS, RowSpec, Setting
 
 COLUMNS = {"encoder": [("mean_cos", "mean cos", "{:.4f}"), ("min_cos", "min cos", "{:.4f}"),
                        ("spearman", "Spearman", "{:.4f}"), ("nn_agreement", "NN agree", "{:.3f}")],

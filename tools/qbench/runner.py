@@ -17,6 +17,9 @@ import numpy as np
 import onnxruntime as ort
 from tqdm.auto import tqdm
 
+from qcompiler.errors import first_line
+from qcompiler.graphio import saved_bytes
+from qcompiler.resources import children_cpu_seconds, machine_busy_seconds, others_cpu_share
 from tools.qbench.grid import BY_NAME, MODEL_SCALE, MODELS, REFERENCE, RowSpec
 from tools.qbench.store import ResultStore
 from tools.qbench.tasks import (
@@ -28,9 +31,6 @@ from tools.qbench.tasks import (
     runs_in_plain_onnxruntime,
 )
 from tools.qbench.worker import WorkerSpec
-from qcompiler.errors import first_line
-from qcompiler.graphio import saved_bytes
-from qcompiler.resources import children_cpu_seconds, machine_busy_seconds, others_cpu_share
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]  # the checkout: tools/qbench/runner.py -> .
@@ -226,13 +226,12 @@ def code_version() -> str | None:
     outside a git checkout. Each row records it: rows of one page may come from different commits."""
     import subprocess
 
-    root = REPO
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                               timeout=10, check=True).stdout.strip()
         dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "qcompiler", "passes", "runtime",
                                 "tools/qbench"],
-                               cwd=root, timeout=10).returncode != 0
+                               cwd=REPO, timeout=10).returncode != 0
     except (OSError, subprocess.SubprocessError):
         return None
     return head + ("+changes" if dirty else "") if head else None

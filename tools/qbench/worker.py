@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from tools.qbench.grid import REFERENCE, Setting
 from qcompiler.errors import first_line
 from qcompiler.graphio import save_onnx_atomic
 from qcompiler.resources import compile_peak_mb
+from tools.qbench.grid import REFERENCE, Setting
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Scripts run by hand; a package so that the bench (``tools.qbench``) imports from the repo root."""
