@@ -160,3 +160,20 @@ class QuantPlan:
                            for i, o in enumerate(header.get("online", [])))
         return cls(header["method"], QuantConfig(**header["quant"]), tuple(sites), tuple(pairs), online,
                    tuple(PairStats(**p) for p in header.get("pair_stats", [])))
+
+
+def joint_rounded_sites(plan: QuantPlan, rtol: float = 1e-5) -> tuple[SitePlan, ...]:
+    """The sites whose weights joint rounding changed: ``rel_error`` away from ``plain_rel_error`` by more
+    than ``rtol`` (relative).
+
+    Not an exact ``!=``: the plain error is measured on a float32 copy of the effective weight and the final
+    one in float64, so a site that joint rounding left alone (Q and K of a group with an online transform)
+    differs by float rounding, about 1e-9 relative (float32 sums bound it near 1e-6), while a weight joint
+    rounding re-rounds moves by percents.
+    """
+    out = []
+    for p in plan.sites:
+        plain, final = p.stats.plain_rel_error, p.stats.rel_error
+        if plain is not None and abs(plain - final) > rtol * max(abs(plain), abs(final)):
+            out.append(p)
+    return tuple(out)

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from tqdm.auto import tqdm
 
+from qcompiler.errors import QCompilerError
 from qcompiler.runtime.session import SessionOptions, make_session
+
+log = logging.getLogger(__name__)
+
+_FLOAT_TYPES = ("tensor(float)", "tensor(float16)", "tensor(double)", "tensor(bfloat16)")
+# output names of a [batch, sequence, hidden] state (HF, sentence-transformers, optimum exports)
+HIDDEN_NAMES = ("last_hidden_state", "token_embeddings", "hidden_state")
+LOGITS_NAMES = ("logits",)
 
 
 @dataclass(frozen=True)
@@ -47,11 +57,50 @@ def session_feeds(sess, enc: dict) -> dict[str, np.ndarray]:
     return feeds
 
 
+def _describe(o) -> str:
+    shape = "?" if o.shape is None else "[" + ", ".join(str(d) for d in o.shape) + "]"
+    return f"{o.name} {o.type[7:-1] if o.type.startswith('tensor(') else o.type} {shape}"
+
+
+def pick_output(sess, prefer: Sequence[str] = HIDDEN_NAMES, what: str = "hidden-state", name: str = "the model") -> str:
+    """The name of the float ``[batch, sequence, features]`` output of ``sess`` to read.
+
+    A model we did not export may put other outputs first (e.g. the ``input_ids`` passed through, or a
+    pooled ``[batch, hidden]`` vector). Preference: a float rank-3 output named like ``prefer``, then
+    the first float rank-3 output, then a float output of unknown rank (named like ``prefer`` first).
+    Raises ``QCompilerError`` naming the outputs when there is none.
+    """
+    outs = sess.get_outputs()
+    floats = [o for o in outs if o.type in _FLOAT_TYPES]
+    rank3 = [o for o in floats if o.shape is not None and len(o.shape) == 3]
+    unknown = [o for o in floats if o.shape is None]
+
+    def named(cands):
+        return [o for p in prefer for o in cands if p in o.name.lower()]
+
+    for cands in (named(rank3), rank3, named(unknown), unknown):
+        if cands:
+            chosen = cands[0].name
+            if chosen != outs[0].name:
+                log.info("%s: reading output %r (output 0 is %s)", name, chosen, _describe(outs[0]))
+            return chosen
+    raise QCompilerError(f"{name} has no float [batch, sequence, {'vocab' if what == 'logits' else 'hidden'}] "
+                         f"output to read the {what} from (outputs: {'; '.join(_describe(o) for o in outs)})")
+
+
+def _rank3(x: np.ndarray, output: str, what: str, name: str) -> np.ndarray:
+    if x.ndim != 3 or not np.issubdtype(x.dtype, np.floating):
+        raise QCompilerError(f"{name}'s output {output!r} is {x.dtype} of shape {list(x.shape)}, "
+                             f"not the float [batch, sequence, features] {what} expected")
+    return x
+
+
 def sentence_embeddings(model: onnx.ModelProto | str, tokenizer_dir: str, texts: list[str],
                         max_length: int = 128, batch_size: int = 32, options: SessionOptions | None = None,
-                        progress: bool = False) -> np.ndarray:
+                        progress: bool = False, name: str = "the model") -> np.ndarray:
     """Mean pooling over the attention mask, then L2 normalisation (sentence-transformers' recipe)."""
-    return pooled_embeddings(model, encode_texts(tokenizer_dir, texts, max_length, batch_size), options, progress)
+    return pooled_embeddings(model, encode_texts(tokenizer_dir, texts, max_length, batch_size), options, progress,
+                             name)
 
 
 def encode_texts(tokenizer_dir: str, texts: list[str], max_length: int = 128,
@@ -63,14 +112,19 @@ def encode_texts(tokenizer_dir: str, texts: list[str], max_length: int = 128,
 
 
 def pooled_embeddings(model: onnx.ModelProto | str, batches: list[dict[str, np.ndarray]],
-                      options: SessionOptions | None = None, progress: bool = False) -> np.ndarray:
-    """Mean-pooled, L2-normalised first outputs of an encoder over tokenized ``batches``."""
+                      options: SessionOptions | None = None, progress: bool = False,
+                      name: str = "the model") -> np.ndarray:
+    """Mean-pooled, L2-normalised hidden states (``pick_output``) of an encoder over tokenized ``batches``."""
     sess = make_session(model, options)
+    output = pick_output(sess, HIDDEN_NAMES, "hidden states", name)
     out = []
     for enc in tqdm(batches, desc="embed", disable=not progress, leave=False):
         feeds = session_feeds(sess, enc)
-        hidden = sess.run(None, feeds)[0].astype(np.float64)
-        mask = feeds["attention_mask"][..., None].astype(np.float64)
+        hidden = _rank3(sess.run([output], feeds)[0], output, "hidden states", name).astype(np.float64)
+        mask = np.asarray(enc.get("attention_mask", np.ones(hidden.shape[:2])))[..., None].astype(np.float64)
+        if mask.shape[:2] != hidden.shape[:2]:
+            raise QCompilerError(f"{name}'s output {output!r} has shape {list(hidden.shape)}, which does not "
+                                 f"match the {list(mask.shape[:2])} tokens fed")
         pooled = (hidden * mask).sum(1) / np.maximum(mask.sum(1), 1e-9)
         out.append(pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12))
     return np.concatenate(out)
@@ -104,7 +158,8 @@ def fidelity(emb: np.ndarray, ref: np.ndarray) -> FidelityResult:
 def embedding_fidelity(model: onnx.ModelProto | str, reference: onnx.ModelProto | str, tokenizer_dir: str,
                        texts: list[str], max_length: int = 128, options: SessionOptions | None = None,
                        progress: bool = False) -> FidelityResult:
-    ref = sentence_embeddings(reference, tokenizer_dir, texts, max_length, options=options, progress=progress)
+    ref = sentence_embeddings(reference, tokenizer_dir, texts, max_length, options=options, progress=progress,
+                              name="the reference")
     emb = sentence_embeddings(model, tokenizer_dir, texts, max_length, options=options, progress=progress)
     return fidelity(emb, ref)
 
@@ -120,13 +175,14 @@ def token_windows(tokenizer_dir: str, text: str, windows: int = 8, length: int =
 
 
 def perplexity(model: onnx.ModelProto | str, windows: np.ndarray, options: SessionOptions | None = None,
-               progress: bool = False) -> PerplexityResult:
+               progress: bool = False, name: str = "the model") -> PerplexityResult:
     sess = make_session(model, options)
+    output = pick_output(sess, LOGITS_NAMES, "logits", name)
     total, count = 0.0, 0
     for w in tqdm(windows, desc="perplexity", disable=not progress, leave=False):
         ids = w[None, :]
         feeds = session_feeds(sess, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
-        logits = sess.run(None, feeds)[0][0, :-1].astype(np.float64)
+        logits = _rank3(sess.run([output], feeds)[0], output, "logits", name)[0, :-1].astype(np.float64)
         target = ids[0, 1:]
         m = logits.max(-1, keepdims=True)
         logz = (m[:, 0] + np.log(np.exp(logits - m).sum(-1)))

@@ -132,7 +132,7 @@ class _Stretcher:
 
 def validate_streamed(original: onnx.ModelProto, original_dir: str | os.PathLike, compiled: onnx.ModelProto,
                       compiled_sources: Mapping[str, Path], cuts: Sequence[str], feeds: Mapping[str, np.ndarray],
-                      options: SessionOptions | None = None) -> ValidationResult:
+                      options: SessionOptions | None = None, label: str = "") -> ValidationResult:
     """Both models on ``feeds``, cut before each node of ``cuts`` (names in ``original``); models keep their
     external data references (``original``: relative to ``original_dir``; ``compiled``: ``compiled_sources``)."""
     options = options or SessionOptions(device="cpu")
@@ -150,4 +150,4 @@ def validate_streamed(original: onnx.ModelProto, original_dir: str | os.PathLike
         state_a = a.run(state_a, targets)
         state_b = b.run(state_b, targets)
         log.debug("stretch %d/%d: %d state tensors", i + 1, len(states), len(targets))
-    return ValidationResult(tuple(compare(state_b[o], state_a[o], o) for o in states[-1]))
+    return ValidationResult(tuple(compare(state_b[o], state_a[o], o) for o in states[-1]), label)

@@ -8,8 +8,8 @@ import numpy as np
 import onnx
 
 from qcompiler.errors import ModelLoadError, first_line
-from qcompiler.runtime.inputs import sample_inputs
 from qcompiler.runtime.session import SessionOptions, make_session
+from qcompiler.runtime.text_inputs import SampleInputs, random_sample_inputs
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,8 @@ class OutputError:
 @dataclass(frozen=True)
 class ValidationResult:
     outputs: tuple[OutputError, ...]
+    # what both models ran on: "text (4 samples of the Jargon File, 32 tokens each)", "random token ids", ...
+    inputs: str = ""
 
     @property
     def max_rel_error(self) -> float:
@@ -64,11 +66,18 @@ def run(model: onnx.ModelProto | bytes | str, feeds: dict[str, np.ndarray],
 
 
 def validate(compiled: onnx.ModelProto | bytes | str, original: onnx.ModelProto,
-             feeds: dict[str, np.ndarray] | None = None, options: SessionOptions | None = None) -> ValidationResult:
-    feeds = feeds if feeds is not None else sample_inputs(original)
+             feeds: SampleInputs | dict[str, np.ndarray] | None = None, options: SessionOptions | None = None,
+             label: str | None = None) -> ValidationResult:
+    """Both models on ``feeds`` (``text_inputs.validation_inputs``, or a plain dict that ``label`` names),
+    else on ``sample_inputs``' random ones; the result's ``inputs`` says which."""
+    if isinstance(feeds, SampleInputs):
+        feeds, label = feeds.feeds, label or feeds.label
+    elif feeds is None:
+        random = random_sample_inputs(original)
+        feeds, label = random.feeds, label or random.label
     try:
         ref = run(original, feeds, options)
     except Exception as e:  # the input itself does not run: bad input, not our bug
         raise ModelLoadError(f"the input model does not run in ONNX Runtime: {first_line(e, 240)}") from None
     got = run(compiled, feeds, options)
-    return ValidationResult(tuple(compare(got[k], ref[k], k) for k in ref))
+    return ValidationResult(tuple(compare(got[k], ref[k], k) for k in ref), label or "given inputs")

@@ -64,3 +64,30 @@ def shared_weight_model() -> onnx.ModelProto:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "S", 32])],
         [_init("W", w), _init("table", table)])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
+
+
+def conv_model() -> onnx.ModelProto:
+    """A ViT-like stem: x[B,3,8,8] -> Conv(Wc, patch 4) -> Reshape [B, 16, 4] -> MatMul(Wp) -> y, plus a
+    ConvTranspose head with a constant weight (-> up) and an Einsum between activations (no weight)."""
+    rng = np.random.default_rng(2)
+    nodes = [
+        helper.make_node("Conv", ["x", "Wc", "bc"], ["patches"], name="patch_embed", kernel_shape=[4, 4],
+                         strides=[4, 4]),
+        helper.make_node("Reshape", ["patches", "shape3d"], ["tokens"], name="rs"),
+        helper.make_node("MatMul", ["tokens", "Wp"], ["y"], name="proj"),
+        helper.make_node("ConvTranspose", ["patches", "Wt"], ["up"], name="deconv", kernel_shape=[2, 2],
+                         strides=[2, 2]),
+        helper.make_node("Einsum", ["tokens", "tokens"], ["gram"], name="gram", equation="bij,bkj->bik"),
+    ]
+    graph = helper.make_graph(
+        nodes, "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 16, 32]),
+         helper.make_tensor_value_info("up", TensorProto.FLOAT, ["B", 2, 4, 4]),
+         helper.make_tensor_value_info("gram", TensorProto.FLOAT, ["B", 16, 16])],
+        [_init("Wc", rng.standard_normal((16, 3, 4, 4)).astype(np.float32)),
+         _init("bc", np.zeros(16, np.float32)), _init("shape3d", np.array([0, 16, 4], dtype=np.int64)),
+         _init("Wp", rng.standard_normal((4, 32)).astype(np.float32)),
+         _init("Wt", rng.standard_normal((16, 2, 2, 2)).astype(np.float32))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
+    onnx.checker.check_model(model)
+    return model

@@ -144,3 +144,21 @@ def test_inspect_verify_folds_random_transforms(pair_checkpoints, cache_dir, cap
     j = _json([str(pair_checkpoints["qwen2"]), "--cache-dir", str(cache_dir), "--verify"], capsys)
     assert j["verify"]["pairs_folded"] == 4
     assert j["verify"]["max_rel_change"] < 1e-5
+
+
+def test_inspect_lists_ops_with_weights_that_are_not_sites():
+    """A Conv / ConvTranspose with a constant weight shows in the text, JSON and HTML views, with a reason."""
+    from qcompiler.inspect.text import render_page_written, render_text
+    from tests.graphs import conv_model
+
+    ins = inspect_model(conv_model(), "conv.onnx", with_graph=True)
+    text = render_text(ins)
+    assert "patch_embed (Conv): not a MatMul/Gemm site: constant weight [16, 3, 4, 4] kept in float" in text
+    assert "deconv (ConvTranspose): not a MatMul/Gemm site" in text
+    rejected = {r["node"]: r for r in ins.to_json()["rejected"]}
+    assert rejected["patch_embed"]["op_type"] == "Conv" and "MatMul/Gemm" in rejected["deconv"]["reason"]
+    page = render_html(ins)
+    assert "patch_embed" in page and "ConvTranspose" in page
+    assert render_page_written(ins, "p.html").splitlines() == [
+        "conv.onnx: 0 float sites, 0 quantized, 0 attn_vo + 0 mlp_up_down pairs, 0 sibling groups, 3 rejected",
+        "page written: p.html"]

@@ -4,7 +4,7 @@ import onnx
 from qcompiler.config import MatchConfig
 from qcompiler.graphio import import_graph
 from qcompiler.match.sites import find_linear_sites, site_weight
-from tests.graphs import mixed_model, shared_weight_model
+from tests.graphs import conv_model, mixed_model, shared_weight_model
 
 
 def _match(model, **kw):
@@ -59,3 +59,23 @@ def test_ids_fall_back_to_initializer_names_and_are_unique():
     _, m = _match(mixed_model())
     ids = [s.id for s in m.sites]
     assert ids == ["W1", "W2t", "W3"] and len(set(ids)) == len(ids)
+
+
+def test_other_ops_with_constant_weights_are_listed_with_a_reason():
+    """A patch-embedding Conv and a ConvTranspose head are not sites, but not invisible either."""
+    _, m = _match(conv_model(), quantize_lm_head=True)
+    assert [s.node for s in m.sites] == ["proj"]
+    reasons = {r.node: (r.op_type, r.reason) for r in m.rejected}
+    assert reasons["patch_embed"] == ("Conv", "not a MatMul/Gemm site: constant weight [16, 3, 4, 4] kept in float")
+    assert reasons["deconv"][0] == "ConvTranspose" and "[16, 2, 2, 2]" in reasons["deconv"][1]
+    assert "gram" not in reasons  # an Einsum between activations has no weight
+
+
+def test_the_compilers_online_transforms_are_named_as_such():
+    model = conv_model()
+    for t in model.graph.initializer:
+        if t.name == "Wc":
+            t.name = "x_online_T_inv"
+    model.graph.node[0].input[1] = "x_online_T_inv"
+    _, m = _match(model)
+    assert {r.node: r.reason for r in m.rejected}["patch_embed"].startswith("online transform x T^-1")

@@ -4,7 +4,7 @@ from qcompiler.config import MatchConfig, QuantConfig
 from qcompiler.graphio import import_graph
 from qcompiler.match.sites import find_linear_sites, site_weight
 from qcompiler.methods.rtn import plan_rtn
-from qcompiler.plan import QuantPlan
+from qcompiler.plan import QuantPlan, joint_rounded_sites
 from tests.graphs import mixed_model
 
 
@@ -51,3 +51,23 @@ def test_nan_weight_is_named():
 
     with pytest.raises(QCompilerError, match="W2t"):
         plan_rtn(match.sites, weights, QuantConfig())
+
+
+def test_joint_rounded_sites_ignore_float_rounding():
+    """Sites joint rounding left alone differ from their plain error by float noise only: not counted."""
+    import dataclasses
+
+    graph = import_graph(mixed_model())
+    match = find_linear_sites(graph, MatchConfig())
+    plan = plan_rtn(match.sites, lambda s: site_weight(graph, s), QuantConfig(3, 32, True))
+    noise, changed, untouched = plan.sites
+    sites = (
+        dataclasses.replace(noise, stats=dataclasses.replace(noise.stats, plain_rel_error=noise.stats.rel_error
+                                                             * (1 + 2e-9))),
+        dataclasses.replace(changed, stats=dataclasses.replace(changed.stats, plain_rel_error=changed.stats.rel_error
+                                                               * 0.9)),
+        untouched,  # no plain error recorded (not a cafeq plan)
+    )
+    joint = joint_rounded_sites(dataclasses.replace(plan, sites=sites))
+    assert [p.site.id for p in joint] == [changed.site.id]
+    assert joint_rounded_sites(plan) == ()

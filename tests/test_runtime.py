@@ -1,10 +1,21 @@
 import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
-from qcompiler.runtime.evaluate import fidelity, perplexity, spearman, token_windows
+from qcompiler.errors import QCompilerError
+from qcompiler.runtime.evaluate import (
+    embedding_fidelity,
+    fidelity,
+    perplexity,
+    pooled_embeddings,
+    spearman,
+    token_windows,
+)
 from qcompiler.runtime.inputs import sample_inputs, vocab_size
 from qcompiler.runtime.session import SessionOptions, make_session
-from qcompiler.runtime.text import paragraphs
+from qcompiler.runtime.text import JARGON_FILE, paragraphs
+from qcompiler.runtime.text_inputs import SampleInputs, real_sample_inputs, validation_inputs
 from qcompiler.runtime.validate import compare, validate
 from tests.graphs import mixed_model, shared_weight_model
 
@@ -75,3 +86,120 @@ def test_perplexity_of_a_tiny_lm(tmp_path, minilm_dir, cache_dir):
     assert 1000 < res.perplexity < 100000  # untrained: about uniform over 30522 tokens
     with pytest.raises(ValueError):
         token_windows(str(minilm_dir), "too short", windows=2, length=64)
+
+
+def _passthrough_encoder(vocab: int = 30522, hidden: int = 4, with_hidden: bool = True,
+                         hidden_name: str = "last_hidden_state") -> onnx.ModelProto:
+    """A sentence encoder we did not export: output 0 is the int64 ``input_ids`` passed through, then a
+    pooled [B, H] float, then (``with_hidden``) the [B, S, H] hidden states (an embedding lookup)."""
+    table = np.random.default_rng(0).standard_normal((vocab, hidden)).astype(np.float32)
+    ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["B", "S"])
+    mask = helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["B", "S"])
+    nodes = [helper.make_node("Identity", ["input_ids"], ["ids_out"]),
+             helper.make_node("Gather", ["E", "input_ids"], ["h"]),
+             helper.make_node("Cast", ["attention_mask"], ["maskf"], to=TensorProto.FLOAT),
+             helper.make_node("Unsqueeze", ["maskf", "axis2"], ["mask3"]),
+             helper.make_node("Mul", ["h", "mask3"], [hidden_name] if with_hidden else ["hm"]),
+             helper.make_node("ReduceMean", [hidden_name if with_hidden else "hm", "axis1"], ["pooled"], keepdims=0)]
+    outputs = [helper.make_tensor_value_info("ids_out", TensorProto.INT64, ["B", "S"]),
+               helper.make_tensor_value_info("pooled", TensorProto.FLOAT, ["B", hidden])]
+    if with_hidden:
+        outputs.append(helper.make_tensor_value_info(hidden_name, TensorProto.FLOAT, ["B", "S", hidden]))
+    graph = helper.make_graph(nodes, "enc", [ids, mask], outputs,
+                              [numpy_helper.from_array(table, "E"),
+                               numpy_helper.from_array(np.array([2], np.int64), "axis2"),
+                               numpy_helper.from_array(np.array([1], np.int64), "axis1")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.mark.parametrize("hidden_name", ["last_hidden_state", "h2"])
+def test_pooling_reads_the_hidden_state_not_output_0(hidden_name):
+    model = _passthrough_encoder(vocab=50, hidden_name=hidden_name)
+    table = numpy_helper.to_array(model.graph.initializer[0]).astype(np.float64)
+    ids = np.array([[1, 2, 3, 0], [4, 5, 0, 0]], dtype=np.int64)
+    mask = np.array([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=np.int64)
+    emb = pooled_embeddings(model, [{"input_ids": ids, "attention_mask": mask}])
+    want = np.stack([table[ids[i, :mask[i].sum()]].mean(0) for i in range(2)])
+    want /= np.linalg.norm(want, axis=1, keepdims=True)
+    np.testing.assert_allclose(emb, want, rtol=1e-5)
+
+
+def test_fidelity_of_a_foreign_encoder_against_itself(minilm_dir):
+    """``eval --reference`` on an encoder whose output 0 is int64 ``input_ids`` (it used to die in a broadcast)."""
+    model = _passthrough_encoder()
+    texts = ["hackers write programs", "the jargon file describes their words", "a kludge works, barely"]
+    res = embedding_fidelity(model, model, str(minilm_dir), texts)
+    assert res.mean_cosine == pytest.approx(1.0) and res.paragraphs == 3
+
+
+def test_pooling_refuses_a_model_without_hidden_states():
+    model = _passthrough_encoder(vocab=50, with_hidden=False)
+    batch = {"input_ids": np.ones((1, 3), np.int64), "attention_mask": np.ones((1, 3), np.int64)}
+    with pytest.raises(QCompilerError) as e:
+        pooled_embeddings(model, [batch], name="the reference")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("the reference has no float [batch, sequence, hidden] output")
+    assert "ids_out int64 [B, S]" in msg and "pooled float [B, 4]" in msg
+
+
+def test_perplexity_reads_the_logits_output():
+    """Output 0 is the ids passed through; ``logits`` (a lookup in a [V, V] table) is read instead."""
+    vocab = 8
+    table = np.random.default_rng(1).standard_normal((vocab, vocab)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["input_ids"], ["ids_out"]),
+         helper.make_node("Gather", ["E", "input_ids"], ["logits"])], "lm",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["B", "S"])],
+        [helper.make_tensor_value_info("ids_out", TensorProto.INT64, ["B", "S"]),
+         helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["B", "S", vocab])],
+        [numpy_helper.from_array(table, "E")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
+    windows = np.array([[1, 2, 3, 4, 5]], dtype=np.int64)
+    res = perplexity(model, windows)
+    logp = table - np.log(np.exp(table.astype(np.float64)).sum(-1, keepdims=True))
+    nll = -np.mean([logp[a, b] for a, b in zip(windows[0, :-1], windows[0, 1:], strict=True)])
+    assert res.nll == pytest.approx(nll, rel=1e-5) and res.tokens == 4
+
+
+_PROSE = ("Hackers write programs, and the Jargon File describes the words they use for them: a kludge is a "
+          "clever but clumsy fix, a hack is a quick job that produces what is needed, and cruft is excess code. ")
+
+
+def test_validation_inputs_are_real_text_when_the_tokenizer_is_known(minilm_dir, tmp_path):
+    text = tmp_path / "prose.txt"
+    text.write_text("\n\n".join(f"{i} " + _PROSE * 2 for i in range(10)))
+    model = _passthrough_encoder()
+    real = real_sample_inputs(model, minilm_dir, text, samples=3, seq=24)
+    assert real is not None and real.label == "text (3 samples of prose.txt, 24 tokens each)"
+    ids, mask = real.feeds["input_ids"], real.feeds["attention_mask"]
+    assert ids.shape == mask.shape == (3, 24) and ids.dtype == np.int64 and np.all(mask == 1)
+    assert np.all(ids[:, 0] == 101) and len(np.unique(ids)) > 20  # [CLS] then real word pieces
+    res = validate(model, model, real)
+    assert res.inputs == real.label and res.max_rel_error == 0
+    assert validation_inputs(model, minilm_dir, text, samples=3, seq=24).label == real.label
+
+
+def test_validation_inputs_fall_back_to_random_token_ids(minilm_dir, tmp_path):
+    text = tmp_path / "prose.txt"
+    text.write_text("\n\n".join([_PROSE] * 5))
+    model = _passthrough_encoder()
+    assert real_sample_inputs(model, None, text) is None  # no tokenizer recorded
+    assert real_sample_inputs(model, tmp_path / "gone", text) is None
+    assert real_sample_inputs(model, minilm_dir, tmp_path / "missing.txt") is None  # no text
+    assert real_sample_inputs(_passthrough_encoder(vocab=50), minilm_dir, text) is None  # ids beyond the vocabulary
+    assert real_sample_inputs(mixed_model(), minilm_dir, text) is None  # no token-id input
+    fallback = validation_inputs(model, None, text)
+    assert fallback.label == "random token ids" and fallback.feeds["input_ids"].shape == (2, 16)
+    assert validate(model, model).inputs == "random token ids"
+    assert validate(mixed_model(), mixed_model()).inputs == "random inputs"
+    feeds = fallback.feeds
+    assert validate(model, model, feeds).inputs == "given inputs"
+    assert validate(model, model, SampleInputs(feeds, "mine"), label="theirs").inputs == "theirs"
+
+
+@pytest.mark.skipif(not JARGON_FILE.is_file(), reason="the Jargon File (apt jargon-text) is not installed")
+def test_validation_inputs_default_to_the_jargon_file(minilm_dir):
+    real = real_sample_inputs(_passthrough_encoder(), minilm_dir)
+    assert real is not None and real.label.startswith("text (4 samples of the Jargon File")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from qcompiler.inspect.collect import Inspection
 
 
@@ -12,11 +14,21 @@ def _columns(rows: list[list[str]]) -> list[str]:
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
 
 
+def headline(ins: Inspection) -> str:
+    a = ins.analysis
+    return (f"{ins.model}: {len(a.sites)} float sites, {len(a.quantized)} quantized, "
+            f"{len(a.pairs_of('attn_vo'))} attn_vo + {len(a.pairs_of('mlp_up_down'))} mlp_up_down pairs, "
+            f"{len(a.groups)} sibling groups")
+
+
+def render_page_written(ins: Inspection, path: str | os.PathLike) -> str:
+    """What ``inspect --html`` prints instead of the tables: the counts and where the page is."""
+    return f"{headline(ins)}, {len(ins.analysis.rejected)} rejected\npage written: {path}"
+
+
 def render_text(ins: Inspection) -> str:
     a = ins.analysis
-    lines = [f"{ins.model}: {len(a.sites)} float sites, {len(a.quantized)} quantized, "
-             f"{len(a.pairs_of('attn_vo'))} attn_vo + {len(a.pairs_of('mlp_up_down'))} mlp_up_down pairs, "
-             f"{len(a.groups)} sibling groups", "", "sites:"]
+    lines = [headline(ins), "", "sites:"]
     rows = [["id", "op", "K x N", "quantization", "rel.err", "pairs"]]
     for s in ins.sites:
         q = (f"{s['storage']} {s['bits']}b b{s['block_size'] or 'ch'} {'sym' if s['symmetric'] else 'asym'}"

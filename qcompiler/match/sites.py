@@ -1,8 +1,9 @@
 """Site matcher v1: every MatMul/Gemm whose weight is a constant initializer.
 
 The weight may feed the node directly, through a ``Transpose(perm=[1, 0])``, or as Gemm's ``B`` with
-``transB``. Every MatMul/Gemm/Gather it does not offer carries a reason. The matcher never edits the
-graph.
+``transB``. Every MatMul/Gemm/Gather it does not offer carries a reason, and so does every other op with a
+constant weight (a ViT's patch-embedding Conv, a ConvTranspose head, recurrent cells), so that ``inspect``
+shows every weight of the model. The matcher never edits the graph.
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ from qcompiler.match.view import constant_value
 FLOAT_TYPES = (np.float32, np.float16)
 # ops that may sit between a head projection and the graph output without computing anything new
 _PASS_THROUGH = {"Reshape", "Cast", "Identity", "Squeeze", "Unsqueeze", "Add", "Flatten"}
+# ops other than MatMul/Gemm/Gather that carry weights: never sites, but listed with a reason
+_OTHER_WEIGHT_OPS = {"Conv", "ConvTranspose", "ConvInteger", "QLinearConv", "DeformConv", "Einsum", "LSTM", "GRU",
+                     "RNN", "MatMulInteger", "QLinearMatMul"}
+# the weight of an online transform ``x T^-1`` that the compiler inserted (passes/online_transform.py)
+_ONLINE_WEIGHT_SUFFIX = "_T_inv"
 
 
 @dataclass(frozen=True)
@@ -127,6 +133,19 @@ def _embedding_site(node: gs.Node, config: MatchConfig, mid: str | None) -> Line
                       role="embedding", dtype=str(np.dtype(table.dtype)))
 
 
+def _other_weight(node: gs.Node, mid: str | None) -> Rejection | None:
+    """Why a non-MatMul/Gemm node with a constant weight (rank >= 2) is not a site; None without one."""
+    weights = [t for t in node.inputs if isinstance(t, gs.Constant) and t.shape is not None and len(t.shape) >= 2]
+    if not weights:
+        return None
+    w = weights[0]
+    if w.name.endswith(_ONLINE_WEIGHT_SUFFIX):
+        return Rejection(node.name, node.op, "online transform x T^-1 inserted by qcompiler (kept in float)", mid)
+    dtype = _np_dtype(w.dtype)
+    kept = "kept in float" if dtype is not None and dtype.kind == "f" else f"left as {dtype}"
+    return Rejection(node.name, node.op, f"not a MatMul/Gemm site: constant weight {list(w.shape)} {kept}", mid)
+
+
 def find_linear_sites(
     graph: gs.Graph, config: MatchConfig | None = None, module_paths: dict[str, str] | None = None
 ) -> MatchResult:
@@ -143,16 +162,23 @@ def find_linear_sites(
             else:
                 sites.append(emb)
             continue
+        mid = module_paths.get(node.name)
+        if node.op in _OTHER_WEIGHT_OPS:
+            other = _other_weight(node, mid)
+            if other is not None:
+                rejected.append(other)
+            continue
         if node.op not in ("MatMul", "Gemm"):
             continue
         const, transposed, reason = _weight_source(node)
-        mid = module_paths.get(node.name)
         if const is None:
             rejected.append(Rejection(node.name, node.op, reason or "no constant weight", mid))
             continue
         shape = tuple(const.shape)
         if len(shape) != 2:
-            rejected.append(Rejection(node.name, node.op, f"weight has rank {len(shape)}, not 2", mid))
+            online = const.name.endswith(_ONLINE_WEIGHT_SUFFIX)
+            rejected.append(Rejection(node.name, node.op, "online transform x T^-1 inserted by qcompiler (kept in "
+                                      "float)" if online else f"weight has rank {len(shape)}, not 2", mid))
             continue
         dtype = _np_dtype(const.dtype)
         if dtype not in [np.dtype(t) for t in FLOAT_TYPES]:
