@@ -18,6 +18,10 @@ SCOPE_PREFIX = "qcompiler.scope_prefix"
 TOKENIZER = "qcompiler.tokenizer"
 SITES = "qcompiler.sites"  # JSON: per-site quantization of a compiled model (bits, block, errors)
 MODEL_KIND = "qcompiler.model_kind"
+# JSON, on a causal LM exported with a KV cache: {"layers", "kv_heads", "head_dim", "past", "present",
+# "positions"} (see qcompiler.frontends.kv_cache.CacheLayout); absent on a graph without a cache
+KV_CACHE = "qcompiler.kv_cache"
+EOS_TOKEN_IDS = "qcompiler.eos_token_ids"  # JSON list of the token ids that end a generation
 
 
 def model_properties(model: onnx.ModelProto) -> dict[str, str]:

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from qcompiler.errors import ConfigError
-from qcompiler.runtime.inputs import vocab_size
+from qcompiler.runtime.inputs import past_feeds, vocab_size
 from qcompiler.runtime.text import read_text
 
 PYTHON_DOCS = "python-docs"  # the name of the default calibration text
@@ -84,12 +84,17 @@ def token_input(model: onnx.ModelProto) -> str:
 
 
 def calibration_feeds(model: onnx.ModelProto, ids: np.ndarray) -> dict[str, np.ndarray]:
-    """Feeds for a batch of token ids ``[B, L]``: a full attention mask, zero token types, positions."""
+    """Feeds for a batch of token ids ``[B, L]``: a full attention mask, zero token types, positions, and an
+    empty past for a KV-cache graph's ``past_key_values.*``."""
     inits = {t.name for t in model.graph.initializer}
     ids_name = token_input(model)
+    past = past_feeds(model, len(ids))  # a KV-cache graph: an empty past
     feeds: dict[str, np.ndarray] = {}
     for inp in model.graph.input:
         if inp.name in inits:
+            continue
+        if inp.name in past:
+            feeds[inp.name] = past[inp.name]
             continue
         name = inp.name.lower()
         if inp.name == ids_name:

@@ -12,6 +12,8 @@ import onnx
 from tqdm.auto import tqdm
 
 from qcompiler.errors import QCompilerError
+from qcompiler.kv_layout import is_past
+from qcompiler.runtime.inputs import session_past_feeds
 from qcompiler.runtime.session import SessionOptions, make_session
 
 log = logging.getLogger(__name__)
@@ -46,14 +48,18 @@ def _tokenizer(tokenizer_dir: str):
 
 
 def session_feeds(sess, enc: dict) -> dict[str, np.ndarray]:
-    """The token inputs ``sess`` takes, as int64; zero token types and 0..S-1 positions when not given."""
+    """The token inputs ``sess`` takes, as int64; zero token types and 0..S-1 positions when not given; an
+    empty past (length 0) for every ``past_key_values.*`` input of a KV-cache graph."""
     names = {i.name for i in sess.get_inputs()}
-    feeds = {k: np.asarray(v, dtype=np.int64) for k, v in enc.items() if k in names}
+    feeds = {k: np.asarray(v, dtype=np.int64) for k, v in enc.items() if k in names and not is_past(k)}
     if "token_type_ids" in names and "token_type_ids" not in feeds:
         feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
     if "position_ids" in names and "position_ids" not in feeds:
         ids = feeds["input_ids"]
         feeds["position_ids"] = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape).copy()
+    # a KV-cache graph runs the whole sequence from an empty past
+    batch = len(next(iter(feeds.values()))) if feeds else 1
+    feeds.update({k: enc.get(k, v) for k, v in session_past_feeds(sess, batch).items()})
     return feeds
 
 

@@ -19,7 +19,9 @@ from qcompiler.config import CafeqConfig, CompileConfig, QuantConfig
 from qcompiler.errors import ConfigError, ModelLoadError
 from qcompiler.frontends import load_model
 from qcompiler.frontends.safetensors_index import checkpoint_tensors, float_bytes_fp32, read_header
+from qcompiler.kv_layout import is_past
 from qcompiler.pipeline import compile_model
+from qcompiler.runtime.inputs import session_past_feeds
 
 
 def _feeds(session: ort.InferenceSession, vocab: int = 500) -> dict[str, np.ndarray]:
@@ -27,7 +29,8 @@ def _feeds(session: ort.InferenceSession, vocab: int = 500) -> dict[str, np.ndar
     ids = rng.integers(5, vocab, (3, 11)).astype(np.int64)
     mask = np.ones((3, 11), np.int64)
     mask[-1, 7:] = 0
-    feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+    feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids),
+             **session_past_feeds(session, len(ids))}  # a KV-cache graph: an empty past
     return {i.name: feeds[i.name] for i in session.get_inputs()}
 
 
@@ -44,7 +47,8 @@ def _torch_logits(folder: Path, feeds: dict) -> np.ndarray:
 
     model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
     with torch.no_grad():
-        out = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}, use_cache=False).logits.numpy()
+        out = model(**{k: torch.from_numpy(v) for k, v in feeds.items() if not is_past(k)},
+                    use_cache=False).logits.numpy()
     return out[feeds["attention_mask"].astype(bool)]
 
 

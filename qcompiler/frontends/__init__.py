@@ -18,7 +18,8 @@ __all__ = ["LoadedModel", "load_model", "DEFAULT_MODEL"]
 
 
 def load_model(spec: Any = None, *, example_inputs: dict | None = None,
-               cache_dir: str | os.PathLike | None = None, stream: bool | None = False) -> LoadedModel:
+               cache_dir: str | os.PathLike | None = None, stream: bool | None = False,
+               kv_cache: bool = True) -> LoadedModel:
     """Load ``spec``: None or a bundled name, a path to ``.onnx``, an HF folder, or an ``nn.Module``
     (then ``example_inputs`` is a dict of input name -> tensor).
 
@@ -26,6 +27,11 @@ def load_model(spec: Any = None, *, example_inputs: dict | None = None,
     ``STREAM_AUTO_BYTES`` as fp32 (None). An ``.onnx`` input keeps its external data files; a Hugging Face
     folder with safetensors weights is exported without loading them (``hf_stream``). An ``nn.Module`` is
     in memory already: True refuses it.
+
+    ``kv_cache``: a causal LM from a Hugging Face folder is exported with a KV cache (inputs ``input_ids``,
+    ``attention_mask``, ``past_key_values.N.key/value``; outputs ``logits``, ``present.N.key/value``: see
+    ``frontends.kv_cache``), or without one (False: ``input_ids``, ``attention_mask`` -> ``logits``). Encoders,
+    ``.onnx`` files and modules are unaffected.
     """
     spec = DEFAULT_MODEL if spec is None else spec
     if not isinstance(spec, (str, os.PathLike)):
@@ -37,7 +43,7 @@ def load_model(spec: Any = None, *, example_inputs: dict | None = None,
         return load_module(spec, example_inputs)
     text = str(spec)
     if text in BUNDLED and not Path(text).exists():
-        return _load_folder(Path(bundled_path(text, cache_dir)), cache_dir, stream, name=text)
+        return _load_folder(Path(bundled_path(text, cache_dir)), cache_dir, stream, name=text, kv_cache=kv_cache)
     path = Path(text)
     if not path.exists():
         raise ModelLoadError(f"model not found: {text} (give an .onnx file, a Hugging Face folder or "
@@ -45,11 +51,12 @@ def load_model(spec: Any = None, *, example_inputs: dict | None = None,
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"not a Hugging Face checkpoint folder (no config.json): {path}")
-        return _load_folder(path, cache_dir, stream)
+        return _load_folder(path, cache_dir, stream, kv_cache=kv_cache)
     return load_onnx_model(path, stream)
 
 
-def _load_folder(folder: Path, cache_dir, stream: bool | None, name: str | None = None) -> LoadedModel:
+def _load_folder(folder: Path, cache_dir, stream: bool | None, name: str | None = None,
+                 kv_cache: bool = True) -> LoadedModel:
     """A Hugging Face folder: exported in memory, or with its weights left on disk (``stream``)."""
     stored = None  # the safetensors headers, read once
     if stream is None and any(folder.glob("*.safetensors")):
@@ -61,7 +68,7 @@ def _load_folder(folder: Path, cache_dir, stream: bool | None, name: str | None 
     if stream:
         from qcompiler.frontends.hf_stream import load_hf_streamed
 
-        return load_hf_streamed(folder, cache_dir=cache_dir, name=name, stored=stored)
+        return load_hf_streamed(folder, cache_dir=cache_dir, name=name, stored=stored, kv_cache=kv_cache)
     from qcompiler.frontends.hf import load_hf_folder
 
-    return load_hf_folder(folder, cache_dir=cache_dir, name=name)
+    return load_hf_folder(folder, cache_dir=cache_dir, name=name, kv_cache=kv_cache)

@@ -50,19 +50,27 @@ def export_program(module: torch.nn.Module, inputs: dict[str, torch.Tensor], out
                    extra_kwargs: dict[str, Any] | None = None, optimize: bool = True):
     """``export_to_onnx``'s ``torch.onnx.ONNXProgram``, optimized by the exporter unless ``optimize`` is
     false (then initializers hold the module's own tensors, fake ones included)."""
+    names = list(inputs)
+    wrapper = _Wrapper(module.eval(), names, select, extra_kwargs or {}).eval()
+    dims: dict[str, torch.export.Dim] = {}
+    specs = None
+    if dynamic_axes:
+        specs = [{ax: dims.setdefault(d, torch.export.Dim(d)) for ax, d in dynamic_axes.get(n, {}).items()} or None
+                 for n in names]
+    return export_wrapper(wrapper, inputs, output_names, specs, optimize)
+
+
+def export_wrapper(wrapper: torch.nn.Module, inputs: dict[str, torch.Tensor], output_names: Sequence[str],
+                   dynamic_shapes: Sequence[dict | None] | None = None, optimize: bool = True):
+    """``torch.onnx.export(dynamo=True)`` of a module whose ``forward(*args)`` takes ``inputs``' tensors in order
+    (the ONNX inputs get their names); ``dynamic_shapes`` holds one ``{axis: torch.export.Dim}`` (or None) per
+    input. The wrapped model must be the module's attribute ``WRAPPER_ATTR`` (module paths are read below it).
+    Errors become ``ModelLoadError`` naming the root cause."""
     ids = [id(t) for t in inputs.values()]
     if len(set(ids)) != len(ids):
         raise ModelLoadError("example inputs must be distinct tensors (aliased inputs break the export)")
     names = list(inputs)
-    wrapper = _Wrapper(module.eval(), names, select, extra_kwargs or {}).eval()
-    dims: dict[str, torch.export.Dim] = {}
-    shapes = None
-    if dynamic_axes:
-        # one entry for the wrapper's *args, holding one spec per input
-        shapes = (tuple(
-            {ax: dims.setdefault(d, torch.export.Dim(d)) for ax, d in dynamic_axes.get(n, {}).items()} or None
-            for n in names
-        ),)
+    shapes = None if dynamic_shapes is None else (tuple(dynamic_shapes),)  # one entry for the *args
     onnx_log = logging.getLogger("torch.onnx")
     saved_level = onnx_log.level
     if not log.isEnabledFor(logging.DEBUG):  # torch.onnx's chatter ("torchvision is not installed")
@@ -70,7 +78,7 @@ def export_program(module: torch.nn.Module, inputs: dict[str, torch.Tensor], out
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            program = torch.onnx.export(wrapper, tuple(inputs.values()), dynamo=True, input_names=names,
+            program = torch.onnx.export(wrapper.eval(), tuple(inputs.values()), dynamo=True, input_names=names,
                                         output_names=list(output_names), dynamic_shapes=shapes,
                                         verbose=False, optimize=optimize)
     except Exception as e:

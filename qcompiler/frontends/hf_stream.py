@@ -19,17 +19,16 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import replace
-from importlib.metadata import version
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from qcompiler.errors import ModelLoadError
 from qcompiler.frontends.base import LoadedModel
-from qcompiler.frontends.cache import ExportCache, content_key
-from qcompiler.frontends.hf import _example_inputs, _read_config, _select, model_kind
+from qcompiler.frontends.cache import ExportCache
+from qcompiler.frontends.hf import cache_key, example_inputs, model_kind, read_config, select, uses_kv_cache
 from qcompiler.frontends.safetensors_index import StoredTensor, checkpoint_tensors, read_fp32_pieces
-from qcompiler.metadata import MODEL_KIND, SCOPE_PREFIX, TOKENIZER
+from qcompiler.metadata import EOS_TOKEN_IDS, KV_CACHE, MODEL_KIND, SCOPE_PREFIX, TOKENIZER
 
 log = logging.getLogger(__name__)
 
@@ -164,10 +163,12 @@ def _write_weights(graph, sources: dict[str, StoredTensor], scope: str, staging:
 
 
 def load_hf_streamed(folder: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
-                     name: str | None = None, stored: dict[str, StoredTensor] | None = None) -> LoadedModel:
+                     name: str | None = None, stored: dict[str, StoredTensor] | None = None,
+                     kv_cache: bool = True) -> LoadedModel:
     """Export ``folder`` (safetensors weights; ``stored``: its ``checkpoint_tensors`` when already read) to an
     ONNX file whose weights are external, without holding them in memory; cached by the files' names, sizes
-    and times. The result streams (``data_dir`` set)."""
+    and times. A causal LM gets a KV cache (``frontends.kv_cache``) unless ``kv_cache`` is false. The result
+    streams (``data_dir`` set)."""
     import onnx
     import torch
 
@@ -176,32 +177,41 @@ def load_hf_streamed(folder: str | os.PathLike, cache_dir: str | os.PathLike | N
     from qcompiler.metadata import set_model_properties
 
     folder = Path(folder).resolve()
-    config = _read_config(folder)
+    config = read_config(folder)
     kind = model_kind(config)
+    with_cache = uses_kv_cache(kind, kv_cache)
     stored = checkpoint_tensors(folder) if stored is None else stored
-    key = content_key(folder, {"torch": version("torch"), "transformers": version("transformers"), "kind": kind,
-                               "route": "streamed"}, by_stat=True)
+    key = cache_key(folder, kind, with_cache, by_stat=True, route="streamed")
     cache = ExportCache(Path(cache_dir) / "exports" if cache_dir else None)
     hit = cache.get(key)
     if hit is None:
         t0 = time.perf_counter()
-        log.info("exporting %s (%s) with its weights left on disk", folder, kind)
+        log.info("exporting %s (%s%s) with its weights left on disk", folder, kind, ", KV cache" if with_cache else "")
         module = _build_fake_model(folder, kind)
         sources = _parameter_sources(module, stored)
-        inputs = _example_inputs(module, config, batch=2, seq=16, pad=0, seed=0)
-        output = "logits" if kind == "causal_lm" else "last_hidden_state"
+        props = {SCOPE_PREFIX: WRAPPER_ATTR + ".", TOKENIZER: str(folder), MODEL_KIND: kind}
         with torch.no_grad():
-            program = export_program(module, inputs, [output], {n: {0: "batch", 1: "sequence"} for n in inputs},
-                                     select=_select(kind), optimize=False,
-                                     extra_kwargs={"use_cache": False} if kind == "causal_lm" else {})
+            if with_cache:
+                from qcompiler.frontends.kv_cache import eos_token_ids, export_cache_program
+
+                program, layout, _ = export_cache_program(module, int(config.get("vocab_size") or 1000),
+                                                          optimize=False)
+                props.update({KV_CACHE: layout.to_json(), EOS_TOKEN_IDS: json.dumps(eos_token_ids(folder, config))})
+            else:
+                inputs = example_inputs(module, config, batch=2, seq=16, pad=0, seed=0)
+                output = "logits" if kind == "causal_lm" else "last_hidden_state"
+                program = export_program(module, inputs, [output], {n: {0: "batch", 1: "sequence"} for n in inputs},
+                                         select=select(kind), optimize=False,
+                                         extra_kwargs={"use_cache": False} if kind == "causal_lm" else {})
         with cache.staging(key) as staging:
             n, nbytes = _write_weights(program.model.graph, sources, WRAPPER_ATTR + ".", staging)
             program.optimize()
             proto = program.model_proto
-            set_model_properties(proto, {SCOPE_PREFIX: WRAPPER_ATTR + ".", TOKENIZER: str(folder), MODEL_KIND: kind})
+            set_model_properties(proto, props)
             onnx.save_model(proto, str(staging / "model.onnx"))
             (staging / "info.json").write_text(json.dumps({"kind": kind, "source": str(folder), "route": "streamed",
-                                                           "export_check_rel_error": None}, indent=1))
+                                                           "kv_cache": with_cache, "export_check_rel_error": None},
+                                                          indent=1))
         log.info("exported in %.1fs: %d weights, %.2f GB copied from the checkpoint", time.perf_counter() - t0,
                  n, nbytes / 1e9)
         path, cached = cache.root / key / "model.onnx", False
