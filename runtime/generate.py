@@ -85,7 +85,12 @@ def _encode(prompt: Any, attention_mask: Any, tok) -> tuple[np.ndarray, np.ndarr
             enc = tok(texts, padding=True, return_tensors="np")
         finally:
             tok.padding_side, tok.pad_token = saved
-        return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
+        ids, mask = enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
+        if ids.ndim != 2 or ids.shape[1] == 0 or (mask.sum(1) == 0).any():
+            where = getattr(tok, "name_or_path", "") or type(tok).__name__
+            raise QCompilerError(f"a prompt encodes to no tokens with the tokenizer of {where} "
+                                 "(does the folder hold tokenizer files?)")
+        return ids, mask
     ids = np.asarray(prompt, dtype=np.int64)
     ids = ids[None, :] if ids.ndim == 1 else ids
     if ids.ndim != 2 or ids.shape[1] == 0:
