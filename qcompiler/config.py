@@ -1,42 +1,74 @@
-"""Typed, frozen configuration of a compile. Validated on construction."""
+"""Typed, frozen configuration of a compile: the one place a default and its help text live.
+
+Every field carries its help (and, where it differs from ``--field-name``, its command-line flag) in
+its metadata; ``qcompiler.cli.options`` builds the command line from these classes, so the CLI and
+``compile_model(src, out)`` share every default. Validated on construction; an error names the field
+and its flag.
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from qcompiler.errors import ConfigError
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 STREAM_AUTO_BYTES = 2 * 1024**3  # external data above this: stream unless told otherwise
-STREAM_CHUNK_MB = {"rtn": 256, "rotate": 16, "cafeq": 16}  # default chunk per method (streaming)
 PER_CHANNEL = 0  # group_size value meaning "one group spans all of K"
 FORMATS = ("matmulnbits", "qdq")
-METHODS = ("rtn", "cafeq", "rotate", "gptq", "gptaq", "cafeq+gptaq")
-CALIBRATED_METHODS = ("gptq", "gptaq", "cafeq+gptaq")
+# the registered methods (qcompiler.methods.registry holds one object per name; a test checks they agree)
+METHODS = ("rtn", "rotate", "cafeq", "gptq", "gptaq", "cafeq+gptaq")
 TRANSFORMS = ("single", "vo", "updown")
 JOINT_PAIRS = ("vo", "updown")
 ONLINE_REGIMES = ("batch", "token")  # what --online-budget is a fraction of (methods/online_cost.py)
 # how the online x T^-1 is written (passes/online_transform.py); auto: conv for causal LMs, else matmul
 ONLINE_LAYOUTS = ("auto", "matmul", "conv")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def opt(help: str, *, flag: str | tuple[str, str] | None = None, choices: tuple | None = None,
+        cli: bool = True, kind: str | None = None) -> dict[str, Any]:
+    """A field's metadata. ``flag``: the command-line flag when it is not ``--field-name`` (a boolean
+    defaulting to True gets ``--no-field-name``; a pair names the on and off flags of a tri-state
+    boolean); ``kind``: how the CLI parses text ("group_size", "list"); ``cli=False``: not an option."""
+    return {"help": help, "flag": flag, "choices": choices, "cli": cli, "kind": kind}
+
+
+def flag_of(cls: type, name: str) -> str:
+    """The command-line flag of field ``name`` of config class ``cls`` (for messages)."""
+    meta = next(f.metadata for f in fields(cls) if f.name == name)
+    flag = meta.get("flag")
+    if isinstance(flag, tuple):
+        return flag[0]
+    if flag:
+        return flag
+    return "--" + name.replace("_", "-")
+
+
+def _bad(cls: type, name: str, problem: str) -> ConfigError:
+    return ConfigError(f"{name} ({flag_of(cls, name)}) {problem}")
 
 
 @dataclass(frozen=True)
 class QuantConfig:
     """What grid each weight gets. ``group_size`` 0 means per output channel."""
 
-    bits: int = 4
-    group_size: int = 128
-    symmetric: bool = False
+    bits: int = field(default=4, metadata=opt("bits per weight (3-bit codes use the 4-bit container)",
+                                               choices=SUPPORTED_BITS))
+    group_size: int = field(default=32, metadata=opt(
+        "rows of K sharing one scale: a power of two in 16..256, or 'channel'", kind="group_size"))
+    symmetric: bool = field(default=False, metadata=opt(
+        "symmetric grid (ONNX Runtime's convention) or asymmetric with integer zero points",
+        flag=("--sym", "--asym")))
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
-            raise ConfigError(f"--bits must be one of {', '.join(map(str, SUPPORTED_BITS))}, got {self.bits}")
+            raise _bad(QuantConfig, "bits", f"must be one of {', '.join(map(str, SUPPORTED_BITS))}, got {self.bits}")
         g = self.group_size
         if g != PER_CHANNEL and (g < 16 or g > 256 or g & (g - 1)):
-            raise ConfigError(
-                f"--group-size must be a power of two in 16..256 or 'channel', got {g}"
-            )
+            raise _bad(QuantConfig, "group_size", f"must be a power of two in 16..256 or 'channel', got {g}")
 
     @property
     def per_channel(self) -> bool:
@@ -46,6 +78,11 @@ class QuantConfig:
         grp = "per-channel" if self.per_channel else f"block {self.group_size}"
         return f"{self.bits}-bit {grp} {'sym' if self.symmetric else 'asym'}"
 
+    def tag(self) -> str:
+        """Short name of the setting, for file names: ``w4-b32-asym``."""
+        grp = "ch" if self.per_channel else f"b{self.group_size}"
+        return f"w{self.bits}-{grp}-{'sym' if self.symmetric else 'asym'}"
+
 
 @dataclass(frozen=True)
 class MatchConfig:
@@ -53,86 +90,88 @@ class MatchConfig:
     hidden axis and dequantized by a standard DequantizeLinear before the Gather (whole-table
     dequantization on every run: smaller files, not faster ones)."""
 
-    quantize_lm_head: bool = False
-    quantize_embeddings: bool = False
+    quantize_lm_head: bool = field(default=False, metadata=opt("also quantize the output head"))
+    quantize_embeddings: bool = field(default=False, metadata=opt(
+        "also quantize embedding tables (DequantizeLinear before the Gather)"))
 
 
 @dataclass(frozen=True)
 class CafeqConfig:
     """CafeQ's transforms (and the ``rotate`` baseline's): which kinds, and how they are learned."""
 
-    transforms: tuple[str, ...] = TRANSFORMS
-    block_size: int = 64  # b of the block-diagonal single-matrix transforms (online cost ~ b/N)
-    loss: str = "ste"  # ste (straight-through Frobenius) | lse (LogSumExp smooth range)
-    optimizer: str = "adam"  # adam (+ orthonormality penalty) | cayley (orthogonal)
-    steps: int = 400
-    patience: int = 100  # a learner stops once its best error has not fallen by 0.01% in this many steps
-    lr: float = 2e-2
-    ortho_reg: float = 0.0
-    temperature: float = 20.0
-    init: str = "identity"  # identity | orthogonal | hadamard (rotate: orthogonal unless hadamard)
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda: where torch learns
+    transforms: tuple[str, ...] = field(default=TRANSFORMS, metadata=opt(
+        "any subset of single (block-diagonal T, online x T^-1 per sibling group), vo (V·O per KV head, "
+        "folded), updown (up·down diagonal + permutation, folded)", kind="list"))
+    block_size: int = field(default=64, metadata=opt(
+        "b of the single-matrix transforms (online cost ~ b/N)"))
+    loss: str = field(default="ste", metadata=opt(
+        "ste: straight-through Frobenius; lse: LogSumExp smooth range", flag="--pseudo-loss",
+        choices=("ste", "lse")))
+    optimizer: str = field(default="adam", metadata=opt(
+        "adam (+ orthonormality penalty) or cayley (orthogonal)", choices=("adam", "cayley")))
+    steps: int = field(default=400, metadata=opt("optimiser steps per learned transform"))
+    patience: int = field(default=100, metadata=opt(
+        "stop a learner once its best error has not fallen by 0.01% in this many steps (0: never)"))
+    lr: float = field(default=2e-2, metadata=opt("learning rate"))
+    ortho_reg: float = field(default=0.0, metadata=opt("orthonormality penalty weight (adam)"))
+    temperature: float = field(default=20.0, metadata=opt("LSE temperature (--pseudo-loss lse)"))
+    init: str = field(default="identity", metadata=opt(
+        "start of the learned transforms (rotate: orthogonal unless hadamard)",
+        choices=("identity", "orthogonal", "hadamard")))
     # the most the online x T^-1 ops may add to run time (a fraction), by methods/online_cost.py's model
     # of the regime: batch (arithmetic; prefill, encoders) or token (a decoder's batch-1 token step, where
     # each op's fixed cost counts: SmolLM2 keeps 23 of its 60 groups' ops); cheapest first
-    online_budget: float = 0.03
-    online_regime: str = "batch"  # one of ONLINE_REGIMES
-    # the ops' layout, one of ONLINE_LAYOUTS: matmul (batched MatMul; fastest for encoders and prefill) or conv
-    # (grouped 1x1 Conv; fastest at a decoder's batch-1 token step); auto picks conv for causal LMs
-    online_layout: str = "auto"
-    column_batch: int = 1024  # wide groups learn on this many random columns per step
-    # worker processes for the learners and joint rounding (0: the machine's cores, for a model big
-    # enough to pay the workers' start); every task runs on one thread, so the plan is the same for any value
-    jobs: int = 0
+    online_budget: float = field(default=0.03, metadata=opt(
+        "the most the online x T^-1 ops may add to run time, as a fraction"))
+    online_regime: str = field(default="batch", metadata=opt(
+        "run time the budget is counted in: batch (arithmetic) or token (a decoder's batch-1 token step, "
+        "where each op's fixed cost counts; fewer ops, less accuracy)", choices=ONLINE_REGIMES))
+    online_layout: str = field(default="auto", metadata=opt(
+        "how the online x T^-1 ops are written: matmul (batched MatMul: encoders, prefill), conv (grouped "
+        "1x1 Conv: a decoder's batch-1 token steps), auto (conv for causal LMs)", choices=ONLINE_LAYOUTS))
+    column_batch: int = field(default=1024, metadata=opt(
+        "wide groups learn on this many random columns per step", cli=False))
     # joint rounding of coupled pairs after the transforms (cafeq only): which pair kinds, how many
     # alternations (one round = producer's step, then consumer's)
-    joint_pairs: tuple[str, ...] = JOINT_PAIRS
-    joint_rounds: int = 4  # V·O pairs
-    joint_mlp_rounds: int = 2  # up·down pairs (wide: each round costs ~10x a V·O round)
-    # MLP pairs: weight of each channel's own product error (the activation between the factors);
+    joint_pairs: tuple[str, ...] = field(default=JOINT_PAIRS, metadata=opt(
+        "cafeq: which coupled pairs are rounded jointly (subset of vo,updown; empty: none)", kind="list"))
+    joint_rounds: int = field(default=4, metadata=opt("cafeq: alternations of joint rounding per V·O pair"))
+    joint_mlp_rounds: int = field(default=2, metadata=opt(
+        "cafeq: alternations of joint rounding per up·down pair (wide: each costs ~10x a V·O round)"))
     # MiniLM 3-bit fidelity (1 - cos, MLP pairs only): 0.1083 without, 0.1049 at 1, 0.0846 at 4
-    joint_channel_weight: float = 4.0
-    # a pair whose joint rounding would need more memory than this is rounded plainly (with a warning):
+    joint_channel_weight: float = field(default=4.0, metadata=opt(
+        "cafeq, MLP pairs: weight of each channel's own product error against the whole product's (the "
+        "activation between up and down varies per token)"))
     # MLP pairs cost ~26 x C^2 float64 (C = intermediate width): 0.5 GB for C = 1536, 7 GB for 5632
-    joint_max_gb: float = 4.0
+    joint_max_gb: float = field(default=4.0, metadata=opt(
+        "skip joint rounding of a pair needing more memory than this, in GB (wide MLPs), with a warning"))
 
     def __post_init__(self) -> None:
         bad = [t for t in self.transforms if t not in TRANSFORMS]
         if bad:
-            raise ConfigError(f"--transforms takes a subset of {','.join(TRANSFORMS)}, got {','.join(bad)}")
+            raise _bad(CafeqConfig, "transforms", f"takes a subset of {','.join(TRANSFORMS)}, got {','.join(bad)}")
         if self.block_size < 2 or self.block_size & (self.block_size - 1):
-            raise ConfigError(f"--block-size must be a power of two >= 2, got {self.block_size}")
-        if self.loss not in ("ste", "lse"):
-            raise ConfigError(f"--pseudo-loss must be ste or lse, got {self.loss!r}")
-        if self.optimizer not in ("adam", "cayley"):
-            raise ConfigError(f"--optimizer must be adam or cayley, got {self.optimizer!r}")
-        if self.init not in ("identity", "orthogonal", "hadamard"):
-            raise ConfigError(f"--init must be identity, orthogonal or hadamard, got {self.init!r}")
-        if self.jobs < 0:
-            raise ConfigError(f"--jobs must be >= 0 (0: one per core), got {self.jobs}")
-        if self.steps < 0 or self.patience < 0 or not self.lr > 0 or self.ortho_reg < 0:
-            raise ConfigError("--steps and --patience must be >= 0, --lr > 0 and --ortho-reg >= 0")
+            raise _bad(CafeqConfig, "block_size", f"must be a power of two >= 2, got {self.block_size}")
+        for name in ("loss", "optimizer", "init", "online_regime", "online_layout"):
+            choices = next(f.metadata["choices"] for f in fields(CafeqConfig) if f.name == name)
+            if getattr(self, name) not in choices:
+                raise _bad(CafeqConfig, name, f"must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        if self.steps < 0 or self.patience < 0:
+            raise ConfigError("steps (--steps) and patience (--patience) must be >= 0")
+        if not self.lr > 0 or self.ortho_reg < 0:
+            raise ConfigError("lr (--lr) must be > 0 and ortho_reg (--ortho-reg) >= 0")
         if not 0 <= self.online_budget <= 1:
-            raise ConfigError(f"--online-budget must be in [0, 1], got {self.online_budget}")
-        if self.online_regime not in ONLINE_REGIMES:
-            raise ConfigError(f"--online-regime must be one of {', '.join(ONLINE_REGIMES)}, got "
-                              f"{self.online_regime!r}")
-        if self.online_layout not in ONLINE_LAYOUTS:
-            raise ConfigError(f"--online-layout must be one of {', '.join(ONLINE_LAYOUTS)}, got "
-                              f"{self.online_layout!r}")
+            raise _bad(CafeqConfig, "online_budget", f"must be in [0, 1], got {self.online_budget}")
         bad = [t for t in self.joint_pairs if t not in JOINT_PAIRS]
         if bad:
-            raise ConfigError(f"--joint-pairs takes a subset of {','.join(JOINT_PAIRS)}, got {','.join(bad)}")
+            raise _bad(CafeqConfig, "joint_pairs", f"takes a subset of {','.join(JOINT_PAIRS)}, got {','.join(bad)}")
         if not (0 <= self.joint_rounds <= 50 and 0 <= self.joint_mlp_rounds <= 50):
-            raise ConfigError(f"--joint-rounds and --joint-mlp-rounds must be in 0..50, got {self.joint_rounds}, "
-                              f"{self.joint_mlp_rounds}")
+            raise ConfigError(f"joint_rounds (--joint-rounds) and joint_mlp_rounds (--joint-mlp-rounds) must be "
+                              f"in 0..50, got {self.joint_rounds}, {self.joint_mlp_rounds}")
         if not self.joint_max_gb > 0:
-            raise ConfigError(f"--joint-max-gb must be > 0, got {self.joint_max_gb}")
+            raise _bad(CafeqConfig, "joint_max_gb", f"must be > 0, got {self.joint_max_gb}")
         if not self.joint_channel_weight >= 0:
-            raise ConfigError(f"--joint-channel-weight must be >= 0, got {self.joint_channel_weight}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+            raise _bad(CafeqConfig, "joint_channel_weight", f"must be >= 0, got {self.joint_channel_weight}")
 
 
 @dataclass(frozen=True)
@@ -142,82 +181,101 @@ class CalibConfig:
     Defaults are smaller than the papers' 128 x 2048 tokens: 64 x 512 fits this project's 2-core
     machines (SmolLM2-135M in minutes)."""
 
-    source: str | None = None  # text file (.txt/.gz/.rst...) or .npy of token ids; None: Python's docs
-    tokenizer: str | None = None  # tokenizer folder, for a bare .onnx input
-    samples: int = 64  # calibration sequences
-    seqlen: int = 512  # tokens per sequence
-    holdout: int = 0  # extra sequences, not used to fit: per-site ||X W_hat - X~ W|| is measured on them
-    batch: int = 8  # sequences per ONNX Runtime run
-    percdamp: float = 0.01
-    act_order: bool = False
-    alpha: float = 0.25  # GPTAQ's asymmetric term (the official code's default)
-    block: int = 128  # lazy-batch rows of the solver
-    seed: int = 0  # which windows of the text are drawn
+    source: str | None = field(default=None, metadata=opt(
+        "calibration text file (.txt, .gz, ...) or .npy of token ids (default: Python's documentation, "
+        "shipped with CPython)", flag="--calib"))
+    tokenizer: str | None = field(default=None, metadata=opt(
+        "tokenizer folder for the calibration text (default: the model's)"))
+    samples: int = field(default=64, metadata=opt("calibration sequences", flag="--calib-samples"))
+    seqlen: int = field(default=512, metadata=opt("tokens per sequence", flag="--calib-seqlen"))
+    holdout: int = field(default=0, metadata=opt(
+        "extra held-out sequences: report ||X W_hat - X~ W|| per site on them", flag="--calib-holdout"))
+    batch: int = field(default=8, metadata=opt("sequences per ONNX Runtime run", flag="--calib-batch"))
+    percdamp: float = field(default=0.01, metadata=opt("Hessian damping, fraction of mean diag"))
+    act_order: bool = field(default=False, metadata=opt("round inputs by decreasing activation energy"))
+    alpha: float = field(default=0.25, metadata=opt("GPTAQ: weight of the asymmetric term"))
+    block: int = field(default=128, metadata=opt("rows per lazy batch update", flag="--gptq-block"))
     # attention V projections: round each KV head's columns against the error the attention output sees,
     # ||A X dW|| (A the attention weights), not ||X dW||: attention sinks make a few tokens' values count
-    # far more than their share of X (README, "Calibrated methods")
-    attention_values: bool = True
+    # far more than their share of X (docs/methods.md)
+    attention_values: bool = field(default=True, metadata=opt(
+        "round attention V projections as attention mixes their inputs (A X); off: on X alone"))
 
     def __post_init__(self) -> None:
         if self.samples < 1 or self.seqlen < 2 or self.holdout < 0 or self.batch < 1:
-            raise ConfigError("--calib-samples >= 1, --calib-seqlen >= 2, --calib-holdout >= 0 and "
-                              "--calib-batch >= 1 are required")
+            raise ConfigError("samples (--calib-samples) >= 1, seqlen (--calib-seqlen) >= 2, holdout "
+                              "(--calib-holdout) >= 0 and batch (--calib-batch) >= 1 are required")
         if not 0 <= self.percdamp <= 1:
-            raise ConfigError(f"--percdamp must be in [0, 1], got {self.percdamp}")
+            raise _bad(CalibConfig, "percdamp", f"must be in [0, 1], got {self.percdamp}")
         if not self.alpha >= 0:
-            raise ConfigError(f"--alpha must be >= 0, got {self.alpha}")
+            raise _bad(CalibConfig, "alpha", f"must be >= 0, got {self.alpha}")
         if self.block < 1:
-            raise ConfigError(f"--gptq-block must be >= 1, got {self.block}")
+            raise _bad(CalibConfig, "block", f"must be >= 1, got {self.block}")
 
 
 @dataclass(frozen=True)
 class CompileConfig:
     quant: QuantConfig = field(default_factory=QuantConfig)
     match: MatchConfig = field(default_factory=MatchConfig)
-    method: str = "rtn"
-    format: str = "matmulnbits"
-    # MatMulNBits accuracy_level written on every node: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8.
-    accuracy_level: int = 1
-    validate: bool = True
+    method: str = field(default="rtn", metadata=opt(
+        "rtn: round to nearest; rotate: random rotations; cafeq: learned transforms + joint rounding, no "
+        "data; gptq / gptaq / cafeq+gptaq: calibrated (see docs/methods.md)", choices=METHODS))
+    format: str = field(default="matmulnbits", metadata=opt(
+        "matmulnbits: com.microsoft MatMulNBits; qdq: DequantizeLinear (opset 21) + MatMul", choices=FORMATS))
+    accuracy_level: int = field(default=1, metadata=opt(
+        "MatMulNBits accuracy_level on every node: 1 float activations, 4 int8 activations (0 unset, 2 fp16, "
+        "3 bf16)", choices=(0, 1, 2, 3, 4)))
+    validate: bool = field(default=True, metadata=opt("skip running the result against the original"))
     # validation gate: refuse to write a model whose outputs are non-finite or, when set, whose relative
     # output error on the sample inputs exceeds max_error; force writes it anyway (with a warning)
-    max_error: float | None = None
-    force: bool = False
+    max_error: float | None = field(default=None, metadata=opt(
+        "refuse to write the model (exit 3) when its relative output error against the original on the "
+        "validation inputs exceeds this; non-finite outputs are always refused"))
+    force: bool = field(default=False, metadata=opt("write the model even when validation fails"))
     cafeq: CafeqConfig = field(default_factory=CafeqConfig)
     # test hook: apply the method's transforms but keep float weights (exactness checks)
-    quantize_weights: bool = True
+    quantize_weights: bool = field(default=True, metadata=opt(
+        "apply the method's transforms but keep float weights (checks that they are exact)",
+        flag="--transforms-only"))
     calib: CalibConfig = field(default_factory=CalibConfig)
-    # streaming compile (ONNX inputs with external data): weights stay in their files, sites are planned
-    # and rewritten a chunk at a time, results go straight to the output's data file. None: on when the
-    # input keeps more than STREAM_AUTO_BYTES in external data
-    stream: bool | None = None
-    # fp32 weight MB planned together (a coupled unit is never split); None: STREAM_CHUNK_MB by method
+    # streaming compile: weights stay in their files, sites are planned and rewritten a chunk at a time,
+    # results go straight to the output's data file. None: on above STREAM_AUTO_BYTES of fp32 weights
+    stream: bool | None = field(default=None, metadata=opt(
+        "leave the weights on disk (an .onnx input's external data; a Hugging Face folder's safetensors, "
+        "exported without loading them) and compile a chunk at a time; the output gets external data "
+        "(default: on above 2 GiB of fp32 weights)", flag=("--stream", "--no-stream")))
+    # fp32 weight MB planned together (a coupled unit is never split); None: the method's own default
     # (transform methods hold ~10 float64 copies of a chunk's weights while they learn and round)
-    stream_chunk_mb: int | None = None
+    stream_chunk_mb: int | None = field(default=None, metadata=opt(
+        "fp32 weight MB planned at once when streaming (default: the method's: rtn 256, cafeq/rotate 16)"))
+    kv_cache: bool = field(default=True, metadata=opt(
+        "export a Hugging Face causal LM without its KV cache (inputs input_ids and attention_mask only): a "
+        "graph to score text, not to serve tokens"))
+    device: str = field(default="auto", metadata=opt(
+        "where torch learns and solves and ONNX Runtime validates: auto (CUDA when present), cpu or cuda",
+        choices=DEVICES))
+    # worker processes for the learners and joint rounding (0: the machine's cores, for a model big
+    # enough to pay the workers' start); every task runs on one thread, so the plan is the same for any value
+    jobs: int = field(default=0, metadata=opt(
+        "worker processes for learning and joint rounding (0: one per core on models of 1M+ weights); the "
+        "result does not depend on it"))
+    seed: int = field(default=0, metadata=opt(
+        "seed of the learners' random starts and subsets, rotate's rotations and the calibration windows"))
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+            raise _bad(CompileConfig, "method", f"must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.format not in FORMATS:
-            raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+            raise _bad(CompileConfig, "format", f"must be one of {', '.join(FORMATS)}, got {self.format!r}")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
-            raise ConfigError(f"--accuracy-level must be 0..4, got {self.accuracy_level}")
+            raise _bad(CompileConfig, "accuracy_level", f"must be 0..4, got {self.accuracy_level}")
         if self.max_error is not None and not (self.max_error > 0 and math.isfinite(self.max_error)):
-            raise ConfigError(f"--max-error must be a positive number, got {self.max_error}")
+            raise _bad(CompileConfig, "max_error", f"must be a positive number, got {self.max_error}")
         if self.max_error is not None and not self.validate:
-            raise ConfigError("--max-error needs validation: drop --no-validate")
+            raise ConfigError("max_error (--max-error) needs validation: drop --no-validate")
         if self.stream_chunk_mb is not None and self.stream_chunk_mb < 1:
-            raise ConfigError(f"--stream-chunk-mb must be >= 1, got {self.stream_chunk_mb}")
-        if self.stream:
-            self.check_streamable()
-
-    @property
-    def chunk_mb(self) -> int:
-        return self.stream_chunk_mb or STREAM_CHUNK_MB.get(self.method, 64)
-
-    def check_streamable(self) -> None:
-        """Raise ConfigError for what a streaming compile cannot do."""
-        if self.method in CALIBRATED_METHODS:
-            raise ConfigError(f"--method {self.method} runs the whole model on calibration data: a streaming "
-                              f"compile supports rtn, rotate and cafeq")
-
+            raise _bad(CompileConfig, "stream_chunk_mb", f"must be >= 1, got {self.stream_chunk_mb}")
+        if self.device not in DEVICES:
+            raise _bad(CompileConfig, "device", f"must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.jobs < 0:
+            raise _bad(CompileConfig, "jobs", f"must be >= 0 (0: one per core), got {self.jobs}")

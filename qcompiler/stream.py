@@ -15,6 +15,7 @@ import gc
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -24,8 +25,13 @@ from qcompiler.algorithms.grid import QuantizedWeight
 from qcompiler.external import DataSink
 from qcompiler.match.analysis import Analysis
 from qcompiler.match.pairs import CoupledPair, SiblingGroup
-from qcompiler.match.sites import LinearSite
+from qcompiler.match.sites import LinearSite, weight_reader
 from qcompiler.plan import QuantPlan, SitePlan
+from qcompiler.resources import note_workers_peak
+from qcompiler.workers import TaskPool, resolve_jobs
+
+if TYPE_CHECKING:
+    from qcompiler.methods.base import Method, PlanContext
 
 log = logging.getLogger(__name__)
 
@@ -156,3 +162,36 @@ def stream_compile(graph: gs.Graph, chunks: Sequence[Chunk], plan_chunk: Callabl
         trim_heap()
     log.info("streamed %d chunks; %.1f MB written to %s", len(chunks), sink.bytes / 1e6, sink.path.name)
     return graph, merge(plans, method, quant)
+
+
+@dataclass(frozen=True)
+class Streamed:
+    """What a streamed compile leaves for validation and saving: where the new tensors are, and where
+    validation cuts both models (before every site: a stretch holds one weight's worth)."""
+
+    sources: dict
+    cuts: tuple[str, ...]
+
+
+def stream_plan_rewrite(graph: gs.Graph, method: Method, ctx: PlanContext, chunk_mb: int, sink: DataSink,
+                        rewrite: Callable[[gs.Graph, QuantPlan], gs.Graph]) -> tuple[gs.Graph, QuantPlan]:
+    """The streamed strategy of the plan and rewrite steps: chunk by chunk, one pool of workers for all."""
+    analysis = ctx.analysis
+    chunks = chunk_sites(ctx.sites, chunk_mb * 2**20, analysis.pairs if analysis else (),
+                         analysis.groups if analysis else ())
+    log.info("%d sites in %d chunks", len(ctx.sites), len(chunks))
+    whole = method.for_streaming(ctx)
+
+    def plan_chunk(g: gs.Graph, chunk: Chunk) -> QuantPlan:
+        return method.plan(whole.part(chunk.sites, chunk.analysis() if analysis else None, weight_reader(g)))
+
+    cfg = ctx.config
+    jobs = resolve_jobs(cfg.jobs, sum(s.k * s.n for s in ctx.sites), cfg.device) if method.learns else 1
+    try:
+        with TaskPool(jobs) as pool:  # one set of workers for every chunk
+            graph, plan = stream_compile(graph, chunks, plan_chunk, rewrite, sink, method.name, cfg.quant,
+                                         ctx.progress)
+        note_workers_peak(pool.workers_peak_mb)
+        return graph, plan
+    finally:
+        sink.close()

@@ -7,7 +7,6 @@ import torch
 
 from qcompiler.algorithms.cafeq import (
     PLATEAU_TOL,
-    Grid,
     LearnConfig,
     _Plateau,
     channel_order,
@@ -19,9 +18,9 @@ from qcompiler.algorithms.cafeq import (
     weighted_row_error,
 )
 from qcompiler.algorithms.fakequant import fake_quant
-from qcompiler.algorithms.grid import quantize
+from qcompiler.algorithms.grid import GridSpec, quantize
 
-GRID = Grid(3, 32, False)
+GRID = GridSpec(3, 32, False)
 
 
 def _outlier_weight(rng, k, n):
@@ -120,7 +119,7 @@ def test_block_transform_cuts_the_proxy_error(loss, optimizer):
 
 def test_learning_never_ends_worse_than_rtn():
     w = np.random.default_rng(2).standard_normal((32, 8))
-    res = learn_block_transform([w], Grid(8, 32, False), 8, LearnConfig(steps=3, lr=1.0))  # a bad lr
+    res = learn_block_transform([w], GridSpec(8, 32, False), 8, LearnConfig(steps=3, lr=1.0))  # a bad lr
     assert res.error <= res.identity_error
 
 

@@ -65,8 +65,8 @@ def test_no_joint_rounding(pair_checkpoints, cache_dir):
 
 
 def test_joint_rounding_skips_pairs_over_the_memory_limit(pair_checkpoints, cache_dir, caplog):
-    from qcompiler.match.pairs import MLP_UP_DOWN
-    from qcompiler.methods.cafeq import joint_memory_bytes
+    from qcompiler.methods.transform_planner import joint_memory_bytes
+    from qcompiler.sites import MLP_UP_DOWN
 
     base = dict(quant=QuantConfig(3, 32, False), method="cafeq", validate=False)
     # the tiny Llama's MLP pairs (C = 128) need ~3.6 MB, its V·O pairs less: a 3 MB limit skips only MLPs
@@ -79,7 +79,7 @@ def test_joint_rounding_skips_pairs_over_the_memory_limit(pair_checkpoints, cach
     mlp = [ps for ps in plan.pair_stats if ps.kind == MLP_UP_DOWN]
     assert mlp and all(ps.pqe == ps.pqe_plain for ps in mlp)
     assert any(ps.pqe < ps.pqe_plain for ps in plan.pair_stats if ps.kind != MLP_UP_DOWN)
-    from qcompiler.match.pairs import CoupledPair
+    from qcompiler.sites import CoupledPair
 
     wide = CoupledPair("p", MLP_UP_DOWN, "up", "down", (0, 5632), ("diagonal",))
     assert 7e9 < joint_memory_bytes(wide, 2048) < 8.5e9  # the measured 7.3 GB (1 round, C = 5632)
@@ -172,8 +172,8 @@ def test_the_plan_is_the_same_for_any_number_of_worker_processes(pair_checkpoint
     """Learning and joint rounding on two worker processes give the codes and transforms of one process."""
     plans = []
     for jobs in (1, 2):
-        cfg = CompileConfig(quant=QuantConfig(3, 32, False), method="cafeq", validate=False,
-                            cafeq=CafeqConfig(steps=20, online_budget=1.0, jobs=jobs))
+        cfg = CompileConfig(quant=QuantConfig(3, 32, False), method="cafeq", validate=False, jobs=jobs,
+                            cafeq=CafeqConfig(steps=20, online_budget=1.0))
         plans.append(compile_model(str(pair_checkpoints["llama"]), None, cfg, cache_dir=cache_dir).plan)
     one, two = plans
     assert one.online and one.pair_transforms and one.pair_stats
@@ -190,4 +190,4 @@ def test_the_plan_is_the_same_for_any_number_of_worker_processes(pair_checkpoint
 
 def test_jobs_must_not_be_negative():
     with pytest.raises(ConfigError, match="--jobs"):
-        CafeqConfig(jobs=-1)
+        CompileConfig(jobs=-1)

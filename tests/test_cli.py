@@ -90,3 +90,44 @@ def test_subprocess_entry_point_has_no_traceback(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "not found" in proc.stderr
+
+
+def test_bare_qcompiler_prints_help_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main([]) == 0
+    assert "compile" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_mistyped_command_is_named(tmp_path, capsys, good_onnx):
+    code, err = _run(["inpsect", str(good_onnx)], capsys)
+    assert code == 2 and err.count("\n") == 1 and "'inpsect'" in err and "did you mean inspect" in err
+
+
+def test_the_command_line_and_the_python_api_share_every_default():
+    from qcompiler.cli import build_parser
+    from qcompiler.cli.options import compile_config
+    from qcompiler.config import CompileConfig
+
+    args = build_parser().parse_args(["compile", "m.onnx"])
+    assert compile_config(args) == CompileConfig()
+    args = build_parser().parse_args(["compile", "m.onnx", "--no-joint-rounding", "--steps", "7", "--calib", "c.txt",
+                                      "--group-size", "channel", "--sym", "--no-stream", "--transforms", "vo"])
+    cfg = compile_config(args)
+    assert (cfg.cafeq.steps, cfg.calib.source, cfg.quant.group_size, cfg.quant.symmetric, cfg.stream,
+            cfg.cafeq.transforms) == (7, "c.txt", 0, True, False, ("vo",))
+
+
+def test_compile_model_and_the_command_line_write_identical_files(tmp_path, good_onnx, capsys):
+    from qcompiler.pipeline import compile_model
+
+    compile_model(str(good_onnx), tmp_path / "api.onnx")
+    assert main(["compile", str(good_onnx), "-o", str(tmp_path / "cli.onnx"), "-q"]) == 0
+    assert (tmp_path / "api.onnx").read_bytes() == (tmp_path / "cli.onnx").read_bytes()
+
+
+def test_default_output_names_the_setting(tmp_path, good_onnx, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["compile", str(good_onnx), "--bits", "3", "--group-size", "128", "-q"]) == 0
+    assert main(["compile", str(good_onnx), "--bits", "3", "--group-size", "64", "-q"]) == 0
+    assert {"good.rtn-w3-b128-asym.onnx", "good.rtn-w3-b64-asym.onnx"} <= {p.name for p in tmp_path.iterdir()}

@@ -59,7 +59,8 @@ def test_gptaq_with_alpha_zero_is_gptq(tiny_checkpoints, cache_dir, ids_file):
 
 def test_v_columns_solved_per_head_are_the_plain_solution_when_the_statistics_agree():
     """Columns are independent problems: splitting V by head with the group's own H changes nothing."""
-    from qcompiler.algorithms.gptq import GridSpec, SolverConfig, solve_rows
+    from qcompiler.algorithms.gptq import SolverConfig, solve_rows
+    from qcompiler.algorithms.grid import GridSpec
     from qcompiler.methods.gptq import _slices, _solve
     from qcompiler.runtime.calibrate import GroupData, HeadStats
     from qcompiler.runtime.segments import Group

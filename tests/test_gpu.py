@@ -11,8 +11,9 @@ import onnx
 import pytest
 import torch
 
-from qcompiler.algorithms.cafeq import Grid, LearnConfig, learn_block_transform, learn_vo
+from qcompiler.algorithms.cafeq import LearnConfig, learn_block_transform, learn_vo
 from qcompiler.algorithms.gptq import ActivationStats
+from qcompiler.algorithms.grid import GridSpec
 from qcompiler.cli import main
 from qcompiler.runtime.session import SessionOptions, make_session
 from tests.graphs import mixed_model
@@ -21,7 +22,7 @@ from tests.test_cafeq_algorithms import _outlier_weight
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA device")]
 
-GRID = Grid(3, 32, False)
+GRID = GridSpec(3, 32, False)
 
 
 def _cuda_ep() -> bool:

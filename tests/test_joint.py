@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from qcompiler.algorithms.fold import product_error
-from qcompiler.algorithms.gptq import GridSpec, SolverConfig, solve_columns, solve_rows
-from qcompiler.algorithms.grid import quantize
+from qcompiler.algorithms.gptq import SolverConfig, solve_columns, solve_rows
+from qcompiler.algorithms.grid import GridSpec, quantize
 from qcompiler.algorithms.joint import (
     Heads,
     JointConfig,

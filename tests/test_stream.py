@@ -16,9 +16,9 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
+from qcompiler.analyze import analyze
 from qcompiler.config import CafeqConfig, CompileConfig, QuantConfig
 from qcompiler.errors import ConfigError
-from qcompiler.match.analysis import analyze
 from qcompiler.pipeline import compile_model
 from qcompiler.stream import chunk_sites, released
 
@@ -143,8 +143,8 @@ def test_released_plan_keeps_shapes_and_storage_without_memory(external_llama, t
 
 
 def test_stream_refusals_write_nothing(external_llama, tmp_path):
-    with pytest.raises(ConfigError, match="streaming"):
-        CompileConfig(method="gptq", stream=True)
+    with pytest.raises(ConfigError, match="streaming"):  # refused before anything is loaded
+        compile_model(str(tmp_path / "absent.onnx"), tmp_path / "x.onnx", CompileConfig(method="gptq", stream=True))
     with pytest.raises(ConfigError, match="output"):
         compile_model(str(external_llama), None, CompileConfig(stream=True))
     assert list(tmp_path.iterdir()) == []

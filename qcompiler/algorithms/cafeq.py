@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from qcompiler.algorithms.fakequant import blocked, fake_quant
+from qcompiler.algorithms.fakequant import blocked
+from qcompiler.algorithms.grid import GridSpec
 
 
 @dataclass(frozen=True)
@@ -68,16 +69,6 @@ class _Plateau:
 
 
 @dataclass(frozen=True)
-class Grid:
-    bits: int
-    block: int
-    symmetric: bool
-
-    def __call__(self, w: torch.Tensor, ste: bool = True) -> torch.Tensor:
-        return fake_quant(w, self.bits, self.block, self.symmetric, ste)
-
-
-@dataclass(frozen=True)
 class LearnResult:
     value: np.ndarray  # the transform (float64)
     start_error: float  # true proxy error of the start (identity unless a random init was asked)
@@ -108,9 +99,9 @@ def initial_blocks(count: int, size: int, init: str, rng: np.random.Generator) -
     raise ValueError(f"unknown init {init!r}")
 
 
-def _lse_range(w: torch.Tensor, grid: Grid, temperature: float) -> torch.Tensor:
+def _lse_range(w: torch.Tensor, grid: GridSpec, temperature: float) -> torch.Tensor:
     """Sum over quant groups of the squared smooth range (LogSumExp max minus min, 0 included)."""
-    wb = blocked(w, grid.block or w.shape[0])
+    wb = blocked(w, grid.block(w.shape[0]))
     t = temperature / wb.abs().mean().clamp_min(1e-12)
     zero = wb.new_zeros(wb.shape[0], 1, wb.shape[2])
     ext = torch.cat([wb, zero], dim=1)
@@ -204,7 +195,7 @@ def _t(x: np.ndarray, device: str) -> torch.Tensor:
     return torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32, device=device)
 
 
-def learn_block_transform(weights: list[np.ndarray], grid: Grid, block: int, cfg: LearnConfig) -> LearnResult:
+def learn_block_transform(weights: list[np.ndarray], grid: GridSpec, block: int, cfg: LearnConfig) -> LearnResult:
     """Block-diagonal ``T`` (``[K/b, b, b]``) for sites sharing one input; ``weights`` are ``[K, N_i]``."""
     w = _t(np.concatenate(weights, axis=1), cfg.device)
     k, n = w.shape
@@ -246,7 +237,7 @@ def learn_block_transform(weights: list[np.ndarray], grid: Grid, block: int, cfg
     return LearnResult(value, start * norm, err * norm, identity * norm, steps)
 
 
-def learn_vo(a: np.ndarray, b: np.ndarray, kv_map: tuple[int, ...], head_dim: int, grid_a: Grid, grid_b: Grid,
+def learn_vo(a: np.ndarray, b: np.ndarray, kv_map: tuple[int, ...], head_dim: int, grid_a: GridSpec, grid_b: GridSpec,
              cfg: LearnConfig) -> LearnResult:
     """``M_h`` per KV head. ``a`` is V's column slice ``[K, n_kv d]``; ``b`` is O ``[n_q d, N]``."""
     d, n_kv, n_q = head_dim, a.shape[1] // head_dim, len(kv_map)
@@ -286,7 +277,7 @@ def learn_vo(a: np.ndarray, b: np.ndarray, kv_map: tuple[int, ...], head_dim: in
     return LearnResult(value, start, err, identity, steps)
 
 
-def learn_updown_scale(up: np.ndarray, down: np.ndarray, grid_down: Grid, cfg: LearnConfig) -> LearnResult:
+def learn_updown_scale(up: np.ndarray, down: np.ndarray, grid_down: GridSpec, cfg: LearnConfig) -> LearnResult:
     """Positive per-channel scale ``s``: up's columns times ``s``, down's rows divided by ``s``."""
     u, dn = _t(up, cfg.device), _t(down, cfg.device)
     weight = (u ** 2).sum(dim=0)  # ||W_up[:, c]||^2: how much down's row c matters in the product
@@ -326,7 +317,7 @@ def channel_order(down: np.ndarray) -> np.ndarray:
     return np.argsort(np.abs(down).max(axis=1), kind="stable")
 
 
-def weighted_row_error(up: np.ndarray, down: np.ndarray, grid: Grid) -> float:
+def weighted_row_error(up: np.ndarray, down: np.ndarray, grid: GridSpec) -> float:
     """Down's quantization error with row ``c`` weighted by ``||W_up[:, c]||^2`` (the product proxy)."""
     u, dn = torch.as_tensor(up, dtype=torch.float32), torch.as_tensor(down, dtype=torch.float32)
     w = (u ** 2).sum(dim=0)[:, None]

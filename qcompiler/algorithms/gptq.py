@@ -29,6 +29,7 @@ import numpy as np
 
 from qcompiler.algorithms.grid import (
     F32,
+    GridSpec,
     QuantizedWeight,
     dequantize,
     fit_grid,
@@ -36,13 +37,6 @@ from qcompiler.algorithms.grid import (
     n_blocks,
     quantize_codes,
 )
-
-
-@dataclass(frozen=True)
-class GridSpec:
-    bits: int
-    group_size: int  # 0: one group spans the whole axis
-    symmetric: bool
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,26 @@ def round_half_away(x: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class GridSpec:
+    """The grid of every layer: ``bits``, ``group_size`` consecutive K rows per scale (0: one group spans
+    the whole axis), symmetric or not. Called on a torch tensor it is the straight-through fake
+    quantization the learners differentiate (``fakequant``)."""
+
+    bits: int
+    group_size: int  # 0: one group spans the whole axis
+    symmetric: bool
+
+    def block(self, k: int) -> int:
+        """Rows per group of a weight with ``k`` rows."""
+        return self.group_size or k
+
+    def __call__(self, w, ste: bool = True):
+        from qcompiler.algorithms.fakequant import fake_quant  # torch: only the learners call a grid
+
+        return fake_quant(w, self.bits, self.block(w.shape[0]), self.symmetric, ste)
+
+
+@dataclass(frozen=True)
 class QuantizedWeight:
     """A ``[K, N]`` weight on a b-bit block grid. Arrays are not copied; treat them as read-only."""
 

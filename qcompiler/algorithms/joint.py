@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from qcompiler.algorithms.fold import product_error
-from qcompiler.algorithms.gptq import GridSpec, SolverConfig, solve_columns, solve_rows
-from qcompiler.algorithms.grid import QuantizedWeight, quantize
+from qcompiler.algorithms.gptq import SolverConfig, solve_columns, solve_rows
+from qcompiler.algorithms.grid import GridSpec, QuantizedWeight, quantize
 from qcompiler.algorithms.transforms import apply_blocks
 
 

@@ -8,21 +8,25 @@ transformed weights with GPTAQ (:func:`calibrated_rounder`, used by the CafeQ pl
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import onnx
 
-from qcompiler.algorithms.gptq import GridSpec, SolverConfig, solve_rows
-from qcompiler.algorithms.grid import QuantizedWeight, quantize, relative_error
-from qcompiler.config import CalibConfig, QuantConfig
+from qcompiler.algorithms.gptq import SolverConfig, solve_rows
+from qcompiler.algorithms.grid import GridSpec, QuantizedWeight, quantize, relative_error
+from qcompiler.config import CalibConfig, CompileConfig, QuantConfig
+from qcompiler.device import resolve_device
 from qcompiler.errors import QCompilerError
 from qcompiler.match.pairs import ATTN_VO, CoupledPair
 from qcompiler.match.sites import LinearSite
+from qcompiler.methods.base import Method, PlanContext, Setup
 from qcompiler.plan import QuantPlan, SitePlan, SiteStats
-from qcompiler.runtime.calib_data import calibration_feeds
+from qcompiler.runtime.calib_data import calibration_feeds, calibration_tokens
 from qcompiler.runtime.calibrate import GroupData, ValueHeads, calibrate
 from qcompiler.runtime.segments import SegmentedModel
 from qcompiler.runtime.session import SessionOptions
@@ -175,3 +179,49 @@ def calibrated_rounder(model_of: Callable[[Sequence, Sequence], onnx.ModelProto]
         return round_calibrated(model, [by_id[s] for s in stored], stored, quant, calib, progress, pairs)
 
     return rounder
+
+
+def load_calibration(config: CompileConfig, tokenizer_dir: str | None, asymmetric: bool) -> Calibration:
+    """The calibration tokens (the model's tokenizer unless ``CalibConfig.tokenizer``) and how to run the
+    segments."""
+    cfg = config.calib
+    tokens = calibration_tokens(cfg.source, cfg.tokenizer or tokenizer_dir, cfg.samples + cfg.holdout, cfg.seqlen,
+                                config.seed)
+    return Calibration(tokens, cfg, asymmetric=asymmetric, options=SessionOptions(device=config.device),
+                       device=resolve_device(config.device))
+
+
+class CalibratedMethod(Method):
+    """A method that runs the model on calibration data: the whole model, never a chunk at a time."""
+
+    needs_calibration: ClassVar[bool] = True
+    streamable: ClassVar[bool] = False
+    asymmetric: ClassVar[bool]  # GPTAQ's target stream (the full-precision model's inputs) as well
+
+    def needs_analysis(self, config: CompileConfig) -> bool:
+        # V·O pairs: V rounded per KV head as attention mixes its inputs
+        return config.calib.attention_values or self.transforms
+
+    def prepare(self, setup: Setup) -> PlanContext:
+        ctx = super().prepare(setup)
+        calibration = load_calibration(setup.config, setup.loaded.tokenizer_dir, self.asymmetric)
+        return dataclasses.replace(ctx, calibration=calibration)
+
+
+class _GptqFamily(CalibratedMethod):
+    def plan(self, ctx: PlanContext) -> QuantPlan:
+        pairs = ctx.analysis.pairs if ctx.analysis is not None else ()
+        return plan_calibrated(ctx.model, ctx.sites, ctx.weight_of, ctx.config.quant, self.name, ctx.calibration,
+                               ctx.progress, pairs)
+
+
+class Gptq(_GptqFamily):
+    name = "gptq"
+    summary = "Hessian-aware rounding on calibration data"
+    asymmetric = False
+
+
+class Gptaq(_GptqFamily):
+    name = "gptaq"
+    summary = "GPTQ that also corrects the error earlier quantized layers push into each layer's input"
+    asymmetric = True

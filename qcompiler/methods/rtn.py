@@ -11,6 +11,7 @@ from qcompiler.algorithms.grid import quantize, relative_error
 from qcompiler.config import QuantConfig
 from qcompiler.errors import QCompilerError
 from qcompiler.match.sites import LinearSite
+from qcompiler.methods.base import Method, PlanContext
 from qcompiler.plan import QuantPlan, SitePlan, SiteStats
 
 
@@ -26,3 +27,12 @@ def plan_rtn(sites: Sequence[LinearSite], weight_of: Callable[[LinearSite], np.n
         err = relative_error(w, w_hat)
         out.append(SitePlan(site, qw, SiteStats(rel_error=err, proxy_error=float(np.sum((w_hat - w) ** 2)))))
     return QuantPlan("rtn", quant, tuple(out))
+
+
+class Rtn(Method):
+    name = "rtn"
+    summary = "round to nearest on each weight's own grid; bit-identical to ONNX Runtime's quantizer"
+    stream_chunk_mb = 256
+
+    def plan(self, ctx: PlanContext) -> QuantPlan:
+        return plan_rtn(ctx.sites, ctx.weight_of, ctx.config.quant, progress=ctx.progress)

@@ -1,4 +1,5 @@
-"""CafeQ (learned, calibration-free) and the random-rotation baseline, as plans.
+"""The transform planner shared by cafeq, rotate and cafeq+gptaq (a :class:`Recipe` says which parts
+each uses): learned or random transforms, then rounding.
 
 Order: pair transforms first (folded into the weights, free at run time), then single-matrix
 block-diagonal transforms on the sites whose input side no pair transform covers (an online op each,
@@ -12,12 +13,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from qcompiler.algorithms.cafeq import (
-    Grid,
     LearnConfig,
     channel_order,
     initial_blocks,
@@ -27,11 +28,11 @@ from qcompiler.algorithms.cafeq import (
     weighted_row_error,
 )
 from qcompiler.algorithms.fold import fold_attn_vo, fold_mlp, product_error
-from qcompiler.algorithms.gptq import GridSpec
-from qcompiler.algorithms.grid import QuantizedWeight, quantize, replace_columns
+from qcompiler.algorithms.grid import GridSpec, QuantizedWeight, quantize, replace_columns
 from qcompiler.algorithms.joint import Heads, JointConfig, joint_round
 from qcompiler.algorithms.transforms import apply_blocks
 from qcompiler.config import CafeqConfig, QuantConfig
+from qcompiler.device import resolve_device
 from qcompiler.errors import QCompilerError
 from qcompiler.match.analysis import Analysis
 from qcompiler.match.pairs import ATTN_VO, MLP_UP_DOWN, CoupledPair
@@ -48,14 +49,22 @@ log = logging.getLogger(__name__)
 Rounder = Callable[[Sequence[PairTransform], Sequence[OnlineTransform], Mapping[str, np.ndarray]], Mapping[str, Any]]
 
 
-def _device(requested: str) -> str:
-    import torch
+@dataclass(frozen=True)
+class Recipe:
+    """Which parts of the planner a method uses."""
 
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise QCompilerError("--device cuda: torch sees no CUDA device")
-    return requested
+    name: str  # recorded in the plan
+    learned: bool  # learn the transforms (cafeq) or draw random orthogonal ones (rotate: no up·down)
+    joint_rounding: bool  # joint rounding of coupled pairs after the transforms (cafeq)
+
+
+@dataclass(frozen=True)
+class Run:
+    """Where and how the planner runs: the torch device, worker processes, the seed."""
+
+    device: str = "auto"
+    jobs: int = 0
+    seed: int = 0
 
 
 def _rtn(w: np.ndarray, quant: QuantConfig) -> np.ndarray:
@@ -64,12 +73,13 @@ def _rtn(w: np.ndarray, quant: QuantConfig) -> np.ndarray:
 
 class _Planner:
     def __init__(self, analysis: Analysis, weight_of: Callable[[LinearSite], np.ndarray], quant: QuantConfig,
-                 cfg: CafeqConfig, method: str, step: StepCost, progress: bool, rounder: Rounder | None = None,
-                 online_units: frozenset[str] | None = None):
-        self.analysis, self.quant, self.cfg, self.method = analysis, quant, cfg, method
+                 cfg: CafeqConfig, recipe: Recipe, step: StepCost, progress: bool, rounder: Rounder | None = None,
+                 online_units: frozenset[str] | None = None, run: Run = Run()):
+        self.analysis, self.quant, self.cfg, self.recipe = analysis, quant, cfg, recipe
         self.online_units, self.step = online_units, step
         self.rounder = rounder
-        learned = method != "rotate"
+        self.run = run
+        learned = recipe.learned
         self.sites = {s.id: s for s in analysis.sites if s.role != "embedding"}
         # float32: the weights come as float32, so this is exact; the solvers work on float64 copies
         self.original: dict[str, np.ndarray] = {}
@@ -80,21 +90,21 @@ class _Planner:
             self.original[sid] = w
         self.folded = {sid: w.astype(np.float64) for sid, w in self.original.items()}  # after pair transforms
         self.progress = progress
-        self.rng = np.random.default_rng(cfg.seed)
+        self.rng = np.random.default_rng(run.seed)
         self.learn = LearnConfig(loss=cfg.loss, optimizer=cfg.optimizer, steps=cfg.steps, lr=cfg.lr,
                                  ortho_reg=cfg.ortho_reg, temperature=cfg.temperature, init=cfg.init,
-                                 seed=cfg.seed, device=_device(cfg.device) if learned else "cpu",
+                                 seed=run.seed, device=resolve_device(run.device) if learned else "cpu",
                                  column_batch=cfg.column_batch, patience=cfg.patience)
         self.joint_kinds = {ATTN_VO if k == "vo" else MLP_UP_DOWN for k in cfg.joint_pairs}
-        if method != "cafeq":  # rotate: a baseline; cafeq+gptaq: calibrated rounding instead
+        if not recipe.joint_rounding:  # rotate: a baseline; cafeq+gptaq: calibrated rounding instead
             self.joint_kinds = set()
         self.joint_cfg = {ATTN_VO: JointConfig(rounds=cfg.joint_rounds),
                           MLP_UP_DOWN: JointConfig(rounds=cfg.joint_mlp_rounds,
                                                    channel_weight=cfg.joint_channel_weight)}
         self.pool = TaskPool(1)  # plan_cafeq hands in a started pool; this one runs tasks in-process
 
-    def grid(self, k: int) -> Grid:
-        return Grid(self.quant.bits, self.quant.group_size or k, self.quant.symmetric)
+    def grid(self, k: int) -> GridSpec:
+        return GridSpec(self.quant.bits, self.quant.group_size or k, self.quant.symmetric)
 
     def _usable(self, p: CoupledPair) -> bool:
         return all(i in self.sites for i in (p.producer, p.consumer, p.gate) if i)
@@ -111,22 +121,22 @@ class _Planner:
     def pair_transforms(self) -> list[PairTransform]:
         pairs = [p for p in self.analysis.pairs if self._usable(p) and (
             "vo" in self.cfg.transforms if p.kind == ATTN_VO
-            else "updown" in self.cfg.transforms and self.method != "rotate")]
+            else "updown" in self.cfg.transforms and self.recipe.learned)]
         learned: dict[str, Any] = {}
-        if self.method != "rotate":
+        if self.recipe.learned:
             # learned side by side on the factors as they come in: the same as one after another, since
             # a fold touches only its own pair's sites; pairs sharing a factor wait for the folds before them
             shared = _shared_sites(pairs)
             free = [p for p in pairs if not _sites_of(p) & shared]
-            results = self.pool.map(_learn_pair, [self._pair_task(p) for p in free], f"{self.method} pairs")
+            results = self.pool.map(_learn_pair, [self._pair_task(p) for p in free], f"{self.recipe.name} pairs")
             learned = {p.id: r for p, r in zip(free, results, strict=True)}
         out = []
         for p in pairs:
             res = learned[p.id] if p.id in learned else None
-            if res is None and self.method != "rotate":
+            if res is None and self.recipe.learned:
                 res = self.pool.map(_learn_pair, [self._pair_task(p)])[0]
             if p.kind == ATTN_VO:
-                if self.method == "rotate":
+                if not self.recipe.learned:
                     mats = initial_blocks(p.num_kv_heads, p.head_dim, "orthogonal", self.rng)
                 else:
                     mats = res.value
@@ -155,12 +165,12 @@ class _Planner:
         else:
             units = cheapest_first(units, self.cfg.online_budget)
         out, blocks_of = [], {}
-        learned = [] if self.method == "rotate" else self.pool.map(
+        learned = [] if not self.recipe.learned else self.pool.map(
             learn_block_transform, [([self.folded[m] for m in u.members], self.grid(self.sites[u.members[0]].k),
-                                     u.block, self.learn) for u in units], f"{self.method} single")
+                                     u.block, self.learn) for u in units], f"{self.recipe.name} single")
         for i, u in enumerate(units):
             k = self.sites[u.members[0]].k
-            if self.method == "rotate":
+            if not self.recipe.learned:
                 init = "hadamard" if self.cfg.init == "hadamard" else "orthogonal"
                 blocks = initial_blocks(k // u.block, u.block, init, self.rng)
             else:
@@ -245,7 +255,7 @@ class _Planner:
                 stats = dataclasses.replace(stats, proxy_error=cal.proxy, rtn_proxy_error=cal.rtn_proxy,
                                             holdout_error=cal.holdout_error)
             site_plans.append(SitePlan(site, qw, stats))
-        return QuantPlan(self.method, self.quant, tuple(site_plans), tuple(pair_transforms), tuple(online),
+        return QuantPlan(self.recipe.name, self.quant, tuple(site_plans), tuple(pair_transforms), tuple(online),
                          tuple(self.pair_stats(effective, plain, rtn)))
 
     def pair_stats(self, effective: dict[str, np.ndarray], plain: dict[str, np.ndarray],
@@ -322,25 +332,25 @@ def select_online_units(analysis: Analysis, cfg: CafeqConfig, step: StepCost) ->
     return frozenset(u.id for u in cheapest_first(units, cfg.online_budget))
 
 
-def plan_cafeq(analysis: Analysis, weight_of: Callable[[LinearSite], np.ndarray], quant: QuantConfig,
-               cfg: CafeqConfig, method: str = "cafeq", progress: bool = False,
-               rounder: Rounder | None = None, online_units: frozenset[str] | None = None,
-               step: StepCost | None = None) -> QuantPlan:
-    """``method`` is ``cafeq`` (learned), ``rotate`` (random orthogonal/Hadamard, no learning) or
-    ``cafeq+gptaq`` (learned, then ``rounder``: calibrated rounding of the transformed weights).
+def plan_transforms(analysis: Analysis, weight_of: Callable[[LinearSite], np.ndarray], quant: QuantConfig,
+                    cfg: CafeqConfig, recipe: Recipe, progress: bool = False, rounder: Rounder | None = None,
+                    online_units: frozenset[str] | None = None, step: StepCost | None = None,
+                    run: Run = Run()) -> QuantPlan:
+    """The plan of ``recipe`` (cafeq: learned, joint rounding; rotate: random orthogonal/Hadamard, no
+    learning; cafeq+gptaq: learned, then ``rounder``: calibrated rounding of the transformed weights).
     ``online_units``: the units allowed an online transform (default: the budget decides).
     ``step``: the model's run-time cost the budget is a fraction of (default: ``cfg.online_regime``'s,
     from the sites alone; the pipeline adds the bytes of the weights kept in float)."""
     if step is None:
         step = step_cost(cfg.online_regime, analysis.sites, quant)
-    planner = _Planner(analysis, weight_of, quant, cfg, method, step, progress, rounder, online_units)
-    if method == "rotate":  # nothing to learn
+    planner = _Planner(analysis, weight_of, quant, cfg, recipe, step, progress, rounder, online_units, run)
+    if not recipe.learned:  # nothing to learn
         return planner.plan()
     planner.pool = open_pool()
     if planner.pool is not None:  # a streaming compile's, for all its chunks
         return planner.plan()
     elements = sum(w.size for w in planner.original.values())
-    with TaskPool(resolve_jobs(cfg.jobs, elements, planner.learn.device), progress) as pool:
+    with TaskPool(resolve_jobs(run.jobs, elements, planner.learn.device), progress) as pool:
         planner.pool = pool
         plan = planner.plan()
     note_workers_peak(pool.workers_peak_mb)

@@ -1,0 +1,45 @@
+"""What the transform methods (cafeq, rotate, cafeq+gptaq) share: the matcher's pairs and groups, the
+run-time cost their online ops are budgeted against, and the planner (``transform_planner``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import ClassVar
+
+from qcompiler.match.sites import float_weight_bytes
+from qcompiler.methods.base import Method, PlanContext, Setup
+from qcompiler.methods.online_cost import step_cost
+from qcompiler.methods.transform_planner import Recipe, Rounder, Run, plan_transforms, select_online_units
+from qcompiler.plan import QuantPlan
+
+log = logging.getLogger(__name__)
+
+
+class TransformMethod(Method):
+    transforms: ClassVar[bool] = True
+    stream_chunk_mb: ClassVar[int] = 16  # ~10 float64 copies of a chunk's weights while learning and rounding
+    recipe: ClassVar[Recipe]
+
+    def prepare(self, setup: Setup) -> PlanContext:
+        ctx = super().prepare(setup)
+        regime = setup.config.cafeq.online_regime
+        step = step_cost(regime, setup.match.sites, setup.config.quant,
+                         float_weight_bytes(setup.graph, setup.match.sites))
+        log.info("online transforms: %s regime (%.1f M multiply-adds per token, %.1f MB read per token step)",
+                 regime, step.macs / 1e6, step.token_bytes / 2**20)
+        return dataclasses.replace(ctx, step=step)
+
+    def for_streaming(self, ctx: PlanContext) -> PlanContext:
+        """The online units of the whole model, chosen once from shapes (a whole-model plan's choice)."""
+        units = select_online_units(ctx.analysis, ctx.config.cafeq, ctx.step)
+        return dataclasses.replace(ctx, online_units=units)
+
+    def rounder(self, ctx: PlanContext) -> Rounder | None:
+        """Rounding of the transformed weights other than the planner's own (RTN, then joint rounding)."""
+        return None
+
+    def plan(self, ctx: PlanContext) -> QuantPlan:
+        cfg = ctx.config
+        return plan_transforms(ctx.analysis, ctx.weight_of, cfg.quant, cfg.cafeq, self.recipe, ctx.progress,
+                               self.rounder(ctx), ctx.online_units, ctx.step, Run(cfg.device, cfg.jobs, cfg.seed))
