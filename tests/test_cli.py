@@ -131,3 +131,30 @@ def test_default_output_names_the_setting(tmp_path, good_onnx, capsys, monkeypat
     assert main(["compile", str(good_onnx), "--bits", "3", "--group-size", "128", "-q"]) == 0
     assert main(["compile", str(good_onnx), "--bits", "3", "--group-size", "64", "-q"]) == 0
     assert {"good.rtn-w3-b128-asym.onnx", "good.rtn-w3-b64-asym.onnx"} <= {p.name for p in tmp_path.iterdir()}
+
+
+def test_compile_then_generate_and_export_from_the_command_line(tiny_checkpoints, tmp_path, capsys):
+    """A causal LM compiles to a KV-cache graph by default; ``generate`` streams its greedy tokens (the same
+    as the Python loop's) and reports speed; ``export`` writes the fp32 graph the compile started from."""
+    import shutil
+
+    import numpy as np
+
+    from qcompiler.runtime.generate import generate
+    from tests.test_generate import _word_tokenizer
+
+    folder = tmp_path / "llama"
+    shutil.copytree(tiny_checkpoints["llama"], folder)
+    tok = _word_tokenizer(folder)
+    q, fp32 = tmp_path / "q.onnx", tmp_path / "fp32.onnx"
+    assert main(["compile", str(folder), "-o", str(q), "--cache-dir", str(tmp_path / "c"), "-q"]) == 0
+    assert main(["export", str(folder), "-o", str(fp32), "--cache-dir", str(tmp_path / "c"), "-q"]) == 0
+    assert {i.name for i in onnx.load(str(fp32)).graph.input} >= {"input_ids", "past_key_values.0.value"}
+    capsys.readouterr()
+    assert main(["generate", str(q), "--prompt", "w10 w20 w30", "--max-new-tokens", "5"]) == 0
+    out, err = capsys.readouterr()
+    want = generate(str(q), np.array([[10, 20, 30]]), max_new_tokens=5)
+    assert out.strip() == tok.decode(want.tokens[0, :want.lengths[0]].tolist(), skip_special_tokens=True).strip()
+    assert "prefill:" in err and "decode:" in err
+    code, err = _run(["generate", str(q), "--prompt", "w1", "--top-p", "0"], capsys)
+    assert code == 2 and "--top-p" in err

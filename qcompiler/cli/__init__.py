@@ -1,4 +1,4 @@
-"""Command line: ``qcompiler compile | eval | inspect`` (one module per command).
+"""Command line: ``qcompiler compile | eval | inspect | generate | export`` (one module per command).
 
 Bad input ends with one line on stderr naming the problem and exit code 2; nothing is written.
 """
@@ -16,6 +16,8 @@ from pathlib import Path
 from qcompiler import __version__
 from qcompiler.cli import compile as compile_cmd
 from qcompiler.cli import eval as eval_cmd
+from qcompiler.cli import export as export_cmd
+from qcompiler.cli import generate as generate_cmd
 from qcompiler.cli import inspect as inspect_cmd
 from qcompiler.cli.options import field_default
 from qcompiler.config import DEVICES, CompileConfig
@@ -24,7 +26,8 @@ from qcompiler.frontends.bundled import BUNDLED
 
 log = logging.getLogger("qcompiler")
 EXIT_BAD_INPUT = 2
-COMMANDS = {"compile": compile_cmd, "eval": eval_cmd, "inspect": inspect_cmd}
+COMMANDS = {"compile": compile_cmd, "eval": eval_cmd, "inspect": inspect_cmd, "generate": generate_cmd,
+            "export": export_cmd}
 
 
 class _Parser(argparse.ArgumentParser):
