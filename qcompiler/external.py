@@ -26,7 +26,6 @@ from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from qcompiler.errors import OutputError
-from qcompiler.graphio import external_info
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +33,11 @@ ALIGN = 4096  # offsets in written data files (ONNX Runtime can memory-map align
 COPY_PIECE = 64 * 1024 * 1024  # bytes per read/write when copying tensor data between files
 SPILL_MIN_BYTES = 64 * 1024  # constants at least this large leave memory
 SPILL_NAME = "qcompiler-spill.data"
+
+
+def external_info(tensor: onnx.TensorProto) -> dict[str, str]:
+    """A tensor's external data entries (location, offset, length) as a dict."""
+    return {e.key: e.value for e in tensor.external_data}
 
 
 def read_external(tensor: onnx.TensorProto, path: str | os.PathLike) -> bytes:

@@ -12,6 +12,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from qcompiler.errors import ModelLoadError, OutputError, first_line
+from qcompiler.external import attach_external, external_info
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +68,6 @@ def load_external_data(model: onnx.ModelProto, path: str | os.PathLike) -> None:
 def external_data_bytes(model: onnx.ModelProto) -> int:
     """Bytes of the tensors ``model`` keeps in external data files."""
     return sum(int(external_info(t).get("length", 0)) for t in _external_tensors(model))
-
-
-def external_info(tensor: onnx.TensorProto) -> dict[str, str]:
-    """A tensor's external data entries (location, offset, length) as a dict."""
-    return {e.key: e.value for e in tensor.external_data}
 
 
 def _external_tensors(model: onnx.ModelProto):
@@ -158,8 +154,6 @@ def import_graph(model: onnx.ModelProto, data_dir: str | os.PathLike | None = No
     external data; those constants then read their file on every access (``qcompiler.external``)."""
     graph = gs.import_onnx(model)
     if data_dir is not None:
-        from qcompiler.external import attach_external
-
         attach_external(graph, model, data_dir)
     # dead code (nodes no output depends on) is dropped first: the matcher must not plan sites for it
     graph.cleanup(remove_unused_graph_inputs=False)
