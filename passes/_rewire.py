@@ -7,9 +7,9 @@ from collections.abc import Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qcompiler.match.sites import LinearSite
 from qcompiler.passes.base import Pass, PassError, PassResult
 from qcompiler.plan import QuantPlan, SitePlan
+from qcompiler.sites import LinearSite
 
 Builder = Callable[[gs.Tensor, gs.Variable], list[gs.Node]]
 

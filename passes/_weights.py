@@ -11,9 +11,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qcompiler.match.sites import LinearSite
 from qcompiler.match.view import constant_value
 from qcompiler.passes.base import Pass, PassError
+from qcompiler.sites import LinearSite
 
 
 class WeightTransformPass(Pass):

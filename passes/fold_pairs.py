@@ -11,11 +11,11 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from qcompiler.algorithms.fold import fold_attn_vo, fold_mlp
-from qcompiler.match.pairs import ATTN_VO
 from qcompiler.passes._rewire import nodes_by_name
 from qcompiler.passes._weights import Slot, WeightTransformPass, bias_slot, weight_slot
 from qcompiler.passes.base import PassResult
 from qcompiler.plan import PairTransform
+from qcompiler.sites import ATTN_VO
 
 
 class FoldPairsPass(WeightTransformPass):

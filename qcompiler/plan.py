@@ -14,8 +14,7 @@ import numpy as np
 from qcompiler.algorithms.grid import QuantizedWeight
 from qcompiler.algorithms.transforms import is_permutation
 from qcompiler.config import QuantConfig
-from qcompiler.match.pairs import ATTN_VO, CoupledPair
-from qcompiler.match.sites import LinearSite
+from qcompiler.sites import ATTN_VO, CoupledPair, LinearSite
 
 
 @dataclass(frozen=True)

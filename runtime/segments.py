@@ -21,8 +21,8 @@ from onnx import numpy_helper
 
 from qcompiler.errors import QCompilerError
 from qcompiler.graphio import import_graph
-from qcompiler.match.sites import LinearSite
 from qcompiler.runtime.session import SessionOptions, make_session
+from qcompiler.sites import LinearSite
 
 State = dict[str, np.ndarray]
 
@@ -36,7 +36,7 @@ class Group:
     position: int  # index of the first site's node: the cut
 
 
-def _node_inputs(node: onnx.NodeProto) -> set[str]:
+def node_inputs(node: onnx.NodeProto) -> set[str]:
     """Inputs of a node, with the outer-scope names its subgraphs read."""
     names = {i for i in node.input if i}
     for attr in node.attribute:
@@ -44,11 +44,12 @@ def _node_inputs(node: onnx.NodeProto) -> set[str]:
         for g in graphs:
             inner = {o for n in g.node for o in n.output} | {i.name for i in g.input}
             for n in g.node:
-                names |= {i for i in _node_inputs(n) if i not in inner}
+                names |= {i for i in node_inputs(n) if i not in inner}
     return names
 
 
-def _types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
+def value_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
+    """Name -> type of every typed tensor of ``model`` (shape inference where it runs, else the recorded types)."""
     try:
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
     except Exception:  # noqa: BLE001 - large or unusual models: fall back to the recorded types
@@ -79,19 +80,19 @@ def _fold_constants(model: onnx.ModelProto, types: Mapping[str, onnx.TypeProto])
     const = {t.name for t in g.initializer}
     nodes, rest = [], []
     for n in g.node:
-        ins = _node_inputs(n)
+        ins = node_inputs(n)
         if not n.op_type.startswith("Random") and all(i in const for i in ins):
             nodes.append(n)
             const |= {o for o in n.output if o}
         else:
             rest.append(n)
     produced = {o for n in nodes for o in n.output if o}
-    read = {i for n in rest for i in _node_inputs(n)} | {o.name for o in g.output}
+    read = {i for n in rest for i in node_inputs(n)} | {o.name for o in g.output}
     needed = sorted(produced & read)
     if not needed or any(t not in types for t in needed):
         return model
     inits = {t.name: t for t in g.initializer}
-    used = {i for n in nodes for i in _node_inputs(n) if i in inits}
+    used = {i for n in nodes for i in node_inputs(n) if i in inits}
     sub = onnx.helper.make_graph(nodes, "constants", [], [_value_info(t, types[t]) for t in needed],
                                  initializer=[inits[t] for t in sorted(used)])
     sub_model = onnx.helper.make_model(sub, opset_imports=list(model.opset_import))
@@ -103,7 +104,7 @@ def _fold_constants(model: onnx.ModelProto, types: Mapping[str, onnx.TypeProto])
     del out.graph.node[:]
     out.graph.node.extend(rest)
     out.graph.initializer.extend(numpy_helper.from_array(np.asarray(v), t) for t, v in zip(needed, values, strict=True))
-    keep = {i for n in rest for i in _node_inputs(n)} | {o.name for o in g.output}
+    keep = {i for n in rest for i in node_inputs(n)} | {o.name for o in g.output}
     live_inits = [t for t in out.graph.initializer if t.name in keep]
     del out.graph.initializer[:]
     out.graph.initializer.extend(live_inits)
@@ -136,7 +137,7 @@ class SegmentedModel:
         del self.model.opset_import[:]
         self.model.opset_import.extend(model.opset_import)
         self.model.ir_version = model.ir_version
-        types = _types(self.model)
+        types = value_types(self.model)
         self.model = _fold_constants(self.model, types)
         g = self.model.graph
         self._nodes = list(g.node)
@@ -147,7 +148,7 @@ class SegmentedModel:
         self._types = types
         self._producer: dict[str, int] = {}
         self._last_use: dict[str, int] = {}
-        self._inputs_of = [_node_inputs(n) for n in self._nodes]
+        self._inputs_of = [node_inputs(n) for n in self._nodes]
         for idx, n in enumerate(self._nodes):
             for t in self._inputs_of[idx]:
                 self._last_use[t] = idx

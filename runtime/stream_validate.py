@@ -21,9 +21,8 @@ import onnx
 from onnx import numpy_helper
 
 from qcompiler.errors import QCompilerError
-from qcompiler.external import inline_copy
-from qcompiler.graphio import external_info
-from qcompiler.runtime.segments import _node_inputs, _types
+from qcompiler.external import external_info, inline_copy
+from qcompiler.runtime.segments import node_inputs, value_types
 from qcompiler.runtime.session import SessionOptions, make_session
 from qcompiler.runtime.validate import ValidationResult, compare
 
@@ -42,7 +41,7 @@ def _cut_states(model: onnx.ModelProto, cuts: Sequence[str]) -> list[list[str]]:
     produced_at: dict[str, int] = {i.name: -1 for i in model.graph.input if i.name not in inits}
     last_use: dict[str, int] = {}
     for i, n in enumerate(nodes):
-        for t in _node_inputs(n):
+        for t in node_inputs(n):
             last_use[t] = i
         for t in n.output:
             if t:
@@ -98,16 +97,16 @@ class _Stretcher:
                 continue
             kept.add(id(node))
             keep.append(node)
-            for i in _node_inputs(node):
+            for i in node_inputs(node):
                 if i not in seen:
                     seen.add(i)
                     need.append(i)
         keep.sort(key=lambda n: self.order[id(n)])
-        reads = sorted({i for n in keep for i in _node_inputs(n)})
+        reads = sorted({i for n in keep for i in node_inputs(n)})
         inputs = [i for i in reads if i in state]
         # large weights read by standard ops are fed, not embedded: ONNX Runtime then uses the array as is
         # (an initializer would be copied by serialisation, by the session and again by pre-packing)
-        standard = {i for i in reads if all(n.domain in ("", "ai.onnx") for n in keep if i in _node_inputs(n))}
+        standard = {i for i in reads if all(n.domain in ("", "ai.onnx") for n in keep if i in node_inputs(n))}
         fed = {i: self._array(i) for i in reads if i in self.inits and i not in state and i in standard
                and self.inits[i].data_location == onnx.TensorProto.EXTERNAL}
         graph = onnx.helper.make_graph(
@@ -140,7 +139,7 @@ def validate_streamed(original: onnx.ModelProto, original_dir: str | os.PathLike
     locations = {external_info(t).get("location", "") for t in original.graph.initializer
                  if t.data_location == onnx.TensorProto.EXTERNAL}
     orig_sources = {loc: base / loc for loc in locations}
-    types = _types(original)  # state tensors have the same names and types in both (contrib ops defeat
+    types = value_types(original)  # state tensors have the same names and types in both (contrib ops defeat
     a = _Stretcher(original, orig_sources, options, types)  # ONNX's shape inference on the compiled one)
     b = _Stretcher(compiled, compiled_sources, options, types)
     state_a = {k: np.asarray(v) for k, v in feeds.items()}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import onnx
 
 from qcompiler.inspect.verify import fold_check, random_transforms
-from qcompiler.match.analysis import Analysis
+from qcompiler.sites import Analysis
 
 __all__ = ["fold_and_compare", "random_transforms"]
 

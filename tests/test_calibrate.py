@@ -72,9 +72,9 @@ def test_gptq_stream_only(tiny_checkpoints, cache_dir):
 def test_value_statistics_are_those_of_the_attention_mixed_inputs(family, tiny_checkpoints, cache_dir):
     """A V site's per-KV-head H and D are over ``A_j X`` for the query heads ``j`` reading that head, with
     ``A`` the attention weights of the stream (quantized earlier groups) and ``X~``, ``A~`` of the float one."""
+    from qcompiler.analyze import analyze_graph
     from qcompiler.frontends import load_model
     from qcompiler.graphio import import_graph
-    from qcompiler.match.analysis import analyze_graph
     from qcompiler.match.sites import weight_reader
     from qcompiler.methods.gptq import value_heads
     from qcompiler.runtime.segments import SegmentedModel

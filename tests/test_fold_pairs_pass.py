@@ -4,10 +4,10 @@ import numpy as np
 import onnx
 import pytest
 
+from qcompiler.analyze import analyze_graph
 from qcompiler.emit import emit_model
 from qcompiler.frontends import load_model
 from qcompiler.graphio import import_graph
-from qcompiler.match.analysis import analyze_graph
 from qcompiler.passes import FoldPairsPass, PassError, PassManager
 from qcompiler.plan import PairTransform
 from qcompiler.runtime.inputs import sample_inputs

@@ -6,10 +6,10 @@ import onnx_graphsurgeon as gs
 import pytest
 
 from qcompiler.algorithms.transforms import random_invertible
+from qcompiler.analyze import analyze_graph
 from qcompiler.emit import emit_model
 from qcompiler.frontends import load_model
 from qcompiler.graphio import import_graph
-from qcompiler.match.analysis import analyze_graph
 from qcompiler.passes import OnlineTransformPass, PassError, PassManager
 from qcompiler.plan import OnlineTransform
 from qcompiler.runtime.inputs import sample_inputs

@@ -2,8 +2,8 @@
 
 import torch
 
+from qcompiler.analyze import analyze
 from qcompiler.frontends.module import load_module
-from qcompiler.match.analysis import analyze
 
 
 class Attention(torch.nn.Module):

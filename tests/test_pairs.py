@@ -7,8 +7,8 @@ import numpy as np
 import onnx
 import pytest
 
+from qcompiler.analyze import analyze
 from qcompiler.frontends import load_model
-from qcompiler.match.analysis import analyze
 from qcompiler.plan import PairTransform
 from tests.conftest import PAIR_FAMILIES
 from tests.pairfold import fold_and_compare, random_transforms

@@ -10,11 +10,11 @@ from typing import Any
 
 import onnx
 
+from qcompiler.analyze import analyze
 from qcompiler.inspect.diff import graph_diff
 from qcompiler.inspect.layout import assign_blocks, layout_block
-from qcompiler.match.analysis import Analysis, analyze
-from qcompiler.match.pairs import CoupledPair
 from qcompiler.metadata import SITES, model_properties, module_paths
+from qcompiler.sites import Analysis, CoupledPair
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from qcompiler.algorithms.transforms import random_invertible, random_scale
-from qcompiler.match.analysis import Analysis
+from qcompiler.sites import Analysis
 
 
 @dataclass(frozen=True)
@@ -47,9 +47,9 @@ def random_transforms(analysis: Analysis, seed: int = 0) -> list:
 def fold_check(model: onnx.ModelProto, analysis: Analysis | None = None, transforms=None, seed: int = 0
                ) -> tuple[FoldCheck, Analysis]:
     """Fold ``transforms`` (default: random ones, one per float pair) and compare ORT outputs."""
+    from qcompiler.analyze import analyze_graph
     from qcompiler.emit import emit_model
     from qcompiler.graphio import import_graph
-    from qcompiler.match.analysis import analyze_graph
     from qcompiler.passes import FoldPairsPass
     from qcompiler.runtime.inputs import sample_inputs
     from qcompiler.runtime.session import SessionOptions

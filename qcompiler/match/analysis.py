@@ -1,58 +1,93 @@
-"""Everything the matcher knows about a model, in one frozen object: sites, pairs, groups, reasons."""
+"""The matcher's driver: everything it knows about a model, in one frozen ``Analysis`` (sites, pairs,
+groups, reasons; the type lives in :mod:`qcompiler.sites`).
+
+The matcher reads graphs and never runs them. ``match_graph`` reads what structure tells; what it cannot
+read from constants (head sizes, KV maps, run-time slice bounds) it asks for as probe requests
+(``Matching.requests``), and ``Matching.finish`` reads the probe's results, handed in as data, into the
+``Analysis``. ``qcompiler.analyze`` runs the probe (``qcompiler.runtime.probe``) between the two.
+"""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass
 
-import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
 from qcompiler.config import MatchConfig
-from qcompiler.match.pairs import (
-    CoupledPair,
-    PairRejection,
-    SiblingGroup,
-    find_attention_candidates,
-    find_mlp_pairs,
-    find_sibling_groups,
-)
-from qcompiler.match.probe import ProbeError, measure_heads, probe
-from qcompiler.match.sites import LinearSite, QuantizedSite, Rejection, find_linear_sites, find_quantized_sites
+from qcompiler.match.measure import heads_request, read_heads, read_slices, slices_request
+from qcompiler.match.pairs import AttentionCandidate, find_attention_candidates, find_mlp_pairs, find_sibling_groups
+from qcompiler.match.sites import find_linear_sites, find_quantized_sites
 from qcompiler.match.view import GraphView
 from qcompiler.metadata import module_paths
+from qcompiler.sites import (
+    Analysis,
+    CoupledPair,
+    LinearSite,
+    MatchResult,
+    PairRejection,
+    ProbeRequest,
+    ProbeResult,
+    QuantizedSite,
+)
 
 log = logging.getLogger(__name__)
 
+# the probe requests a Matching may make
+HEADS = "heads"  # head size and KV map of the attention V·O candidates
+SLICES = "slices"  # column ranges of fused-weight slices whose bounds are computed at run time
+
 
 @dataclass(frozen=True)
-class Analysis:
-    sites: tuple[LinearSite, ...]  # float sites the compiler may quantize
-    quantized: tuple[QuantizedSite, ...]  # sites already quantized (compiled models)
-    rejected: tuple[Rejection, ...]
-    pairs: tuple[CoupledPair, ...]
-    pair_rejections: tuple[PairRejection, ...]
-    groups: tuple[SiblingGroup, ...]
+class Matching:
+    """What structure tells about a graph, before measurements: ``requests`` are the probe runs the
+    matcher needs, ``finish`` turns their results into the ``Analysis``."""
 
-    def pairs_of(self, kind: str) -> list[CoupledPair]:
-        return [p for p in self.pairs if p.kind == kind]
+    view: GraphView
+    match: MatchResult
+    quantized: tuple[QuantizedSite, ...]
+    every: tuple[LinearSite, ...]  # float and quantized sites, graph order
+    order: Mapping[str, int]  # node name -> position in the graph
+    candidates: tuple[AttentionCandidate, ...]
+    attn_rejected: tuple[PairRejection, ...]
+    mlp_pairs: tuple[CoupledPair, ...]
+    mlp_rejected: tuple[PairRejection, ...]
+    pending: tuple[tuple[LinearSite, str], ...]  # (fused site, slice output) whose column range is unknown
 
-    def to_json(self) -> dict:
-        return {
-            "sites": [asdict(s) for s in self.sites],
-            "quantized": [{**asdict(q.site), "storage": q.storage, "bits": q.bits, "block_size": q.block_size,
-                           "symmetric": q.symmetric} for q in self.quantized],
-            "rejected": [asdict(r) for r in self.rejected],
-            "pairs": [asdict(p) for p in self.pairs],
-            "pair_rejections": [asdict(r) for r in self.pair_rejections],
-            "groups": [asdict(g) for g in self.groups],
-        }
+    @property
+    def requests(self) -> dict[str, ProbeRequest]:
+        """The probe runs to make (``HEADS``, ``SLICES``), none when structure told everything."""
+        requests = {}
+        if self.candidates:
+            requests[HEADS] = heads_request(self.view, list(self.candidates))
+        if self.pending:
+            requests[SLICES] = slices_request(self.view, list(self.pending))
+        return requests
+
+    def finish(self, measured: Mapping[str, ProbeResult] | None = None) -> Analysis:
+        """The analysis, with the probe's results for ``requests`` (by name); a request without a result
+        is left unmeasured: its candidates give no pair and no rejection."""
+        measured = measured or {}
+        every = list(self.every)
+        attn_pairs, probe_rejected = ([], []) if HEADS not in measured else \
+            read_heads(list(self.candidates), measured[HEADS])
+        mlp_pairs, mlp_rejected = list(self.mlp_pairs), list(self.mlp_rejected)
+        if self.pending and SLICES in measured:
+            known = read_slices(list(self.pending), measured[SLICES])
+            if known:
+                mlp_pairs, mlp_rejected, _ = find_mlp_pairs(self.view, every, known)
+        pairs = sorted(attn_pairs + mlp_pairs, key=lambda p: self.order.get(_node_of(every, p.producer), 0))
+        log.info("matched %d sites (%d already quantized), %d attn_vo + %d mlp_up_down pairs",
+                 len(self.match.sites), len(self.quantized), len(attn_pairs), len(mlp_pairs))
+        return Analysis(self.match.sites, self.quantized, self.match.rejected, tuple(pairs),
+                        tuple(list(self.attn_rejected) + probe_rejected + mlp_rejected),
+                        tuple(find_sibling_groups(every)))
 
 
-def analyze_graph(graph: gs.Graph, model: onnx.ModelProto, config: MatchConfig | None = None,
-                  probe_heads: bool = True) -> Analysis:
-    """Match ``graph`` (imported from ``model``, which supplies metadata and opsets); read-only."""
+def match_graph(graph: gs.Graph, model: onnx.ModelProto, config: MatchConfig | None = None) -> Matching:
+    """Match ``graph`` (imported from ``model``, which supplies metadata); read-only, runs nothing."""
     paths = module_paths(model)
     match = find_linear_sites(graph, config, paths)
     quantized = find_quantized_sites(graph, paths)
@@ -61,47 +96,20 @@ def analyze_graph(graph: gs.Graph, model: onnx.ModelProto, config: MatchConfig |
     every.sort(key=lambda s: order.get(s.node, 0))
     view = GraphView(graph)
     candidates, attn_rejected = find_attention_candidates(view, every, {r.node: r.reason for r in match.rejected})
-    if probe_heads:
-        attn_pairs, probe_rejected = measure_heads(view, candidates, model.opset_import)
-    else:
-        attn_pairs, probe_rejected = [], []
     mlp_pairs, mlp_rejected, pending = find_mlp_pairs(view, every)
-    if pending and probe_heads:
-        known = _probe_slices(view, model, pending)
-        if known:
-            mlp_pairs, mlp_rejected, _ = find_mlp_pairs(view, every, known)
-    pairs = sorted(attn_pairs + mlp_pairs, key=lambda p: order.get(_node_of(every, p.producer), 0))
-    log.info("matched %d sites (%d already quantized), %d attn_vo + %d mlp_up_down pairs",
-             len(match.sites), len(quantized), len(attn_pairs), len(mlp_pairs))
-    return Analysis(match.sites, tuple(quantized), match.rejected, tuple(pairs),
-                    tuple(attn_rejected + probe_rejected + mlp_rejected), tuple(find_sibling_groups(every)))
-
-
-def _probe_slices(view: GraphView, model: onnx.ModelProto, pending: list[tuple[LinearSite, str]]
-                  ) -> dict[str, tuple[int, int]]:
-    """Column ranges of slices computed at run time (legacy exports of fused gate_up weights)."""
-    sources = list({s.id: s for s, _ in pending}.values())
-    try:
-        decoded = probe(view, model.opset_import, sources, [], [t for _, t in pending])
-    except ProbeError as e:
-        log.warning("slice probe did not run: %s", e)
-        return {}
-    known = {}
-    for _, name in pending:
-        cols = decoded.get(name)
-        if cols is None:
-            continue
-        row = cols.reshape(-1, cols.shape[-1])[0]
-        if np.array_equal(row, np.arange(row[0], row[0] + len(row))):
-            known[name] = (int(row[0]), int(row[0]) + len(row))
-    return known
+    return Matching(view, match, tuple(quantized), tuple(every), order, tuple(candidates), tuple(attn_rejected),
+                    tuple(mlp_pairs), tuple(mlp_rejected), tuple(pending))
 
 
 def _node_of(sites: list[LinearSite], site_id: str) -> str:
     return next((s.node for s in sites if s.id == site_id), "")
 
 
-def analyze(model: onnx.ModelProto, config: MatchConfig | None = None, probe_heads: bool = True) -> Analysis:
-    from qcompiler.graphio import import_graph
+def analyze_graph(graph: gs.Graph, model: onnx.ModelProto, config: MatchConfig | None = None,
+                  probe_heads: bool = True) -> Analysis:
+    """Deprecated, kept for ``qcompiler/pipeline.py`` only: use ``qcompiler.analyze.analyze_graph``. It
+    makes the matcher import the runtime (allowed in tests/test_layering.py until it goes)."""
+    from qcompiler.runtime.probe import probe_all
 
-    return analyze_graph(import_graph(model), model, config, probe_heads)
+    matching = match_graph(graph, model, config)
+    return matching.finish(probe_all(graph, model.opset_import, matching.requests) if probe_heads else {})

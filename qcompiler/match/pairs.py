@@ -2,14 +2,15 @@
 
 - ``attn_vo``: from a site's output, layout ops (reshape/transpose/expand...) lead to an attention
   ``MatMul`` as its right operand (``probs @ V``), and layout ops lead from there to another site's
-  input. The head size and the query-head -> KV-head map are measured afterwards by
-  :mod:`qcompiler.match.heads`; here the pair is only a candidate.
+  input. The head size and the query-head -> KV-head map are measured afterwards (a probe run,
+  read by :mod:`qcompiler.match.measure`); here the pair is only a candidate.
 - ``mlp_up_down``: the down site's input is an element-wise function of one site's output (non-gated,
   ``fc2(act(fc1 x))``) or of two column ranges (gated, ``down(act(gate x) * up x)``, the two ranges
   possibly slices of one fused weight).
 - sibling groups: sites reading the same input tensor.
 
-A candidate that looks like a pair but is not safe to transform is kept with the reason.
+A candidate that looks like a pair but is not safe to transform is kept with the reason. The pair
+types live in :mod:`qcompiler.sites`.
 """
 
 from __future__ import annotations
@@ -20,50 +21,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qcompiler.match.sites import LinearSite
 from qcompiler.match.view import ELEMENTWISE_OPS, LAYOUT_OPS, SHAPE_OPS, SPLIT_OPS, GraphView
+from qcompiler.sites import ATTN_VO, MLP_UP_DOWN, CoupledPair, LinearSite, PairRejection, SiblingGroup
 
-ATTN_VO = "attn_vo"
-MLP_UP_DOWN = "mlp_up_down"
 # activations f with f(a x) = a f(x) for a > 0: a positive diagonal passes them exactly
 _POSITIVE_HOMOGENEOUS = {"Relu", "LeakyRelu", "PRelu"}
-
-
-@dataclass(frozen=True)
-class CoupledPair:
-    """Two sites whose weights meet in the computation: ``... A ... B``, A the producer."""
-
-    id: str
-    kind: str  # attn_vo | mlp_up_down
-    producer: str  # site id: V (attn_vo) or up/fc1 (mlp_up_down)
-    consumer: str  # site id: O or down
-    producer_cols: tuple[int, int]  # column range of the producer's W (a slice for fused weights)
-    exact: tuple[str, ...]  # transforms that leave the model unchanged: per_kv_head_matrix | diagonal |
-    #                          positive_diagonal | permutation
-    head_dim: int = 0
-    num_heads: int = 0  # query heads (rows of O in blocks of head_dim)
-    num_kv_heads: int = 0
-    kv_map: tuple[int, ...] = ()  # query head j reads KV head kv_map[j]
-    gate: str | None = None  # gated MLP: the gate site (same id as producer when fused)
-    gate_cols: tuple[int, int] | None = None
-    activation: str = ""  # the element-wise ops between the factors
-    probs: str = ""  # attn_vo: the attention weights tensor (``probs @ V``), [batch, heads, query, key] in
-    #                  the usual layout (calibration weighs V's inputs by it)
-
-
-@dataclass(frozen=True)
-class PairRejection:
-    kind: str
-    producer: str
-    consumer: str | None
-    reason: str
-
-
-@dataclass(frozen=True)
-class SiblingGroup:
-    id: str
-    input: str
-    members: tuple[str, ...]  # site ids, graph order
 
 
 @dataclass(frozen=True)

@@ -4,13 +4,13 @@ The weight may feed the node directly, through a ``Transpose(perm=[1, 0])``, or 
 ``transB``. Every MatMul/Gemm/Gather it does not offer carries a reason, and so does every other op with a
 constant weight (a ViT's patch-embedding Conv, a ConvTranspose head, recurrent cells), so that ``inspect``
 shows every weight of the model. The matcher never edits the graph.
+The types it fills (``LinearSite``, ``MatchResult``, ...) live in :mod:`qcompiler.sites`.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -19,6 +19,7 @@ import onnx_graphsurgeon as gs
 from qcompiler.config import MatchConfig
 from qcompiler.external import read_values
 from qcompiler.match.view import constant_value
+from qcompiler.sites import LinearSite, MatchResult, QuantizedSite, Rejection
 
 FLOAT_TYPES = (np.float32, np.float16)
 # ops that may sit between a head projection and the graph output without computing anything new
@@ -28,44 +29,6 @@ _OTHER_WEIGHT_OPS = {"Conv", "ConvTranspose", "ConvInteger", "QLinearConv", "Def
                      "RNN", "MatMulInteger", "QLinearMatMul"}
 # the weight of an online transform ``x T^-1`` that the compiler inserted (passes/online_transform.py)
 _ONLINE_WEIGHT_SUFFIX = "_T_inv"
-
-
-@dataclass(frozen=True)
-class LinearSite:
-    """One quantizable ``y = x W (+ b)``; ``W`` is ``[K, N]`` in MatMul layout."""
-
-    id: str  # stable: module path from exporter metadata, else the weight's initializer name
-    node: str
-    op_type: str  # MatMul | Gemm
-    weight: str  # initializer name
-    transposed: bool  # the initializer holds W^T
-    k: int
-    n: int
-    input: str
-    output: str
-    bias: str | None  # Gemm's C, or the constant of an Add that consumes the output
-    role: str  # "linear" | "head" | "embedding" (a Gather over a [V, H] table: W = table^T, K = H)
-    dtype: str
-
-
-@dataclass(frozen=True)
-class Rejection:
-    node: str
-    op_type: str
-    reason: str
-    id: str | None = None
-
-
-@dataclass(frozen=True)
-class MatchResult:
-    sites: tuple[LinearSite, ...]
-    rejected: tuple[Rejection, ...]
-
-    def site(self, site_id: str) -> LinearSite:
-        for s in self.sites:
-            if s.id == site_id:
-                return s
-        raise KeyError(site_id)
 
 
 def _weight_source(node: gs.Node) -> tuple[gs.Constant | None, bool, str | None]:
@@ -247,17 +210,6 @@ def weight_reader(graph: gs.Graph):
 def site_weight(graph: gs.Graph, site: LinearSite) -> np.ndarray:
     """One site's weight; use ``weight_reader`` for many."""
     return weight_reader(graph)(site)
-
-
-@dataclass(frozen=True)
-class QuantizedSite:
-    """A weight the compiler (or another tool) already quantized: MatMulNBits, or DequantizeLinear -> MatMul."""
-
-    site: LinearSite
-    storage: str  # MatMulNBits | DequantizeLinear
-    bits: int
-    block_size: int  # 0: per-channel / per-tensor
-    symmetric: bool  # no zero point stored
 
 
 def _producer_op(t: gs.Tensor) -> str | None:
