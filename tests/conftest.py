@@ -75,10 +75,11 @@ def legacy_models(pair_checkpoints, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def smollm2(cache_dir):
-    """The real SmolLM2-135M (GGUF -> fp32 HF folder -> dynamo export; about two minutes, once)."""
+    """The real SmolLM2-135M (GGUF -> fp32 HF folder -> dynamo export without a KV cache, the graph the pair
+    tests read; about two minutes, once)."""
     from qcompiler.frontends import load_model
 
-    return load_model("smollm2", cache_dir=cache_dir)
+    return load_model("smollm2", cache_dir=cache_dir, kv_cache=False)
 
 
 @pytest.fixture(scope="session")

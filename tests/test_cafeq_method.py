@@ -14,17 +14,19 @@ from tests.conftest import FAMILIES
 from tests.helpers import outputs, rel
 
 QUICK = CafeqConfig(steps=15, online_budget=1.0)  # every group gets an online transform
+# V·O pairs are matched on a causal LM's graph without a KV cache (not yet through the cache: issue 28)
+PLAIN = False
 
 
 @pytest.mark.parametrize("method", ["cafeq", "rotate"])
 @pytest.mark.parametrize("family", FAMILIES + ("phi3",))
 def test_transforms_alone_leave_the_model_unchanged(family, method, pair_checkpoints, cache_dir):
     cfg = CompileConfig(quant=QuantConfig(3, 32, False), method=method, cafeq=QUICK, quantize_weights=False,
-                        validate=False)
+                        validate=False, kv_cache=PLAIN)
     res = compile_model(str(pair_checkpoints[family]), None, cfg, cache_dir=cache_dir)
     from qcompiler.frontends import load_model
 
-    original = load_model(str(pair_checkpoints[family]), cache_dir=cache_dir).model
+    original = load_model(str(pair_checkpoints[family]), cache_dir=cache_dir, kv_cache=PLAIN).model
     feeds = sample_inputs(original, batch=2, seq=9)
     ref, got = outputs(original, feeds), outputs(res.model, feeds)
     err = max(rel(got[k], ref[k]) for k in ref)
@@ -36,7 +38,7 @@ def test_transforms_alone_leave_the_model_unchanged(family, method, pair_checkpo
 
 
 def test_cafeq_plan_is_better_than_rtn_and_roundtrips(pair_checkpoints, cache_dir, tmp_path):
-    cfg = CompileConfig(quant=QuantConfig(3, 32, False), method="cafeq", cafeq=CafeqConfig(steps=40))
+    cfg = CompileConfig(quant=QuantConfig(3, 32, False), method="cafeq", cafeq=CafeqConfig(steps=40), kv_cache=PLAIN)
     res = compile_model(str(pair_checkpoints["llama"]), None, cfg, cache_dir=cache_dir)
     plan = res.plan
     assert {t.pair.kind for t in plan.pair_transforms} == {"attn_vo", "mlp_up_down"}
@@ -56,7 +58,7 @@ def test_cafeq_plan_is_better_than_rtn_and_roundtrips(pair_checkpoints, cache_di
 
 
 def test_no_joint_rounding(pair_checkpoints, cache_dir):
-    cfg = CompileConfig(quant=QuantConfig(3, 32, False), method="cafeq", validate=False,
+    cfg = CompileConfig(quant=QuantConfig(3, 32, False), method="cafeq", validate=False, kv_cache=PLAIN,
                         cafeq=CafeqConfig(steps=40, joint_pairs=()))
     plan = compile_model(str(pair_checkpoints["llama"]), None, cfg, cache_dir=cache_dir).plan
     for ps in plan.pair_stats:  # each factor rounded alone: the learned transforms' proxy only goes down
@@ -68,7 +70,7 @@ def test_joint_rounding_skips_pairs_over_the_memory_limit(pair_checkpoints, cach
     from qcompiler.methods.transform_planner import joint_memory_bytes
     from qcompiler.sites import MLP_UP_DOWN
 
-    base = dict(quant=QuantConfig(3, 32, False), method="cafeq", validate=False)
+    base = dict(quant=QuantConfig(3, 32, False), method="cafeq", validate=False, kv_cache=PLAIN)
     # the tiny Llama's MLP pairs (C = 128) need ~3.6 MB, its V·O pairs less: a 3 MB limit skips only MLPs
     limit = 3 / 1024
     with caplog.at_level("WARNING"):
@@ -88,7 +90,7 @@ def test_joint_rounding_skips_pairs_over_the_memory_limit(pair_checkpoints, cach
 
 
 def test_online_budget_limits_the_online_ops(pair_checkpoints, cache_dir):
-    base = dict(quant=QuantConfig(4, 32, False), method="rotate", validate=False)
+    base = dict(quant=QuantConfig(4, 32, False), method="rotate", validate=False, kv_cache=PLAIN)
     none = compile_model(str(pair_checkpoints["llama"]), None,
                          CompileConfig(**base, cafeq=CafeqConfig(online_budget=0.0)), cache_dir=cache_dir)
     assert not none.plan.online
@@ -105,7 +107,8 @@ def _layout(model) -> str | None:
 def test_online_layout_auto_is_conv_for_causal_lms(pair_checkpoints, cache_dir):
     """auto writes a causal LM's online ops as grouped Convs (and folds the norms' gains into them);
     both layouts compute the same function."""
-    base = dict(quant=QuantConfig(4, 32, False), method="rotate", validate=False, quantize_weights=False)
+    base = dict(quant=QuantConfig(4, 32, False), method="rotate", validate=False, quantize_weights=False,
+                kv_cache=PLAIN)
     auto = compile_model(str(pair_checkpoints["llama"]), None,
                          CompileConfig(**base, cafeq=CafeqConfig(online_budget=1.0)), cache_dir=cache_dir)
     mm = compile_model(str(pair_checkpoints["llama"]), None,
@@ -119,7 +122,7 @@ def test_online_layout_auto_is_conv_for_causal_lms(pair_checkpoints, cache_dir):
     # 2 layers x (q/k/v, gate/up) read an RMSNorm's gain: folded into their ops in either layout
     from qcompiler.frontends import load_model
 
-    original = load_model(str(pair_checkpoints["llama"]), cache_dir=cache_dir).model
+    original = load_model(str(pair_checkpoints["llama"]), cache_dir=cache_dir, kv_cache=PLAIN).model
     muls = sum(x.op_type == "Mul" for x in original.graph.node)
     for m in (auto.model, mm.model):
         assert sum(x.op_type == "Mul" for x in m.graph.node) == muls - 4
@@ -173,7 +176,7 @@ def test_the_plan_is_the_same_for_any_number_of_worker_processes(pair_checkpoint
     plans = []
     for jobs in (1, 2):
         cfg = CompileConfig(quant=QuantConfig(3, 32, False), method="cafeq", validate=False, jobs=jobs,
-                            cafeq=CafeqConfig(steps=20, online_budget=1.0))
+                            cafeq=CafeqConfig(steps=20, online_budget=1.0), kv_cache=PLAIN)
         plans.append(compile_model(str(pair_checkpoints["llama"]), None, cfg, cache_dir=cache_dir).plan)
     one, two = plans
     assert one.online and one.pair_transforms and one.pair_stats

@@ -79,7 +79,7 @@ def test_value_statistics_are_those_of_the_attention_mixed_inputs(family, tiny_c
     from qcompiler.methods.gptq import value_heads
     from qcompiler.runtime.segments import SegmentedModel
 
-    model = load_model(str(tiny_checkpoints[family]), cache_dir=cache_dir).model
+    model = load_model(str(tiny_checkpoints[family]), cache_dir=cache_dir, kv_cache=False).model
     graph = import_graph(model)
     analysis = analyze_graph(graph, model)  # site ids with module paths, as the pipeline has them
     read = weight_reader(graph)

@@ -17,7 +17,7 @@ from tests.pairfold import random_transforms
 
 @pytest.fixture()
 def llama(pair_checkpoints, cache_dir):
-    return load_model(str(pair_checkpoints["llama"]), cache_dir=cache_dir).model
+    return load_model(str(pair_checkpoints["llama"]), cache_dir=cache_dir, kv_cache=False).model
 
 
 def test_structure_checker_and_equivalence(llama):

@@ -55,7 +55,7 @@ def test_inspect_compiled_model_reads_quantization_and_paths(compiled_minilm, ca
 
 def test_inspect_qdq_compiled_model(pair_checkpoints, cache_dir, tmp_path, capsys):
     out = tmp_path / "llama.qdq.onnx"
-    compile_model(str(pair_checkpoints["llama"]), out, CompileConfig(format="qdq", validate=False),
+    compile_model(str(pair_checkpoints["llama"]), out, CompileConfig(format="qdq", validate=False, kv_cache=False),
                   cache_dir=cache_dir)
     j = _json([str(out)], capsys)
     assert len(j["sites"]) == 14 and all(s["storage"] == "DequantizeLinear" for s in j["sites"])

@@ -91,10 +91,10 @@ def test_the_regime_decides_how_many_online_ops_fit(smollm2, cache_dir, caplog):
     """SmolLM2 at the default 3% budget: counted as arithmetic (batch, the default) all 60 groups and 9
     of the 30 down projections fit; counted at a token step, each op's fixed cost leaves 23."""
     q = QuantConfig(3, 128, True)
-    batch = compile_model("smollm2", None, CompileConfig(quant=q, method="rotate", validate=False),
+    batch = compile_model("smollm2", None, CompileConfig(quant=q, method="rotate", validate=False, kv_cache=False),
                           cache_dir=cache_dir)
     with caplog.at_level(logging.INFO, logger="qcompiler.pipeline"):
-        token = compile_model("smollm2", None, CompileConfig(quant=q, method="rotate", validate=False,
+        token = compile_model("smollm2", None, CompileConfig(quant=q, method="rotate", validate=False, kv_cache=False,
                                                              cafeq=CafeqConfig(online_regime="token")),
                               cache_dir=cache_dir)
     assert "token regime" in caplog.text

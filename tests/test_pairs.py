@@ -37,7 +37,7 @@ def _check_tiny(analysis, family):
 
 @pytest.mark.parametrize("family", PAIR_FAMILIES)
 def test_tiny_dynamo_pairs_and_fold_exact(family, pair_checkpoints, cache_dir):
-    model = load_model(str(pair_checkpoints[family]), cache_dir=cache_dir).model
+    model = load_model(str(pair_checkpoints[family]), cache_dir=cache_dir, kv_cache=False).model
     err, analysis, _ = fold_and_compare(model)
     _check_tiny(analysis, family)
     assert err <= FOLD_BUDGET, err
@@ -54,14 +54,14 @@ def test_tiny_legacy_pairs_and_fold_exact(family, legacy_models):
 
 
 def test_fused_gate_up_is_two_slices_of_one_weight(pair_checkpoints, cache_dir):
-    a = analyze(load_model(str(pair_checkpoints["phi3"]), cache_dir=cache_dir).model)
+    a = analyze(load_model(str(pair_checkpoints["phi3"]), cache_dir=cache_dir, kv_cache=False).model)
     p = a.pairs_of("mlp_up_down")[0]
     assert p.gate == p.producer and p.producer.endswith("gate_up_proj")
     assert p.gate_cols == (0, 128) and p.producer_cols == (128, 256)
 
 
 def test_sibling_groups(pair_checkpoints, cache_dir):
-    a = analyze(load_model(str(pair_checkpoints["llama"]), cache_dir=cache_dir).model)
+    a = analyze(load_model(str(pair_checkpoints["llama"]), cache_dir=cache_dir, kv_cache=False).model)
     ids = [g.id for g in a.groups]
     assert ids == ["model.layers.0.self_attn:q_proj+k_proj+v_proj", "model.layers.0.mlp:gate_proj+up_proj",
                    "model.layers.1.self_attn:q_proj+k_proj+v_proj", "model.layers.1.mlp:gate_proj+up_proj"]
@@ -70,7 +70,7 @@ def test_sibling_groups(pair_checkpoints, cache_dir):
 
 def test_wrong_head_map_is_detected(pair_checkpoints, cache_dir):
     """The fold check is sensitive: the same transforms with a wrong KV map change the outputs."""
-    model = load_model(str(pair_checkpoints["llama"]), cache_dir=cache_dir).model
+    model = load_model(str(pair_checkpoints["llama"]), cache_dir=cache_dir, kv_cache=False).model
 
     def wrong(analysis):
         good = random_transforms(analysis)
@@ -129,7 +129,7 @@ def test_mqa_one_kv_head(tmp_path, cache_dir):
     cfg = tf.LlamaConfig(num_hidden_layers=1, hidden_size=64, intermediate_size=128, vocab_size=512,
                          num_attention_heads=4, num_key_value_heads=1, head_dim=16, architectures=["LlamaForCausalLM"])
     tf.AutoModelForCausalLM.from_config(cfg).eval().save_pretrained(tmp_path / "mqa")
-    err, a, _ = fold_and_compare(load_model(str(tmp_path / "mqa"), cache_dir=cache_dir).model)
+    err, a, _ = fold_and_compare(load_model(str(tmp_path / "mqa"), cache_dir=cache_dir, kv_cache=False).model)
     (vo,) = a.pairs_of("attn_vo")
     assert vo.kv_map == (0, 0, 0, 0) and vo.num_kv_heads == 1 and vo.producer_cols == (0, 16)
     assert err <= FOLD_BUDGET, err

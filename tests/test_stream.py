@@ -30,7 +30,7 @@ def external_llama(tiny_checkpoints, cache_dir, tmp_path_factory) -> Path:
     """The tiny Llama, saved as an .onnx file with external data (as large exports are)."""
     from qcompiler.frontends import load_model
 
-    loaded = load_model(str(tiny_checkpoints["llama"]), cache_dir=cache_dir)
+    loaded = load_model(str(tiny_checkpoints["llama"]), cache_dir=cache_dir, kv_cache=False)
     folder = tmp_path_factory.mktemp("external_llama")
     path = folder / "model.onnx"
     onnx.save_model(loaded.model, str(path), save_as_external_data=True, location="model.onnx.data",
