@@ -22,6 +22,9 @@ MODEL_KIND = "qcompiler.model_kind"
 # "positions"} (see qcompiler.frontends.kv_cache.CacheLayout); absent on a graph without a cache
 KV_CACHE = "qcompiler.kv_cache"
 EOS_TOKEN_IDS = "qcompiler.eos_token_ids"  # JSON list of the token ids that end a generation
+# JSON list of the KV-cache outputs (present.N.value) whose values are in a transformed basis (V M_h): such a
+# cache is exact for this model, which writes and reads it, and not interchangeable with another model's cache
+KV_CACHE_TRANSFORMED = "qcompiler.kv_cache_transformed"
 
 
 def model_properties(model: onnx.ModelProto) -> dict[str, str]:

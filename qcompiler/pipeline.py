@@ -22,15 +22,15 @@ from typing import Any
 import onnx
 import onnx_graphsurgeon as gs
 
+from qcompiler.analyze import analyze_graph
 from qcompiler.config import CompileConfig
 from qcompiler.emit import emit_model
 from qcompiler.errors import ConfigError, NothingToQuantizeError, ValidationFailed
 from qcompiler.external import SPILL_NAME, DataSink, external_sources, save_with_external_data
 from qcompiler.frontends import LoadedModel, load_model
 from qcompiler.graphio import check_writable, import_graph, save_onnx_atomic, saved_bytes, write_text_atomic
-from qcompiler.match.analysis import Analysis, analyze_graph
-from qcompiler.match.sites import MatchResult, find_linear_sites, weight_reader
-from qcompiler.metadata import MODEL_KIND, SITES, TOKENIZER, module_paths
+from qcompiler.match.sites import find_linear_sites, weight_reader
+from qcompiler.metadata import KV_CACHE_TRANSFORMED, MODEL_KIND, SITES, TOKENIZER, module_paths
 from qcompiler.methods.base import Method, Setup
 from qcompiler.methods.registry import REGISTRY, get_method
 from qcompiler.passes import EmbeddingPass, FoldPairsPass, MatMulNBitsPass, OnlineTransformPass, PassManager, QDQPass
@@ -40,6 +40,7 @@ from qcompiler.runtime.session import SessionOptions
 from qcompiler.runtime.stream_validate import validate_streamed
 from qcompiler.runtime.text_inputs import validation_inputs
 from qcompiler.runtime.validate import ValidationResult, validate
+from qcompiler.sites import Analysis, MatchResult
 from qcompiler.stream import Streamed, stream_plan_rewrite
 
 log = logging.getLogger(__name__)
@@ -174,6 +175,9 @@ def emit(graph: gs.Graph, plan: QuantPlan, loaded: LoadedModel, config: CompileC
              SITES: json.dumps(plan.summary(), separators=(",", ":"))}
     if plan.online:
         props["qcompiler.online_layout"] = config.cafeq.online_layout
+    cached = [name for t in plan.pair_transforms for name in t.pair.cache]
+    if cached:  # V's values folded with M_h: the cache holds V M_h
+        props[KV_CACHE_TRANSFORMED] = json.dumps(cached)
     if loaded.tokenizer_dir:
         props[TOKENIZER] = loaded.tokenizer_dir
     return emit_model(graph, loaded.model, props)

@@ -87,6 +87,9 @@ class CoupledPair:
     activation: str = ""  # the element-wise ops between the factors
     probs: str = ""  # attn_vo: the attention weights tensor (``probs @ V``), [batch, heads, query, key] in
     #                  the usual layout (calibration weighs V's inputs by it)
+    # attn_vo: the KV-cache outputs that hold V's values (``present.N.value``): a transform folded into V is
+    # then in the cache too, exact for a cache that the same compiled model writes and reads
+    cache: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -23,11 +23,10 @@ from tqdm.auto import tqdm
 
 from qcompiler.algorithms.grid import QuantizedWeight
 from qcompiler.external import DataSink
-from qcompiler.match.analysis import Analysis
-from qcompiler.match.pairs import CoupledPair, SiblingGroup
-from qcompiler.match.sites import LinearSite, weight_reader
+from qcompiler.match.sites import weight_reader
 from qcompiler.plan import QuantPlan, SitePlan
 from qcompiler.resources import note_workers_peak
+from qcompiler.sites import Analysis, CoupledPair, LinearSite, SiblingGroup
 from qcompiler.workers import TaskPool, resolve_jobs
 
 if TYPE_CHECKING:

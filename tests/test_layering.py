@@ -26,25 +26,9 @@ ALLOWED_PRIVATE: set[tuple[str, str]] = set()
 # (importer, imported) edges, counting imports in function bodies, that close a cycle
 ALLOWED_CYCLE_EDGES: set[tuple[str, str]] = set()
 # (match module, runtime module): the deprecated ``match.analysis.analyze_graph`` that pipeline.py still calls
-ALLOWED_MATCH_RUNTIME = {("qcompiler.match.analysis", "qcompiler.runtime.probe")}
+ALLOWED_MATCH_RUNTIME: set[tuple[str, str]] = set()
 # (file, matcher module) that a type of qcompiler.sites is still imported from
-ALLOWED_MATCH_TYPES = {
-    ("qcompiler/methods/base.py", "qcompiler.match.analysis"),
-    ("qcompiler/methods/base.py", "qcompiler.match.sites"),
-    ("qcompiler/methods/gptq.py", "qcompiler.match.pairs"),
-    ("qcompiler/methods/gptq.py", "qcompiler.match.sites"),
-    ("qcompiler/methods/online_cost.py", "qcompiler.match.sites"),
-    ("qcompiler/methods/rtn.py", "qcompiler.match.sites"),
-    ("qcompiler/methods/transform_planner.py", "qcompiler.match.analysis"),
-    ("qcompiler/methods/transform_planner.py", "qcompiler.match.pairs"),
-    ("qcompiler/methods/transform_planner.py", "qcompiler.match.sites"),
-    ("qcompiler/pipeline.py", "qcompiler.match.analysis"),
-    ("qcompiler/pipeline.py", "qcompiler.match.sites"),
-    ("qcompiler/report.py", "qcompiler.match.sites"),
-    ("qcompiler/stream.py", "qcompiler.match.analysis"),
-    ("qcompiler/stream.py", "qcompiler.match.pairs"),
-    ("qcompiler/stream.py", "qcompiler.match.sites"),
-}
+ALLOWED_MATCH_TYPES: set[tuple[str, str]] = set()
 
 TOP, FUNCTION, TYPING = "module level", "in a function", "type checking"
 

@@ -103,13 +103,3 @@ def match_graph(graph: gs.Graph, model: onnx.ModelProto, config: MatchConfig | N
 
 def _node_of(sites: list[LinearSite], site_id: str) -> str:
     return next((s.node for s in sites if s.id == site_id), "")
-
-
-def analyze_graph(graph: gs.Graph, model: onnx.ModelProto, config: MatchConfig | None = None,
-                  probe_heads: bool = True) -> Analysis:
-    """Deprecated, kept for ``qcompiler/pipeline.py`` only: use ``qcompiler.analyze.analyze_graph``. It
-    makes the matcher import the runtime (allowed in tests/test_layering.py until it goes)."""
-    from qcompiler.runtime.probe import probe_all
-
-    matching = match_graph(graph, model, config)
-    return matching.finish(probe_all(graph, model.opset_import, matching.requests) if probe_heads else {})

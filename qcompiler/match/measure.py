@@ -52,7 +52,7 @@ def _interpret(c: AttentionCandidate, cols: np.ndarray, head_dim: int) -> Couple
     n_kv = (hi - lo) // head_dim
     return CoupledPair(pair_id(c.producer.id, c.consumer.id, ATTN_VO), ATTN_VO, c.producer.id, c.consumer.id,
                        (lo, hi), ("per_kv_head_matrix", "diagonal", "permutation"), head_dim=head_dim,
-                       num_heads=len(kv_map), num_kv_heads=n_kv, kv_map=tuple(kv_map), probs=c.probs)
+                       num_heads=len(kv_map), num_kv_heads=n_kv, kv_map=tuple(kv_map), probs=c.probs, cache=c.cache)
 
 
 def read_heads(candidates: list[AttentionCandidate], result: ProbeResult

@@ -37,6 +37,7 @@ class AttentionCandidate:
     attention: str  # the probs @ V MatMul node
     value_operand: str  # its right operand (heads on axis -3.., head channels last)
     probs: str = ""  # its left operand: the attention weights
+    cache: tuple[str, ...] = ()  # KV-cache outputs that hold V's values (present.N.value)
 
 
 @dataclass
@@ -44,6 +45,7 @@ class _Walk:
     attention: list[tuple[gs.Node, gs.Tensor]] = field(default_factory=list)  # (probs@V MatMul, operand)
     consumers: list[gs.Node] = field(default_factory=list)  # MatMul/Gemm reached after attention
     escapes: list[str] = field(default_factory=list)
+    cache: list[str] = field(default_factory=list)  # graph outputs that are V's KV cache
 
 
 def common_prefix_id(ids: list[str]) -> str:
@@ -71,18 +73,31 @@ def site_value_tensor(view: GraphView, site: LinearSite) -> gs.Tensor:
     return out
 
 
-def _walk_value(view: GraphView, t: gs.Tensor, after_attention: bool, walk: _Walk, depth: int = 0) -> bool:
-    """Follow ``t`` forward through layout ops. Returns True if this branch reaches a consumer site."""
+def _cache_concat(view: GraphView, node: gs.Node, t: gs.Tensor) -> bool:
+    """``node`` appends ``t`` to a KV cache: a Concat along the sequence axis (-2 of [batch, heads, seq, dim])
+    whose other inputs are graph inputs (the past), its output a graph output (the present)."""
+    inputs = {i.name for i in view.graph.inputs}
+    return (node.op == "Concat" and node.attrs.get("axis") in (-2, 2) and len(node.inputs) == 2
+            and node.outputs[0].name in view.graph_outputs
+            and all(i.name in inputs for i in node.inputs if i is not t) and any(i is t for i in node.inputs))
+
+
+def _walk_value(view: GraphView, t: gs.Tensor, after_attention: bool, walk: _Walk, depth: int = 0,
+                cached: bool = False) -> bool:
+    """Follow ``t`` forward through layout ops. Returns True if this branch reaches a consumer site.
+    ``cached``: ``t`` is a KV-cache output (V's values appended to the past): a graph output by design."""
     if depth > 64:
         walk.escapes.append("path too long")
         return False
     if t.name in view.graph_outputs:
-        walk.escapes.append(f"graph output {t.name}")
+        (walk.cache if cached else walk.escapes).append(t.name if cached else f"graph output {t.name}")
     reached = False
     for c in t.outputs:
         if c.op in SHAPE_OPS:
             continue
-        if c.op in LAYOUT_OPS and c.inputs[0] is t:
+        if not after_attention and _cache_concat(view, c, t):
+            reached |= _walk_value(view, c.outputs[0], after_attention, walk, depth + 1, cached=True)
+        elif c.op in LAYOUT_OPS and c.inputs[0] is t:
             reached |= _walk_value(view, c.outputs[0], after_attention, walk, depth + 1)
         elif c.op in SPLIT_OPS and c.inputs[0] is t and not after_attention:
             for out in c.outputs:
@@ -92,6 +107,7 @@ def _walk_value(view: GraphView, t: gs.Tensor, after_attention: bool, walk: _Wal
                     walk.attention += sub.attention
                     walk.consumers += sub.consumers
                     walk.escapes += sub.escapes
+                    walk.cache += sub.cache
                 # a branch that reaches no projection holds other columns (Q, K of a fused QKV)
         elif c.op == "MatMul" and len(c.inputs) > 1 and c.inputs[1] is t and not after_attention:
             sub = _Walk()
@@ -135,7 +151,7 @@ def find_attention_candidates(view: GraphView, sites: list[LinearSite], site_rej
             rejected.append(PairRejection(ATTN_VO, s.id, o.id, f"V's values also flow into {walk.escapes[0]}"))
             continue
         attn, operand = walk.attention[0]
-        found.append(AttentionCandidate(s, o, attn.name, operand.name, attn.inputs[0].name))
+        found.append(AttentionCandidate(s, o, attn.name, operand.name, attn.inputs[0].name, tuple(walk.cache)))
     return found, rejected
 
 

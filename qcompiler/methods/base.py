@@ -13,9 +13,8 @@ import onnx
 
 from qcompiler.config import CompileConfig
 from qcompiler.errors import InvalidWeightsError
-from qcompiler.match.analysis import Analysis
-from qcompiler.match.sites import LinearSite, MatchResult
 from qcompiler.plan import QuantPlan
+from qcompiler.sites import Analysis, LinearSite, MatchResult
 
 if TYPE_CHECKING:
     import onnx_graphsurgeon as gs

@@ -22,14 +22,13 @@ from qcompiler.algorithms.grid import GridSpec, QuantizedWeight, quantize, relat
 from qcompiler.config import CalibConfig, CompileConfig, QuantConfig
 from qcompiler.device import resolve_device
 from qcompiler.errors import QCompilerError
-from qcompiler.match.pairs import ATTN_VO, CoupledPair
-from qcompiler.match.sites import LinearSite
 from qcompiler.methods.base import Method, PlanContext, Setup
 from qcompiler.plan import QuantPlan, SitePlan, SiteStats
 from qcompiler.runtime.calib_data import calibration_feeds, calibration_tokens
 from qcompiler.runtime.calibrate import GroupData, ValueHeads, calibrate
 from qcompiler.runtime.segments import SegmentedModel
 from qcompiler.runtime.session import SessionOptions
+from qcompiler.sites import ATTN_VO, CoupledPair, LinearSite
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from qcompiler.algorithms.packing import container_bits
 from qcompiler.config import ONLINE_REGIMES, QuantConfig
-from qcompiler.match.sites import LinearSite
+from qcompiler.sites import LinearSite
 
 log = logging.getLogger(__name__)
 

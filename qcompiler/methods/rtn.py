@@ -10,9 +10,9 @@ from tqdm.auto import tqdm
 from qcompiler.algorithms.grid import quantize, relative_error
 from qcompiler.config import QuantConfig
 from qcompiler.errors import QCompilerError
-from qcompiler.match.sites import LinearSite
 from qcompiler.methods.base import Method, PlanContext
 from qcompiler.plan import QuantPlan, SitePlan, SiteStats
+from qcompiler.sites import LinearSite
 
 
 def plan_rtn(sites: Sequence[LinearSite], weight_of: Callable[[LinearSite], np.ndarray],

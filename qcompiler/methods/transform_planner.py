@@ -34,12 +34,10 @@ from qcompiler.algorithms.transforms import apply_blocks
 from qcompiler.config import CafeqConfig, QuantConfig
 from qcompiler.device import resolve_device
 from qcompiler.errors import QCompilerError
-from qcompiler.match.analysis import Analysis
-from qcompiler.match.pairs import ATTN_VO, MLP_UP_DOWN, CoupledPair
-from qcompiler.match.sites import LinearSite
 from qcompiler.methods.online_cost import StepCost, candidate_units, cheapest_first, step_cost
 from qcompiler.plan import OnlineTransform, PairStats, PairTransform, QuantPlan, SitePlan, SiteStats
 from qcompiler.resources import note_workers_peak
+from qcompiler.sites import ATTN_VO, MLP_UP_DOWN, Analysis, CoupledPair, LinearSite
 from qcompiler.workers import TaskPool, open_pool, resolve_jobs
 
 log = logging.getLogger(__name__)
