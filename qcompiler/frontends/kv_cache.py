@@ -33,6 +33,7 @@ from qcompiler.kv_layout import CacheLayout
 
 __all__ = ["CacheLayout", "CacheWrapper", "check_cache_export", "export_cache_program", "eos_token_ids"]
 
+
 class CacheWrapper(torch.nn.Module):
     """``forward(input_ids, attention_mask, *past)`` -> ``(logits, *present)`` over flat tensors: the past is
     put in a ``DynamicCache``, the model runs with ``use_cache=True``, the grown cache comes back flat."""
