@@ -10,6 +10,7 @@ metadata, so the paths are read from the ModelProto, keyed by node name.
 from __future__ import annotations
 
 import ast
+import json
 
 import onnx
 
@@ -29,6 +30,13 @@ KV_CACHE_TRANSFORMED = "qcompiler.kv_cache_transformed"
 
 def model_properties(model: onnx.ModelProto) -> dict[str, str]:
     return {p.key: p.value for p in model.metadata_props}
+
+
+def transformed_caches(model: onnx.ModelProto) -> frozenset[str]:
+    """The KV-cache outputs a compile left in a transformed basis (``KV_CACHE_TRANSFORMED``): they differ from
+    the original model's by design, so validation compares every other output."""
+    text = model_properties(model).get(KV_CACHE_TRANSFORMED)
+    return frozenset(json.loads(text)) if text else frozenset()
 
 
 def set_model_properties(model: onnx.ModelProto, props: dict[str, str]) -> None:

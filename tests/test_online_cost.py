@@ -93,7 +93,7 @@ def test_the_regime_decides_how_many_online_ops_fit(smollm2, cache_dir, caplog):
     q = QuantConfig(3, 128, True)
     batch = compile_model("smollm2", None, CompileConfig(quant=q, method="rotate", validate=False, kv_cache=False),
                           cache_dir=cache_dir)
-    with caplog.at_level(logging.INFO, logger="qcompiler.pipeline"):
+    with caplog.at_level(logging.INFO, logger="qcompiler"):
         token = compile_model("smollm2", None, CompileConfig(quant=q, method="rotate", validate=False, kv_cache=False,
                                                              cafeq=CafeqConfig(online_regime="token")),
                               cache_dir=cache_dir)
