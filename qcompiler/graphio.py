@@ -38,7 +38,8 @@ def load_onnx(path: str | os.PathLike, load_data: bool = True) -> onnx.ModelProt
     try:  # structure only (the file's own path: no 2 GiB limit, external data not read twice)
         onnx.checker.check_model(str(p))
     except Exception as e:
-        raise ModelLoadError(f"invalid ONNX model {p}: {first_line(e, 200)}") from None
+        if not _valid_with_ort_ops(model):
+            raise ModelLoadError(f"invalid ONNX model {p}: {first_line(e, 200)}") from None
     base = p.parent.resolve()
     for tensor in _external_tensors(model):
         info = external_info(tensor)
@@ -55,6 +56,34 @@ def load_onnx(path: str | os.PathLike, load_data: bool = True) -> onnx.ModelProt
     if load_data:
         load_external_data(model, p)
     return model
+
+
+# ops ONNX Runtime registers in the default ONNX domain although ONNX has no such op (onnxruntime-genai's
+# model builder writes them there): the checker does not know them, ONNX Runtime runs them
+ORT_DEFAULT_DOMAIN_OPS = frozenset({"SimplifiedLayerNormalization"})
+
+
+def _valid_with_ort_ops(model: onnx.ModelProto) -> bool:
+    """True when ``model`` (read without its external data) passes the checker once the ONNX Runtime ops
+    it writes in the default domain are read as contrib ops (which the checker does not look into)."""
+    if not any(n.op_type in ORT_DEFAULT_DOMAIN_OPS and n.domain in ("", "ai.onnx") for n in model.graph.node):
+        return False
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for n in copy.graph.node:
+        if n.op_type in ORT_DEFAULT_DOMAIN_OPS and n.domain in ("", "ai.onnx"):
+            n.domain = "com.microsoft"
+    if not any(o.domain == "com.microsoft" for o in copy.opset_import):
+        copy.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    external = [t for t in copy.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    for t in external:  # the checker of a proto cannot find its files: typed graph inputs stand in for them
+        copy.graph.initializer.remove(t)
+        copy.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    try:
+        onnx.checker.check_model(copy)
+    except Exception:  # noqa: BLE001 - any other fault: the original error is reported
+        return False
+    return True
 
 
 def load_external_data(model: onnx.ModelProto, path: str | os.PathLike) -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
+import onnx
+
 from qcompiler.metadata import KV_CACHE
 
 PAST_NAME = "past_key_values.{layer}.{kind}"
@@ -61,6 +63,26 @@ class CacheLayout:
             return cls.from_json(text)
         except (ValueError, KeyError, TypeError):
             return None
+
+
+def layout_from_graph(model: onnx.ModelProto) -> CacheLayout | None:
+    """The layout of a graph whose attention is ``com.microsoft.GroupQueryAttention`` (onnxruntime-genai's
+    builder writes the head size axis of its cache as a name): layers from the ``past_key_values.N.*`` inputs,
+    KV heads from ``kv_num_heads``, the head size from the width of the projection that reads the attention's
+    output (``num_heads`` heads). None for another graph. ``model``: an ``onnx.ModelProto`` (weights not read)."""
+    layers = len({i.name.split(".")[1] for i in model.graph.input if is_past(i.name)})
+    gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+    if not layers or not gqa:
+        return None
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gqa[0].attribute}
+    heads = int(attrs.get("num_heads", 0))
+    dims = {t.name: list(t.dims) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and node.input[0] == gqa[0].output[0] and len(dims.get(node.input[1], [])) == 2:
+            width = dims[node.input[1]][0]
+            if heads and width % heads == 0:
+                return CacheLayout(layers, int(attrs.get("kv_num_heads", heads)), width // heads)
+    return None
 
 
 def is_past(name: str) -> bool:

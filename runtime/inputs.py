@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnx
 
-from qcompiler.kv_layout import CacheLayout, is_past
+from qcompiler.kv_layout import CacheLayout, is_past, layout_from_graph
 from qcompiler.metadata import model_properties
 
 _NP = {onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32, onnx.TensorProto.FLOAT: np.float32,
@@ -47,7 +47,7 @@ def past_feeds(model: onnx.ModelProto, batch: int) -> dict[str, np.ndarray]:
     inputs = [i for i in model.graph.input if is_past(i.name) and i.name not in inits]
     if not inputs:
         return {}
-    layout = CacheLayout.from_properties(model_properties(model))
+    layout = CacheLayout.from_properties(model_properties(model)) or layout_from_graph(model)
     return {i.name: empty_past(i.name, _dims(i), _NP.get(i.type.tensor_type.elem_type, np.float32), batch, layout)
             for i in inputs}
 

@@ -6,8 +6,9 @@ from pathlib import Path
 
 from qcompiler.config import STREAM_AUTO_BYTES
 from qcompiler.frontends.base import LoadedModel
+from qcompiler.frontends.genai import builder_properties
 from qcompiler.graphio import external_data_bytes, load_external_data, load_onnx
-from qcompiler.metadata import MODEL_KIND, TOKENIZER, model_properties
+from qcompiler.metadata import MODEL_KIND, TOKENIZER, model_properties, set_model_properties
 
 
 def load_onnx_model(path: Path, stream: bool | None = False) -> LoadedModel:
@@ -18,6 +19,9 @@ def load_onnx_model(path: Path, stream: bool | None = False) -> LoadedModel:
         stream = external_data_bytes(model) > STREAM_AUTO_BYTES
     if not stream:
         load_external_data(model, path)
+    builder = {} if MODEL_KIND in model_properties(model) else builder_properties(model, path)
+    if builder:  # not ours: a graph of onnxruntime-genai's model builder (cache layout, tokenizer, end ids)
+        set_model_properties(model, builder)
     props = model_properties(model)
     tok = props.get(TOKENIZER)
     return LoadedModel(model=model, source=str(path), kind=props.get(MODEL_KIND, "onnx"),

@@ -17,6 +17,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from qcompiler.config import MatchConfig
+from qcompiler.match.contrib import contrib_attention_pairs
 from qcompiler.match.measure import heads_request, read_heads, read_slices, slices_request
 from qcompiler.match.pairs import AttentionCandidate, find_attention_candidates, find_mlp_pairs, find_sibling_groups
 from qcompiler.match.sites import find_linear_sites, find_quantized_sites
@@ -55,6 +56,7 @@ class Matching:
     mlp_pairs: tuple[CoupledPair, ...]
     mlp_rejected: tuple[PairRejection, ...]
     pending: tuple[tuple[LinearSite, str], ...]  # (fused site, slice output) whose column range is unknown
+    attn_pairs: tuple[CoupledPair, ...] = ()  # V·O pairs read from attributes (contrib attention ops), unprobed
 
     @property
     def requests(self) -> dict[str, ProbeRequest]:
@@ -73,6 +75,7 @@ class Matching:
         every = list(self.every)
         attn_pairs, probe_rejected = ([], []) if HEADS not in measured else \
             read_heads(list(self.candidates), measured[HEADS])
+        attn_pairs = list(self.attn_pairs) + attn_pairs
         mlp_pairs, mlp_rejected = list(self.mlp_pairs), list(self.mlp_rejected)
         if self.pending and SLICES in measured:
             known = read_slices(list(self.pending), measured[SLICES])
@@ -95,10 +98,13 @@ def match_graph(graph: gs.Graph, model: onnx.ModelProto, config: MatchConfig | N
     order = {n.name: i for i, n in enumerate(graph.nodes)}
     every.sort(key=lambda s: order.get(s.node, 0))
     view = GraphView(graph)
-    candidates, attn_rejected = find_attention_candidates(view, every, {r.node: r.reason for r in match.rejected})
+    reasons = {r.node: r.reason for r in match.rejected}
+    candidates, attn_rejected = find_attention_candidates(view, every, reasons)
+    contrib_pairs, contrib_rejected = contrib_attention_pairs(view, every, reasons)
     mlp_pairs, mlp_rejected, pending = find_mlp_pairs(view, every)
-    return Matching(view, match, tuple(quantized), tuple(every), order, tuple(candidates), tuple(attn_rejected),
-                    tuple(mlp_pairs), tuple(mlp_rejected), tuple(pending))
+    return Matching(view, match, tuple(quantized), tuple(every), order, tuple(candidates),
+                    tuple(attn_rejected + contrib_rejected), tuple(mlp_pairs), tuple(mlp_rejected), tuple(pending),
+                    tuple(contrib_pairs))
 
 
 def _node_of(sites: list[LinearSite], site_id: str) -> str:

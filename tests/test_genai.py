@@ -1,0 +1,181 @@
+"""onnxruntime-genai: a model of its builder as our input, and folders its generator loads as they are.
+
+onnxruntime-genai needs plain ``onnxruntime``, which clashes with the project's onnxruntime-gpu: the builder
+and the generator run in the venv of ``tools/genai_env.sh`` (created on first use, about 5 s), by subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from qcompiler.analyze import analyze
+from qcompiler.config import CafeqConfig, CompileConfig
+from qcompiler.frontends import load_model
+from qcompiler.frontends.tiny import make_tiny_checkpoint
+from qcompiler.inspect.verify import fold_check, random_transforms
+from qcompiler.metadata import KV_CACHE_TRANSFORMED, model_properties
+from qcompiler.package import GENAI_CONFIG, write_genai_folder
+from qcompiler.pipeline import compile_model
+from qcompiler.runtime.generate import generate
+from qcompiler.runtime.inputs import past_feeds
+from qcompiler.runtime.session import SessionOptions
+from qcompiler.runtime.validate import run
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_generate import _word_tokenizer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = [10, 20, 30, 40, 50]
+NEW = 6
+
+
+@pytest.fixture(scope="module")
+def genai_python() -> str:
+    done = subprocess.run([str(ROOT / "tools" / "genai_env.sh")], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, f"tools/genai_env.sh failed (CI must create the venv): {done.stderr[-500:]}"
+    return str(ROOT / done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory) -> Path:
+    folder = make_tiny_checkpoint("llama", tmp_path_factory.mktemp("genai") / "llama")
+    _word_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def builder_model(genai_python, llama_folder, tmp_path_factory) -> Path:
+    """The builder's fp32 model of the tiny Llama (GroupQueryAttention, packed QKV, SkipSimplifiedLayerNorm)."""
+    out = tmp_path_factory.mktemp("builder") / "fp32"
+    cmd = [genai_python, "-m", "onnxruntime_genai.models.builder", "-m", str(llama_folder), "-i", str(llama_folder),
+           "-o", str(out), "-p", "fp32", "-e", "cpu", "-c", str(out.parent / "hf_cache")]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if done.returncode != 0 or not (out / "model.onnx").is_file():
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        pytest.skip(f"onnxruntime-genai's model builder cannot run offline on a tiny Llama config: {tail[0]}")
+    return out / "model.onnx"
+
+
+def genai_tokens(python: str, folder: Path, prompt=PROMPT, new: int = NEW) -> list[int]:
+    """Greedy tokens of onnxruntime-genai's generator on ``folder`` (tools/genai_generate.py, in the venv)."""
+    cmd = [python, str(ROOT / "tools" / "genai_generate.py"), str(folder), "--ids", *map(str, prompt), "-n",
+           str(new), "--json"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout)["tokens"]
+
+
+def our_tokens(model_path, prompt=PROMPT, new: int = NEW) -> list[int]:
+    return generate(str(model_path), np.array(prompt), max_new_tokens=new, eos_token_id=()).tokens[0].tolist()
+
+
+def _decode_logits(model: onnx.ModelProto, steps: int = 3) -> np.ndarray:
+    """Last-position logits of a prefill and ``steps`` greedy decode steps, each feeding its own present."""
+    exact = SessionOptions(device="cpu", optimize=False)
+    ids = np.array([PROMPT], dtype=np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), **past_feeds(model, 1)}
+    out = []
+    for _ in range(steps + 1):
+        o = run(model, feeds, exact)
+        out.append(o["logits"][:, -1])
+        feeds = {"input_ids": o["logits"][:, -1].argmax(-1)[:, None].astype(np.int64),
+                 "attention_mask": np.ones((1, feeds["attention_mask"].shape[1] + 1), np.int64),
+                 **{"past_key_values." + k[len("present."):]: v for k, v in o.items() if k.startswith("present.")}}
+    return np.stack(out)
+
+
+def _rel(a, b) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def test_builder_model_sites_pairs_and_exact_folds(builder_model):
+    loaded = load_model(str(builder_model))
+    assert loaded.kind == "causal_lm" and loaded.tokenizer_dir == str(builder_model.parent)
+    a = analyze(loaded.model)
+    ids = [s.id for s in a.sites]
+    assert ids == [f"model.layers.{i}.{m}" for i in range(2) for m in
+                   ("attn.qkv_proj", "attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    vo = a.pairs_of("attn_vo")
+    assert [(p.producer, p.consumer) for p in vo] == [
+        (f"model.layers.{i}.attn.qkv_proj", f"model.layers.{i}.attn.o_proj") for i in range(2)]
+    # V: the last 2 KV heads x 16 of the packed [Q 4x16 | K 2x16 | V 2x16] columns, read from GQA's attributes
+    assert {(p.producer_cols, p.head_dim, p.num_heads, p.num_kv_heads, p.kv_map) for p in vo} == \
+        {((96, 128), 16, 4, 2, (0, 0, 1, 1))}
+    assert [p.cache for p in vo] == [("present.0.value",), ("present.1.value",)]
+    mlp = a.pairs_of("mlp_up_down")  # through SkipSimplifiedLayerNormalization's neighbours
+    assert [(p.producer, p.gate, p.consumer) for p in mlp] == [
+        (f"model.layers.{i}.mlp.up_proj", f"model.layers.{i}.mlp.gate_proj", f"model.layers.{i}.mlp.down_proj")
+        for i in range(2)]
+    assert not a.pair_rejections
+
+    # exact: random transforms folded into every pair leave the logits of a prefill and decode steps unchanged
+    # (the cache then holds V M_h, written and read by the same model); a wrong head map does not
+    reference = _decode_logits(loaded.model)
+    checked, _ = fold_check(loaded.model, a)
+    assert checked.pairs == 4
+    assert _rel(_decode_logits(checked.folded), reference) < 1e-5
+    wrong = [t if t.pair.kind != "attn_vo" else type(t)(
+        type(t.pair)(**{**t.pair.__dict__, "kv_map": (1, 1, 0, 0)}), matrices=t.matrices)
+        for t in random_transforms(a)]
+    bad, _ = fold_check(loaded.model, a, wrong)
+    assert _rel(_decode_logits(bad.folded), reference) > 1e-2
+
+
+def test_builder_pair_rejections_say_why(builder_model):
+    model = load_model(str(builder_model)).model
+    leaky = onnx.ModelProto()
+    leaky.CopyFrom(model)
+    qkv = next(n for n in leaky.graph.node if n.name == "/model/layers.0/attn/qkv_proj/MatMul").output[0]
+    leaky.graph.node.append(onnx.helper.make_node("Neg", [qkv], ["leak"], name="leak"))
+    leaky.graph.output.append(onnx.helper.make_tensor_value_info("leak", onnx.TensorProto.FLOAT, None))
+    a = analyze(leaky, probe=False)
+    (r,) = a.pair_rejections
+    assert r.producer == "model.layers.0.attn.qkv_proj" and "also flow into Neg node leak" in r.reason
+    assert len(a.pairs_of("attn_vo")) == 1
+
+    other = onnx.ModelProto()
+    other.CopyFrom(model)
+    for n in other.graph.node:
+        if n.op_type == "GroupQueryAttention" and n.name.startswith("/model/layers.1/"):
+            n.op_type = "SparseAttention"
+    b = analyze(other, probe=False)
+    (r,) = b.pair_rejections
+    assert r.producer == "model.layers.1.attn.qkv_proj" and "SparseAttention" in r.reason and "not read" in r.reason
+
+
+@pytest.mark.parametrize("method", ["rtn", "cafeq"])
+def test_builder_model_compiled_runs_in_genai(method, builder_model, genai_python, tmp_path):
+    config = CompileConfig(method=method, validate=False, cafeq=CafeqConfig(steps=4, joint_rounds=1))
+    out = tmp_path / "compiled.onnx"
+    result = compile_model(str(builder_model), out, config)
+    folder = write_genai_folder(result.output, load_model(str(builder_model)), tmp_path / "genai")
+    assert {"model.onnx", GENAI_CONFIG, "tokenizer.json"} <= {p.name for p in folder.iterdir()}
+    assert json.loads((folder / GENAI_CONFIG).read_text()) == {
+        **json.loads((builder_model.parent / GENAI_CONFIG).read_text())}  # the builder's config, as it was
+    if method == "cafeq":  # V·O folded through GroupQueryAttention: the cache holds V M_h
+        assert json.loads(model_properties(result.model)[KV_CACHE_TRANSFORMED]) == ["present.0.value",
+                                                                                    "present.1.value"]
+    got = genai_tokens(genai_python, folder)
+    assert len(got) == NEW and got == our_tokens(out)
+
+
+def test_hf_folder_compiled_to_a_genai_folder(llama_folder, genai_python, cache_dir, tmp_path):
+    loaded = load_model(str(llama_folder), cache_dir=cache_dir)
+    result = compile_model(str(llama_folder), tmp_path / "rtn.onnx", CompileConfig(validate=False),
+                           cache_dir=cache_dir)
+    folder = write_genai_folder(result.output, loaded, tmp_path / "genai")
+    config = json.loads((folder / GENAI_CONFIG).read_text())
+    d = config["model"]["decoder"]
+    assert (d["num_hidden_layers"], d["num_attention_heads"], d["num_key_value_heads"], d["head_size"]) == (2, 4, 2, 16)
+    assert config["search"]["past_present_share_buffer"] is False  # our cache grows by Concat
+    assert (folder / "tokenizer.json").is_file()
+    got = genai_tokens(genai_python, folder)
+    assert len(got) == NEW and got == our_tokens(folder / "model.onnx")

@@ -1,0 +1,66 @@
+"""Greedy tokens from onnxruntime-genai's generator for a model folder (model.onnx, genai_config.json,
+tokenizer files): what a user of onnxruntime-genai gets from a folder we wrote. Run it in the genai venv::
+
+    $(tools/genai_env.sh) tools/genai_generate.py FOLDER --prompt "Once upon a time" -n 16
+    $(tools/genai_env.sh) tools/genai_generate.py FOLDER --ids 10 20 30 -n 8 --json
+
+It imports nothing of qcompiler (numpy and onnxruntime_genai only). End tokens are ignored (``min_length``),
+so exactly ``-n`` tokens come out. ``--json`` prints ``{"prompt_ids", "tokens", "text", "decode_tokens_per_s"}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+import onnxruntime_genai as og
+
+
+def _tokenizer_or_none(model: og.Model):
+    """The folder's tokenizer, to show the text of token ids; None where onnxruntime-genai cannot read it."""
+    try:
+        return og.Tokenizer(model)
+    except Exception:  # noqa: BLE001 - a tokenizer genai cannot parse: tokens are still shown as ids
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("folder")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="text, encoded with the folder's tokenizer")
+    src.add_argument("--ids", type=int, nargs="+", help="prompt token ids")
+    p.add_argument("-n", "--new-tokens", type=int, default=16)
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    args = p.parse_args(argv)
+
+    model = og.Model(args.folder)
+    tokenizer = og.Tokenizer(model) if args.prompt is not None else _tokenizer_or_none(model)
+    ids = list(args.ids) if args.ids else [int(t) for t in tokenizer.encode(args.prompt)]
+    total = len(ids) + args.new_tokens
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=total, min_length=total)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.asarray(ids, dtype=np.int32))
+    gen.generate_next_token()
+    t0 = time.perf_counter()
+    while not gen.is_done():
+        gen.generate_next_token()
+    decode_s = time.perf_counter() - t0
+    tokens = [int(t) for t in gen.get_sequence(0)][len(ids):]
+    text = tokenizer.decode(np.asarray(tokens, dtype=np.int32)) if tokenizer is not None else None
+    speed = (len(tokens) - 1) / decode_s if decode_s > 0 and len(tokens) > 1 else None
+    if args.json:
+        json.dump({"prompt_ids": ids, "tokens": tokens, "text": text, "decode_tokens_per_s": speed}, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(f"{text}\n" if text is not None else f"{tokens}\n")
+        sys.stderr.write(f"{len(tokens)} tokens; decode {speed:.1f} tokens/s\n" if speed else "")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
