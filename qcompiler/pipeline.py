@@ -36,7 +36,7 @@ from qcompiler.methods.registry import REGISTRY, get_method
 from qcompiler.passes import EmbeddingPass, FoldPairsPass, MatMulNBitsPass, OnlineTransformPass, PassManager, QDQPass
 from qcompiler.plan import QuantPlan
 from qcompiler.report import CompileResult
-from qcompiler.runtime.session import SessionOptions
+from qcompiler.runtime.session import SessionOptions, compile_session_device
 from qcompiler.runtime.stream_validate import validate_streamed
 from qcompiler.runtime.text_inputs import validation_inputs
 from qcompiler.runtime.validate import ValidationResult, validate
@@ -186,7 +186,7 @@ def emit(graph: gs.Graph, plan: QuantPlan, loaded: LoadedModel, config: CompileC
 def check(model: onnx.ModelProto, loaded: LoadedModel, config: CompileConfig,
           streamed: Streamed | None) -> ValidationResult:
     """Run the compiled model against the original; raise ValidationFailed past the gate (unless forced)."""
-    options = SessionOptions(device=config.device)
+    options = SessionOptions(device=compile_session_device(config.device))
     # a few real samples when the model's tokenizer is known (random token ids do not rank methods)
     inputs = validation_inputs(loaded.model, loaded.tokenizer_dir)
     if streamed is not None:  # the original does not fit the memory bound: both run stretch by stretch

@@ -14,6 +14,8 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
+from qcompiler.errors import QCompilerError
+
 log = logging.getLogger(__name__)
 
 
@@ -42,6 +44,23 @@ def _preload_cuda_libraries() -> None:
             log.debug("onnxruntime.preload_dlls: %s", e)
 
 
+_WARNED: list[str] = []  # said once a process
+
+
+def compile_session_device(requested: str) -> str:
+    """The ONNX Runtime device of a compile's sessions (validation, calibration runs). ``--device cuda`` asks
+    for torch's numerics on the GPU; an onnxruntime without a CUDA provider then runs the sessions on the
+    CPU, with a warning, rather than failing the compile."""
+    if requested == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        if _WARNED:
+            return "cpu"
+        _WARNED.append(requested)
+        log.warning("--device cuda: torch computes on the GPU; this onnxruntime has no CUDA execution provider, "
+                    "so its sessions run on the CPU (install onnxruntime-gpu)")
+        return "cpu"
+    return requested
+
+
 def make_session(model: onnx.ModelProto | bytes | str | os.PathLike,
                  options: SessionOptions | None = None) -> ort.InferenceSession:
     options = options or SessionOptions()
@@ -65,5 +84,6 @@ def make_session(model: onnx.ModelProto | bytes | str | os.PathLike,
         except Exception as e:  # pragma: no cover - depends on the machine
             log.warning("CUDA session failed (%s); using CPU", e)
         if options.device == "cuda":
-            raise RuntimeError("CUDA execution provider requested but not usable on this machine")
+            raise QCompilerError("--device cuda: ONNX Runtime's CUDA execution provider is not usable here "
+                                 f"(this onnxruntime has {', '.join(ort.get_available_providers())})")
     return ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])

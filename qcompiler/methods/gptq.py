@@ -27,7 +27,7 @@ from qcompiler.plan import QuantPlan, SitePlan, SiteStats
 from qcompiler.runtime.calib_data import calibration_feeds, calibration_tokens
 from qcompiler.runtime.calibrate import GroupData, ValueHeads, calibrate
 from qcompiler.runtime.segments import SegmentedModel
-from qcompiler.runtime.session import SessionOptions
+from qcompiler.runtime.session import SessionOptions, compile_session_device
 from qcompiler.sites import ATTN_VO, CoupledPair, LinearSite
 
 log = logging.getLogger(__name__)
@@ -186,7 +186,8 @@ def load_calibration(config: CompileConfig, tokenizer_dir: str | None, asymmetri
     cfg = config.calib
     tokens = calibration_tokens(cfg.source, cfg.tokenizer or tokenizer_dir, cfg.samples + cfg.holdout, cfg.seqlen,
                                 config.seed)
-    return Calibration(tokens, cfg, asymmetric=asymmetric, options=SessionOptions(device=config.device),
+    options = SessionOptions(device=compile_session_device(config.device))
+    return Calibration(tokens, cfg, asymmetric=asymmetric, options=options,
                        device=resolve_device(config.device))
 
 
