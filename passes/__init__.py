@@ -5,7 +5,8 @@ from qcompiler.passes.embedding import EmbeddingPass
 from qcompiler.passes.fold_pairs import FoldPairsPass
 from qcompiler.passes.matmulnbits import MatMulNBitsPass
 from qcompiler.passes.online_transform import OnlineTransformPass
+from qcompiler.passes.precision import PrecisionPass
 from qcompiler.passes.qdq import QDQPass
 
 __all__ = ["Pass", "PassError", "PassManager", "PassResult", "MatMulNBitsPass", "QDQPass", "EmbeddingPass",
-           "FoldPairsPass", "OnlineTransformPass"]
+           "FoldPairsPass", "OnlineTransformPass", "PrecisionPass"]

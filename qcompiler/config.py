@@ -26,6 +26,7 @@ ONLINE_REGIMES = ("batch", "token")  # what --online-budget is a fraction of (me
 # how the online x T^-1 is written (passes/online_transform.py); auto: conv for causal LMs, else matmul
 ONLINE_LAYOUTS = ("auto", "matmul", "conv")
 DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("float32", "float16", "bfloat16")  # of the compiled model (passes/precision.py)
 
 
 def opt(help: str, *, flag: str | tuple[str, str] | None = None, choices: tuple | None = None,
@@ -225,6 +226,13 @@ class CompileConfig:
     accuracy_level: int = field(default=1, metadata=opt(
         "MatMulNBits accuracy_level on every node: 1 float activations, 4 int8 activations (0 unset, 2 fp16, "
         "3 bf16)", choices=(0, 1, 2, 3, 4)))
+    # passes/precision.py: norm statistics and rotary angles stay float32; float graph I/O (KV cache, logits)
+    # takes the dtype
+    dtype: str = field(default="float32", metadata=opt(
+        "precision of the compiled model's activations, float weights, scales and float inputs/outputs (the KV "
+        "cache too: half the bytes at float16); norm statistics and rotary angles stay float32. bfloat16: "
+        "ONNX Runtime's CPU provider has no kernels for it, so it is validated on CUDA only (--device cuda)",
+        choices=DTYPES))
     validate: bool = field(default=True, metadata=opt("skip running the result against the original"))
     # validation gate: refuse to write a model whose outputs are non-finite or, when set, whose relative
     # output error on the sample inputs exceeds max_error; force writes it anyway (with a warning)
@@ -269,6 +277,14 @@ class CompileConfig:
             raise _bad(CompileConfig, "format", f"must be one of {', '.join(FORMATS)}, got {self.format!r}")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise _bad(CompileConfig, "accuracy_level", f"must be 0..4, got {self.accuracy_level}")
+        if self.dtype not in DTYPES:
+            raise _bad(CompileConfig, "dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.dtype == "bfloat16" and self.validate and self.device != "cuda":
+            raise ConfigError("dtype bfloat16 (--dtype bfloat16): ONNX Runtime's CPU provider has no bfloat16 kernels "
+                              "(Add, Mul, MatMul, Softmax), so the model cannot be validated on the CPU: use --device "
+                              "cuda, --no-validate, or --dtype float16")
+        if self.dtype != "float32" and self.stream:
+            raise ConfigError(f"dtype {self.dtype} (--dtype) is not supported with a streamed compile (--stream)")
         if self.max_error is not None and not (self.max_error > 0 and math.isfinite(self.max_error)):
             raise _bad(CompileConfig, "max_error", f"must be a positive number, got {self.max_error}")
         if self.max_error is not None and not self.validate:

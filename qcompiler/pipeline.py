@@ -34,6 +34,7 @@ from qcompiler.metadata import KV_CACHE_TRANSFORMED, MODEL_KIND, SITES, TOKENIZE
 from qcompiler.methods.base import Method, Setup
 from qcompiler.methods.registry import REGISTRY, get_method
 from qcompiler.passes import EmbeddingPass, FoldPairsPass, MatMulNBitsPass, OnlineTransformPass, PassManager, QDQPass
+from qcompiler.passes.precision import PrecisionPass
 from qcompiler.plan import QuantPlan
 from qcompiler.report import CompileResult
 from qcompiler.runtime.session import SessionOptions, compile_session_device
@@ -124,6 +125,9 @@ def load(source: Any, config: CompileConfig, method: Method, output, example_inp
                         kv_cache=config.kv_cache)
     if loaded.data_dir is not None:
         _check_streamable(method)
+        if config.dtype != "float32":  # the precision pass would read every spilled weight back
+            raise ConfigError(f"--dtype {config.dtype} is not supported with a streamed compile: this model "
+                              "streams by default (its weights exceed 2 GiB); --no-stream compiles it in memory")
         if output is None:
             raise ConfigError("a streaming compile writes its weights as it goes: give an output path")
         log.info("streaming compile: weights stay in %s; chunks of %d MB", loaded.data_dir,
@@ -165,6 +169,8 @@ def rewrite(graph: gs.Graph, plan: QuantPlan, config: CompileConfig) -> gs.Graph
     if config.quantize_weights:
         passes += [EmbeddingPass(plan), MatMulNBitsPass(plan, config.accuracy_level)
                    if config.format == "matmulnbits" else QDQPass(plan)]
+    if config.dtype != "float32":  # last: the scales the quantizing passes wrote follow too
+        passes.append(PrecisionPass(config.dtype))
     return PassManager(passes)(graph).graph
 
 
@@ -173,6 +179,7 @@ def emit(graph: gs.Graph, plan: QuantPlan, loaded: LoadedModel, config: CompileC
     props = {"qcompiler.method": config.method, "qcompiler.quant": config.quant.describe(),
              "qcompiler.format": config.format, MODEL_KIND: loaded.kind,
              SITES: json.dumps(plan.summary(), separators=(",", ":"))}
+    props["qcompiler.dtype"] = config.dtype
     if plan.online:
         props["qcompiler.online_layout"] = config.cafeq.online_layout
     cached = [name for t in plan.pair_transforms for name in t.pair.cache]

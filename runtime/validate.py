@@ -63,7 +63,18 @@ def run(model: onnx.ModelProto | bytes | str, feeds: dict[str, np.ndarray],
         options: SessionOptions | None = None) -> dict[str, np.ndarray]:
     sess = make_session(model, options)
     names = [o.name for o in sess.get_outputs()]
-    return dict(zip(names, sess.run(names, feeds), strict=True))
+    return dict(zip(names, sess.run(names, as_input_types(sess, feeds)), strict=True))
+
+
+_FLOATS = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
+def as_input_types(sess, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``feeds`` with each float array cast to the float type its input declares: a float16 compile of a
+    float32 model runs on the original's feeds (its KV cache, any float input)."""
+    want = {i.name: _FLOATS.get(i.type) for i in sess.get_inputs()}
+    return {k: v.astype(want[k]) if want.get(k) is not None and isinstance(v, np.ndarray)
+            and np.issubdtype(v.dtype, np.floating) and v.dtype != want[k] else v for k, v in feeds.items()}
 
 
 def validate(compiled: onnx.ModelProto | bytes | str, original: onnx.ModelProto,

@@ -29,10 +29,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return c
 
 
-def default_output(model: str | None, method: str, quant: QuantConfig) -> str:
+def default_output(model: str | None, method: str, quant: QuantConfig, dtype: str = "float32") -> str:
     name = Path(model).name if model else DEFAULT_MODEL
     stem = name[:-5] if name.endswith(".onnx") else name
-    return f"{stem}.{method}-{quant.tag()}.onnx"
+    precision = "" if dtype == "float32" else "-" + {"float16": "fp16", "bfloat16": "bf16"}.get(dtype, dtype)
+    return f"{stem}.{method}-{quant.tag()}{precision}.onnx"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     config = compile_config(args, cafeq={"joint_pairs": ()} if args.no_joint_rounding else {})
     if args.model is None:
         log.warning("no model given: compiling the bundled %s", DEFAULT_MODEL)
-    output = args.output or default_output(args.model, config.method, config.quant)
+    output = args.output or default_output(args.model, config.method, config.quant, config.dtype)
     if args.report:
         check_writable(args.report)
     result = compile_model(args.model, output, config, cache_dir=args.cache_dir, progress=not args.quiet)
