@@ -82,16 +82,20 @@ def test_compile_time_with_warm_cache(minilm, cache_dir, tmp_path):
     assert elapsed < 15.0, f"RTN compile of MiniLM took {elapsed:.1f}s"
 
 
-def test_cli_with_no_arguments_compiles_the_bundled_model(minilm, cache_dir, tmp_path):
+def test_compile_with_no_model_compiles_the_bundled_one_and_says_so(minilm, cache_dir, tmp_path):
+    """Bare ``qcompiler`` prints help and writes nothing; ``qcompiler compile`` with no model compiles the bundled
+    MiniLM and says so, validating on real text (its tokenizer is known)."""
     env = dict(os.environ, QCOMPILER_CACHE_DIR=str(cache_dir))
-    proc = subprocess.run([sys.executable, "-m", "qcompiler", "-q"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
     proc = subprocess.run([sys.executable, "-m", "qcompiler"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "compile" in proc.stdout and list(tmp_path.iterdir()) == []
+    proc = subprocess.run([sys.executable, "-m", "qcompiler", "compile"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "36 quantized" in proc.stdout and "validation [last_hidden_state]" in proc.stdout
-    assert (tmp_path / "minilm.rtn-w4.onnx").is_file()
+    assert "no model given: compiling the bundled minilm" in proc.stderr
+    assert "36 quantized" in proc.stdout and "validation on text" in proc.stdout
+    assert "[last_hidden_state]" in proc.stdout
+    assert (tmp_path / "minilm.rtn-w4-b32-asym.onnx").is_file()
 
 
 def test_cli_eval_fidelity_and_errors(minilm, cache_dir, tmp_path, capsys):

@@ -114,7 +114,6 @@ def test_no_replaced_weight_outlives_its_chunk(external_llama, tmp_path, monkeyp
 
     import onnx_graphsurgeon as gs
 
-    import qcompiler.pipeline as pipeline
     import qcompiler.stream as stream
 
     orphans = []
@@ -124,7 +123,7 @@ def test_no_replaced_weight_outlives_its_chunk(external_llama, tmp_path, monkeyp
                            and isinstance(o._values, np.ndarray) and o._values.nbytes >= 1024))
 
     monkeypatch.setattr(stream, "trim_heap", check_then_trim)
-    monkeypatch.setattr(pipeline, "chunk_sites", lambda sites, _, pairs, groups: chunk_sites(sites, 1, pairs, groups))
+    monkeypatch.setattr(stream, "chunk_sites", lambda sites, _, pairs, groups: chunk_sites(sites, 1, pairs, groups))
     gc.disable()  # as when the count-driven collector happens not to run
     try:
         compile_model(str(external_llama), tmp_path / "m.onnx", CompileConfig(
