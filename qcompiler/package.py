@@ -70,6 +70,19 @@ def write_genai_folder(model_path: str | os.PathLike, loaded: LoadedModel, out_d
     return out
 
 
+def check_genai_source(loaded: LoadedModel) -> None:
+    """Raise ConfigError, before any work is done, when ``write_genai_folder`` could not package ``loaded``: a
+    model that is neither a builder model nor a KV-cache decoder with its Hugging Face config.json."""
+    if _builder_folder(loaded) is not None:
+        return
+    model = loaded.model
+    if (CacheLayout.from_properties(model_properties(model)) or layout_from_graph(model)) is None or \
+            not any(is_past(i.name) for i in model.graph.input):
+        raise ConfigError(f"{loaded.source} is not a KV-cache decoder (a causal LM exported with its cache): "
+                          "onnxruntime-genai cannot run it (drop --no-kv-cache)")
+    _hf_config(loaded)
+
+
 def _builder_folder(loaded: LoadedModel) -> Path | None:
     """The folder of an onnxruntime-genai builder model we compiled (its ``genai_config.json`` beside it)."""
     if not loaded.onnx_path or not str(loaded.source).endswith(".onnx"):

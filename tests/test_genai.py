@@ -18,11 +18,13 @@ import pytest
 
 from qcompiler.analyze import analyze
 from qcompiler.config import CafeqConfig, CompileConfig
+from qcompiler.errors import ConfigError
 from qcompiler.frontends import load_model
+from qcompiler.frontends.base import LoadedModel
 from qcompiler.frontends.tiny import make_tiny_checkpoint
 from qcompiler.inspect.verify import fold_check, random_transforms
-from qcompiler.metadata import KV_CACHE_TRANSFORMED, model_properties
-from qcompiler.package import GENAI_CONFIG, write_genai_folder
+from qcompiler.metadata import EOS_TOKEN_IDS, KV_CACHE_TRANSFORMED, model_properties
+from qcompiler.package import GENAI_CONFIG, check_genai_source, write_genai_folder
 from qcompiler.pipeline import compile_model
 from qcompiler.runtime.generate import generate
 from qcompiler.runtime.inputs import past_feeds
@@ -65,7 +67,8 @@ def builder_model(genai_python, llama_folder, tmp_path_factory) -> Path:
 
 
 def genai_tokens(python: str, folder: Path, prompt=PROMPT, new: int = NEW) -> list[int]:
-    """Greedy tokens of onnxruntime-genai's generator on ``folder`` (tools/genai_generate.py, in the venv)."""
+    """Greedy tokens of onnxruntime-genai's generator on ``folder`` (tools/genai_generate.py, in the venv); it
+    stops at an end token, which it does not return."""
     cmd = [python, str(ROOT / "tools" / "genai_generate.py"), str(folder), "--ids", *map(str, prompt), "-n",
            str(new), "--json"]
     done = subprocess.run(cmd, capture_output=True, text=True)
@@ -74,7 +77,11 @@ def genai_tokens(python: str, folder: Path, prompt=PROMPT, new: int = NEW) -> li
 
 
 def our_tokens(model_path, prompt=PROMPT, new: int = NEW) -> list[int]:
-    return generate(str(model_path), np.array(prompt), max_new_tokens=new, eos_token_id=()).tokens[0].tolist()
+    """Our loop's greedy tokens, up to the end token the model records (dropped, as genai drops it)."""
+    eos = json.loads(model_properties(onnx.load(str(model_path), load_external_data=False))[EOS_TOKEN_IDS])
+    result = generate(str(model_path), np.array(prompt), max_new_tokens=new)
+    tokens = result.tokens[0, :result.lengths[0]].tolist()
+    return tokens[:-1] if tokens[-1] in eos else tokens
 
 
 def _decode_logits(model: onnx.ModelProto, steps: int = 3) -> np.ndarray:
@@ -164,7 +171,7 @@ def test_builder_model_compiled_runs_in_genai(method, builder_model, genai_pytho
         assert json.loads(model_properties(result.model)[KV_CACHE_TRANSFORMED]) == ["present.0.value",
                                                                                     "present.1.value"]
     got = genai_tokens(genai_python, folder)
-    assert len(got) == NEW and got == our_tokens(out)
+    assert got and got == our_tokens(out)
 
 
 def test_hf_folder_compiled_to_a_genai_folder(llama_folder, genai_python, cache_dir, tmp_path):
@@ -178,4 +185,15 @@ def test_hf_folder_compiled_to_a_genai_folder(llama_folder, genai_python, cache_
     assert config["search"]["past_present_share_buffer"] is False  # our cache grows by Concat
     assert (folder / "tokenizer.json").is_file()
     got = genai_tokens(genai_python, folder)
-    assert len(got) == NEW and got == our_tokens(folder / "model.onnx")
+    assert got and got == our_tokens(folder / "model.onnx")
+
+
+def test_a_model_without_a_cache_is_refused_before_compiling(builder_model, tmp_path):
+    check_genai_source(load_model(str(builder_model)))  # a builder model: its folder has what is needed
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 8])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", 8])
+    w = onnx.numpy_helper.from_array(np.eye(8, dtype=np.float32), "w")
+    plain = onnx.helper.make_model(onnx.helper.make_graph([onnx.helper.make_node("MatMul", ["x", "w"], ["y"])],
+                                                          "plain", [x], [y], [w]))
+    with pytest.raises(ConfigError, match="not a KV-cache decoder"):
+        check_genai_source(LoadedModel(plain, "plain.onnx", "onnx", onnx_path=str(tmp_path / "plain.onnx")))

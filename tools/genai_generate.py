@@ -4,8 +4,10 @@ tokenizer files): what a user of onnxruntime-genai gets from a folder we wrote. 
     $(tools/genai_env.sh) tools/genai_generate.py FOLDER --prompt "Once upon a time" -n 16
     $(tools/genai_env.sh) tools/genai_generate.py FOLDER --ids 10 20 30 -n 8 --json
 
-It imports nothing of qcompiler (numpy and onnxruntime_genai only). End tokens are ignored (``min_length``),
-so exactly ``-n`` tokens come out. ``--json`` prints ``{"prompt_ids", "tokens", "text", "decode_tokens_per_s"}``.
+It imports nothing of qcompiler (numpy and onnxruntime_genai only). Generation stops after an end token (kept in
+``tokens``) or ``-n`` tokens; ``--ignore-eos`` gives exactly ``-n`` (genai's ``min_length``, which forbids the end
+token until then: the tokens after a forbidden end differ from a loop that merely goes on past it).
+``--json`` prints ``{"prompt_ids", "tokens", "text", "decode_tokens_per_s"}``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--prompt", help="text, encoded with the folder's tokenizer")
     src.add_argument("--ids", type=int, nargs="+", help="prompt token ids")
     p.add_argument("-n", "--new-tokens", type=int, default=16)
+    p.add_argument("--ignore-eos", action="store_true", help="exactly -n tokens (end tokens forbidden until then)")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     args = p.parse_args(argv)
 
@@ -42,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     ids = list(args.ids) if args.ids else [int(t) for t in tokenizer.encode(args.prompt)]
     total = len(ids) + args.new_tokens
     params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, max_length=total, min_length=total)
+    params.set_search_options(do_sample=False, max_length=total, min_length=total if args.ignore_eos else 0)
     gen = og.Generator(model, params)
     gen.append_tokens(np.asarray(ids, dtype=np.int32))
     gen.generate_next_token()
