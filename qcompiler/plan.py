@@ -5,13 +5,15 @@ A plan can be saved (``.npz`` with a JSON header), inspected and tested without 
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from qcompiler.algorithms.grid import QuantizedWeight
+from qcompiler.algorithms.grid import QuantizedWeight, quantize, relative_error
 from qcompiler.algorithms.transforms import is_permutation
 from qcompiler.config import QuantConfig
 from qcompiler.sites import ATTN_VO, CoupledPair, LinearSite
@@ -176,3 +178,32 @@ def joint_rounded_sites(plan: QuantPlan, rtol: float = 1e-5) -> tuple[SitePlan, 
         if plain is not None and abs(plain - final) > rtol * max(abs(plain), abs(final)):
             out.append(p)
     return tuple(out)
+
+
+def regrid_role(plan: QuantPlan, role: str, quant: QuantConfig,
+                weight_of: Callable[[LinearSite], np.ndarray]) -> QuantPlan:
+    """``plan`` with the sites of ``role`` (``"head"``: an output head) rounded to nearest on their own grid
+    ``quant`` (an 8-bit head in a 4-bit model); every other site as the method planned it.
+
+    Such a site must carry no transform (no pair or online transform names it: a head never does), so its
+    stored weight is ``weight_of(site)`` itself. A streamed plan is regridded per chunk, before its rewrite.
+    """
+    if plan.released:
+        raise ValueError("a released plan holds no codes: regrid each chunk's plan before its rewrite")
+    touched = {m for t in plan.online for m in t.sites}
+    touched |= {s for t in plan.pair_transforms for s in (t.pair.producer, t.pair.consumer, t.pair.gate) if s}
+    sites = []
+    for p in plan.sites:
+        if p.site.role != role or (p.weight.bits, p.weight.block_size, p.weight.symmetric) == (
+                quant.bits, quant.group_size, quant.symmetric):
+            sites.append(p)
+            continue
+        if p.site.id in touched:
+            raise ValueError(f"{p.site.id}: a transformed site cannot take a grid of its own")
+        w = weight_of(p.site)
+        qw = quantize(w, quant.bits, quant.group_size, quant.symmetric)
+        w_hat = qw.dequantize()
+        err = relative_error(w, w_hat)
+        sites.append(SitePlan(p.site, qw, SiteStats(rel_error=err, proxy_error=float(np.sum((w_hat - w) ** 2)))))
+    return dataclasses.replace(plan, sites=tuple(sites))
+

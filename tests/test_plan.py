@@ -71,3 +71,41 @@ def test_joint_rounded_sites_ignore_float_rounding():
     joint = joint_rounded_sites(dataclasses.replace(plan, sites=sites))
     assert [p.site.id for p in joint] == [changed.site.id]
     assert joint_rounded_sites(plan) == ()
+
+
+def test_regrid_role_gives_the_head_its_own_grid():
+    """An 8-bit head in a 4-bit plan: only the head is re-rounded; MatMulNBits writes it at 8 bits and ONNX
+    Runtime runs it closer to float than the 4-bit head."""
+    import onnxruntime as ort
+
+    from qcompiler.emit import emit_model
+    from qcompiler.passes import MatMulNBitsPass, PassManager
+    from qcompiler.plan import regrid_role
+
+    model = mixed_model()
+    graph = import_graph(model)
+    match = find_linear_sites(graph, MatchConfig(quantize_lm_head=True))
+    plan = plan_rtn(match.sites, lambda s: site_weight(graph, s), QuantConfig(4, 16, True))
+    head8 = regrid_role(plan, "head", QuantConfig(8, 16, True), lambda s: site_weight(graph, s))
+    by_id = {p.site.id: p for p in head8.sites}
+    assert [p.site.role for p in plan.sites if p.weight.bits == 8] == []
+    assert by_id["Wh"].weight.bits == 8 and by_id["Wh"].site.role == "head"
+    assert by_id["Wh"].stats.rel_error < 0.1 * next(p for p in plan.sites if p.site.id == "Wh").stats.rel_error
+    assert all(by_id[p.site.id] is p for p in plan.sites if p.site.role != "head")
+    assert regrid_role(plan, "head", QuantConfig(4, 16, True), None) == plan  # same grid: nothing re-rounded
+
+    x = np.random.default_rng(1).standard_normal((2, 3, 64)).astype(np.float32)
+
+    def head_error(p):
+        out = emit_model(PassManager([MatMulNBitsPass(p)])(import_graph(model)).graph, model, {})
+        bits = {n.name: a.i for n in out.graph.node if n.op_type == "MatMulNBits"
+                for a in n.attribute if a.name == "bits"}
+        sess = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"])
+        ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        got, want = sess.run(["logits"], {"x": x})[0], ref.run(["logits"], {"x": x})[0]
+        return bits, np.linalg.norm(got - want) / np.linalg.norm(want)
+
+    bits4, err4 = head_error(plan)
+    bits8, err8 = head_error(head8)
+    assert sorted(bits8.values()) == [4, 4, 4, 8] and sorted(bits4.values()) == [4, 4, 4, 4]
+    assert err8 < err4
