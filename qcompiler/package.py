@@ -10,7 +10,9 @@ tokenizer files (``onnxruntime_genai.Model(folder)``, ``onnxruntime_genai.Tokeni
   ``genai_config.json`` that describes our graph: inputs ``input_ids``, ``attention_mask`` and
   ``past_key_values.%d.key/value``, outputs ``logits`` and ``present.%d.key/value`` (the builder's names),
   the cache's layout from the model's metadata, the rest from the checkpoint's ``config.json``. Our cache grows
-  by concatenation, so ``past_present_share_buffer`` is false (the generator feeds the past at its length).
+  by concatenation, so ``past_present_share_buffer`` is false (the generator feeds the past at its length). The
+  model type is genai's generic ``decoder`` for every family: the graph computes positions (from the mask) and
+  everything family-specific itself, and genai's own ``gpt2`` type expects other inputs.
 """
 
 from __future__ import annotations
@@ -149,7 +151,7 @@ def genai_config(model: onnx.ModelProto, loaded: LoadedModel) -> dict:
         "num_key_value_heads": layout.kv_heads,
     }
     body = {"bos_token_id": hf.get("bos_token_id"), "context_length": context, "decoder": decoder,
-            "eos_token_id": _one(eos), "pad_token_id": pad, "type": hf.get("model_type", "decoder"),
+            "eos_token_id": _one(eos), "pad_token_id": pad, "type": "decoder",
             "vocab_size": vocab}
     body = {k: v for k, v in body.items() if v is not None}
     return {"model": body, "search": {**_SEARCH, "max_length": context, "past_present_share_buffer": False}}

@@ -84,6 +84,23 @@ def our_tokens(model_path, prompt=PROMPT, new: int = NEW) -> list[int]:
     return tokens[:-1] if tokens[-1] in eos else tokens
 
 
+def assert_same_greedy(got: list[int], model_path, prompt=PROMPT, new: int = NEW) -> None:
+    """genai's greedy tokens (``got``) are our loop's on the same file, up to a near tie: the two run different
+    onnxruntime builds (the venv's CPU 1.32, ours), so where the first token differs it must be within 1e-4 of
+    the logit range of our choice at that position (after it the continuations may part)."""
+    ours = our_tokens(model_path, prompt, new)
+    k = next((i for i, (a, b) in enumerate(zip(got, ours, strict=False)) if a != b), None)
+    if k is None:
+        assert len(got) == len(ours), (got, ours)
+        return
+    model = onnx.load(str(model_path))
+    ids = np.array([list(prompt) + ours[:k]], dtype=np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), **past_feeds(model, 1)}
+    logits = run(model, feeds, SessionOptions(device="cpu"))["logits"][0, -1].astype(np.float64)
+    gap = logits[ours[k]] - logits[got[k]]
+    assert gap <= 1e-4 * (logits.max() - logits.min()), f"genai {got} != ours {ours} at {k} (logit gap {gap:.3g})"
+
+
 def _decode_logits(model: onnx.ModelProto, steps: int = 3) -> np.ndarray:
     """Last-position logits of a prefill and ``steps`` greedy decode steps, each feeding its own present."""
     exact = SessionOptions(device="cpu", optimize=False)
@@ -170,8 +187,7 @@ def test_builder_model_compiled_runs_in_genai(method, builder_model, genai_pytho
     if method == "cafeq":  # V·O folded through GroupQueryAttention: the cache holds V M_h
         assert json.loads(model_properties(result.model)[KV_CACHE_TRANSFORMED]) == ["present.0.value",
                                                                                     "present.1.value"]
-    got = genai_tokens(genai_python, folder)
-    assert got and got == our_tokens(out)
+    assert_same_greedy(genai_tokens(genai_python, folder), out)
 
 
 def test_hf_folder_compiled_to_a_genai_folder(llama_folder, genai_python, cache_dir, tmp_path):
@@ -183,9 +199,9 @@ def test_hf_folder_compiled_to_a_genai_folder(llama_folder, genai_python, cache_
     d = config["model"]["decoder"]
     assert (d["num_hidden_layers"], d["num_attention_heads"], d["num_key_value_heads"], d["head_size"]) == (2, 4, 2, 16)
     assert config["search"]["past_present_share_buffer"] is False  # our cache grows by Concat
+    assert config["model"]["type"] == "decoder"  # genai's generic decoder (GPT-2, Qwen2, Gemma 2, Phi-3 load too)
     assert (folder / "tokenizer.json").is_file()
-    got = genai_tokens(genai_python, folder)
-    assert got and got == our_tokens(folder / "model.onnx")
+    assert_same_greedy(genai_tokens(genai_python, folder), folder / "model.onnx")
 
 
 def test_a_model_without_a_cache_is_refused_before_compiling(builder_model, tmp_path):
