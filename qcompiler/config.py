@@ -233,6 +233,10 @@ class CompileConfig:
         "cache too: half the bytes at float16); norm statistics and rotary angles stay float32. bfloat16: "
         "ONNX Runtime's CPU provider has no kernels for it, so it is validated on CUDA only (--device cuda)",
         choices=DTYPES))
+    package: str = field(default="onnx", metadata=opt(
+        "onnx: the model file (-o OUT.onnx); genai: a folder that onnxruntime-genai's generator loads as it is "
+        "(-o DIR: model.onnx, genai_config.json, tokenizer files; causal LMs with a KV cache)",
+        choices=("onnx", "genai")))
     validate: bool = field(default=True, metadata=opt("skip running the result against the original"))
     # validation gate: refuse to write a model whose outputs are non-finite or, when set, whose relative
     # output error on the sample inputs exceeds max_error; force writes it anyway (with a warning)
@@ -293,5 +297,7 @@ class CompileConfig:
             raise _bad(CompileConfig, "stream_chunk_mb", f"must be >= 1, got {self.stream_chunk_mb}")
         if self.device not in DEVICES:
             raise _bad(CompileConfig, "device", f"must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.package == "genai" and not self.kv_cache:
+            raise ConfigError("package genai (--package genai) needs the KV cache: drop --no-kv-cache")
         if self.jobs < 0:
             raise _bad(CompileConfig, "jobs", f"must be >= 0 (0: one per core), got {self.jobs}")

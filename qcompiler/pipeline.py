@@ -25,7 +25,7 @@ import onnx_graphsurgeon as gs
 from qcompiler.analyze import analyze_graph
 from qcompiler.config import CompileConfig
 from qcompiler.emit import emit_model
-from qcompiler.errors import ConfigError, NothingToQuantizeError, ValidationFailed
+from qcompiler.errors import ConfigError, NothingToQuantizeError, OutputError, ValidationFailed
 from qcompiler.external import SPILL_NAME, DataSink, external_sources, save_with_external_data
 from qcompiler.frontends import LoadedModel, load_model
 from qcompiler.graphio import check_writable, import_graph, save_onnx_atomic, saved_bytes, write_text_atomic
@@ -33,6 +33,7 @@ from qcompiler.match.sites import find_linear_sites, weight_reader
 from qcompiler.metadata import KV_CACHE_TRANSFORMED, MODEL_KIND, SITES, TOKENIZER, module_paths
 from qcompiler.methods.base import Method, Setup
 from qcompiler.methods.registry import REGISTRY, get_method
+from qcompiler.package import MODEL_FILE, check_genai_source, write_genai_folder
 from qcompiler.passes import EmbeddingPass, FoldPairsPass, MatMulNBitsPass, OnlineTransformPass, PassManager, QDQPass
 from qcompiler.passes.precision import PrecisionPass
 from qcompiler.plan import QuantPlan
@@ -67,12 +68,46 @@ def compile_model(source: Any = None, output: str | os.PathLike | None = None,
     method = get_method(config.method)
     if config.stream:
         _check_streamable(method)
-    if output is not None:
+    folder = None
+    if config.package == "genai":  # the model file goes into a staging folder, renamed to ``output`` at the end
+        if output is None:
+            raise ConfigError("--package genai writes a folder: give it as the output (-o DIR)")
+        folder = _check_folder(output)
+    elif output is not None:
         check_writable(output)
     timings = _Timings()
+    staging = None
+    try:
+        if folder is not None:
+            staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+            output = staging / MODEL_FILE
+        result = _compile(source, output, config, method, timings, example_inputs, cache_dir, progress)
+        if folder is not None:
+            with timings("package"):
+                write_genai_folder(output, result.loaded, staging)
+                os.replace(staging, folder)
+            result.output = str(folder)
+        return result
+    finally:
+        if staging is not None and staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
 
+
+def _check_folder(output) -> Path:
+    """A folder output: absent (or empty), in a writable folder."""
+    folder = Path(output)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise OutputError(f"output {folder} exists and is not an empty folder")
+    check_writable(folder.parent / f"{folder.name}.probe")
+    return folder
+
+
+def _compile(source: Any, output, config: CompileConfig, method: Method, timings: _Timings,
+             example_inputs: dict | None, cache_dir, progress: bool) -> CompileResult:
     with timings("load"):
         loaded = load(source, config, method, output, example_inputs, cache_dir)
+    if config.package == "genai":
+        check_genai_source(loaded)
     config = _resolve_layout(config, loaded)
     with timings("match"):
         graph = import_graph(loaded.model, loaded.data_dir)
@@ -108,8 +143,8 @@ def compile_model(source: Any = None, output: str | os.PathLike | None = None,
             shutil.rmtree(sink_dir, ignore_errors=True)
     return CompileResult(out_path, model, plan, match, validation,
                          size_before=_model_bytes(loaded.model, loaded.onnx_path),
-                         size_after=_model_bytes(model, out_path), timings=dict(timings),
-                         source=loaded.source, cached_export=loaded.cached)
+                         size_after=_model_bytes(model, out_path), timings=timings,
+                         source=loaded.source, cached_export=loaded.cached, loaded=loaded)
 
 
 def _check_streamable(method: Method) -> None:

@@ -27,6 +27,7 @@ class CompileResult:
     timings: dict[str, float] = field(default_factory=dict)
     source: str = ""
     cached_export: bool = False
+    loaded: Any = field(default=None, repr=False)  # the frontend's model (LoadedModel), for packaging
 
     def report(self, config: CompileConfig) -> dict[str, Any]:
         quantized_weight_bits = sum(p.site.k * p.site.n * 32 for p in self.plan.sites)
@@ -49,7 +50,7 @@ class CompileResult:
                 "inputs": self.validation.inputs,
                 "max_rel_error": self.validation.max_rel_error, "min_cosine": self.validation.min_cosine,
                 "outputs": [asdict(o) for o in self.validation.outputs]},
-            "timings_s": self.timings,
+            "timings_s": dict(self.timings),
             "peak_rss_mb": compile_peak_mb(),
             "cached_export": self.cached_export,
         }

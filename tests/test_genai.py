@@ -190,11 +190,19 @@ def test_builder_model_compiled_runs_in_genai(method, builder_model, genai_pytho
     assert_same_greedy(genai_tokens(genai_python, folder), out)
 
 
-def test_hf_folder_compiled_to_a_genai_folder(llama_folder, genai_python, cache_dir, tmp_path):
-    loaded = load_model(str(llama_folder), cache_dir=cache_dir)
-    result = compile_model(str(llama_folder), tmp_path / "rtn.onnx", CompileConfig(validate=False),
-                           cache_dir=cache_dir)
-    folder = write_genai_folder(result.output, loaded, tmp_path / "genai")
+def test_hf_folder_compiled_to_a_genai_folder(llama_folder, genai_python, cache_dir, tmp_path, capsys):
+    """``qcompiler compile HF --package genai -o DIR``: the folder onnxruntime-genai loads, written whole or not
+    at all (a folder that is not empty is refused before any work)."""
+    from qcompiler.cli import main
+
+    folder = tmp_path / "genai"
+    assert main(["compile", str(llama_folder), "--package", "genai", "-o", str(folder), "--cache-dir",
+                 str(cache_dir), "-q"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["genai"]  # no staging folder left behind
+    assert main(["compile", str(llama_folder), "--package", "genai", "-o", str(folder), "-q"]) == 2
+    assert "not an empty folder" in capsys.readouterr().err
+    assert main(["compile", str(llama_folder), "--package", "genai", "--no-kv-cache", "-o", str(tmp_path / "x"),
+                 "-q"]) == 2
     config = json.loads((folder / GENAI_CONFIG).read_text())
     d = config["model"]["decoder"]
     assert (d["num_hidden_layers"], d["num_attention_heads"], d["num_key_value_heads"], d["head_size"]) == (2, 4, 2, 16)

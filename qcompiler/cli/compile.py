@@ -45,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
     if args.model is None:
         log.warning("no model given: compiling the bundled %s", DEFAULT_MODEL)
     output = args.output or default_output(args.model, config.method, config.quant, config.dtype)
+    if config.package == "genai" and not args.output:
+        output = output.removesuffix(".onnx")  # a folder
     if args.report:
         check_writable(args.report)
     result = compile_model(args.model, output, config, cache_dir=args.cache_dir, progress=not args.quiet)

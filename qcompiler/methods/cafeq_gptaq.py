@@ -24,6 +24,7 @@ def transformed_model(model: onnx.ModelProto, pair_transforms: Sequence, online:
     del out.opset_import[:]
     out.opset_import.extend(model.opset_import)
     out.ir_version = model.ir_version
+    out.metadata_props.extend(model.metadata_props)  # the cache layout, tokenizer... the calibration reads
     return out
 
 
