@@ -1,8 +1,12 @@
-"""Quantized embedding tables: ``Gather(table)`` -> ``Gather(DequantizeLinear(codes, scales[, zp]))``.
+"""Quantized embedding tables: ``Gather(table)`` -> ``Gather(DequantizeLinear(codes, scales[, zp]))``, or,
+with ``gather=True``, ``GatherBlockQuantized(codes, ids, scales[, zp])`` (com.microsoft, ONNX Runtime).
 
 The table ``[V, H]`` is quantized in blocks along H (the plan holds it as ``W = table^T``, K = H).
-Every reader of the table (a tied output head's Transpose too) reads the dequantized table, so the
-float copy disappears from the file.
+DequantizeLinear rebuilds the whole float table on every run; GatherBlockQuantized reads only the rows
+asked for (what a decoder's token step wants), from the MatMulNBits byte layout (row v's codes along H,
+low bits first; 4- and 8-bit containers, blocks dividing H; other grids keep DequantizeLinear). Every other
+reader of the table (a tied output head's Transpose, when the head stays in float) reads the dequantized
+table, so the float copy disappears from the file.
 """
 
 from __future__ import annotations
@@ -10,37 +14,67 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qcompiler.algorithms.packing import pack_qdq
+from qcompiler.algorithms.packing import container_bits, pack_matmulnbits, pack_qdq
 from qcompiler.graphio import redirect_consumers
 from qcompiler.passes._rewire import weight_dtype
 from qcompiler.passes.base import Pass, PassResult
 from qcompiler.passes.qdq import int_tensor
-from qcompiler.plan import QuantPlan
+from qcompiler.plan import QuantPlan, SitePlan
 
 
 class EmbeddingPass(Pass):
-    def __init__(self, plan: QuantPlan):
+    def __init__(self, plan: QuantPlan, gather: bool = False):
         self.sites = [p for p in plan.sites if p.site.role == "embedding"]
+        self.gather = gather
+        self.gathers = 0  # Gathers made GatherBlockQuantized (after call)
 
     def call(self, graph: gs.Graph) -> PassResult:
         tensors = graph.tensors()
         for sp in self.sites:
-            site = sp.site
-            table = tensors[site.weight]
-            dtype = weight_dtype(graph, site)
-            t = pack_qdq(sp.weight)  # codes [H, V], scales [nb, V]
-            base = f"{site.weight}_dq{sp.weight.bits}"
-            inputs: list[gs.Tensor] = [
-                int_tensor(f"{base}_codes", np.ascontiguousarray(t.codes.T), t.bits, t.signed),
-                gs.Constant(f"{base}_scales", np.ascontiguousarray(t.scales.T).astype(dtype)),
-            ]
-            if t.zero_points is not None:
-                inputs.append(int_tensor(f"{base}_zero_points", np.ascontiguousarray(t.zero_points.T),
-                                         t.bits, t.signed))
-            deq = gs.Variable(f"{base}_table", dtype=dtype, shape=list(table.shape))
-            graph.nodes.append(gs.Node("DequantizeLinear", name=f"{site.node}_DequantizeLinear",
-                                       attrs={"axis": 1, "block_size": t.block_size}, inputs=inputs, outputs=[deq]))
-            redirect_consumers(table, deq)
+            table = tensors[sp.site.weight]
+            dtype = weight_dtype(graph, sp.site)
+            if self.gather and _gatherable(sp):
+                for node in [c for c in table.outputs if c.op == "Gather" and c.inputs[0] is table]:
+                    self._gather(graph, node, sp, dtype)
+            if table.outputs:  # readers that want the whole table
+                redirect_consumers(table, _dequantized(graph, sp, dtype, list(table.shape)))
         if self.sites:
             graph.cleanup().toposort()
         return PassResult(graph, bool(self.sites))
+
+    def _gather(self, graph: gs.Graph, node: gs.Node, sp: SitePlan, dtype) -> None:
+        t = pack_matmulnbits(sp.weight)  # b [V, n_blocks, blob]: row v's codes along H
+        base = f"{sp.site.weight}_gbq{sp.weight.bits}"
+        inputs: list[gs.Tensor] = [gs.Constant(f"{base}_data", t.b.reshape(t.n, -1)), node.inputs[1],
+                                   gs.Constant(f"{base}_scales", t.scales.astype(dtype))]
+        if t.zero_points is not None:
+            inputs.append(gs.Constant(f"{base}_zero_points", t.zero_points))
+        outputs = list(node.outputs)
+        node.inputs.clear()
+        node.outputs.clear()
+        graph.nodes.append(gs.Node("GatherBlockQuantized", name=f"{node.name}_GatherBlockQuantized",
+                                   domain="com.microsoft", inputs=inputs, outputs=outputs,
+                                   attrs={"bits": t.bits, "block_size": t.block_size, "gather_axis": 0,
+                                          "quantize_axis": 1}))
+        self.gathers += 1
+
+
+def _gatherable(sp: SitePlan) -> bool:
+    """GatherBlockQuantized reads 4- and 8-bit containers in whole blocks along H."""
+    bs = sp.weight.block_size
+    return container_bits(sp.weight.bits) in (4, 8) and bs >= 16 and bs & (bs - 1) == 0 and sp.site.k % bs == 0
+
+
+def _dequantized(graph: gs.Graph, sp: SitePlan, dtype, shape: list) -> gs.Variable:
+    t = pack_qdq(sp.weight)  # codes [H, V], scales [nb, V]
+    base = f"{sp.site.weight}_dq{sp.weight.bits}"
+    inputs: list[gs.Tensor] = [
+        int_tensor(f"{base}_codes", np.ascontiguousarray(t.codes.T), t.bits, t.signed),
+        gs.Constant(f"{base}_scales", np.ascontiguousarray(t.scales.T).astype(dtype)),
+    ]
+    if t.zero_points is not None:
+        inputs.append(int_tensor(f"{base}_zero_points", np.ascontiguousarray(t.zero_points.T), t.bits, t.signed))
+    deq = gs.Variable(f"{base}_table", dtype=dtype, shape=shape)
+    graph.nodes.append(gs.Node("DequantizeLinear", name=f"{sp.site.node}_DequantizeLinear",
+                               attrs={"axis": 1, "block_size": t.block_size}, inputs=inputs, outputs=[deq]))
+    return deq

@@ -59,3 +59,57 @@ def test_tied_embedding_model_end_to_end(tiny_checkpoints, cache_dir):
     assert roles["embedding"] == 2  # token and position tables
     assert result.validation.max_rel_error < 0.05
     assert result.size_after < result.size_before / 3
+
+
+@pytest.mark.parametrize("bits,group,sym", [(4, 16, False), (8, 32, True), (4, 32, True)])
+def test_gather_block_quantized_reads_only_the_rows(bits, group, sym):
+    """gather=True: the Gather becomes GatherBlockQuantized over MatMulNBits-packed codes; no whole-table
+    DequantizeLinear, no float table; ONNX Runtime gives the dequantized table's rows."""
+    model = shared_weight_model()
+    graph = import_graph(model)
+    match = find_linear_sites(graph, MatchConfig(quantize_embeddings=True))
+    plan = plan_rtn(match.sites, lambda s: site_weight(graph, s), QuantConfig(bits, group, sym))
+    p = EmbeddingPass(plan, gather=True)
+    assert PassManager([p])(graph).modified and p.gathers == 1
+    out = emit_model(graph, model, {})
+    ops = collections.Counter(n.op_type for n in out.graph.node)
+    assert ops["GatherBlockQuantized"] == 1 and ops["DequantizeLinear"] == 0 and ops["Gather"] == 0
+    assert "table" not in {t.name for t in out.graph.initializer}
+    ref_q = onnx.ModelProto.FromString(model.SerializeToString())
+    for t in ref_q.graph.initializer:
+        if t.name == "table":
+            t.CopyFrom(onnx.numpy_helper.from_array(plan.sites[0].weight.dequantize().T.copy(), "table"))
+    np.testing.assert_allclose(outputs(out, FEEDS)["y"], outputs(ref_q, FEEDS)["y"], rtol=1e-4, atol=1e-4)
+
+
+def test_gather_falls_back_to_dequantize_where_blocks_do_not_fit():
+    """2-bit codes (no GatherBlockQuantized container here) keep the whole-table DequantizeLinear."""
+    model = shared_weight_model()
+    graph = import_graph(model)
+    match = find_linear_sites(graph, MatchConfig(quantize_embeddings=True))
+    plan = plan_rtn(match.sites, lambda s: site_weight(graph, s), QuantConfig(2, 16, False))
+    p = EmbeddingPass(plan, gather=True)
+    PassManager([p])(graph)
+    ops = collections.Counter(n.op_type for n in emit_model(graph, model, {}).graph.node)
+    assert p.gathers == 0 and ops["DequantizeLinear"] == 1 and ops["Gather"] == 1
+
+
+def test_tied_float_head_keeps_reading_the_dequantized_table(tiny_checkpoints, cache_dir):
+    """Llama ties nothing, GPT-2 ties its head: with gather=True the Gathers read rows, the float head's
+    Transpose reads the dequantized table, and the model still matches within the 8-bit budget."""
+    from qcompiler.frontends import load_model
+    from qcompiler.passes import MatMulNBitsPass
+
+    loaded = load_model(str(tiny_checkpoints["gpt2"]), cache_dir=cache_dir, kv_cache=False)
+    model = loaded.model
+    graph = import_graph(model)
+    match = find_linear_sites(graph, MatchConfig(quantize_embeddings=True))
+    plan = plan_rtn(match.sites, lambda s: site_weight(graph, s), QuantConfig(8, 32, True))
+    p = EmbeddingPass(plan, gather=True)
+    PassManager([p, MatMulNBitsPass(plan)])(graph)
+    out = emit_model(graph, model, {})
+    ops = collections.Counter(n.op_type for n in out.graph.node)
+    assert p.gathers == 2 and ops["GatherBlockQuantized"] == 2 and ops["DequantizeLinear"] == 1
+    ids = np.random.default_rng(0).integers(0, 500, (1, 9)).astype(np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    assert rel(outputs(out, feeds)["logits"], outputs(model, feeds)["logits"]) < 0.05

@@ -51,12 +51,17 @@ VARIANTS = {
     "cafeq-token": "--method cafeq --online-regime token",
     "cafeq-matmul": "--method cafeq --online-layout matmul",
     "cafeq-nonline": "--method cafeq --transforms vo,updown",
+    # the token regime's budget that admits the 60 ops on K=576 inputs (q/k/v and gate/up groups) and none of
+    # the K=1536 ones (down): 60 x 0.125% <= 7.6% < 60 x 0.125% + 0.27% (methods/online_cost.py's model)
+    "cafeq-k576": "--method cafeq --online-regime token --online-budget 0.076",
     # the online ops' speed without learning: rotate places the same ops (budget, regime, layout) as cafeq
     "rotate": "--method rotate",
     "rotate-matmul": "--method rotate --online-layout matmul",
     "rotate-token": "--method rotate --online-regime token",
-    # the embedding table quantized too (today: DequantizeLinear of the whole table before its Gather)
+    # the embedding table quantized too: today's DequantizeLinear of the whole table before its Gather, or
+    # GatherBlockQuantized (its rows only)
     "rtn-head8-emb": "--method rtn --quantize-lm-head --head-bits 8 --quantize-embeddings",
+    "rtn-head8-gbq": "--method rtn --quantize-lm-head --head-bits 8 --quantize-embeddings --gather-embeddings",
 }
 BUILDER = ("builder-int4", "builder-fp32")
 MARK = "<!-- decode_bench:{block}:{end} -->"  # a generated table's block in the page (--block names it)
@@ -147,7 +152,7 @@ def build(args, hf: Path, work: Path, genai_py: str | None) -> tuple[list[Entry]
         out = work / f"{name}-{tag}-acc{first}.onnx"
         cmd = [*qc, "compile", str(hf), *setting, *extra, "--accuracy-level", str(first), "-o", str(out),
                "--report", str(out.with_suffix(".report.json"))]
-        _build(out, _head_bits_command(cmd), commands, f"{name} acc{first}")
+        _build(out, _driver_command(cmd), commands, f"{name} acc{first}")
         entries.append(Entry(name, first, out, "qc"))
         for level in others:
             dst = work / f"{name}-{tag}-acc{level}.onnx"
@@ -177,37 +182,55 @@ def _cli_knows(flag: str) -> bool:
     return any(flag in a.option_strings for a in sub.choices["compile"]._actions)
 
 
-def _head_bits_command(cmd: list[str]) -> list[str]:
-    """``--head-bits N`` goes to ``qcompiler compile`` once it has the option; until then through
-    ``compile_head_bits`` below (the same compile, its head sites regridded by ``plan.regrid_role``)."""
-    if "--head-bits" not in cmd or _cli_knows("--head-bits"):
+# options the bench reaches before qcompiler compile has them: name -> how many values follow
+DRIVER_OPTIONS = {"--head-bits": 1, "--gather-embeddings": 0}
+
+
+def _driver_command(cmd: list[str]) -> list[str]:
+    """``cmd`` (a ``qcompiler compile``), or, when it uses a ``DRIVER_OPTIONS`` option the CLI lacks, the same
+    compile through ``compile_with`` below."""
+    if not any(o in cmd and not _cli_knows(o) for o in DRIVER_OPTIONS):
         return cmd
-    i = cmd.index("--head-bits")
-    return [sys.executable, str(Path(__file__).resolve()), "compile-head-bits", cmd[i + 1], *cmd[4:i], *cmd[i + 2:]]
+    return [sys.executable, str(Path(__file__).resolve()), "compile-with", *cmd[4:]]
 
 
-def compile_head_bits(bits: int, argv: list[str]) -> int:
-    """``qcompiler compile ARGV`` with the output head on its own ``bits``-bit grid (same block and symmetry)."""
+def compile_with(argv: list[str]) -> int:
+    """``qcompiler compile ARGV`` plus ``--head-bits N`` (the output head on its own N-bit grid, same block and
+    symmetry: ``plan.regrid_role``) and ``--gather-embeddings`` (quantized tables read by GatherBlockQuantized:
+    ``EmbeddingPass(gather=True)``), until the pipeline has them."""
     from qcompiler import pipeline
     from qcompiler.cli import main as cli_main
     from qcompiler.config import QuantConfig
+    from qcompiler.passes import EmbeddingPass
     from qcompiler.plan import regrid_role
 
-    class HeadGrid:
-        def __init__(self, inner):
-            self.inner = inner
+    rest, opts = [], {}
+    it = iter(argv)
+    for a in it:
+        if a in DRIVER_OPTIONS:
+            opts[a] = next(it) if DRIVER_OPTIONS[a] else True
+        else:
+            rest.append(a)
+    if "--head-bits" in opts:
+        bits = int(opts["--head-bits"])
 
-        def __getattr__(self, name):
-            return getattr(self.inner, name)
+        class HeadGrid:
+            def __init__(self, inner):
+                self.inner = inner
 
-        def plan(self, ctx):
-            q = ctx.config.quant
-            return regrid_role(self.inner.plan(ctx), "head", QuantConfig(bits, q.group_size, q.symmetric),
-                               ctx.weight_of)
+            def __getattr__(self, name):
+                return getattr(self.inner, name)
 
-    get_method = pipeline.get_method
-    pipeline.get_method = lambda name: HeadGrid(get_method(name))
-    return cli_main(["compile", *argv])
+            def plan(self, ctx):
+                q = ctx.config.quant
+                return regrid_role(self.inner.plan(ctx), "head", QuantConfig(bits, q.group_size, q.symmetric),
+                                   ctx.weight_of)
+
+        get_method = pipeline.get_method
+        pipeline.get_method = lambda name: HeadGrid(get_method(name))
+    if opts.get("--gather-embeddings"):
+        pipeline.EmbeddingPass = lambda plan: EmbeddingPass(plan, gather=True)
+    return cli_main(["compile", *rest])
 
 
 # ---- text ------------------------------------------------------------------------------------------------
@@ -518,8 +541,8 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["compile-head-bits"]:
-        return compile_head_bits(int(argv[1]), argv[2:])
+    if argv[:1] == ["compile-with"]:
+        return compile_with(argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args = parse_args(argv)
     result = run(args)
