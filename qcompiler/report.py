@@ -81,6 +81,11 @@ def summary_lines(result: CompileResult, config: CompileConfig, peak_mb: float, 
         f"  size: {_mb(result.size_before)} -> {_mb(result.size_after)}"
         f" ({result.size_after / max(result.size_before, 1):.2f}x)",
     ]
+    for role in ("head", "embedding"):  # stored on their own terms (a head's grid may differ from --bits)
+        for p in (p for p in plan.sites if p.site.role == role):
+            w = p.weight
+            lines.append(f"  {role} {p.site.id}: {p.site.n} x {p.site.k} at {w.bits}-bit block {w.block_size} "
+                         f"{'sym' if w.symmetric else 'asym'}, weight rel. error {p.stats.rel_error:.4f}")
     if plan.pair_transforms or plan.online:
         lines.append(f"  transforms: {len(plan.pair_transforms)} pairs folded, {len(plan.online)} online x T^-1 ops")
     for kind in ("attn_vo", "mlp_up_down"):

@@ -109,3 +109,17 @@ def test_regrid_role_gives_the_head_its_own_grid():
     bits8, err8 = head_error(head8)
     assert sorted(bits8.values()) == [4, 4, 4, 8] and sorted(bits4.values()) == [4, 4, 4, 4]
     assert err8 < err4
+
+
+def test_compile_report_names_the_head_grid(tmp_path):
+    import onnx
+
+    from qcompiler.config import CompileConfig
+    from qcompiler.pipeline import compile_model
+    from qcompiler.report import summary_lines
+
+    onnx.save(mixed_model(), str(tmp_path / "m.onnx"))
+    cfg = CompileConfig(quant=QuantConfig(4, 16, True), match=MatchConfig(quantize_lm_head=True))
+    result = compile_model(str(tmp_path / "m.onnx"), None, cfg)
+    lines = summary_lines(result, cfg, 0.0, False)
+    assert any(line.startswith("  head Wh: 40 x 48 at 4-bit block 16 sym, weight rel. error 0.") for line in lines)
