@@ -28,27 +28,31 @@ import torch
 
 from qcompiler.algorithms.fakequant import blocked
 from qcompiler.algorithms.grid import GridSpec
+from qcompiler.config import CafeqConfig
 
 
 @dataclass(frozen=True)
 class LearnConfig:
-    loss: str = "ste"  # ste | lse
-    optimizer: str = "adam"  # adam | cayley
-    steps: int = 200
-    lr: float = 2e-3
-    ortho_reg: float = 1.0
-    temperature: float = 20.0  # LSE, applied to weights scaled to unit mean |w|
-    init: str = "identity"  # identity | orthogonal | hadamard
+    """How one transform is learned. Its defaults are ``CafeqConfig``'s (qcompiler.config, the one place a
+    default lives); the planner builds it from the compile's config."""
+
+    loss: str = CafeqConfig.loss  # ste | lse
+    optimizer: str = CafeqConfig.optimizer  # adam | cayley
+    steps: int = CafeqConfig.steps
+    lr: float = CafeqConfig.lr
+    ortho_reg: float = CafeqConfig.ortho_reg
+    temperature: float = CafeqConfig.temperature  # LSE, applied to weights scaled to unit mean |w|
+    init: str = CafeqConfig.init  # identity | orthogonal | hadamard
     seed: int = 0
     device: str = "cpu"
     # wide groups are learned on a random subset of this many columns per step (the loss is a sum over
     # columns, each with its own quant groups, so the subset gives an unbiased gradient)
-    column_batch: int = 1024
+    column_batch: int = CafeqConfig.column_batch
     # stop early once the best true error has not fallen by ``PLATEAU_TOL`` (relative) in this many
     # steps (0: never). On SmolLM2 the up·down scale stops after ~180 of 400 steps with the error it
     # reaches in 400; the transforms keep improving and run all 400. A slow start (small lr) can sit
     # on a plateau for ~50 steps before it falls: keep the patience well above that.
-    patience: int = 100
+    patience: int = CafeqConfig.patience
 
 
 PLATEAU_TOL = 1e-4
