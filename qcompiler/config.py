@@ -93,7 +93,14 @@ class MatchConfig:
 
     quantize_lm_head: bool = field(default=False, metadata=opt("also quantize the output head"))
     quantize_embeddings: bool = field(default=False, metadata=opt(
-        "also quantize embedding tables (DequantizeLinear before the Gather)"))
+        "also quantize embedding tables (DequantizeLinear before the Gather, or GatherBlockQuantized with "
+        "--gather-embeddings)"))
+    head_bits: int | None = field(default=None, metadata=opt(
+        "bits of the output head when it is quantized (--quantize-lm-head), rounded to nearest on its own grid "
+        "with the same block and symmetry (default: --bits)", choices=SUPPORTED_BITS))
+    gather_embeddings: bool = field(default=False, metadata=opt(
+        "read quantized embedding tables with com.microsoft GatherBlockQuantized (only the rows a run asks "
+        "for) instead of dequantizing the whole table every run"))
 
 
 @dataclass(frozen=True)

@@ -31,12 +31,12 @@ from qcompiler.frontends import LoadedModel, load_model
 from qcompiler.graphio import check_writable, import_graph, save_onnx_atomic, saved_bytes, write_text_atomic
 from qcompiler.match.sites import find_linear_sites, weight_reader
 from qcompiler.metadata import KV_CACHE_TRANSFORMED, MODEL_KIND, SITES, TOKENIZER, module_paths
-from qcompiler.methods.base import Method, Setup
+from qcompiler.methods.base import Method, PlanContext, Setup
 from qcompiler.methods.registry import REGISTRY, get_method
 from qcompiler.package import MODEL_FILE, check_genai_source, write_genai_folder
 from qcompiler.passes import EmbeddingPass, FoldPairsPass, MatMulNBitsPass, OnlineTransformPass, PassManager, QDQPass
 from qcompiler.passes.precision import PrecisionPass
-from qcompiler.plan import QuantPlan
+from qcompiler.plan import QuantPlan, regrid_role
 from qcompiler.report import CompileResult
 from qcompiler.runtime.session import SessionOptions, compile_session_device
 from qcompiler.runtime.stream_validate import validate_streamed
@@ -121,11 +121,12 @@ def _compile(source: Any, output, config: CompileConfig, method: Method, timings
             with timings("plan + rewrite (streamed)"):
                 sink_dir = Path(tempfile.mkdtemp(prefix=f".{Path(output).name}.", dir=Path(output).parent))
                 graph, plan = stream_plan_rewrite(graph, method, ctx, config.stream_chunk_mb or method.stream_chunk_mb,
-                                                  DataSink(sink_dir / SPILL_NAME), lambda g, p: rewrite(g, p, config))
+                                                  DataSink(sink_dir / SPILL_NAME), lambda g, p: rewrite(g, p, config),
+                                                  make_plan)
                 streamed = Streamed(external_sources(graph), tuple(s.node for s in match.sites))
         else:
             with timings("plan"):
-                plan = method.plan(ctx)
+                plan = make_plan(method, ctx)
             with timings("rewrite"):
                 graph = rewrite(graph, plan, config)
         with timings("emit"):
@@ -145,6 +146,15 @@ def _compile(source: Any, output, config: CompileConfig, method: Method, timings
                          size_before=_model_bytes(loaded.model, loaded.onnx_path),
                          size_after=_model_bytes(model, out_path), timings=timings,
                          source=loaded.source, cached_export=loaded.cached, loaded=loaded)
+
+
+def make_plan(method: Method, ctx: PlanContext) -> QuantPlan:
+    """The method's plan; an output head on its own grid when ``MatchConfig.head_bits`` asks for one."""
+    plan = method.plan(ctx)
+    cfg = ctx.config
+    if cfg.match.head_bits is not None and cfg.match.head_bits != cfg.quant.bits:
+        plan = regrid_role(plan, "head", dataclasses.replace(cfg.quant, bits=cfg.match.head_bits), ctx.weight_of)
+    return plan
 
 
 def _check_streamable(method: Method) -> None:
@@ -202,8 +212,8 @@ def rewrite(graph: gs.Graph, plan: QuantPlan, config: CompileConfig) -> gs.Graph
     passes: list = [FoldPairsPass(plan.pair_transforms, sites),
                     OnlineTransformPass(plan.online, sites, config.cafeq.online_layout, fold_scale=True)]
     if config.quantize_weights:
-        passes += [EmbeddingPass(plan), MatMulNBitsPass(plan, config.accuracy_level)
-                   if config.format == "matmulnbits" else QDQPass(plan)]
+        quantize = MatMulNBitsPass(plan, config.accuracy_level) if config.format == "matmulnbits" else QDQPass(plan)
+        passes += [EmbeddingPass(plan, gather=config.match.gather_embeddings), quantize]
     if config.dtype != "float32":  # last: the scales the quantizing passes wrote follow too
         passes.append(PrecisionPass(config.dtype))
     return PassManager(passes)(graph).graph

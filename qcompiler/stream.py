@@ -173,8 +173,12 @@ class Streamed:
 
 
 def stream_plan_rewrite(graph: gs.Graph, method: Method, ctx: PlanContext, chunk_mb: int, sink: DataSink,
-                        rewrite: Callable[[gs.Graph, QuantPlan], gs.Graph]) -> tuple[gs.Graph, QuantPlan]:
-    """The streamed strategy of the plan and rewrite steps: chunk by chunk, one pool of workers for all."""
+                        rewrite: Callable[[gs.Graph, QuantPlan], gs.Graph],
+                        make_plan: Callable[[Method, PlanContext], QuantPlan] | None = None
+                        ) -> tuple[gs.Graph, QuantPlan]:
+    """The streamed strategy of the plan and rewrite steps: chunk by chunk, one pool of workers for all.
+    ``make_plan(method, ctx)``: how a chunk is planned (default: ``method.plan``)."""
+    make_plan = make_plan or (lambda m, c: m.plan(c))
     analysis = ctx.analysis
     chunks = chunk_sites(ctx.sites, chunk_mb * 2**20, analysis.pairs if analysis else (),
                          analysis.groups if analysis else ())
@@ -182,7 +186,7 @@ def stream_plan_rewrite(graph: gs.Graph, method: Method, ctx: PlanContext, chunk
     whole = method.for_streaming(ctx)
 
     def plan_chunk(g: gs.Graph, chunk: Chunk) -> QuantPlan:
-        return method.plan(whole.part(chunk.sites, chunk.analysis() if analysis else None, weight_reader(g)))
+        return make_plan(method, whole.part(chunk.sites, chunk.analysis() if analysis else None, weight_reader(g)))
 
     cfg = ctx.config
     jobs = resolve_jobs(cfg.jobs, sum(s.k * s.n for s in ctx.sites), cfg.device) if method.learns else 1

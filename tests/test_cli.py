@@ -158,3 +158,26 @@ def test_compile_then_generate_and_export_from_the_command_line(tiny_checkpoints
     assert "prefill:" in err and "decode:" in err
     code, err = _run(["generate", str(q), "--prompt", "w1", "--top-p", "0"], capsys)
     assert code == 2 and "--top-p" in err
+
+
+def test_an_eight_bit_head_and_gathered_embeddings_from_the_command_line(tiny_checkpoints, tmp_path, capsys):
+    """``--head-bits 8``: the output head on its own 8-bit grid in a 4-bit model; ``--gather-embeddings``: the
+    quantized table read by GatherBlockQuantized. Both run and stay close to the model without them."""
+    import json
+
+    import numpy as np
+
+    from qcompiler.runtime.generate import generate
+
+    outs = {}
+    for name, extra in {"plain": [], "head8": ["--head-bits", "8", "--gather-embeddings"]}.items():
+        outs[name] = tmp_path / f"{name}.onnx"
+        assert main(["compile", str(tiny_checkpoints["llama"]), "-o", str(outs[name]), "--quantize-lm-head",
+                     "--quantize-embeddings", "--cache-dir", str(tmp_path / "c"), "-q", *extra]) == 0
+    model = onnx.load(str(outs["head8"]))
+    sites = {s["id"]: s for s in json.loads({p.key: p.value for p in model.metadata_props}["qcompiler.sites"])}
+    assert sites["lm_head"]["bits"] == 8 and sites["model.layers.0.mlp.down_proj"]["bits"] == 4
+    assert any(n.op_type == "GatherBlockQuantized" for n in model.graph.node)
+    ids = np.array([[10, 20, 30]])
+    a, b = (generate(str(outs[k]), ids, max_new_tokens=3, eos_token_id=()) for k in ("plain", "head8"))
+    assert a.tokens.shape == b.tokens.shape == (1, 3)
