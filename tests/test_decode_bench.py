@@ -73,7 +73,8 @@ def test_measures_a_tiny_llama_in_our_loop(tiny_checkpoints, cache_dir, tmp_path
     rounds = db.measure_speed(loops, entries, tokens, args)
     quality = db.measure_quality(loops, entries, tokens, args, tmp_path / "q")
     assert db.measure_quality(loops, entries, tokens, args, tmp_path / "q") == quality  # cached per file
-    rows = {r["model"]: r for r in db.summarize(entries, rounds, quality, args.prompt_tokens)}
+    rows = {r["model"]: r for r in db.summarize(entries, rounds, quality, args.prompt_tokens, "rtn")}
+    assert rows["rtn"]["ratio_to_relative"] == 1.0 and rows["fp32"]["ratio_to_relative"] is None
     assert rows["fp32"]["ratio_to_fp32"] == 1.0 and rows["fp32"]["agreement_mean"] == 5.0
     for r in rows.values():
         assert r["rounds"] == 2 and r["decode_tokens_per_s"] > 0 and np.isfinite(r["perplexity"])
@@ -88,7 +89,7 @@ def test_measures_a_tiny_llama_in_our_loop(tiny_checkpoints, cache_dir, tmp_path
     db.write_markdown(page, "second\n", "other")
     text = page.read_text()
     assert text.startswith("# Serving\n\nprose") and "old" not in text
-    assert "| rtn | 1 | ours |" in text and text.count(begin) == 1
+    assert "| rtn | 1 | ours |" in text and text.count(begin) == 1 and "| x rtn |" in text
     assert text.endswith("after\n\n<!-- decode_bench:other:begin -->\nsecond\n<!-- decode_bench:other:end -->\n")
 
 

@@ -7,7 +7,7 @@ model builder, in one table (bench/decode.json, docs/serving.md).
 What it builds, under ``--work`` (kept: a rerun recompiles only what changed): our fp32 export (``qcompiler
 export``); each variant compiled by ``qcompiler compile`` at the first of ``--levels`` (files for the other
 levels are the same file with MatMulNBits' ``accuracy_level`` rewritten); the builder's int4 (its default,
-int8 activations: level 4; level 1 with ``--extra_options int4_accuracy_level=1``) and fp32 folders.
+int8 activations: level 4; level 1 with ``--extra_options accuracy_level=1``) and fp32 folders.
 
 How it measures (the machine is shared and noisy): every model loads once; each round runs every model once
 (batch 1, greedy, ``--new-tokens`` after a ``--prompt-tokens`` prompt, end tokens ignored), the order rotated
@@ -92,17 +92,23 @@ def _run(cmd: list[str], log_path: Path) -> float:
     return time.perf_counter() - t0
 
 
+def _stamp(out: Path) -> Path:
+    """Where the command that built ``out`` is recorded: beside it, or beside its folder (a builder's
+    ``FOLDER/model.onnx``: the builder writes the folder)."""
+    at = out.parent if out.name == "model.onnx" else out
+    return at.with_name(at.name + ".cmd.json")
+
+
 def _built(out: Path, cmd: list[str]) -> bool:
-    stamp = out.with_name(out.name + ".cmd.json")
-    return out.exists() and stamp.exists() and json.loads(stamp.read_text()).get("cmd") == cmd
+    return out.exists() and _stamp(out).exists() and json.loads(_stamp(out).read_text()).get("cmd") == cmd
 
 
 def _build(out: Path, cmd: list[str], commands: dict, key: str) -> None:
-    stamp = out.with_name(out.name + ".cmd.json")
+    stamp = _stamp(out)
     if _built(out, cmd):
         commands[key] = json.loads(stamp.read_text())
         return
-    seconds = _run(cmd, out.with_name(out.name + ".log"))
+    seconds = _run(cmd, stamp.with_name(stamp.name.replace(".cmd.json", ".log")))
     commands[key] = {"cmd": cmd, "seconds": round(seconds, 1)}
     stamp.write_text(json.dumps(commands[key]))
 
@@ -116,6 +122,23 @@ def relevel(src: Path, dst: Path, level: int) -> None:
             del node.attribute[:]
             node.attribute.extend([*attrs, onnx.helper.make_attribute("accuracy_level", level)])
     onnx.save(model, str(dst))
+
+
+_LOADED: dict = {}
+
+
+def genai_folder(model: Path, hf: Path, work: Path) -> Path:
+    """A folder onnxruntime-genai's generator loads, holding our compiled ``model`` (``--package genai``'s)."""
+    from qcompiler.package import write_genai_folder
+
+    out = work / "genai" / model.stem
+    if not (out / "model.onnx").exists() or (out / "model.onnx").stat().st_mtime < model.stat().st_mtime:
+        if hf not in _LOADED:
+            from qcompiler.frontends import load_model
+
+            _LOADED[hf] = load_model(str(hf))
+        write_genai_folder(model, _LOADED[hf], out)
+    return out
 
 
 def our_loop_copy(folder: Path) -> Path:
@@ -152,7 +175,7 @@ def build(args, hf: Path, work: Path, genai_py: str | None) -> tuple[list[Entry]
         out = work / f"{name}-{tag}-acc{first}.onnx"
         cmd = [*qc, "compile", str(hf), *setting, *extra, "--accuracy-level", str(first), "-o", str(out),
                "--report", str(out.with_suffix(".report.json"))]
-        _build(out, _driver_command(cmd), commands, f"{name} acc{first}")
+        _build(out, cmd, commands, f"{name} acc{first}")
         entries.append(Entry(name, first, out, "qc"))
         for level in others:
             dst = work / f"{name}-{tag}-acc{level}.onnx"
@@ -160,12 +183,15 @@ def build(args, hf: Path, work: Path, genai_py: str | None) -> tuple[list[Entry]
                 relevel(out, dst, level)
             commands[f"{name} acc{level}"] = {"derived": f"{out.name} with accuracy_level={level}"}
             entries.append(Entry(name, level, dst, "qc"))
+    if genai_py and args.in_genai:  # our files in the builder's generator too (qcompiler.package's folder)
+        entries += [Entry(e.name, e.level, genai_folder(e.path, hf, work), "genai") for e in list(entries)
+                    if e.name in args.in_genai]
     if genai_py and args.builder:
         builder = [genai_py, "-m", "onnxruntime_genai.models.builder", "-m", str(hf), "-i", str(hf), "-e", "cpu",
                    "-c", str(work / "builder-cache")]
         for level in args.levels:  # the builder's int4 at each level (its default: 4)
             out = work / f"builder-int4-acc{level}"
-            cmd = [*builder, "-o", str(out), "-p", "int4", "--extra_options", f"int4_accuracy_level={level}"]
+            cmd = [*builder, "-o", str(out), "-p", "int4", "--extra_options", f"accuracy_level={level}"]
             _build(out / "model.onnx", cmd, commands, f"builder-int4 acc{level}")
             entries += [Entry("builder-int4", level, out, "genai"),
                         Entry("builder-int4", level, our_loop_copy(out), "qc")]
@@ -173,64 +199,6 @@ def build(args, hf: Path, work: Path, genai_py: str | None) -> tuple[list[Entry]
         _build(out / "model.onnx", [*builder, "-o", str(out), "-p", "fp32"], commands, "builder-fp32")
         entries += [Entry("builder-fp32", None, out, "genai"), Entry("builder-fp32", None, our_loop_copy(out), "qc")]
     return entries, commands
-
-
-def _cli_knows(flag: str) -> bool:
-    from qcompiler.cli import build_parser
-
-    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return any(flag in a.option_strings for a in sub.choices["compile"]._actions)
-
-
-# options the bench reaches before qcompiler compile has them: name -> how many values follow
-DRIVER_OPTIONS = {"--head-bits": 1, "--gather-embeddings": 0}
-
-
-def _driver_command(cmd: list[str]) -> list[str]:
-    """``cmd`` (a ``qcompiler compile``), or, when it uses a ``DRIVER_OPTIONS`` option the CLI lacks, the same
-    compile through ``compile_with`` below."""
-    if not any(o in cmd and not _cli_knows(o) for o in DRIVER_OPTIONS):
-        return cmd
-    return [sys.executable, str(Path(__file__).resolve()), "compile-with", *cmd[4:]]
-
-
-def compile_with(argv: list[str]) -> int:
-    """``qcompiler compile ARGV`` plus ``--head-bits N`` (the output head on its own N-bit grid, same block and
-    symmetry: ``plan.regrid_role``) and ``--gather-embeddings`` (quantized tables read by GatherBlockQuantized:
-    ``EmbeddingPass(gather=True)``), until the pipeline has them."""
-    from qcompiler import pipeline
-    from qcompiler.cli import main as cli_main
-    from qcompiler.config import QuantConfig
-    from qcompiler.passes import EmbeddingPass
-    from qcompiler.plan import regrid_role
-
-    rest, opts = [], {}
-    it = iter(argv)
-    for a in it:
-        if a in DRIVER_OPTIONS:
-            opts[a] = next(it) if DRIVER_OPTIONS[a] else True
-        else:
-            rest.append(a)
-    if "--head-bits" in opts:
-        bits = int(opts["--head-bits"])
-
-        class HeadGrid:
-            def __init__(self, inner):
-                self.inner = inner
-
-            def __getattr__(self, name):
-                return getattr(self.inner, name)
-
-            def plan(self, ctx):
-                q = ctx.config.quant
-                return regrid_role(self.inner.plan(ctx), "head", QuantConfig(bits, q.group_size, q.symmetric),
-                                   ctx.weight_of)
-
-        get_method = pipeline.get_method
-        pipeline.get_method = lambda name: HeadGrid(get_method(name))
-    if opts.get("--gather-embeddings"):
-        pipeline.EmbeddingPass = lambda plan: EmbeddingPass(plan, gather=True)
-    return cli_main(["compile", *rest])
 
 
 # ---- text ------------------------------------------------------------------------------------------------
@@ -370,9 +338,16 @@ def _file_mb(p: Path) -> float:
     return sum(f.stat().st_size for f in files if f.exists()) / 2**20
 
 
-def summarize(entries: list[Entry], rounds: dict, quality: dict, prompt_tokens: int) -> list[dict]:
+def _per_round(rounds: dict, key: str) -> dict[int, float]:
+    return {r["round"]: r["decode_tokens_per_s"] for r in rounds.get(key, [])}
+
+
+def summarize(entries: list[Entry], rounds: dict, quality: dict, prompt_tokens: int,
+              relative_to: str | None = None) -> list[dict]:
+    """One row per entry. ``relative_to``: a variant whose file at the same level (our loop) each row's
+    decode speed is also divided by, round by round (cafeq against rtn: the online ops' cost)."""
     base_key = Entry("fp32", None, Path(), "qc").key
-    base = {r["round"]: r["decode_tokens_per_s"] for r in rounds.get(base_key, [])}
+    base = _per_round(rounds, base_key)
     ref_tokens = quality.get(base_key, {}).get("tokens")
     ppl_of = {(e.name, e.level): quality.get(e.key, {}).get("perplexity") for e in entries if e.runtime == "qc"}
     rows = []
@@ -384,8 +359,12 @@ def summarize(entries: list[Entry], rounds: dict, quality: dict, prompt_tokens: 
         agree = [common_prefix(a, b) for a, b in zip(q["tokens"], ref_tokens, strict=True)] if (
             q.get("tokens") and ref_tokens) else []
         folder = e.path if e.path.is_dir() else (e.path.parent if e.path.name == "model.qc.onnx" else None)
+        other = _per_round(rounds, Entry(relative_to, e.level, Path(), "qc").key) if relative_to else {}
+        versus = [r["decode_tokens_per_s"] / other[r["round"]] for r in rs if r["round"] in other]
         rows.append({
             "model": e.name, "accuracy_level": e.level, "runtime": e.runtime, "file": str(e.path),
+            "relative_to": relative_to if versus else None,
+            "ratio_to_relative": statistics.median(versus) if versus else None,
             "size_mb": round(_file_mb(folder or e.path), 1), "online_ops": online_ops(e.path),
             "decode_tokens_per_s": statistics.median(tps) if tps else None,
             "ms_per_token": 1e3 / statistics.median(tps) if tps else None,
@@ -417,15 +396,19 @@ def markdown(result: dict) -> str:
         f"prompts. Perplexity: {p['windows']} x {p['window_length']} Jargon File tokens, as `qcompiler eval "
         "--perplexity` computes it (windows from the text's start, no BOS).",
         "",
-        "| model | level | loop | MB | online ops | decode tok/s | x fp32 | ms/token | prefill tok/s | agreement "
-        "| perplexity |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    rel = next((r["relative_to"] for r in result["rows"] if r.get("relative_to")), None)
+    head = ["model", "level", "loop", "MB", "online ops", "decode tok/s", "x fp32", *([f"x {rel}"] if rel else []),
+            "ms/token", "prefill tok/s", "agreement", "perplexity"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    if rel:
+        lines[0] += f" x {rel}: over our {rel} file's at the same level in the same round."
     for r in result["rows"]:
         agree = "-" if r["agreement_mean"] is None else f"{r['agreement_mean']:.1f} ({r['agreement_min']})"
         loop = "ours" if r["runtime"] == "qc" else "genai"
         cells = [r["model"], _fmt(r["accuracy_level"], "d"), loop, f"{r['size_mb']:.0f}", str(r.get("online_ops", 0)),
-                 _fmt(r["decode_tokens_per_s"], ".1f"), _fmt(r["ratio_to_fp32"], ".2f"), _fmt(r["ms_per_token"], ".1f"),
+                 _fmt(r["decode_tokens_per_s"], ".1f"), _fmt(r["ratio_to_fp32"], ".2f"),
+                 *([_fmt(r.get("ratio_to_relative"), ".3f")] if rel else []), _fmt(r["ms_per_token"], ".1f"),
                  _fmt(r["prefill_tokens_per_s"], ".0f"), agree, _fmt(r["perplexity"], ".2f")]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Files, and the commands that built them:", ""]
@@ -462,6 +445,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid (default: symmetric)")
     ap.add_argument("--levels", default="4,1", help="MatMulNBits accuracy levels (the first is compiled)")
     ap.add_argument("--no-builder", dest="builder", action="store_false", help="leave out the builder's models")
+    ap.add_argument("--in-genai", default="", metavar="VARIANTS",
+                    help="comma list of our variants also run in the builder's generator (fp32 included)")
     ap.add_argument("--no-genai", dest="genai", action="store_false",
                     help="no genai venv: no builder models, no genai loop")
     ap.add_argument("--rounds", type=int, default=5)
@@ -471,6 +456,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--window-length", type=int, default=512)
     ap.add_argument("--text", help="text file (default: the Jargon File)")
+    ap.add_argument("--relative-to", metavar="VARIANT",
+                    help="one more ratio column: decode speed over this variant's at the same level, same round")
     ap.add_argument("--no-quality", dest="quality", action="store_false")
     ap.add_argument("--only-build", action="store_true", help="build the files and stop")
     ap.add_argument("--json", default="bench/decode.json", help="results JSON ('' for none)")
@@ -481,6 +468,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     args.levels = [int(x) for x in args.levels.split(",") if x]
     args.no_quality_for = {v for v in args.no_quality_for.split(",") if v}
+    args.in_genai = {v for v in args.in_genai.split(",") if v}
     args.added = dict(a.split("=", 1) for a in args.add)
     args.variants = [v for v in args.variants.split(",") if v] + [n for n in args.added if n not in args.variants]
     unknown = [v for v in args.variants if v != "fp32" and v not in VARIANTS and v not in args.added]
@@ -504,7 +492,7 @@ def run(args: argparse.Namespace) -> dict:
     work = Path(args.work) if args.work else ROOT / "bench" / ".work" / "decode" / short
     work.mkdir(parents=True, exist_ok=True)
     genai_py = None
-    if args.genai and args.builder:
+    if args.genai and (args.builder or args.in_genai):
         genai_py = str(ROOT / subprocess.run([str(ROOT / "tools" / "genai_env.sh")], capture_output=True, text=True,
                                              check=True, cwd=ROOT).stdout.strip())
     entries, commands = build(args, hf, work, genai_py)
@@ -534,15 +522,13 @@ def run(args: argparse.Namespace) -> dict:
         "protocol": {k: getattr(args, k) for k in ("rounds", "prompt_tokens", "new_tokens", "prompts", "windows",
                                                   "window_length", "levels")},
         "commands": commands,
-        "rows": summarize(entries, rounds, quality, args.prompt_tokens),
+        "rows": summarize(entries, rounds, quality, args.prompt_tokens, args.relative_to),
         "rounds": rounds,
     }
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["compile-with"]:
-        return compile_with(argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args = parse_args(argv)
     result = run(args)
