@@ -30,6 +30,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from qcompiler.graphio import np_dtype
 from qcompiler.passes.base import Pass, PassError, PassResult
 
 TARGETS = {"float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
@@ -45,18 +46,6 @@ _BOOL_OPS = {"Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "And",
 _INT64_OPS = {"Shape", "Size", "NonZero", "ArgMax", "ArgMin"}
 
 
-def _np_dtype(dtype) -> np.dtype | None:
-    if dtype is None:
-        return None
-    if isinstance(dtype, int):
-        try:
-            return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(dtype))
-        except (KeyError, TypeError, ValueError):
-            return None
-    try:
-        return np.dtype(dtype)
-    except TypeError:
-        return None
 
 
 def _output_dtype(node: gs.Node, index: int, known: dict[str, np.dtype | None]) -> np.dtype | None:
@@ -65,16 +54,16 @@ def _output_dtype(node: gs.Node, index: int, known: dict[str, np.dtype | None]) 
         return known.get(node.inputs[i].name) if len(node.inputs) > i else None
     op = node.op
     if op == "Cast":
-        return _np_dtype(node.attrs.get("to"))
+        return np_dtype(node.attrs.get("to"))
     if op in _INT64_OPS or (op == "TopK" and index == 1):
         return np.dtype(np.int64)
     if op in _BOOL_OPS:
         return np.dtype(np.bool_)
     if op in ("Constant", "ConstantOfShape"):
         value = node.attrs.get("value")
-        return _np_dtype(value.dtype) if isinstance(value, gs.Constant) else _F32
+        return np_dtype(value.dtype) if isinstance(value, gs.Constant) else _F32
     if "dtype" in node.attrs:  # EyeLike, RandomNormal(Like), ...
-        return _np_dtype(node.attrs["dtype"])
+        return np_dtype(node.attrs["dtype"])
     if op == "DequantizeLinear":
         return of(1)
     if op == "Where":
@@ -84,7 +73,7 @@ def _output_dtype(node: gs.Node, index: int, known: dict[str, np.dtype | None]) 
 
 def float32_tensors(graph: gs.Graph) -> set[str]:
     """Names of ``graph``'s float32 tensors: types as the graph records them, else propagated (toposorts)."""
-    known = {name: _np_dtype(t.dtype) for name, t in graph.tensors().items()}
+    known = {name: np_dtype(t.dtype) for name, t in graph.tensors().items()}
     graph.toposort()
     for node in graph.nodes:
         for i, out in enumerate(node.outputs):
@@ -245,7 +234,7 @@ class PrecisionPass(Pass):
                 continue
             fixed = _FIXED_FLOAT.get(node.op, ())
             for j, t in enumerate(node.inputs):
-                if isinstance(t, gs.Constant) and j not in fixed and _np_dtype(t.dtype) == _F32:
+                if isinstance(t, gs.Constant) and j not in fixed and np_dtype(t.dtype) == _F32:
                     node.inputs[j] = narrow(t)
             if node.op == "Cast" and node.attrs.get("to") == _FLOAT:
                 node.attrs["to"] = self.onnx_type
@@ -253,7 +242,7 @@ class PrecisionPass(Pass):
                 node.attrs["dtype"] = self.onnx_type
             value = node.attrs.get("value")
             if node.op in ("Constant", "ConstantOfShape") and isinstance(value, gs.Constant) \
-                    and _np_dtype(value.dtype) == _F32:
+                    and np_dtype(value.dtype) == _F32:
                 node.attrs["value"] = gs.Constant(value.name, convert_values(value.values, self.target))
             for attr in ("value_float", "value_floats"):  # a Constant node's plain float value
                 if node.op == "Constant" and attr in node.attrs:
@@ -276,5 +265,5 @@ class PrecisionPass(Pass):
             fixed = _FIXED_FLOAT.get(node.op, ())
             tensors = [t for j, t in enumerate(node.inputs) if j not in fixed] + list(node.outputs)
             for t in tensors:
-                if _np_dtype(t.dtype) == _F32:
+                if np_dtype(t.dtype) == _F32:
                     raise PassError(f"{node.name} ({node.op}) still has the float32 tensor {t.name}")

@@ -8,6 +8,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
@@ -15,6 +16,22 @@ from qcompiler.errors import ModelLoadError, OutputError, first_line
 from qcompiler.external import attach_external, external_info
 
 log = logging.getLogger(__name__)
+
+
+def np_dtype(dtype) -> np.dtype | None:
+    """A graphsurgeon tensor's dtype as numpy's: graphsurgeon gives numpy dtypes, or the ONNX enum for types
+    numpy lacks (bfloat16, float8...); None where there is no numpy equivalent."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, int):
+        try:
+            return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(dtype))
+        except (KeyError, TypeError, ValueError):
+            return None
+    try:
+        return np.dtype(dtype)
+    except TypeError:
+        return None
 
 # Above this many initializer bytes a model is written with external data (protobuf's limit is 2 GiB).
 EXTERNAL_DATA_THRESHOLD = 1536 * 1024 * 1024

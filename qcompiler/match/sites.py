@@ -13,11 +13,11 @@ from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
 from qcompiler.config import MatchConfig
 from qcompiler.external import read_values
+from qcompiler.graphio import np_dtype
 from qcompiler.match.view import constant_value
 from qcompiler.sites import LinearSite, MatchResult, QuantizedSite, Rejection
 
@@ -104,7 +104,7 @@ def _other_weight(node: gs.Node, mid: str | None) -> Rejection | None:
     w = weights[0]
     if w.name.endswith(_ONLINE_WEIGHT_SUFFIX):
         return Rejection(node.name, node.op, "online transform x T^-1 inserted by qcompiler (kept in float)", mid)
-    dtype = _np_dtype(w.dtype)
+    dtype = np_dtype(w.dtype)
     kept = "kept in float" if dtype is not None and dtype.kind == "f" else f"left as {dtype}"
     return Rejection(node.name, node.op, f"not a MatMul/Gemm site: constant weight {list(w.shape)} {kept}", mid)
 
@@ -143,7 +143,7 @@ def find_linear_sites(
             rejected.append(Rejection(node.name, node.op, "online transform x T^-1 inserted by qcompiler (kept in "
                                       "float)" if online else f"weight has rank {len(shape)}, not 2", mid))
             continue
-        dtype = _np_dtype(const.dtype)
+        dtype = np_dtype(const.dtype)
         if dtype not in [np.dtype(t) for t in FLOAT_TYPES]:
             rejected.append(Rejection(node.name, node.op, f"weight dtype {dtype} is not float32/float16", mid))
             continue
@@ -184,16 +184,6 @@ def _unique_ids(sites: list[LinearSite]) -> list[LinearSite]:
     return out
 
 
-def _np_dtype(dtype) -> np.dtype | None:
-    """graphsurgeon gives numpy dtypes, or the ONNX enum for types numpy lacks (bfloat16, float8...)."""
-    if dtype is None:
-        return None
-    if isinstance(dtype, int):
-        try:
-            return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(dtype))
-        except (KeyError, TypeError, ValueError):
-            return None
-    return np.dtype(dtype)
 
 
 def weight_reader(graph: gs.Graph):
@@ -258,7 +248,7 @@ def float_weight_bytes(graph: gs.Graph, sites: Sequence[LinearSite]) -> int:
     for node in graph.nodes:
         if node.op in ("MatMul", "Gemm") and node.name not in quantized and len(node.inputs) > 1:
             const, _, _ = _weight_source(node)
-            dtype = _np_dtype(const.dtype) if const is not None else None
+            dtype = np_dtype(const.dtype) if const is not None else None
             if dtype is not None and const.shape is not None:
                 total += int(np.prod(const.shape)) * dtype.itemsize
     return total
