@@ -186,6 +186,24 @@ def save_onnx_atomic(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     return out
 
 
+def publish_dir(tmp: str | os.PathLike, final: str | os.PathLike, marker: str) -> Path:
+    """Rename the finished folder ``tmp`` to ``final`` (an old ``final`` is replaced). Where another process
+    published ``final`` first (two compiles filling one cache at once), its complete folder (holding
+    ``marker``) is kept and ``tmp`` is removed: both hold the same content."""
+    tmp, final = Path(tmp), Path(final)
+    try:
+        if final.exists():
+            shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    except OSError:
+        if not (final / marker).exists():
+            raise
+        log.info("%s was written by another process meanwhile; keeping that copy", final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary file beside it: readers see the old or the new file."""
     p = Path(path)

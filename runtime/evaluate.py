@@ -170,14 +170,38 @@ def embedding_fidelity(model: onnx.ModelProto | str, reference: onnx.ModelProto 
     return fidelity(emb, ref)
 
 
-def token_windows(tokenizer_dir: str, text: str, windows: int = 8, length: int = 512) -> np.ndarray:
-    """``windows`` consecutive, non-overlapping windows of ``length`` tokens from the text's start."""
+def window_prefix(tokenizer_dir: str) -> list[int]:
+    """The special tokens the model's tokenizer puts before a text (BOS for Llama, Gemma; none for GPT-2 or
+    SmolLM2's tokenizer), found by tokenizing one word with and without special tokens."""
+    return _prefix(_tokenizer(tokenizer_dir))
+
+
+def _prefix(tok) -> list[int]:
+    plain = tok("hello", add_special_tokens=False)["input_ids"]
+    full = tok("hello", add_special_tokens=True)["input_ids"]
+    for i in range(len(full) - len(plain) + 1):
+        if full[i:i + len(plain)] == plain:
+            return list(full[:i])
+    return []
+
+
+def token_windows(tokenizer_dir: str, text: str, windows: int = 8, length: int = 512,
+                  bos: bool = True) -> np.ndarray:
+    """``windows`` consecutive, non-overlapping windows of ``length`` tokens from the text's start, each
+    begun as the model's tokenizer begins a text (``window_prefix``: BOS where it adds one; ``bos=False``:
+    text tokens only). Perplexity scores every token after the first, so a BOS-led window scores all of
+    its text tokens, as common evaluation harnesses do."""
     tok = _tokenizer(tokenizer_dir)
+    prefix = _prefix(tok) if bos else []
+    body = length - len(prefix)
+    if body < 2:
+        raise ValueError(f"windows of {length} tokens leave no room for text after {len(prefix)} prefix tokens")
     ids = tok(text, add_special_tokens=False)["input_ids"]
-    need = windows * length
+    need = windows * body
     if len(ids) < need:
-        raise ValueError(f"text has {len(ids)} tokens, {need} needed for {windows} x {length}")
-    return np.asarray(ids[:need], dtype=np.int64).reshape(windows, length)
+        raise ValueError(f"text has {len(ids)} tokens, {need} needed for {windows} x {body}")
+    rows = np.asarray(ids[:need], dtype=np.int64).reshape(windows, body)
+    return np.concatenate([np.tile(np.asarray(prefix, dtype=np.int64), (windows, 1)), rows], axis=1)
 
 
 def perplexity(model: onnx.ModelProto | str, windows: np.ndarray, options: SessionOptions | None = None,

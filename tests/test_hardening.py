@@ -4,6 +4,7 @@ shared weights and interrupted compiles. Each case ends in a clean error or a mo
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -159,6 +160,32 @@ def test_interrupted_compile_leaves_no_file(tmp_path, capsys, monkeypatch):
     code, err = _run(["compile", str(src), "-o", str(tmp_path / "out.onnx"), "-q"], capsys)
     assert code == 130 and "nothing written" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_a_cache_folder_published_by_another_process_first_is_kept(tmp_path, monkeypatch):
+    """Two compiles filling one cache at once (seen: the bundled model converted by two processes): the
+    loser's rename fails on the winner's complete folder, which is kept; nothing else is left behind."""
+    import os
+
+    import qcompiler.graphio as graphio
+
+    final, mine = tmp_path / "entry", tmp_path / ".entry.tmp"
+    mine.mkdir()
+    (mine / "info.json").write_text("mine")
+
+    def raced(src, dst):  # the other process publishes between our rmtree and our rename
+        Path(dst).mkdir()
+        (Path(dst) / "info.json").write_text("theirs")
+        raise OSError(39, "Directory not empty")
+    monkeypatch.setattr(graphio.os, "replace", raced)
+    assert graphio.publish_dir(mine, final, "info.json") == final
+    assert (final / "info.json").read_text() == "theirs" and not mine.exists()
+    monkeypatch.setattr(graphio.os, "replace", lambda a, b: (_ for _ in ()).throw(OSError(28, "No space")))
+    mine.mkdir()
+    with pytest.raises(OSError):  # a real failure (no complete folder there) is not hidden
+        graphio.publish_dir(mine, tmp_path / "other", "info.json")
+    assert not mine.exists() and not (tmp_path / "other").exists()
+    assert os.path.isdir(final)
 
 
 # --- property: mutated small graphs end in a clean error or a valid model, never a crash ---------

@@ -203,3 +203,37 @@ def test_validation_inputs_fall_back_to_random_token_ids(minilm_dir, tmp_path):
 def test_validation_inputs_default_to_the_jargon_file(minilm_dir):
     real = real_sample_inputs(_passthrough_encoder(), minilm_dir)
     assert real is not None and real.label.startswith("text (4 samples of the Jargon File")
+
+
+def _word_tokenizer(path, bos: bool):
+    """A word-level tokenizer saved as a Hugging Face folder; ``bos``: it puts <s> before every text, as
+    Llama's and Gemma's tokenizers do."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = "hackers write programs and the jargon file describes their words hello".split()
+    vocab = {"<unk>": 0, "<s>": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    if bos:
+        t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", unk_token="<unk>").save_pretrained(path)
+    return str(path)
+
+
+def test_windows_begin_as_the_tokenizer_begins_a_text(tmp_path):
+    """BOS where the tokenizer adds one (Llama, Gemma), then text tokens; none where it adds none (SmolLM2's,
+    GPT-2's); ``bos=False`` gives text tokens only either way."""
+    from qcompiler.runtime.evaluate import window_prefix
+
+    text = " ".join(["hackers write programs and the jargon file describes their words"] * 20)
+    with_bos = _word_tokenizer(tmp_path / "bos", bos=True)
+    without = _word_tokenizer(tmp_path / "plain", bos=False)
+    assert window_prefix(with_bos) == [1] and window_prefix(without) == []
+    w = token_windows(with_bos, text, windows=3, length=12)
+    assert w.shape == (3, 12) and (w[:, 0] == 1).all() and (w[:, 1:] > 1).all()
+    plain = token_windows(without, text, windows=3, length=11)
+    np.testing.assert_array_equal(w[:, 1:], plain)  # the same text tokens after the BOS
+    np.testing.assert_array_equal(token_windows(with_bos, text, windows=3, length=11, bos=False), plain)
+    with pytest.raises(ValueError, match="no room"):
+        token_windows(with_bos, text, windows=1, length=2)

@@ -22,6 +22,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     e.add_argument("--max-length", type=int, default=128, help="tokens per paragraph (default 128)")
     e.add_argument("--windows", type=int, default=8, help="perplexity windows (default 8)")
     e.add_argument("--window-length", type=int, default=512, help="tokens per window (default 512)")
+    e.add_argument("--no-bos", dest="bos", action="store_false",
+                   help="perplexity windows of text tokens only (default: each window begins as the model's "
+                        "tokenizer begins a text, with BOS where it adds one)")
     e.add_argument("--json", help="write the figures as JSON here")
     return e
 
@@ -52,12 +55,16 @@ def run(args: argparse.Namespace) -> int:
     out: dict = {"model": args.model, "reference": args.reference}
     if args.perplexity:
         try:
-            windows = evaluate.token_windows(tok, text, args.windows, args.window_length)
+            windows = evaluate.token_windows(tok, text, args.windows, args.window_length, bos=args.bos)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        prefix = evaluate.window_prefix(tok) if args.bos else []
         res = evaluate.perplexity(loaded.model, windows, opts, progress=not args.quiet)
         out["perplexity"] = asdict(res)
-        lines = [f"perplexity {res.perplexity:.3f} over {res.tokens} tokens ({res.windows} windows)"]
+        out["window_prefix"] = prefix
+        start = (f"each window starts with the tokenizer's {len(prefix)} prefix token(s) {prefix} (BOS)" if prefix
+                 else "windows of text tokens only" + ("" if not args.bos else " (the tokenizer adds no BOS)"))
+        lines = [f"perplexity {res.perplexity:.3f} over {res.tokens} tokens ({res.windows} windows; {start})"]
         if reference is not None:
             ref = evaluate.perplexity(reference, windows, opts, progress=not args.quiet)
             out["reference_perplexity"] = asdict(ref)

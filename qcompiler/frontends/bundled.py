@@ -17,6 +17,7 @@ from pathlib import Path
 
 from qcompiler.errors import ModelLoadError
 from qcompiler.frontends.cache import default_cache_dir
+from qcompiler.graphio import publish_dir
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def _convert_gguf(src: Path, gguf: str, dest: Path) -> None:
     try:
         model.eval().save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, dest)
+        publish_dir(tmp, dest, "config.json")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import onnx
 
+from qcompiler.graphio import publish_dir
+
 EXPORT_FORMAT = "1"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
@@ -71,10 +73,7 @@ class ExportCache:
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=self.root))
         try:
             yield tmp
-            final = self.root / key
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            publish_dir(tmp, self.root / key, "info.json")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
