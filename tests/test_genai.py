@@ -179,7 +179,8 @@ def test_builder_pair_rejections_say_why(builder_model):
 def test_builder_model_compiled_runs_in_genai(method, builder_model, genai_python, tmp_path):
     config = CompileConfig(method=method, validate=False, cafeq=CafeqConfig(steps=4, joint_rounds=1))
     out = tmp_path / "compiled.onnx"
-    result = compile_model(str(builder_model), out, config)
+    source = builder_model.parent if method == "rtn" else builder_model  # the builder's folder is an input too
+    result = compile_model(str(source), out, config)
     folder = write_genai_folder(result.output, load_model(str(builder_model)), tmp_path / "genai")
     assert {"model.onnx", GENAI_CONFIG, "tokenizer.json"} <= {p.name for p in folder.iterdir()}
     assert json.loads((folder / GENAI_CONFIG).read_text()) == {

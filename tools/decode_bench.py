@@ -17,7 +17,8 @@ taking turns. A figure is the median over rounds of decode tokens/s, and of its 
 in the same round. The builder's graphs also run in our loop, to compare graphs rather than loops.
 Quality: greedy agreement with our fp32 export (mean common prefix of ``--new-tokens`` greedy tokens over
 ``--prompts`` fixed Jargon File prompts) and perplexity as ``qcompiler eval --perplexity`` computes it
-(``--windows`` x ``--window-length`` tokens from the text's start, no BOS added); cached per file.
+(``--windows`` x ``--window-length`` tokens from the text's start, BOS where the tokenizer adds one); cached
+per file.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import json
 import logging
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -64,6 +66,9 @@ VARIANTS = {
     "rtn-head8-gbq": "--method rtn --quantize-lm-head --head-bits 8 --quantize-embeddings --gather-embeddings",
 }
 BUILDER = ("builder-int4", "builder-fp32")
+# NAME@builder: variant NAME compiled from the builder's fp32 folder (its fused contrib-op graph) into a
+# folder the generator loads (--package genai); measured in the generator and in our loop
+ON_BUILDER = "@builder"
 MARK = "<!-- decode_bench:{block}:{end} -->"  # a generated table's block in the page (--block names it)
 
 
@@ -168,10 +173,28 @@ def build(args, hf: Path, work: Path, genai_py: str | None) -> tuple[list[Entry]
     _build(fp32, [*qc, "export", str(hf), "-o", str(fp32)], commands, "fp32")
     entries.append(Entry("fp32", None, fp32, "qc"))
     first, *others = args.levels
+    builder = [genai_py, "-m", "onnxruntime_genai.models.builder", "-m", str(hf), "-i", str(hf), "-e", "cpu",
+               "-c", str(work / "builder-cache")] if genai_py else None
+    builder_fp32 = work / "builder-fp32"
     for name in args.variants:
         if name == "fp32":
             continue
-        extra = shlex.split(args.added.get(name) or VARIANTS[name])
+        base = name.removesuffix(ON_BUILDER)
+        extra = shlex.split(args.added.get(name) or args.added.get(base) or VARIANTS[base])
+        if name != base:  # our method on the builder's fp32 graph, packaged for the generator
+            if builder is None:
+                log.warning("%s left out: it needs the builder (the genai venv)", name)
+                continue
+            _build(builder_fp32 / "model.onnx", [*builder, "-o", str(builder_fp32), "-p", "fp32"], commands,
+                   "builder-fp32")
+            out = work / f"{base}-on-builder-{tag}-acc{first}"
+            cmd = [*qc, "compile", str(builder_fp32), *setting, *extra, "--accuracy-level", str(first),
+                   "--package", "genai", "-o", str(out), "--report", str(out.with_name(out.name + ".report.json"))]
+            if not _built(out / "model.onnx", cmd) and out.exists():
+                shutil.rmtree(out)  # --package genai writes a new folder
+            _build(out / "model.onnx", cmd, commands, f"{name} acc{first}")
+            entries += [Entry(name, first, out, "genai"), Entry(name, first, our_loop_copy(out), "qc")]
+            continue
         out = work / f"{name}-{tag}-acc{first}.onnx"
         cmd = [*qc, "compile", str(hf), *setting, *extra, "--accuracy-level", str(first), "-o", str(out),
                "--report", str(out.with_suffix(".report.json"))]
@@ -187,32 +210,32 @@ def build(args, hf: Path, work: Path, genai_py: str | None) -> tuple[list[Entry]
         entries += [Entry(e.name, e.level, genai_folder(e.path, hf, work), "genai") for e in list(entries)
                     if e.name in args.in_genai]
     if genai_py and args.builder:
-        builder = [genai_py, "-m", "onnxruntime_genai.models.builder", "-m", str(hf), "-i", str(hf), "-e", "cpu",
-                   "-c", str(work / "builder-cache")]
         for level in args.levels:  # the builder's int4 at each level (its default: 4)
             out = work / f"builder-int4-acc{level}"
             cmd = [*builder, "-o", str(out), "-p", "int4", "--extra_options", f"accuracy_level={level}"]
             _build(out / "model.onnx", cmd, commands, f"builder-int4 acc{level}")
             entries += [Entry("builder-int4", level, out, "genai"),
                         Entry("builder-int4", level, our_loop_copy(out), "qc")]
-        out = work / "builder-fp32"
-        _build(out / "model.onnx", [*builder, "-o", str(out), "-p", "fp32"], commands, "builder-fp32")
-        entries += [Entry("builder-fp32", None, out, "genai"), Entry("builder-fp32", None, our_loop_copy(out), "qc")]
+        _build(builder_fp32 / "model.onnx", [*builder, "-o", str(builder_fp32), "-p", "fp32"], commands,
+               "builder-fp32")
+        entries += [Entry("builder-fp32", None, builder_fp32, "genai"),
+                    Entry("builder-fp32", None, our_loop_copy(builder_fp32), "qc")]
     return entries, commands
 
 
 # ---- text ------------------------------------------------------------------------------------------------
 
 def token_sets(tokenizer_dir: str, text_path: Path, args) -> dict[str, np.ndarray]:
-    """Perplexity windows (``qcompiler eval``'s: from the text's start, no BOS), the speed prompt (the tokens
-    after them) and the agreement prompts (evenly spaced through the rest)."""
+    """Perplexity windows (``qcompiler eval``'s: from the text's start, BOS where the tokenizer adds one), the
+    speed prompt (the tokens after them) and the agreement prompts (evenly spaced through the rest)."""
     from qcompiler.runtime import evaluate
     from qcompiler.runtime.text import read_text
 
     text = read_text(text_path)
     windows = evaluate.token_windows(tokenizer_dir, text, args.windows, args.window_length)
     ids = np.asarray(evaluate._tokenizer(tokenizer_dir)(text, add_special_tokens=False)["input_ids"], np.int64)
-    start, n = windows.size, args.prompt_tokens
+    # the windows' text tokens come first (each window may begin with the tokenizer's BOS)
+    start, n = windows.size - len(windows) * len(evaluate.window_prefix(tokenizer_dir)), args.prompt_tokens
     if len(ids) < start + n * (args.prompts + 1):
         raise SystemExit(f"the text has {len(ids)} tokens: too few for the prompts")
     step = (len(ids) - start - 2 * n) // max(args.prompts, 1)
@@ -394,7 +417,8 @@ def markdown(result: dict) -> str:
         f"{p['rounds']} rounds; x fp32: decode speed over our fp32 export's in the same round. Agreement: mean "
         f"(min) common prefix with our fp32 export's {p['new_tokens']} greedy tokens over {p['prompts']} Jargon File "
         f"prompts. Perplexity: {p['windows']} x {p['window_length']} Jargon File tokens, as `qcompiler eval "
-        "--perplexity` computes it (windows from the text's start, no BOS).",
+        "--perplexity` computes it (windows from the text's start, each begun as the model's tokenizer begins a "
+        "text: BOS where it adds one).",
         "",
     ]
     rel = next((r["relative_to"] for r in result["rows"] if r.get("relative_to")), None)
@@ -471,7 +495,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.in_genai = {v for v in args.in_genai.split(",") if v}
     args.added = dict(a.split("=", 1) for a in args.add)
     args.variants = [v for v in args.variants.split(",") if v] + [n for n in args.added if n not in args.variants]
-    unknown = [v for v in args.variants if v != "fp32" and v not in VARIANTS and v not in args.added]
+    unknown = [v for v in args.variants if v != "fp32" and v.removesuffix(ON_BUILDER) not in VARIANTS
+               and v not in args.added and v.removesuffix(ON_BUILDER) not in args.added]
     if unknown:
         ap.error(f"unknown variant(s) {', '.join(unknown)}: use --add NAME=ARGS")
     return args
@@ -492,7 +517,7 @@ def run(args: argparse.Namespace) -> dict:
     work = Path(args.work) if args.work else ROOT / "bench" / ".work" / "decode" / short
     work.mkdir(parents=True, exist_ok=True)
     genai_py = None
-    if args.genai and (args.builder or args.in_genai):
+    if args.genai and (args.builder or args.in_genai or any(v.endswith(ON_BUILDER) for v in args.variants)):
         genai_py = str(ROOT / subprocess.run([str(ROOT / "tools" / "genai_env.sh")], capture_output=True, text=True,
                                              check=True, cwd=ROOT).stdout.strip())
     entries, commands = build(args, hf, work, genai_py)

@@ -20,7 +20,8 @@ __all__ = ["LoadedModel", "load_model", "DEFAULT_MODEL"]
 def load_model(spec: Any = None, *, example_inputs: dict | None = None,
                cache_dir: str | os.PathLike | None = None, stream: bool | None = False,
                kv_cache: bool = True) -> LoadedModel:
-    """Load ``spec``: None or a bundled name, a path to ``.onnx``, an HF folder, or an ``nn.Module``
+    """Load ``spec``: None or a bundled name, a path to ``.onnx``, an HF folder, an onnxruntime-genai folder (its
+    decoder ``.onnx``, named by its ``genai_config.json``), or an ``nn.Module``
     (then ``example_inputs`` is a dict of input name -> tensor).
 
     ``stream``: the weights are left in files (True), loaded (False), or left there when they exceed
@@ -49,8 +50,17 @@ def load_model(spec: Any = None, *, example_inputs: dict | None = None,
         raise ModelLoadError(f"model not found: {text} (give an .onnx file, a Hugging Face folder or "
                              f"one of: {', '.join(BUNDLED)})")
     if path.is_dir():
+        from qcompiler.frontends.genai import GENAI_CONFIG, read_genai_config
+
+        if (path / GENAI_CONFIG).is_file():  # an onnxruntime-genai folder (the model builder's): its decoder
+            config = read_genai_config(path) or {}
+            name = config.get("model", {}).get("decoder", {}).get("filename", "model.onnx")
+            if not (path / name).is_file():
+                raise ModelLoadError(f"onnxruntime-genai folder without its decoder file {name}: {path}")
+            return load_onnx_model(path / name, stream)
         if not (path / "config.json").is_file():
-            raise ModelLoadError(f"not a Hugging Face checkpoint folder (no config.json): {path}")
+            raise ModelLoadError(f"not a Hugging Face checkpoint folder (no config.json) nor an onnxruntime-genai "
+                                 f"folder (no {GENAI_CONFIG}): {path}")
         return _load_folder(path, cache_dir, stream, kv_cache=kv_cache)
     return load_onnx_model(path, stream)
 
