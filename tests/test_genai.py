@@ -222,3 +222,27 @@ def test_a_model_without_a_cache_is_refused_before_compiling(builder_model, tmp_
                                                           "plain", [x], [y], [w]))
     with pytest.raises(ConfigError, match="not a KV-cache decoder"):
         check_genai_source(LoadedModel(plain, "plain.onnx", "onnx", onnx_path=str(tmp_path / "plain.onnx")))
+
+
+def test_builder_folder_runs_in_generate_and_eval_as_it_is(builder_model, tmp_path, capsys):
+    """``qcompiler generate FOLDER`` and ``eval FOLDER --perplexity`` on the builder's folder: the cache layout,
+    end ids and tokenizer come from the folder (its graph records none); a folder that is no model is refused."""
+    from qcompiler.cli import main
+    from qcompiler.frontends.onnx_file import runnable_model
+
+    folder = builder_model.parent
+    model = runnable_model(folder)
+    assert isinstance(model, onnx.ModelProto) and json.loads(model_properties(model)[EOS_TOKEN_IDS])
+    tokens = generate(model, np.array(PROMPT), max_new_tokens=4, eos_token_id=()).tokens
+    assert tokens.shape == (1, 4)
+    capsys.readouterr()
+    assert main(["generate", str(folder), "--prompt", "hello world", "--max-new-tokens", "4"]) == 0
+    assert "prefill: " in capsys.readouterr().err
+    text = tmp_path / "words.txt"
+    text.write_text(" ".join(["the jargon file describes hacker words and programs"] * 200))
+    assert main(["eval", str(folder), "--perplexity", "--text", str(text), "--windows", "1", "--window-length",
+                 "32", "-q", "--json", str(tmp_path / "ppl.json")]) == 0
+    assert np.isfinite(json.loads((tmp_path / "ppl.json").read_text())["perplexity"]["perplexity"])
+    (tmp_path / "empty").mkdir()
+    assert main(["generate", str(tmp_path / "empty"), "--prompt", "x"]) == 2
+    assert "genai_config.json" in capsys.readouterr().err

@@ -12,7 +12,7 @@ from qcompiler.errors import ConfigError
 
 def add_parser(sub) -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="measure a model: embedding fidelity or perplexity")
-    e.add_argument("model", help="the .onnx model to measure")
+    e.add_argument("model", help="the .onnx model to measure (or an onnxruntime-genai folder)")
     e.add_argument("--reference",
                    help="reference model: .onnx, HF folder or bundled name (fidelity; optional for perplexity)")
     e.add_argument("--perplexity", action="store_true", help="perplexity of a causal LM")
@@ -30,7 +30,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qcompiler.frontends.onnx_file import load_onnx_model
+    from qcompiler.frontends.onnx_file import load_onnx_model, model_file
     from qcompiler.runtime import evaluate
     from qcompiler.runtime.session import SessionOptions
     from qcompiler.runtime.text import default_text, paragraphs, read_text
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         from qcompiler.graphio import check_writable
 
         check_writable(args.json)
-    loaded = load_onnx_model(Path(args.model))
+    loaded = load_onnx_model(model_file(args.model))
     tok = args.tokenizer or loaded.tokenizer_dir
     if not tok:
         raise ConfigError("no tokenizer: pass --tokenizer DIR (the model does not record one)")

@@ -9,7 +9,8 @@ import sys
 
 def add_parser(sub) -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text with a KV-cache causal LM (.onnx), token by token")
-    g.add_argument("model", help="a causal LM .onnx with a KV cache (what `qcompiler compile` and `export` write)")
+    g.add_argument("model", help="a causal LM .onnx with a KV cache (what `qcompiler compile` and `export` "
+                   "write), or an onnxruntime-genai folder (the model builder's, or --package genai's)")
     g.add_argument("--prompt", required=True, help="the prompt text")
     g.add_argument("--max-new-tokens", type=int, default=64, help="at most this many new tokens (default 64)")
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampling")
@@ -21,13 +22,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from qcompiler.errors import ConfigError
+    from qcompiler.frontends.onnx_file import runnable_model
     from qcompiler.metadata import TOKENIZER
     from qcompiler.runtime.generate import generate, load_tokenizer, text_streamer
     from qcompiler.runtime.session import SessionOptions, make_session
 
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise ConfigError("--temperature must be >= 0 and --top-p in (0, 1]")
-    sess = make_session(args.model, SessionOptions(device=args.device))
+    model = runnable_model(args.model)
+    sess = make_session(model, SessionOptions(device=args.device))
     tok_dir = args.tokenizer or sess.get_modelmeta().custom_metadata_map.get(TOKENIZER)
     if not tok_dir:
         raise ConfigError("no tokenizer: pass --tokenizer DIR (the model does not record one)")

@@ -50,14 +50,11 @@ def load_model(spec: Any = None, *, example_inputs: dict | None = None,
         raise ModelLoadError(f"model not found: {text} (give an .onnx file, a Hugging Face folder or "
                              f"one of: {', '.join(BUNDLED)})")
     if path.is_dir():
-        from qcompiler.frontends.genai import GENAI_CONFIG, read_genai_config
+        from qcompiler.frontends.genai import GENAI_CONFIG, decoder_file
 
-        if (path / GENAI_CONFIG).is_file():  # an onnxruntime-genai folder (the model builder's): its decoder
-            config = read_genai_config(path) or {}
-            name = config.get("model", {}).get("decoder", {}).get("filename", "model.onnx")
-            if not (path / name).is_file():
-                raise ModelLoadError(f"onnxruntime-genai folder without its decoder file {name}: {path}")
-            return load_onnx_model(path / name, stream)
+        decoder = decoder_file(path)  # an onnxruntime-genai folder (the model builder's)
+        if decoder is not None:
+            return load_onnx_model(decoder, stream)
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"not a Hugging Face checkpoint folder (no config.json) nor an onnxruntime-genai "
                                  f"folder (no {GENAI_CONFIG}): {path}")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import onnx
 
+from qcompiler.errors import ModelLoadError
 from qcompiler.kv_layout import CacheLayout, is_past, layout_from_graph
 from qcompiler.metadata import EOS_TOKEN_IDS, KV_CACHE, MODEL_KIND, TOKENIZER
 
@@ -38,6 +39,19 @@ def read_genai_config(folder: str | Path) -> dict | None:
     except (OSError, json.JSONDecodeError) as e:
         log.warning("cannot read %s: %s", path, e)
         return None
+
+
+def decoder_file(folder: str | Path) -> Path | None:
+    """The decoder ``.onnx`` of an onnxruntime-genai folder (named by its ``genai_config.json``), or None where
+    ``folder`` is not one; an error where the config names a file that is not there."""
+    folder = Path(folder)
+    if not (folder / GENAI_CONFIG).is_file():
+        return None
+    config = read_genai_config(folder) or {}
+    name = config.get("model", {}).get("decoder", {}).get("filename", "model.onnx")
+    if not (folder / name).is_file():
+        raise ModelLoadError(f"onnxruntime-genai folder without its decoder file {name}: {folder}")
+    return folder / name
 
 
 def has_tokenizer(folder: str | Path) -> bool:
