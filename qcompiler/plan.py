@@ -204,6 +204,12 @@ def regrid_role(plan: QuantPlan, role: str, quant: QuantConfig,
         qw = quantize(w, quant.bits, quant.group_size, quant.symmetric)
         w_hat = qw.dequantize()
         err = relative_error(w, w_hat)
-        sites.append(SitePlan(p.site, qw, SiteStats(rel_error=err, proxy_error=float(np.sum((w_hat - w) ** 2)))))
+        sq = float(np.sum((w_hat - w) ** 2))
+        # plain RTN on its own grid: also the site's RTN and plain-rounding figure wherever the method kept those
+        # (a calibrated method's output-error proxies are left out: none was measured on this grid)
+        st = p.stats
+        sites.append(SitePlan(p.site, qw, SiteStats(
+            rel_error=err, proxy_error=sq, rtn_rel_error=None if st.rtn_rel_error is None else err,
+            plain_rel_error=None if st.plain_rel_error is None else err)))
     return dataclasses.replace(plan, sites=tuple(sites))
 

@@ -9,8 +9,9 @@ from qcompiler.pipeline import compile_model
 from qcompiler.runtime.inputs import sample_inputs
 from tests.conftest import FAMILIES, run_plain_onnxruntime
 
-# sites per tiny 2-layer model: (q,k,v,o,up,down[,gate]) x 2; GPT-2 has fused c_attn
-EXPECTED_SITES = {"gpt2": 8, "llama": 14, "qwen2": 14, "gemma2": 14, "bert": 12}
+# sites per tiny 2-layer model: (q,k,v,o,up,down[,gate]) x 2; GPT-2 has fused c_attn; the causal LMs (KV-cache
+# decoders) also their output head, on its own 8-bit grid by default
+EXPECTED_SITES = {"gpt2": 9, "llama": 15, "qwen2": 15, "gemma2": 15, "bert": 12}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -33,15 +34,25 @@ def test_family_compiles_and_runs_in_plain_onnxruntime(family, fmt, tiny_checkpo
 
 
 def test_lm_head_switch(tiny_checkpoints, cache_dir):
+    """A KV-cache decoder's head is quantized on its own 8-bit grid by default (it is read every token); off with
+    quantize_lm_head=False; a scoring graph without a cache keeps it float unless asked; head_bits=None puts it on
+    --bits' grid."""
     src = str(tiny_checkpoints["llama"])
     base = compile_model(src, None, CompileConfig(), cache_dir=cache_dir)
-    head = compile_model(src, None, CompileConfig(match=MatchConfig(quantize_lm_head=True)), cache_dir=cache_dir)
-    assert len(head.plan.sites) == len(base.plan.sites) + 1
-    assert [s for s in head.plan.sites if s.site.role == "head"]
-    assert any("head" in r.reason for r in base.match.rejected)
+    (head,) = [s for s in base.plan.sites if s.site.role == "head"]
+    assert (head.weight.bits, head.weight.block_size, head.weight.symmetric) == (8, 32, False)
+    off = compile_model(src, None, CompileConfig(match=MatchConfig(quantize_lm_head=False)), cache_dir=cache_dir)
+    assert len(off.plan.sites) == len(base.plan.sites) - 1
+    assert any("--no-quantize-lm-head" in r.reason for r in off.match.rejected)
+    scoring = compile_model(src, None, CompileConfig(kv_cache=False), cache_dir=cache_dir)
+    assert not [s for s in scoring.plan.sites if s.site.role == "head"]
+    assert any("not a KV-cache decoder" in r.reason for r in scoring.match.rejected)
+    four = compile_model(src, None, CompileConfig(match=MatchConfig(head_bits=None)), cache_dir=cache_dir)
+    assert [s.weight.bits for s in four.plan.sites if s.site.role == "head"] == [4]
 
 
 def test_tied_head_is_reported_not_duplicated(tiny_checkpoints, cache_dir):
-    result = compile_model(str(tiny_checkpoints["gpt2"]), None, CompileConfig(), cache_dir=cache_dir)
+    cfg = CompileConfig(match=MatchConfig(quantize_lm_head=False))
+    result = compile_model(str(tiny_checkpoints["gpt2"]), None, cfg, cache_dir=cache_dir)
     reasons = " ".join(r.reason for r in result.match.rejected)
     assert "tied" in reasons or "head" in reasons

@@ -122,4 +122,4 @@ def test_compile_report_names_the_head_grid(tmp_path):
     cfg = CompileConfig(quant=QuantConfig(4, 16, True), match=MatchConfig(quantize_lm_head=True))
     result = compile_model(str(tmp_path / "m.onnx"), None, cfg)
     lines = summary_lines(result, cfg, 0.0, False)
-    assert any(line.startswith("  head Wh: 40 x 48 at 4-bit block 16 sym, weight rel. error 0.") for line in lines)
+    assert any(line.startswith("  head Wh: 40 x 48 at 8-bit block 16 sym, weight rel. error 0.") for line in lines)

@@ -18,6 +18,7 @@ import onnx_graphsurgeon as gs
 from qcompiler.config import MatchConfig
 from qcompiler.external import read_values
 from qcompiler.graphio import np_dtype
+from qcompiler.kv_layout import is_past
 from qcompiler.match.view import constant_value
 from qcompiler.sites import LinearSite, MatchResult, QuantizedSite, Rejection
 
@@ -59,13 +60,20 @@ def _weight_source(node: gs.Node) -> tuple[gs.Constant | None, bool, str | None]
 def _is_head(node: gs.Node, graph_outputs: set[str]) -> bool:
     """True when the node's output reaches a graph output through pass-through ops only."""
     t = node.outputs[0]
-    for _ in range(4):
+    for _ in range(6):
         if t.name in graph_outputs:
             return True
-        if len(t.outputs) != 1 or t.outputs[0].op not in _PASS_THROUGH:
+        if len(t.outputs) != 1 or not _passes_through(t.outputs[0], t):
             return False
         t = t.outputs[0].outputs[0]
     return t.name in graph_outputs
+
+
+def _passes_through(node: gs.Node, t: gs.Variable) -> bool:
+    """A reshaping op, or a logit soft-cap's (Gemma 2: ``tanh(x / c) * c``) elementwise steps by a constant."""
+    if node.op in _PASS_THROUGH or node.op == "Tanh":
+        return True
+    return node.op in ("Div", "Mul") and node.inputs[0] is t and isinstance(node.inputs[1], gs.Constant)
 
 
 def _bias_of(node: gs.Node, n: int) -> str | None:
@@ -109,12 +117,21 @@ def _other_weight(node: gs.Node, mid: str | None) -> Rejection | None:
     return Rejection(node.name, node.op, f"not a MatMul/Gemm site: constant weight {list(w.shape)} {kept}", mid)
 
 
+def head_is_quantized(graph: gs.Graph, config: MatchConfig) -> bool:
+    """``MatchConfig.quantize_lm_head``, where None means: yes for a decoder that serves tokens (a graph with
+    ``past_key_values.*`` inputs reads the whole head every token), no for any other graph."""
+    if config.quantize_lm_head is not None:
+        return config.quantize_lm_head
+    return any(is_past(t.name) for t in graph.inputs)
+
+
 def find_linear_sites(
     graph: gs.Graph, config: MatchConfig | None = None, module_paths: dict[str, str] | None = None
 ) -> MatchResult:
     config = config or MatchConfig()
     module_paths = module_paths or {}
     graph_outputs = {t.name for t in graph.outputs}
+    quantize_head = head_is_quantized(graph, config)
     sites: list[LinearSite] = []
     rejected: list[Rejection] = []
     for node in graph.nodes:
@@ -157,12 +174,14 @@ def find_linear_sites(
         consumers = [c for c in const.outputs if c is not own]
         if consumers:
             tied = any(c.op in ("Gather", "Transpose") for c in consumers)
-            if not (head and tied and config.quantize_lm_head):
+            if not (head and tied and quantize_head):
                 what = "tied with the embedding" if tied else f"shared with {len(consumers)} other node(s)"
                 rejected.append(Rejection(node.name, node.op, f"weight {what}", mid))
                 continue
-        if head and not config.quantize_lm_head:
-            rejected.append(Rejection(node.name, node.op, "output head (kept in float; --quantize-lm-head)", mid))
+        if head and not quantize_head:
+            why = ("--no-quantize-lm-head" if config.quantize_lm_head is False
+                   else "not a KV-cache decoder; --quantize-lm-head quantizes it")
+            rejected.append(Rejection(node.name, node.op, f"output head (kept in float: {why})", mid))
             continue
         sites.append(LinearSite(
             id=mid or const.name, node=node.name, op_type=node.op, weight=const.name,
