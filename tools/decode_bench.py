@@ -48,8 +48,9 @@ VARIANTS = {
     "rtn": "--method rtn",
     "cafeq": "--method cafeq",
     "gptaq": "--method gptaq",
-    "rtn-head4": "--method rtn --quantize-lm-head",
-    "rtn-head8": "--method rtn --quantize-lm-head --head-bits 8",
+    # the output head: float, or 4-bit (8-bit is the default of a KV-cache decoder)
+    "rtn-headfp": "--method rtn --no-quantize-lm-head",
+    "rtn-head4": "--method rtn --head-bits 4",
     "cafeq-token": "--method cafeq --online-regime token",
     "cafeq-matmul": "--method cafeq --online-layout matmul",
     "cafeq-nonline": "--method cafeq --transforms vo,updown",
@@ -62,8 +63,8 @@ VARIANTS = {
     "rotate-token": "--method rotate --online-regime token",
     # the embedding table quantized too: today's DequantizeLinear of the whole table before its Gather, or
     # GatherBlockQuantized (its rows only)
-    "rtn-head8-emb": "--method rtn --quantize-lm-head --head-bits 8 --quantize-embeddings",
-    "rtn-head8-gbq": "--method rtn --quantize-lm-head --head-bits 8 --quantize-embeddings --gather-embeddings",
+    "rtn-emb": "--method rtn --quantize-embeddings",
+    "rtn-gbq": "--method rtn --quantize-embeddings --gather-embeddings",
 }
 BUILDER = ("builder-int4", "builder-fp32")
 # NAME@builder: variant NAME compiled from the builder's fp32 folder (its fused contrib-op graph) into a
