@@ -40,6 +40,9 @@ class PairStats:
     proxy_rtn: float  # the learner's proxy (effective errors of both factors) at identity
     proxy: float
     pqe_plain: float | None = None  # the method's transforms with plain rounding (before joint rounding)
+    # joint rounding: "joint" (rounded jointly), "plain" (tried; no round lowered the product error), or why
+    # the pair was not tried (its memory over --joint-max-gb); None where the method does no joint rounding
+    joint: str | None = None
 
 
 @dataclass(frozen=True)

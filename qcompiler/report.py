@@ -96,6 +96,15 @@ def summary_lines(result: CompileResult, config: CompileConfig, peak_mb: float, 
                          f"RTN {_mean(p.pqe_rtn for p in ps):.4f}"
                          + (f", transforms {_mean(plain):.4f}" if len(plain) == len(ps) else "")
                          + f", final {_mean(p.pqe for p in ps):.4f}")
+    tried = [p for p in plan.pair_stats if p.joint is not None]
+    if tried:
+        kept = sum(p.joint == "joint" for p in tried)
+        lines.append(f"  joint rounding: {kept} of {len(tried)} pairs rounded jointly"
+                     + (f", {sum(p.joint == 'plain' for p in tried)} kept plain rounding (no round lowered the "
+                        "product error)" if kept < len(tried) else ""))
+        for p in tried:
+            if p.joint not in ("joint", "plain"):
+                lines.append(f"    {p.pair}: not rounded jointly, {p.joint}")
     cal = [p.stats for p in plan.sites if p.stats.rtn_proxy_error] if calibrated else []
     joint = joint_rounded_sites(plan) if not calibrated else ()  # calibrated rounding changes them otherwise
     if joint:

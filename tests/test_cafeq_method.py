@@ -68,19 +68,28 @@ def test_no_joint_rounding(pair_checkpoints, cache_dir):
 
 def test_joint_rounding_skips_pairs_over_the_memory_limit(pair_checkpoints, cache_dir, caplog):
     from qcompiler.methods.transform_planner import joint_memory_bytes
+    from qcompiler.report import summary_lines
     from qcompiler.sites import MLP_UP_DOWN
 
     base = dict(quant=QuantConfig(3, 32, False), method="cafeq", validate=False, kv_cache=PLAIN)
     # the tiny Llama's MLP pairs (C = 128) need ~3.6 MB, its V·O pairs less: a 3 MB limit skips only MLPs
     limit = 3 / 1024
+    cfg = CompileConfig(**base, cafeq=CafeqConfig(steps=10, joint_max_gb=limit))
     with caplog.at_level("WARNING"):
-        plan = compile_model(str(pair_checkpoints["llama"]), None,
-                             CompileConfig(**base, cafeq=CafeqConfig(steps=10, joint_max_gb=limit)),
-                             cache_dir=cache_dir).plan
+        result = compile_model(str(pair_checkpoints["llama"]), None, cfg, cache_dir=cache_dir)
+    plan = result.plan
     assert "joint rounding skipped" in caplog.text
     mlp = [ps for ps in plan.pair_stats if ps.kind == MLP_UP_DOWN]
     assert mlp and all(ps.pqe == ps.pqe_plain for ps in mlp)
     assert any(ps.pqe < ps.pqe_plain for ps in plan.pair_stats if ps.kind != MLP_UP_DOWN)
+    # each pair says what joint rounding did with it, in the plan, the report and the summary
+    assert all(ps.joint.startswith("skipped: needs about") and "--joint-max-gb" in ps.joint for ps in mlp)
+    vo = [ps for ps in plan.pair_stats if ps.kind != MLP_UP_DOWN]
+    assert all(ps.joint == ("joint" if ps.pqe < ps.pqe_plain else "plain") for ps in vo)
+    lines = summary_lines(result, cfg, 0.0, False)
+    joint = sum(ps.joint == "joint" for ps in vo)
+    assert any(line.startswith(f"  joint rounding: {joint} of {len(vo) + len(mlp)} pairs") for line in lines), lines
+    assert sum("not rounded jointly, skipped: needs about" in line for line in lines) == len(mlp)
     from qcompiler.sites import CoupledPair
 
     wide = CoupledPair("p", MLP_UP_DOWN, "up", "down", (0, 5632), ("diagonal",))

@@ -100,6 +100,7 @@ class _Planner:
                           MLP_UP_DOWN: JointConfig(rounds=cfg.joint_mlp_rounds,
                                                    channel_weight=cfg.joint_channel_weight)}
         self.pool = TaskPool(1)  # plan_cafeq hands in a started pool; this one runs tasks in-process
+        self.joint_outcome: dict[str, str] = {}  # pair id -> PairStats.joint
 
     def grid(self, k: int) -> GridSpec:
         return GridSpec(self.quant.bits, self.quant.group_size or k, self.quant.symmetric)
@@ -194,8 +195,10 @@ class _Planner:
                     and not {p.producer, p.consumer} & claimed):
                 need = joint_memory_bytes(p, self.sites[p.producer].k)
                 if need > self.cfg.joint_max_gb * 2**30:
-                    log.warning("%s: joint rounding skipped: it needs about %.1f GB (%d-channel Hessians), over "
-                                "--joint-max-gb %g", p.id, need / 2**30, _channels(p), self.cfg.joint_max_gb)
+                    why = (f"skipped: needs about {need / 2**30:.1f} GB ({_channels(p)}-channel Hessians), over "
+                           f"--joint-max-gb {self.cfg.joint_max_gb:g}")
+                    log.warning("%s: joint rounding %s", p.id, why)
+                    self.joint_outcome[p.id] = why
                     continue
                 claimed |= {p.producer, p.consumer}
                 pairs.append(p)
@@ -210,6 +213,7 @@ class _Planner:
                           strict=True):
             cols = slice(*p.producer_cols)
             log.info("%s: joint rounding PQE %.4f -> %.4f", p.id, res.pqe_plain, res.pqe)
+            self.joint_outcome[p.id] = "joint" if res.pqe < res.pqe_plain else "plain"
             qws[p.producer] = replace_columns(qws[p.producer], cols, res.a)
             qws[p.consumer] = res.b
         return len(pairs)
@@ -274,7 +278,7 @@ class _Planner:
             # the folded factors have the same product as the original ones (the transforms are exact)
             out.append(PairStats(p.id, p.kind, product_error(a0, b0, ra, rb, *heads),
                                  product_error(a1, b1, ea, eb, *heads), proxy_rtn, proxy,
-                                 product_error(a1, b1, pa, pb, *heads)))
+                                 product_error(a1, b1, pa, pb, *heads), self.joint_outcome.get(p.id)))
         return out
 
 
