@@ -126,7 +126,8 @@ def test_builder_model_sites_pairs_and_exact_folds(builder_model):
     a = analyze(loaded.model)
     ids = [s.id for s in a.sites]
     assert ids == [f"model.layers.{i}.{m}" for i in range(2) for m in
-                   ("attn.qkv_proj", "attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+                   ("attn.qkv_proj", "attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")] + ["lm_head"]
+    assert a.sites[-1].role == "head"  # a KV-cache decoder's head is offered (8-bit by default)
     vo = a.pairs_of("attn_vo")
     assert [(p.producer, p.consumer) for p in vo] == [
         (f"model.layers.{i}.attn.qkv_proj", f"model.layers.{i}.attn.o_proj") for i in range(2)]
