@@ -7,7 +7,7 @@ import pytest
 
 from qcompiler.algorithms.grid import quantize
 from qcompiler.algorithms.packing import pack_matmulnbits
-from qcompiler.config import CafeqConfig, CompileConfig, QuantConfig
+from qcompiler.config import CafeqConfig, CompileConfig, MatchConfig, QuantConfig
 from qcompiler.errors import ConfigError
 from qcompiler.graphio import import_graph
 from qcompiler.match.sites import LinearSite, find_linear_sites, float_weight_bytes
@@ -81,7 +81,7 @@ def test_float_weight_bytes_counts_the_head_kept_in_float(tiny_checkpoints, cach
 
     model = load_model(str(tiny_checkpoints["llama"]), cache_dir=cache_dir).model
     graph = import_graph(model)
-    match = find_linear_sites(graph)
+    match = find_linear_sites(graph, MatchConfig(quantize_lm_head=False))  # a KV-cache decoder's is quantized
     head = [r for r in match.rejected if "output head" in r.reason]
     assert len(head) == 1
     assert float_weight_bytes(graph, match.sites) == 512 * 64 * 4  # vocab x hidden, float32
