@@ -351,7 +351,8 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 def online_ops(path: Path) -> int:
     """CafeQ's online x T^-1 ops in a model (one core node each, whatever the layout)."""
-    if path.is_dir() or not path.exists():
+    path = path / "model.onnx" if path.is_dir() else path
+    if not path.exists():
         return 0
     graph = onnx.load(str(path), load_external_data=False).graph
     return sum(1 for n in graph.node if n.name.endswith(("_online_MatMul", "_online_Conv")))
