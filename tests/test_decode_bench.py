@@ -4,6 +4,7 @@ our loop (no genai venv): rounds and quality measured, ratios to fp32, the table
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,7 @@ def _fake_model(path: Path, level: int = 4) -> None:
     onnx.save(onnx.helper.make_model(graph), str(path))
 
 
-def test_build_reuses_stamped_files_and_derives_levels(tmp_path, monkeypatch):
+def test_build_reuses_stamped_files_and_derives_levels(tmp_path, monkeypatch, caplog):
     ran: list[list[str]] = []
 
     def fake_run(cmd, log_path):
@@ -54,6 +55,15 @@ def test_build_reuses_stamped_files_and_derives_levels(tmp_path, monkeypatch):
     assert len(ran) == 2  # stamps match: nothing rebuilt
     db.build(db.parse_args(["--variants", "fp32,rtn", "--no-genai", "--bits", "8"]), tmp_path / "hf", tmp_path, None)
     assert len(ran) == 3 and "8" in ran[2]  # a new setting: a new file
+    # files built by other code are kept, with a warning naming the option that refreshes them
+    monkeypatch.setattr(db, "code_version", lambda: "abc1234")
+    with caplog.at_level("WARNING", logger="decode_bench"):
+        db.build(args, tmp_path / "hf", tmp_path, None)
+    assert len(ran) == 3 and "--rebuild rtn builds it again" in caplog.text
+    db.build(db.parse_args(["--variants", "fp32,rtn", "--no-genai", "--rebuild", "rtn"]), tmp_path / "hf", tmp_path,
+             None)
+    assert len(ran) == 4 and ran[3][3] == "compile"  # only rtn, built again
+    assert json.loads(db._stamp(tmp_path / "rtn-w4-b128-sym-acc4.onnx").read_text())["code"] == "abc1234"
     with pytest.raises(SystemExit):
         db.parse_args(["--variants", "nope"])
 

@@ -40,6 +40,9 @@ import numpy as np
 import onnx
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from tools.qbench.runner import code_version  # noqa: E402
+
 log = logging.getLogger("decode_bench")
 
 CORE = ("fp32", "rtn", "cafeq", "gptaq")
@@ -109,13 +112,22 @@ def _built(out: Path, cmd: list[str]) -> bool:
     return out.exists() and _stamp(out).exists() and json.loads(_stamp(out).read_text()).get("cmd") == cmd
 
 
+REBUILD: set[str] = set()  # --rebuild: the keys (or "all") built again even where a file of the same command exists
+
+
 def _build(out: Path, cmd: list[str], commands: dict, key: str) -> None:
+    """Run ``cmd`` to make ``out`` unless a file of the same command is there (a file built by other code is
+    kept with a warning: a changed default changes the file, not the command; ``--rebuild`` refreshes it)."""
     stamp = _stamp(out)
-    if _built(out, cmd):
+    code = code_version()
+    if _built(out, cmd) and not REBUILD & {"all", key.split(" ")[0]}:
         commands[key] = json.loads(stamp.read_text())
+        if code and commands[key].get("code") != code:
+            log.warning("%s was built by code %s, this checkout is %s: --rebuild %s builds it again", key,
+                        commands[key].get("code", "unknown"), code, key.split(" ")[0])
         return
     seconds = _run(cmd, stamp.with_name(stamp.name.replace(".cmd.json", ".log")))
-    commands[key] = {"cmd": cmd, "seconds": round(seconds, 1)}
+    commands[key] = {"cmd": cmd, "seconds": round(seconds, 1), "code": code}
     stamp.write_text(json.dumps(commands[key]))
 
 
@@ -165,6 +177,8 @@ def our_loop_copy(folder: Path) -> Path:
 
 def build(args, hf: Path, work: Path, genai_py: str | None) -> tuple[list[Entry], dict]:
     """Every file the table needs, built or found; the entries to measure and the commands behind them."""
+    REBUILD.clear()
+    REBUILD.update(args.rebuild)
     setting = ["--bits", str(args.bits), "--group-size", str(args.group_size), "--sym" if args.sym else "--asym"]
     tag = f"w{args.bits}-b{args.group_size}-{'sym' if args.sym else 'asym'}"
     qc = [sys.executable, "-m", "qcompiler"]
@@ -486,6 +500,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="one more ratio column: decode speed over this variant's at the same level, same round")
     ap.add_argument("--no-quality", dest="quality", action="store_false")
     ap.add_argument("--only-build", action="store_true", help="build the files and stop")
+    ap.add_argument("--rebuild", default="", metavar="NAMES",
+                    help="comma list of variants (or all) built again even where their files exist")
     ap.add_argument("--json", default="bench/decode.json", help="results JSON ('' for none)")
     ap.add_argument("--markdown", default="docs/serving.md", help="page whose table block is rewritten ('' for none)")
     ap.add_argument("--block", default="main", help="which table block of the page (several runs, one page)")
@@ -494,6 +510,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     args.levels = [int(x) for x in args.levels.split(",") if x]
     args.no_quality_for = {v for v in args.no_quality_for.split(",") if v}
+    args.rebuild = {v for v in args.rebuild.split(",") if v}
     args.in_genai = {v for v in args.in_genai.split(",") if v}
     args.added = dict(a.split("=", 1) for a in args.add)
     args.variants = [v for v in args.variants.split(",") if v] + [n for n in args.added if n not in args.variants]
