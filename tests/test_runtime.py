@@ -237,3 +237,34 @@ def test_windows_begin_as_the_tokenizer_begins_a_text(tmp_path):
     np.testing.assert_array_equal(token_windows(with_bos, text, windows=3, length=11, bos=False), plain)
     with pytest.raises(ValueError, match="no room"):
         token_windows(with_bos, text, windows=1, length=2)
+
+
+def test_eval_perplexity_says_how_windows_begin(tmp_path, capsys, cache_dir):
+    """``qcompiler eval --perplexity``: BOS-led windows where the tokenizer adds BOS, said in the output (and the
+    JSON); ``--no-bos`` scores text tokens only."""
+    import json
+
+    import torch
+    import transformers as tf
+
+    from qcompiler.cli import main
+    from qcompiler.frontends import load_model
+    from qcompiler.graphio import save_onnx_atomic
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(num_hidden_layers=1, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=16, architectures=["LlamaForCausalLM"])
+    tf.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "lm")
+    model = load_model(str(tmp_path / "lm"), cache_dir=cache_dir, kv_cache=False).model
+    save_onnx_atomic(model, tmp_path / "lm.onnx")
+    tok = _word_tokenizer(tmp_path / "tok", bos=True)
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(["hackers write programs and the jargon file describes their words"] * 20))
+    common = ["eval", str(tmp_path / "lm.onnx"), "--perplexity", "--tokenizer", tok, "--text", str(text),
+              "--windows", "2", "--window-length", "16"]
+    assert main([*common, "--json", str(tmp_path / "a.json")]) == 0
+    out = capsys.readouterr().out
+    assert "over 30 tokens (2 windows; each window starts with the tokenizer's 1 prefix token(s) [1] (BOS))" in out
+    assert json.loads((tmp_path / "a.json").read_text())["window_prefix"] == [1]
+    assert main([*common, "--no-bos"]) == 0
+    assert "(2 windows; windows of text tokens only)" in capsys.readouterr().out
