@@ -36,7 +36,7 @@ from qcompiler.methods.registry import REGISTRY, get_method
 from qcompiler.package import MODEL_FILE, check_genai_source, write_genai_folder
 from qcompiler.passes import EmbeddingPass, FoldPairsPass, MatMulNBitsPass, OnlineTransformPass, PassManager, QDQPass
 from qcompiler.passes.precision import PrecisionPass
-from qcompiler.plan import QuantPlan, regrid_role
+from qcompiler.plan import QuantPlan, own_grid_site
 from qcompiler.report import CompileResult
 from qcompiler.runtime.session import SessionOptions, compile_session_device
 from qcompiler.runtime.stream_validate import validate_streamed
@@ -149,12 +149,23 @@ def _compile(source: Any, output, config: CompileConfig, method: Method, timings
 
 
 def make_plan(method: Method, ctx: PlanContext) -> QuantPlan:
-    """The method's plan; an output head on its own grid when ``MatchConfig.head_bits`` asks for one."""
-    plan = method.plan(ctx)
+    """The method's plan; an output head on its own grid when ``MatchConfig.head_bits`` asks for one (rounded
+    to nearest: the method never plans it, so no calibration solve or learning is spent on it)."""
     cfg = ctx.config
-    if cfg.match.head_bits is not None and cfg.match.head_bits != cfg.quant.bits:
-        plan = regrid_role(plan, "head", dataclasses.replace(cfg.quant, bits=cfg.match.head_bits), ctx.weight_of)
-    return plan
+    bits = cfg.match.head_bits
+    own = [s for s in ctx.sites if s.role == "head"] if bits is not None and bits != cfg.quant.bits else []
+    if not own:
+        return method.plan(ctx)
+    rest = tuple(s for s in ctx.sites if s.role != "head")
+    analysis = ctx.analysis and dataclasses.replace(
+        ctx.analysis, sites=tuple(s for s in ctx.analysis.sites if s.role != "head"))
+    plan = (method.plan(dataclasses.replace(ctx, sites=rest, analysis=analysis)) if rest
+            else QuantPlan(method.name, cfg.quant, ()))
+    like = plan.sites[0].stats if plan.sites else None
+    grid = dataclasses.replace(cfg.quant, bits=bits)
+    order = {s.id: i for i, s in enumerate(ctx.sites)}
+    sites = [*plan.sites, *(own_grid_site(s, grid, ctx.weight_of, like) for s in own)]
+    return dataclasses.replace(plan, sites=tuple(sorted(sites, key=lambda p: order[p.site.id])))
 
 
 def _check_streamable(method: Method) -> None:

@@ -183,14 +183,26 @@ def joint_rounded_sites(plan: QuantPlan, rtol: float = 1e-5) -> tuple[SitePlan, 
     return tuple(out)
 
 
+def own_grid_site(site: LinearSite, quant: QuantConfig, weight_of: Callable[[LinearSite], np.ndarray],
+                  like: SiteStats | None = None) -> SitePlan:
+    """``site`` rounded to nearest on its own grid ``quant`` (an 8-bit head in a 4-bit model). That is also its
+    RTN and plain-rounding figure wherever the plan's other sites (``like``) record those (a calibrated method's
+    output-error proxies are left out: none was measured on this grid)."""
+    w = weight_of(site)
+    qw = quantize(w, quant.bits, quant.group_size, quant.symmetric)
+    w_hat = qw.dequantize()
+    err = relative_error(w, w_hat)
+    return SitePlan(site, qw, SiteStats(
+        rel_error=err, proxy_error=float(np.sum((w_hat - w) ** 2)),
+        rtn_rel_error=None if like is None or like.rtn_rel_error is None else err,
+        plain_rel_error=None if like is None or like.plain_rel_error is None else err))
+
+
 def regrid_role(plan: QuantPlan, role: str, quant: QuantConfig,
                 weight_of: Callable[[LinearSite], np.ndarray]) -> QuantPlan:
     """``plan`` with the sites of ``role`` (``"head"``: an output head) rounded to nearest on their own grid
-    ``quant`` (an 8-bit head in a 4-bit model); every other site as the method planned it.
-
-    Such a site must carry no transform (no pair or online transform names it: a head never does), so its
-    stored weight is ``weight_of(site)`` itself. A streamed plan is regridded per chunk, before its rewrite.
-    """
+    ``quant``; every other site as the method planned it. Such a site must carry no transform (no pair or
+    online transform names it: a head never does), so its stored weight is ``weight_of(site)`` itself."""
     if plan.released:
         raise ValueError("a released plan holds no codes: regrid each chunk's plan before its rewrite")
     touched = {m for t in plan.online for m in t.sites}
@@ -203,16 +215,6 @@ def regrid_role(plan: QuantPlan, role: str, quant: QuantConfig,
             continue
         if p.site.id in touched:
             raise ValueError(f"{p.site.id}: a transformed site cannot take a grid of its own")
-        w = weight_of(p.site)
-        qw = quantize(w, quant.bits, quant.group_size, quant.symmetric)
-        w_hat = qw.dequantize()
-        err = relative_error(w, w_hat)
-        sq = float(np.sum((w_hat - w) ** 2))
-        # plain RTN on its own grid: also the site's RTN and plain-rounding figure wherever the method kept those
-        # (a calibrated method's output-error proxies are left out: none was measured on this grid)
-        st = p.stats
-        sites.append(SitePlan(p.site, qw, SiteStats(
-            rel_error=err, proxy_error=sq, rtn_rel_error=None if st.rtn_rel_error is None else err,
-            plain_rel_error=None if st.plain_rel_error is None else err)))
+        sites.append(own_grid_site(p.site, quant, weight_of, p.stats))
     return dataclasses.replace(plan, sites=tuple(sites))
 
