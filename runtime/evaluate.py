@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Sequence
@@ -41,6 +42,7 @@ class PerplexityResult:
     windows: int
 
 
+@functools.lru_cache(maxsize=4)  # windows, their prefix and the prompts read one tokenizer, loaded once
 def _tokenizer(tokenizer_dir: str):
     from transformers import AutoTokenizer
 
