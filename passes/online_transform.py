@@ -22,6 +22,7 @@ import logging
 import re
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from qcompiler.algorithms.transforms import apply_blocks
@@ -34,7 +35,12 @@ from qcompiler.plan import OnlineTransform
 
 log = logging.getLogger(__name__)
 
-_CORE = ("_online_MatMul", "_online_Conv")  # one per inserted op, whatever the layout
+_CORE = ("_online_MatMul", "_online_Conv", "_online_Mul")  # one per inserted op, whatever the layout
+
+# ops whose output 0 is a normalised input times a per-channel gain input (plus a bias input): a diagonal
+# online transform of that output is absorbed by scaling the gain and the bias (input indices)
+NORM_GAINS = {"SimplifiedLayerNormalization": (1,), "SkipSimplifiedLayerNormalization": (2,),
+              "RMSNormalization": (1,), "LayerNormalization": (1, 2), "SkipLayerNormalization": (2, 3)}
 
 
 def _name(text: str) -> str:
@@ -50,6 +56,7 @@ class OnlineTransformPass(WeightTransformPass):
             raise PassError(f"online layout must be matmul or conv, got {layout!r}")
         self.layout, self.fold_scale = layout, fold_scale
         self.folded = 0  # inputs whose scaling Mul was folded (after call)
+        self.absorbed = 0  # diagonal transforms absorbed into the gain before them: no node (after call)
 
     def requires(self, graph: gs.Graph) -> None:
         nodes = nodes_by_name(graph)
@@ -76,24 +83,48 @@ class OnlineTransformPass(WeightTransformPass):
             dtype = np.dtype(self.sites[t.sites[0]].dtype)
             inv = np.linalg.inv(t.blocks.astype(np.float64))
             members = {self.sites[sid].node for sid in t.sites}
+            if b == 1:  # diagonal: x / t, absorbed into the gain (and bias) that made x where it can be
+                out = self._diagonal(graph, base, x, 1.0 / t.blocks.reshape(nb).astype(np.float64), members, outputs)
+                self._retarget(nodes, t, out)
+                continue
             scale = _foldable_scale(x, nb * b, members, outputs) if self.fold_scale else None
             if scale is not None:
                 x, s = scale
                 inv = inv * s.reshape(nb, b, 1)  # diag(s) T^-1, block by block
                 self.folded += 1
             out = self._insert(graph, base, x, inv.astype(dtype))
-            for sid in t.sites:
-                site = self.sites[sid]
-                node = nodes[site.node]
-                node.inputs[0] = out
-                slot = weight_slot(nodes, site)
-                slot.value = apply_blocks(t.blocks.astype(np.float64), slot.value)
-                slot.write(f"{site.weight}_T")
+            self._retarget(nodes, t, out)
         if self.transforms:
             graph.cleanup().toposort()
-            log.info("%d online transforms (%s layout), %d input scalings folded into them",
-                     len(self.transforms), self.layout, self.folded)
+            log.info("%d online transforms (%s layout), %d input scalings folded into them, %d diagonal ones "
+                     "absorbed into the gain before them", len(self.transforms), self.layout, self.folded,
+                     self.absorbed)
         return PassResult(graph, bool(self.transforms))
+
+    def _retarget(self, nodes, t: OnlineTransform, out: gs.Tensor) -> None:
+        """The group's sites read ``out`` (``x T^-1``) and store ``T W``."""
+        for sid in t.sites:
+            site = self.sites[sid]
+            nodes[site.node].inputs[0] = out
+            slot = weight_slot(nodes, site)
+            slot.value = apply_blocks(t.blocks.astype(np.float64), slot.value)
+            slot.write(f"{site.weight}_T")
+
+    def _diagonal(self, graph: gs.Graph, base: str, x: gs.Tensor, d: np.ndarray, members: set[str],
+                  outputs: set[str]) -> gs.Tensor:
+        """``x * d``: no node at all where ``x`` is a gain's output read only by the group (the gain, and
+        a norm's bias, take ``d``), else one ``Mul``."""
+        slots = _gain_slots(x, d.size, members, outputs)
+        if slots:
+            for node, i, value in slots:
+                scaled = value.astype(np.float64) * d.reshape((1,) * (value.ndim - 1) + (-1,))
+                node.inputs[i] = gs.Constant(f"{base}_{node.inputs[i].name}_gain", scaled.astype(value.dtype))
+            self.absorbed += 1
+            return x
+        out = gs.Variable(f"{base}_out", dtype=x.dtype)
+        graph.nodes.append(gs.Node("Mul", f"{base}_Mul", inputs=[x, gs.Constant(
+            f"{base}_T_inv", d.astype(x.dtype or np.float32))], outputs=[out]))
+        return out
 
     def _insert(self, graph: gs.Graph, base: str, x: gs.Tensor, inv: np.ndarray) -> gs.Variable:
         """The nodes of ``x -> x T^-1`` (``inv``: ``[K/b, b, b]``); returns their output. Both layouts
@@ -125,7 +156,7 @@ class OnlineTransformPass(WeightTransformPass):
         return out
 
     def ensures(self, graph: gs.Graph) -> None:
-        n = _count(graph) - self._before
+        n = _count(graph) - self._before + self.absorbed
         if n != len(self.transforms):
             raise PassError(f"expected {len(self.transforms)} new online transforms, found {n}")
 
@@ -145,6 +176,42 @@ def _foldable_scale(x: gs.Tensor, k: int, members: set[str], outputs: set[str]) 
                 and np.issubdtype(s.dtype, np.floating) and np.all(np.isfinite(s))):
             return a, s.reshape(k).astype(np.float64)
     return None
+
+
+def _gain_slots(x: gs.Tensor, k: int, members: set[str], outputs: set[str]) -> list[tuple[gs.Node, int, np.ndarray]]:
+    """``(node, input index, value)`` of the constants that scale ``x`` channel by channel, when ``x`` is
+    read only by the group's ``members``: the constant of ``Mul(a, s)`` (``_foldable_scale``'s
+    conditions), or the gain (and bias) of a norm op whose first output is ``x``; else ``[]``."""
+    if len(x.inputs) != 1 or x.name in outputs or any(c.name not in members for c in x.outputs):
+        return []
+    node = x.inputs[0]
+    if node.op == "Reshape":  # rows for a Gemm (GPT-2): the last axis stays K
+        a = node.inputs[0]
+        if a.shape is None or len(a.shape) < 1 or a.shape[-1] != k or x.shape is None or x.shape[-1] != k:
+            return []
+        return _gain_slots(a, k, {node.name}, outputs)
+    if node.op == "Mul":
+        if _foldable_scale(x, k, members, outputs) is None:
+            return []
+        i = 0 if constant_value(node.inputs[0]) is not None else 1
+        return [(node, i, constant_value(node.inputs[i]))]
+    if node.op not in NORM_GAINS or node.outputs[0] is not x:
+        return []
+    slots = []
+    for i in NORM_GAINS[node.op]:
+        if i >= len(node.inputs) or node.inputs[i].name == "":
+            continue
+        value = constant_value(node.inputs[i])
+        if value is None or value.size != k or not np.issubdtype(value.dtype, np.floating):
+            return []
+        slots.append((node, i, value))
+    return slots if slots and slots[0][1] == NORM_GAINS[node.op][0] else []
+
+
+def online_ops(model: onnx.ModelProto) -> int:
+    """The online ops a compiled model runs (one core node each, whatever the layout; a diagonal
+    absorbed into a gain has none)."""
+    return sum(1 for n in model.graph.node if n.name.endswith(_CORE))
 
 
 def _count(graph: gs.Graph) -> int:

@@ -19,7 +19,7 @@ STREAM_AUTO_BYTES = 2 * 1024**3  # external data above this: stream unless told 
 PER_CHANNEL = 0  # group_size value meaning "one group spans all of K"
 FORMATS = ("matmulnbits", "qdq")
 # the registered methods (qcompiler.methods.registry holds one object per name; a test checks they agree)
-METHODS = ("rtn", "rotate", "cafeq", "gptq", "gptaq", "cafeq+gptaq")
+METHODS = ("rtn", "rotate", "sinq", "cafeq", "gptq", "gptaq", "cafeq+gptaq")
 TRANSFORMS = ("single", "vo", "updown")
 JOINT_PAIRS = ("vo", "updown")
 ONLINE_REGIMES = ("batch", "token")  # what --online-budget is a fraction of (methods/online_cost.py)
@@ -165,8 +165,8 @@ class CafeqConfig:
         bad = [t for t in self.transforms if t not in TRANSFORMS]
         if bad:
             raise _bad(CafeqConfig, "transforms", f"takes a subset of {','.join(TRANSFORMS)}, got {','.join(bad)}")
-        if self.block_size < 2 or self.block_size & (self.block_size - 1):
-            raise _bad(CafeqConfig, "block_size", f"must be a power of two >= 2, got {self.block_size}")
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise _bad(CafeqConfig, "block_size", f"must be a power of two (1: diagonal), got {self.block_size}")
         for name in ("loss", "optimizer", "init", "online_regime", "online_layout"):
             choices = next(f.metadata["choices"] for f in fields(CafeqConfig) if f.name == name)
             if getattr(self, name) not in choices:
@@ -233,8 +233,8 @@ class CompileConfig:
     quant: QuantConfig = field(default_factory=QuantConfig)
     match: MatchConfig = field(default_factory=MatchConfig)
     method: str = field(default="rtn", metadata=opt(
-        "rtn: round to nearest; rotate: random rotations; cafeq: learned transforms + joint rounding, no "
-        "data; gptq / gptaq / cafeq+gptaq: calibrated (see docs/methods.md)", choices=METHODS))
+        "rtn: round to nearest; rotate: random rotations; sinq: Sinkhorn-balanced scales folded into the "
+        "model, no data; cafeq: learned transforms + joint rounding, no data; gptq / gptaq / cafeq+gptaq: calibrated (see docs/methods.md)", choices=METHODS))
     format: str = field(default="matmulnbits", metadata=opt(
         "matmulnbits: com.microsoft MatMulNBits; qdq: DequantizeLinear (opset 21) + MatMul", choices=FORMATS))
     accuracy_level: int = field(default=1, metadata=opt(

@@ -10,6 +10,7 @@ import onnx
 from qcompiler import __version__
 from qcompiler.config import CompileConfig
 from qcompiler.plan import QuantPlan, joint_rounded_sites
+from qcompiler.passes.online_transform import online_ops
 from qcompiler.resources import compile_peak_mb
 from qcompiler.runtime.validate import ValidationResult
 from qcompiler.sites import MatchResult
@@ -87,7 +88,10 @@ def summary_lines(result: CompileResult, config: CompileConfig, peak_mb: float, 
             lines.append(f"  {role} {p.site.id}: {p.site.n} x {p.site.k} at {w.bits}-bit block {w.block_size} "
                          f"{'sym' if w.symmetric else 'asym'}, weight rel. error {p.stats.rel_error:.4f}")
     if plan.pair_transforms or plan.online:
-        lines.append(f"  transforms: {len(plan.pair_transforms)} pairs folded, {len(plan.online)} online x T^-1 ops")
+        ops = online_ops(result.model)
+        absorbed = f" ({len(plan.online) - ops} absorbed into the gain before them)" if ops < len(plan.online) else ""
+        lines.append(f"  transforms: {len(plan.pair_transforms)} pairs folded, {len(plan.online)} single, "
+                     f"{ops} online ops{absorbed}")
     for kind in ("attn_vo", "mlp_up_down"):
         ps = [p for p in plan.pair_stats if p.kind == kind]
         if ps:

@@ -65,6 +65,7 @@ def test_units_are_groups_and_lone_uncovered_sites_with_a_usable_block():
     assert [u.id for u in units] == ["qk", "down"]  # cheapest first; o covered; K=36 has no block >= 8
     assert [u.block for u in units] == [64, 64] and units[0].members == ("q", "k")
     assert block_for(96, 64) == 32 and block_for(36, 64) is None
+    assert block_for(36, 1) == 1  # a diagonal T fits any width
 
 
 def test_cheapest_first_skips_what_no_longer_fits():

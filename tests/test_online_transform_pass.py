@@ -148,3 +148,51 @@ def test_only_a_full_width_input_scaling_folds():
     assert _foldable_scale(scaled([2, 3, 8], [8]), 8, {"other"}, set()) is None  # x read by a non-member
     assert _foldable_scale(scaled([2, 3, 8], [8]), 8, {"site"}, {"x"}) is None  # x is a graph output
     assert _foldable_scale(scaled([2, 3, 8], [2, 3, 8]), 8, {"site"}, set()) is None  # not a per-channel gain
+
+
+def _diagonal(analysis, rng):
+    """A random positive diagonal ``T`` (``[K, 1, 1]`` blocks) per sibling group and per lone site."""
+    return [OnlineTransform(t.id, t.input, t.sites, rng.uniform(0.5, 2.0, (t.blocks.shape[0] * 16, 1, 1)))
+            for t in _transforms(analysis, 16, rng)]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # RMSNorm's gain Mul; LayerNormalization's scale and bias
+def test_diagonal_transforms_are_absorbed_into_the_gain_before_them(family, pair_checkpoints, cache_dir):
+    model = load_model(str(pair_checkpoints[family]), cache_dir=cache_dir).model
+    graph = import_graph(model)
+    analysis = analyze_graph(graph, model)
+    transforms = _diagonal(analysis, np.random.default_rng(3))
+    tensors = graph.tensors()
+
+    def producer(name):  # through GPT-2's Reshape to Gemm rows
+        node = tensors[name].inputs[0]
+        return node.inputs[0].inputs[0] if node.op == "Reshape" else node
+    normed = [t for t in transforms if producer(t.input).op == "LayerNormalization"
+              or (producer(t.input).op == "Mul" and any(isinstance(i, gs.Constant) for i in producer(t.input).inputs))]
+    assert len(normed) >= 2  # the norms before q/k/v and gate/up (GPT-2: c_attn and c_fc)
+    before = model.SerializeToString()
+    n_before = len(graph.nodes)
+    p = OnlineTransformPass(transforms, {s.id: s for s in analysis.sites}, "conv")
+    result = p(graph)
+    assert p.absorbed == len(normed)  # no node for them; one Mul for each of the others
+    ops = [n.op for n in result.graph.nodes]
+    assert len(ops) == n_before + len(transforms) - len(normed)
+    assert sum(n.name.endswith("_online_Mul") for n in result.graph.nodes) == len(transforms) - len(normed)
+    _check_equivalent(result.graph, model, before)
+
+
+def test_diagonal_is_not_absorbed_into_a_gain_read_elsewhere(pair_checkpoints, cache_dir):
+    model = load_model(str(pair_checkpoints["llama"]), cache_dir=cache_dir).model
+    graph = import_graph(model)
+    analysis = analyze_graph(graph, model)
+    transforms = _diagonal(analysis, np.random.default_rng(4))
+    gains = _gain_muls(graph, transforms)
+    shared = graph.tensors()[gains[0].input]
+    extra = gs.Variable("extra_out", dtype=shared.dtype, shape=shared.shape)
+    graph.nodes.append(gs.Node("Identity", "extra", inputs=[shared], outputs=[extra]))
+    graph.outputs.append(extra)
+    before = emit_model(graph, model, {}).SerializeToString()
+    p = OnlineTransformPass(transforms, {s.id: s for s in analysis.sites}, "conv")
+    result = p(graph)
+    assert p.absorbed == len(gains) - 1
+    _check_equivalent(result.graph, model, before)

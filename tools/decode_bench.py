@@ -41,6 +41,7 @@ import onnx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from qcompiler.passes.online_transform import online_ops as count_online_ops  # noqa: E402
 from tools.qbench.runner import code_version  # noqa: E402
 
 log = logging.getLogger("decode_bench")
@@ -368,8 +369,7 @@ def online_ops(path: Path) -> int:
     path = path / "model.onnx" if path.is_dir() else path
     if not path.exists():
         return 0
-    graph = onnx.load(str(path), load_external_data=False).graph
-    return sum(1 for n in graph.node if n.name.endswith(("_online_MatMul", "_online_Conv")))
+    return count_online_ops(onnx.load(str(path), load_external_data=False))
 
 
 def _file_mb(p: Path) -> float:

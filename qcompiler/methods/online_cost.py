@@ -60,7 +60,9 @@ class Unit:
 
 
 def block_for(k: int, b: int) -> int | None:
-    """The largest power of two <= b dividing K (at least 8), else None."""
+    """The largest power of two <= b dividing K (at least 8), else None; 1 (diagonal ``T``) for b = 1."""
+    if b == 1:
+        return 1
     while b >= 8:
         if k % b == 0:
             return b

@@ -10,8 +10,9 @@ from qcompiler.methods.cafeq_gptaq import CafeqGptaq
 from qcompiler.methods.gptq import Gptaq, Gptq
 from qcompiler.methods.rotate import Rotate
 from qcompiler.methods.rtn import Rtn
+from qcompiler.methods.sinq import Sinq
 
-REGISTRY: dict[str, Method] = {m.name: m for m in (Rtn(), Rotate(), Cafeq(), Gptq(), Gptaq(), CafeqGptaq())}
+REGISTRY: dict[str, Method] = {m.name: m for m in (Rtn(), Rotate(), Sinq(), Cafeq(), Gptq(), Gptaq(), CafeqGptaq())}
 assert tuple(REGISTRY) == METHODS, "config.METHODS lists the registered methods, in order"
 
 

@@ -30,6 +30,7 @@ from qcompiler.algorithms.cafeq import (
 from qcompiler.algorithms.fold import fold_attn_vo, fold_mlp, product_error
 from qcompiler.algorithms.grid import GridSpec, QuantizedWeight, quantize, replace_columns
 from qcompiler.algorithms.joint import Heads, JointConfig, joint_round
+from qcompiler.algorithms.sinq import sinkhorn_scales
 from qcompiler.algorithms.transforms import apply_blocks
 from qcompiler.config import CafeqConfig, QuantConfig
 from qcompiler.device import resolve_device
@@ -54,6 +55,18 @@ class Recipe:
     name: str  # recorded in the plan
     learned: bool  # learn the transforms (cafeq) or draw random orthogonal ones (rotate: no up·down)
     joint_rounding: bool  # joint rounding of coupled pairs after the transforms (cafeq)
+    # sinq: diagonal transforms from Sinkhorn-balanced quantization groups (algorithms/sinq.py) instead of
+    # learned or random ones, on O (folded into V), on down (folded into up) and on every other unit
+    # (absorbed into the gain before it where there is one)
+    sinkhorn: bool = False
+
+    def block_size(self, cfg: CafeqConfig) -> int:
+        """The block of the single transforms: 1 (diagonal) for sinq, else ``--block-size``."""
+        return 1 if self.sinkhorn else cfg.block_size
+
+    def covers(self, p: CoupledPair) -> bool:
+        """Whether a transform of pair ``p`` covers its consumer's input side (no single transform there)."""
+        return p.kind == ATTN_VO or (self.sinkhorn and p.kind == MLP_UP_DOWN)
 
 
 @dataclass(frozen=True)
@@ -117,10 +130,40 @@ class _Planner:
         diagonal = "diagonal" in p.exact or "positive_diagonal" in p.exact
         return p.kind, (a, b, self.grid(b.shape[0]), self.learn, diagonal)
 
+    def _sinkhorn_pair(self, p: CoupledPair) -> np.ndarray | PairTransform | None:
+        """sinq: the consumer's Sinkhorn scales ``t`` folded into the producer. V·O: ``M_h = diag(t)`` per
+        KV head, ``t`` the geometric mean over the query heads that read it; up·down: up's columns
+        times ``t``, down's rows over ``t`` (positive: exact through the activation's gate)."""
+        t = sinkhorn_scales(self.folded[p.consumer], self.quant.group_size)
+        if p.kind == MLP_UP_DOWN:
+            return None if "positive_diagonal" not in p.exact and "diagonal" not in p.exact else t
+        d = p.head_dim
+        logs = np.zeros((p.num_kv_heads, d))
+        for j, h in enumerate(p.kv_map):
+            logs[h] += np.log(t[j * d:(j + 1) * d])
+        counts = np.bincount(np.asarray(p.kv_map), minlength=p.num_kv_heads)[:, None]
+        return np.stack([np.diag(v) for v in np.exp(logs / np.maximum(counts, 1))])
+
     def pair_transforms(self) -> list[PairTransform]:
         pairs = [p for p in self.analysis.pairs if self._usable(p) and (
             "vo" in self.cfg.transforms if p.kind == ATTN_VO
-            else "updown" in self.cfg.transforms and self.recipe.learned)]
+            else "updown" in self.cfg.transforms and (self.recipe.learned or self.recipe.sinkhorn))]
+        if self.recipe.sinkhorn:
+            out = []
+            for p in pairs:  # in graph order: a pair folds into its producer before that is balanced in turn
+                t = self._sinkhorn_pair(p)
+                if t is None:
+                    continue
+                if p.kind == ATTN_VO:
+                    fold_attn_vo(self.folded[p.producer], None, self.folded[p.consumer], p.producer_cols,
+                                 p.head_dim, p.kv_map, t)
+                    out.append(PairTransform(p, matrices=t))
+                else:
+                    ident = np.arange(len(t))
+                    fold_mlp(self.folded[p.producer], None, p.producer_cols, self.folded[p.consumer], t, ident,
+                             self.folded[p.gate] if p.gate else None, None, p.gate_cols)
+                    out.append(PairTransform(p, scale=t, perm=ident))
+            return out
         learned: dict[str, Any] = {}
         if self.recipe.learned:
             # learned side by side on the factors as they come in: the same as one after another, since
@@ -158,7 +201,8 @@ class _Planner:
         whole model), else of the cheapest units within budget; learned ones only where they beat RTN."""
         if "single" not in self.cfg.transforms:
             return [], {}
-        units = candidate_units(self.sites, self.analysis.groups, covered, self.cfg.block_size, self.step)
+        units = candidate_units(self.sites, self.analysis.groups, covered, self.recipe.block_size(self.cfg),
+                                self.step)
         if self.online_units is not None:
             units = [u for u in units if u.id in self.online_units]
         else:
@@ -169,7 +213,10 @@ class _Planner:
                                      u.block, self.learn) for u in units], f"{self.recipe.name} single")
         for i, u in enumerate(units):
             k = self.sites[u.members[0]].k
-            if not self.recipe.learned:
+            if self.recipe.sinkhorn:  # T = diag(1/t): the members store W / t, the model reads x * t
+                w = np.concatenate([self.folded[m] for m in u.members], axis=1)
+                blocks = (1.0 / sinkhorn_scales(w, self.quant.group_size)).reshape(k, 1, 1)
+            elif not self.recipe.learned:
                 init = "hadamard" if self.cfg.init == "hadamard" else "orthogonal"
                 blocks = initial_blocks(k // u.block, u.block, init, self.rng)
             else:
@@ -221,8 +268,8 @@ class _Planner:
     def plan(self) -> QuantPlan:
         pair_transforms = self.pair_transforms()
         # a V·O transform is a learned block-diagonal transform of O's input side already; up·down's
-        # diagonal and permutation are not, so down stays a candidate for a single transform
-        covered = {t.pair.consumer for t in pair_transforms if t.pair.kind == ATTN_VO}
+        # diagonal and permutation are not (but sinq's diagonal is all it would give down)
+        covered = {t.pair.consumer for t in pair_transforms if self.recipe.covers(t.pair)}
         online, blocks_of = self.online(covered)
         qws = {}
         for sid, w in self.folded.items():
@@ -325,12 +372,13 @@ def joint_memory_bytes(p: CoupledPair, k: int) -> int:
     return 8 * (26 * c * c + 10 * c * k)
 
 
-def select_online_units(analysis: Analysis, cfg: CafeqConfig, step: StepCost) -> frozenset[str]:
+def select_online_units(analysis: Analysis, cfg: CafeqConfig, step: StepCost, recipe: Recipe) -> frozenset[str]:
     """The units a whole-model plan would give online transforms, chosen from shapes alone (V·O pairs
-    assumed to transform their O), for planning the model a chunk at a time."""
+    assumed to transform their O; sinq's up·down pairs their down), for planning the model a chunk at a time."""
     sites = {s.id: s for s in analysis.sites if s.role != "embedding"}
-    covered = {p.consumer for p in analysis.pairs if p.kind == ATTN_VO and "vo" in cfg.transforms}
-    units = candidate_units(sites, analysis.groups, covered, cfg.block_size, step)
+    kinds = {ATTN_VO: "vo", MLP_UP_DOWN: "updown"}
+    covered = {p.consumer for p in analysis.pairs if recipe.covers(p) and kinds[p.kind] in cfg.transforms}
+    units = candidate_units(sites, analysis.groups, covered, recipe.block_size(cfg), step)
     return frozenset(u.id for u in cheapest_first(units, cfg.online_budget))
 
 

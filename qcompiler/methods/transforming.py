@@ -32,7 +32,7 @@ class TransformMethod(Method):
 
     def for_streaming(self, ctx: PlanContext) -> PlanContext:
         """The online units of the whole model, chosen once from shapes (a whole-model plan's choice)."""
-        units = select_online_units(ctx.analysis, ctx.config.cafeq, ctx.step)
+        units = select_online_units(ctx.analysis, ctx.config.cafeq, ctx.step, self.recipe)
         return dataclasses.replace(ctx, online_units=units)
 
     def rounder(self, ctx: PlanContext) -> Rounder | None:
