@@ -39,7 +39,7 @@ def _rel(a, b) -> float:
     return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(np.asarray(b, np.float64)))
 
 
-@pytest.mark.parametrize("method", ["cafeq", "rotate"])
+@pytest.mark.parametrize("method", ["cafeq", "rotate", "sinq"])
 @pytest.mark.parametrize("family", LMS)
 def test_transforms_through_the_cache_are_exact_over_prefill_and_decode(family, method, tiny_checkpoints, cache_dir):
     cfg = CompileConfig(quant=QuantConfig(4, 32, False), method=method, quantize_weights=False, max_error=1e-4,
