@@ -84,6 +84,7 @@ _ODD_BLOCKS = ("ONNX Runtime 1.31 packs 4-bit zero points as one run over all ro
 METHODS: tuple[Method, ...] = (
     Method("rtn", "ours", "round to nearest"),
     Method("rotate", "ours", "random block rotations (the transforms' baseline)", cost=20),
+    Method("sinq", "ours", "SINQ: Sinkhorn-balanced groups, scales folded into the model (no online op)", cost=10),
     Method("cafeq-transforms", "ours", "CafeQ learned transforms, plain rounding", cost=100),
     Method("cafeq", "ours", "CafeQ transforms + joint rounding of coupled pairs", cost=200),
     Method("gptq", "ours", "GPTQ", calibrated=True, cost=80),
