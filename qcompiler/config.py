@@ -234,7 +234,8 @@ class CompileConfig:
     match: MatchConfig = field(default_factory=MatchConfig)
     method: str = field(default="rtn", metadata=opt(
         "rtn: round to nearest; rotate: random rotations; sinq: Sinkhorn-balanced scales folded into the "
-        "model, no data; cafeq: learned transforms + joint rounding, no data; gptq / gptaq / cafeq+gptaq: calibrated (see docs/methods.md)", choices=METHODS))
+        "model, no data; cafeq: learned transforms + joint rounding, no data; gptq / gptaq / cafeq+gptaq: "
+        "calibrated (see docs/methods.md)", choices=METHODS))
     format: str = field(default="matmulnbits", metadata=opt(
         "matmulnbits: com.microsoft MatMulNBits; qdq: DequantizeLinear (opset 21) + MatMul", choices=FORMATS))
     accuracy_level: int = field(default=1, metadata=opt(

@@ -9,8 +9,8 @@ import onnx
 
 from qcompiler import __version__
 from qcompiler.config import CompileConfig
-from qcompiler.plan import QuantPlan, joint_rounded_sites
 from qcompiler.passes.online_transform import online_ops
+from qcompiler.plan import QuantPlan, joint_rounded_sites
 from qcompiler.resources import compile_peak_mb
 from qcompiler.runtime.validate import ValidationResult
 from qcompiler.sites import MatchResult

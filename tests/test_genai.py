@@ -25,6 +25,7 @@ from qcompiler.frontends.tiny import make_tiny_checkpoint
 from qcompiler.inspect.verify import fold_check, random_transforms
 from qcompiler.metadata import EOS_TOKEN_IDS, KV_CACHE_TRANSFORMED, model_properties
 from qcompiler.package import GENAI_CONFIG, check_genai_source, write_genai_folder
+from qcompiler.passes.online_transform import online_ops
 from qcompiler.pipeline import compile_model
 from qcompiler.runtime.generate import generate
 from qcompiler.runtime.inputs import past_feeds
@@ -176,7 +177,7 @@ def test_builder_pair_rejections_say_why(builder_model):
     assert r.producer == "model.layers.1.attn.qkv_proj" and "SparseAttention" in r.reason and "not read" in r.reason
 
 
-@pytest.mark.parametrize("method", ["rtn", "cafeq"])
+@pytest.mark.parametrize("method", ["rtn", "cafeq", "sinq"])
 def test_builder_model_compiled_runs_in_genai(method, builder_model, genai_python, tmp_path):
     config = CompileConfig(method=method, validate=False, cafeq=CafeqConfig(steps=4, joint_rounds=1))
     out = tmp_path / "compiled.onnx"
@@ -186,9 +187,11 @@ def test_builder_model_compiled_runs_in_genai(method, builder_model, genai_pytho
     assert {"model.onnx", GENAI_CONFIG, "tokenizer.json"} <= {p.name for p in folder.iterdir()}
     assert json.loads((folder / GENAI_CONFIG).read_text()) == {
         **json.loads((builder_model.parent / GENAI_CONFIG).read_text())}  # the builder's config, as it was
-    if method == "cafeq":  # V·O folded through GroupQueryAttention: the cache holds V M_h
+    if method != "rtn":  # V·O folded through GroupQueryAttention: the cache holds V M_h
         assert json.loads(model_properties(result.model)[KV_CACHE_TRANSFORMED]) == ["present.0.value",
                                                                                     "present.1.value"]
+    if method == "sinq":  # q/k/v's and gate/up's scales sit in SkipSimplifiedLayerNormalization's gamma
+        assert len(result.plan.online) == 4 and online_ops(result.model) == 0
     assert_same_greedy(genai_tokens(genai_python, folder), out)
 
 

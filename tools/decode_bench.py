@@ -52,6 +52,8 @@ VARIANTS = {
     "rtn": "--method rtn",
     "cafeq": "--method cafeq",
     "gptaq": "--method gptaq",
+    # SINQ's scales folded into norm gains, V and up: rtn's graph, no online op
+    "sinq": "--method sinq",
     # the output head: float, or 4-bit (8-bit is the default of a KV-cache decoder)
     "rtn-headfp": "--method rtn --no-quantize-lm-head",
     "rtn-head4": "--method rtn --head-bits 4",

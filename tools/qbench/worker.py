@@ -28,7 +28,8 @@ from tools.qbench.grid import REFERENCE, Setting
 log = logging.getLogger(__name__)
 
 # our bench methods -> (compile method, CafeqConfig overrides)
-OURS = {"rtn": ("rtn", {}), "rotate": ("rotate", {}), "sinq": ("sinq", {}), "cafeq-transforms": ("cafeq", {"joint_pairs": ()}),
+OURS = {"rtn": ("rtn", {}), "rotate": ("rotate", {}), "sinq": ("sinq", {}),
+        "cafeq-transforms": ("cafeq", {"joint_pairs": ()}),
         "cafeq": ("cafeq", {}), "gptq": ("gptq", {}), "gptaq": ("gptaq", {}), "cafeq+gptaq": ("cafeq+gptaq", {})}
 
 
