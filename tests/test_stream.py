@@ -73,7 +73,8 @@ def test_chunks_keep_pairs_and_groups_whole(external_llama):
 
 
 @pytest.mark.parametrize("method,fmt,embed", [("rtn", "matmulnbits", False), ("rtn", "qdq", True),
-                                              ("cafeq", "matmulnbits", False), ("rotate", "qdq", False)])
+                                              ("cafeq", "matmulnbits", False), ("rotate", "qdq", False),
+                                              ("sinq", "matmulnbits", False)])
 def test_streamed_model_equals_the_whole_model_compile(external_llama, tmp_path, method, fmt, embed):
     from qcompiler.config import MatchConfig
 

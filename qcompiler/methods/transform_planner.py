@@ -205,7 +205,7 @@ class _Planner:
                                 self.step)
         if self.online_units is not None:
             units = [u for u in units if u.id in self.online_units]
-        else:
+        elif not self.recipe.sinkhorn:  # sinq scales every unit (a gain before it absorbs the scale for free)
             units = cheapest_first(units, self.cfg.online_budget)
         out, blocks_of = [], {}
         learned = [] if not self.recipe.learned else self.pool.map(
@@ -379,7 +379,7 @@ def select_online_units(analysis: Analysis, cfg: CafeqConfig, step: StepCost, re
     kinds = {ATTN_VO: "vo", MLP_UP_DOWN: "updown"}
     covered = {p.consumer for p in analysis.pairs if recipe.covers(p) and kinds[p.kind] in cfg.transforms}
     units = candidate_units(sites, analysis.groups, covered, recipe.block_size(cfg), step)
-    return frozenset(u.id for u in cheapest_first(units, cfg.online_budget))
+    return frozenset(u.id for u in (units if recipe.sinkhorn else cheapest_first(units, cfg.online_budget)))
 
 
 def plan_transforms(analysis: Analysis, weight_of: Callable[[LinearSite], np.ndarray], quant: QuantConfig,
