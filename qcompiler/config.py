@@ -93,8 +93,9 @@ class MatchConfig:
 
     # a decode step reads the whole head: at SmolLM2's size (49152 x 576, tied to the embedding) a float head
     # is more bytes per token than all 30 layers at 4 bits. 8-bit costs nothing measurable (4-bit block 128
-    # sym rtn: perplexity 33.80 float head, 33.77 8-bit, 44.24 4-bit) and decodes 14% faster (docs/serving.md).
-    # None: on for a decoder that serves tokens (a KV-cache graph), off for every other graph
+    # sym rtn: perplexity 33.80 float head, 33.77 8-bit, 44.24 4-bit) and decodes 14% faster at accuracy
+    # level 4 (docs/serving.md). None: on for a decoder that serves tokens (a KV-cache graph), off for every
+    # other graph, and off for an 8-bit head below --accuracy-level 4 (pipeline._resolve_head: 4x slower)
     quantize_lm_head: bool | None = field(default=None, metadata=opt(
         "quantize the output head (the logits MatMul) on its own grid (--head-bits), rounded to nearest; a head "
         "tied to the embedding gets its own quantized copy (default: on for KV-cache decoders, which read the "
@@ -105,6 +106,8 @@ class MatchConfig:
     head_bits: int | None = field(default=8, metadata=opt(
         "bits of the output head, rounded to nearest on its own grid with --group-size's block and the same "
         "symmetry (None in the API: --bits, and the method's own rounding)", choices=SUPPORTED_BITS))
+    # why the head stays float where the compiler, not the user, turned it off (pipeline._resolve_head)
+    head_float_reason: str = ""
     gather_embeddings: bool = field(default=False, metadata=opt(
         "read quantized embedding tables with com.microsoft GatherBlockQuantized (only the rows a run asks "
         "for) instead of dequantizing the whole table every run"))

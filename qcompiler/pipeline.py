@@ -29,7 +29,7 @@ from qcompiler.errors import ConfigError, NothingToQuantizeError, OutputError, V
 from qcompiler.external import SPILL_NAME, DataSink, external_sources, save_with_external_data
 from qcompiler.frontends import LoadedModel, load_model
 from qcompiler.graphio import check_writable, import_graph, save_onnx_atomic, saved_bytes, write_text_atomic
-from qcompiler.match.sites import find_linear_sites, weight_reader
+from qcompiler.match.sites import find_linear_sites, head_is_quantized, weight_reader
 from qcompiler.metadata import KV_CACHE_TRANSFORMED, MODEL_KIND, SITES, TOKENIZER, module_paths
 from qcompiler.methods.base import Method, PlanContext, Setup
 from qcompiler.methods.registry import REGISTRY, get_method
@@ -111,6 +111,7 @@ def _compile(source: Any, output, config: CompileConfig, method: Method, timings
     config = _resolve_layout(config, loaded)
     with timings("match"):
         graph = import_graph(loaded.model, loaded.data_dir)
+        config = _resolve_head(config, graph)
         match, analysis = match_sites(graph, loaded, config, method)
     with timings("prepare"):
         ctx = method.prepare(Setup(config, loaded, graph, match, analysis, weight_reader(graph), progress))
@@ -204,6 +205,23 @@ def match_sites(graph: gs.Graph, loaded: LoadedModel, config: CompileConfig,
         raise NothingToQuantizeError(f"nothing to quantize in {loaded.source}: no MatMul/Gemm with a "
                                      f"constant 2-D weight ({len(match.rejected)} candidates rejected)")
     return match, analysis
+
+
+def _resolve_head(config: CompileConfig, graph: gs.Graph) -> CompileConfig:
+    """``--quantize-lm-head`` unset on a KV-cache decoder: an 8-bit head only where MatMulNBits runs it on
+    its int8 kernel (``--accuracy-level 4``). At the other levels ONNX Runtime's CPU kernel dequantizes
+    an 8-bit weight every run: SmolLM2's token step took 190 ms with it against 44 ms with the float head
+    at level 1 (17-19 ms at level 4), so the head stays float there (a 4-bit ``--head-bits`` is quantized
+    at any level: 35 ms)."""
+    m = config.match
+    bits = m.head_bits or config.quant.bits
+    if (m.quantize_lm_head is not None or config.format != "matmulnbits" or bits != 8
+            or config.accuracy_level == 4 or not head_is_quantized(graph, m)):
+        return config
+    why = (f"an 8-bit head is slow at --accuracy-level {config.accuracy_level}, ONNX Runtime's int8 kernel needs "
+           f"level 4; --accuracy-level 4, --head-bits 4 or --quantize-lm-head quantize it")
+    log.info("output head kept float: %s", why)
+    return dataclasses.replace(config, match=dataclasses.replace(m, quantize_lm_head=False, head_float_reason=why))
 
 
 def _resolve_layout(config: CompileConfig, loaded: LoadedModel) -> CompileConfig:

@@ -34,14 +34,21 @@ def test_family_compiles_and_runs_in_plain_onnxruntime(family, fmt, tiny_checkpo
 
 
 def test_lm_head_switch(tiny_checkpoints, cache_dir):
-    """A KV-cache decoder's head is quantized on its own 8-bit grid by default (it is read every token); off with
-    quantize_lm_head=False; a scoring graph without a cache keeps it float unless asked; head_bits=None puts it on
-    --bits' grid."""
+    """A KV-cache decoder's head is quantized on its own 8-bit grid by default at accuracy level 4 (it is read
+    every token) and kept float below it (an 8-bit MatMulNBits is slow there), unless asked or 4-bit; off with
+    quantize_lm_head=False; a scoring graph without a cache keeps it float unless asked; head_bits=None puts it
+    on --bits' grid."""
     src = str(tiny_checkpoints["llama"])
-    base = compile_model(src, None, CompileConfig(), cache_dir=cache_dir)
+    base = compile_model(src, None, CompileConfig(accuracy_level=4), cache_dir=cache_dir)
     (head,) = [s for s in base.plan.sites if s.site.role == "head"]
     assert (head.weight.bits, head.weight.block_size, head.weight.symmetric) == (8, 32, False)
-    off = compile_model(src, None, CompileConfig(match=MatchConfig(quantize_lm_head=False)), cache_dir=cache_dir)
+    level1 = compile_model(src, None, CompileConfig(), cache_dir=cache_dir)
+    assert len(level1.plan.sites) == len(base.plan.sites) - 1
+    assert any("slow at --accuracy-level 1" in r.reason for r in level1.match.rejected)
+    asked = compile_model(src, None, CompileConfig(match=MatchConfig(quantize_lm_head=True)), cache_dir=cache_dir)
+    assert [s.weight.bits for s in asked.plan.sites if s.site.role == "head"] == [8]
+    off = compile_model(src, None, CompileConfig(accuracy_level=4, match=MatchConfig(quantize_lm_head=False)),
+                        cache_dir=cache_dir)
     assert len(off.plan.sites) == len(base.plan.sites) - 1
     assert any("--no-quantize-lm-head" in r.reason for r in off.match.rejected)
     scoring = compile_model(src, None, CompileConfig(kv_cache=False), cache_dir=cache_dir)

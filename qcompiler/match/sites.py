@@ -179,7 +179,7 @@ def find_linear_sites(
                 rejected.append(Rejection(node.name, node.op, f"weight {what}", mid))
                 continue
         if head and not quantize_head:
-            why = ("--no-quantize-lm-head" if config.quantize_lm_head is False
+            why = (config.head_float_reason or "--no-quantize-lm-head" if config.quantize_lm_head is False
                    else "not a KV-cache decoder; --quantize-lm-head quantizes it")
             rejected.append(Rejection(node.name, node.op, f"output head (kept in float: {why})", mid))
             continue
