@@ -47,6 +47,8 @@ def test_lm_head_switch(tiny_checkpoints, cache_dir):
     assert any("slow at --accuracy-level 1" in r.reason for r in level1.match.rejected)
     asked = compile_model(src, None, CompileConfig(match=MatchConfig(quantize_lm_head=True)), cache_dir=cache_dir)
     assert [s.weight.bits for s in asked.plan.sites if s.site.role == "head"] == [8]
+    four_bit = compile_model(src, None, CompileConfig(match=MatchConfig(head_bits=4)), cache_dir=cache_dir)
+    assert [s.weight.bits for s in four_bit.plan.sites if s.site.role == "head"] == [4]  # fast at any level
     off = compile_model(src, None, CompileConfig(accuracy_level=4, match=MatchConfig(quantize_lm_head=False)),
                         cache_dir=cache_dir)
     assert len(off.plan.sites) == len(base.plan.sites) - 1
