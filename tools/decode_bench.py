@@ -112,7 +112,12 @@ def _stamp(out: Path) -> Path:
 
 
 def _built(out: Path, cmd: list[str]) -> bool:
-    return out.exists() and _stamp(out).exists() and json.loads(_stamp(out).read_text()).get("cmd") == cmd
+    """A file of the same command is there (whichever Python ran it: ``python`` and ``python3`` name the same
+    one as often as not)."""
+    if not (out.exists() and _stamp(out).exists()):
+        return False
+    done = json.loads(_stamp(out).read_text()).get("cmd") or []
+    return done[1:] == cmd[1:]
 
 
 REBUILD: set[str] = set()  # --rebuild: the keys (or "all") built again even where a file of the same command exists
