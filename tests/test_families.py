@@ -10,8 +10,10 @@ from qcompiler.runtime.inputs import sample_inputs
 from tests.conftest import FAMILIES, run_plain_onnxruntime
 
 # sites per tiny 2-layer model: (q,k,v,o,up,down[,gate]) x 2; GPT-2 has fused c_attn; the causal LMs (KV-cache
-# decoders) also their output head, on its own 8-bit grid by default
+# decoders) also their output head, on its own 8-bit grid by default (qdq; MatMulNBits only at accuracy level 4,
+# and these compile at level 1)
 EXPECTED_SITES = {"gpt2": 9, "llama": 15, "qwen2": 15, "gemma2": 15, "bert": 12}
+HEADS = {"gpt2": 1, "llama": 1, "qwen2": 1, "gemma2": 1, "bert": 0}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -21,7 +23,7 @@ def test_family_compiles_and_runs_in_plain_onnxruntime(family, fmt, tiny_checkpo
     cfg = CompileConfig(quant=QuantConfig(4, 32, False), format=fmt)
     result = compile_model(str(tiny_checkpoints[family]), out, cfg, cache_dir=cache_dir)
     assert out.is_file()
-    assert len(result.plan.sites) == EXPECTED_SITES[family]
+    assert len(result.plan.sites) == EXPECTED_SITES[family] - (HEADS[family] if fmt == "matmulnbits" else 0)
     # tiny random models have small, noisy weights: the budget is loose but not vacuous
     assert result.validation.max_rel_error < 0.25, result.validation
     assert result.validation.min_cosine > 0.97
