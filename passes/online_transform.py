@@ -81,12 +81,12 @@ class OnlineTransformPass(WeightTransformPass):
             nb, b, _ = t.blocks.shape
             base = _name(t.id) + "_online"
             dtype = np.dtype(self.sites[t.sites[0]].dtype)
-            inv = np.linalg.inv(t.blocks.astype(np.float64))
             members = {self.sites[sid].node for sid in t.sites}
             if b == 1:  # diagonal: x / t, absorbed into the gain (and bias) that made x where it can be
-                out = self._diagonal(graph, base, x, 1.0 / t.blocks.reshape(nb).astype(np.float64), members, outputs)
-                self._retarget(nodes, t, out)
+                d = 1.0 / t.blocks.reshape(nb).astype(np.float64)
+                self._retarget(nodes, t, self._diagonal(graph, base, x, d, dtype, members, outputs))
                 continue
+            inv = np.linalg.inv(t.blocks.astype(np.float64))
             scale = _foldable_scale(x, nb * b, members, outputs) if self.fold_scale else None
             if scale is not None:
                 x, s = scale
@@ -110,8 +110,8 @@ class OnlineTransformPass(WeightTransformPass):
             slot.value = apply_blocks(t.blocks.astype(np.float64), slot.value)
             slot.write(f"{site.weight}_T")
 
-    def _diagonal(self, graph: gs.Graph, base: str, x: gs.Tensor, d: np.ndarray, members: set[str],
-                  outputs: set[str]) -> gs.Tensor:
+    def _diagonal(self, graph: gs.Graph, base: str, x: gs.Tensor, d: np.ndarray, dtype: np.dtype,
+                  members: set[str], outputs: set[str]) -> gs.Tensor:
         """``x * d``: no node at all where ``x`` is a gain's output read only by the group (the gain, and
         a norm's bias, take ``d``), else one ``Mul``."""
         slots = _gain_slots(x, d.size, members, outputs)
@@ -122,8 +122,8 @@ class OnlineTransformPass(WeightTransformPass):
             self.absorbed += 1
             return x
         out = gs.Variable(f"{base}_out", dtype=x.dtype)
-        graph.nodes.append(gs.Node("Mul", f"{base}_Mul", inputs=[x, gs.Constant(
-            f"{base}_T_inv", d.astype(x.dtype or np.float32))], outputs=[out]))
+        graph.nodes.append(gs.Node("Mul", f"{base}_Mul", inputs=[x, gs.Constant(f"{base}_T_inv", d.astype(dtype))],
+                                   outputs=[out]))
         return out
 
     def _insert(self, graph: gs.Graph, base: str, x: gs.Tensor, inv: np.ndarray) -> gs.Variable:

@@ -1,5 +1,5 @@
 """--method cafeq / rotate end to end: exact transforms (weights left in float), better weights than
-RTN, the plan's contents, and MiniLM quality at 3 bits."""
+RTN, the plan's contents, and MiniLM quality at 3 bits. sinq's folded scales are exact here too."""
 
 import numpy as np
 import pytest
@@ -7,6 +7,7 @@ import pytest
 from qcompiler.cli import main
 from qcompiler.config import CafeqConfig, CompileConfig, QuantConfig
 from qcompiler.errors import ConfigError
+from qcompiler.passes.online_transform import online_ops
 from qcompiler.pipeline import compile_model
 from qcompiler.plan import QuantPlan
 from qcompiler.runtime.inputs import sample_inputs
@@ -18,7 +19,7 @@ QUICK = CafeqConfig(steps=15, online_budget=1.0)  # every group gets an online t
 PLAIN = False
 
 
-@pytest.mark.parametrize("method", ["cafeq", "rotate"])
+@pytest.mark.parametrize("method", ["cafeq", "rotate", "sinq"])
 @pytest.mark.parametrize("family", FAMILIES + ("phi3",))
 def test_transforms_alone_leave_the_model_unchanged(family, method, pair_checkpoints, cache_dir):
     cfg = CompileConfig(quant=QuantConfig(3, 32, False), method=method, cafeq=QUICK, quantize_weights=False,
@@ -34,6 +35,9 @@ def test_transforms_alone_leave_the_model_unchanged(family, method, pair_checkpo
     assert res.plan.online, "no online transform was inserted"
     if method == "rotate":
         assert len(res.plan.pair_transforms) == 2  # V·O of both layers
+    if method == "sinq" and family == "llama":  # every scaling of a single matrix sits in the RMSNorm gain
+        assert {t.pair.kind for t in res.plan.pair_transforms} == {"attn_vo", "mlp_up_down"}
+        assert online_ops(res.model) == 0 and all(t.blocks.shape[1:] == (1, 1) for t in res.plan.online)
     assert not [n for n in res.model.graph.node if n.op_type == "MatMulNBits"]
 
 

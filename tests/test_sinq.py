@@ -1,6 +1,6 @@
 """SINQ (algorithms/sinq.py, --method sinq): balanced tiles, better rounding than RTN on unbalanced
-weights, exact folds (weights left in float leave every tiny family's outputs unchanged, through the
-KV cache too), and no online op where a gain precedes the weights."""
+weights. Its folds' exactness with float weights, and no online op on llama: test_cafeq_method (every tiny
+family) and test_kv_pairs (through the KV cache)."""
 
 import numpy as np
 import pytest
@@ -8,12 +8,7 @@ import pytest
 from qcompiler.algorithms.grid import quantize
 from qcompiler.algorithms.sinq import imbalance, sinkhorn_scales, sinkhorn_tiles
 from qcompiler.config import CompileConfig, QuantConfig
-from qcompiler.frontends import load_model
-from qcompiler.passes.online_transform import online_ops
 from qcompiler.pipeline import compile_model
-from qcompiler.runtime.inputs import sample_inputs
-from tests.conftest import FAMILIES
-from tests.helpers import outputs, rel
 
 
 def _unbalanced(rng, k=256, n=96):
@@ -51,24 +46,6 @@ def test_balanced_groups_round_better_than_rtn(bits):
     rtn = quantize(w.astype(np.float32), bits, 64, True).dequantize()
     sinq = quantize((w / t[:, None]).astype(np.float32), bits, 64, True).dequantize() * t[:, None]
     assert np.linalg.norm(sinq - w) < 0.9 * np.linalg.norm(rtn - w)
-
-
-@pytest.mark.parametrize("family", FAMILIES + ("phi3",))
-def test_folded_scales_leave_the_model_unchanged(family, pair_checkpoints, cache_dir):
-    """Weights left in float: the scales folded into gains, V and up (and online where nothing precedes)
-    change nothing (decode steps through the cache: test_kv_pairs)."""
-    cfg = CompileConfig(quant=QuantConfig(3, 32, False), method="sinq", quantize_weights=False, validate=False,
-                        kv_cache=False)  # the cache graph's present.N.value hold V M_h by design
-    res = compile_model(str(pair_checkpoints[family]), None, cfg, cache_dir=cache_dir)
-    original = load_model(str(pair_checkpoints[family]), cache_dir=cache_dir, kv_cache=False).model
-    feeds = sample_inputs(original, batch=2, seq=9)
-    ref, got = outputs(original, feeds), outputs(res.model, feeds)
-    err = max(rel(got[k], ref[k]) for k in ref)
-    assert err <= 1e-4, err
-    assert res.plan.online and res.plan.pair_transforms
-    if family == "llama":  # every single-matrix scaling sits in the RMSNorm gain before it: no op at all
-        assert {t.pair.kind for t in res.plan.pair_transforms} == {"attn_vo", "mlp_up_down"}
-        assert online_ops(res.model) == 0 and all(t.blocks.shape[1:] == (1, 1) for t in res.plan.online)
 
 
 def test_sinq_weights_beat_rtn_on_a_tiny_llama(pair_checkpoints, cache_dir):

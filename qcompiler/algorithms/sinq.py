@@ -22,11 +22,19 @@ STEP = (0.7, 2.0)  # one step changes a scale by at most this factor (down, up)
 LOG_RANGE = (-0.3, 10.0)  # bounds of the accumulated log scales
 
 
-def imbalance(w: np.ndarray) -> np.ndarray:
-    """Largest over smallest std of the rows and columns of each ``[..., K, N]`` matrix."""
-    r, c = w.std(axis=-1, ddof=1), w.std(axis=-2, ddof=1)
+def _stds(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The std of each row and each column of every ``[..., K, N]`` matrix."""
+    return w.std(axis=-1, ddof=1), w.std(axis=-2, ddof=1)
+
+
+def _imbalance(r: np.ndarray, c: np.ndarray) -> np.ndarray:
     lo = np.maximum(np.minimum(r.min(axis=-1), c.min(axis=-1)), 1e-12)
     return np.maximum(r.max(axis=-1), c.max(axis=-1)) / lo
+
+
+def imbalance(w: np.ndarray) -> np.ndarray:
+    """Largest over smallest std of the rows and columns of each ``[..., K, N]`` matrix."""
+    return _imbalance(*_stds(w))
 
 
 def sinkhorn_tiles(tiles: np.ndarray, iterations: int = ITERATIONS) -> tuple[np.ndarray, np.ndarray]:
@@ -35,23 +43,23 @@ def sinkhorn_tiles(tiles: np.ndarray, iterations: int = ITERATIONS) -> tuple[np.
     first step that does not improve on its best, as the paper's code does."""
     m = tiles.astype(np.float64)
     g, k, n = m.shape
-    target = np.minimum(np.clip(m.std(axis=2, ddof=1), *CLIP).min(axis=1),
-                        np.clip(m.std(axis=1, ddof=1), *CLIP).min(axis=1)) + 1e-6  # [G]
+    r0, c0 = _stds(m)
+    target = np.minimum(np.clip(r0, *CLIP).min(axis=1), np.clip(c0, *CLIP).min(axis=1)) + 1e-6  # [G]
     log_t, log_s = np.zeros((g, k)), np.zeros((g, n))
     best_t, best_s = np.ones((g, k)), np.ones((g, n))
     best = np.full(g, np.inf)
     running = np.ones(g, dtype=bool)
     for _ in range(iterations + 1):
-        cur = m / np.exp(log_t)[:, :, None] / np.exp(log_s)[:, None, :]
-        ib = imbalance(cur)
+        r, c = _stds(m / np.exp(log_t)[:, :, None] / np.exp(log_s)[:, None, :])  # one pass per step
+        ib = _imbalance(r, c)
         better = running & (ib <= best)
         best = np.where(better, ib, best)
         best_t[better], best_s[better] = np.exp(log_t[better]), np.exp(log_s[better])
         running &= ib <= best
         if not running.any():
             break
-        step_t = np.log(np.clip(np.clip(cur.std(axis=2, ddof=1), *CLIP) / target[:, None], *STEP))
-        step_s = np.log(np.clip(np.clip(cur.std(axis=1, ddof=1), *CLIP) / target[:, None], *STEP))
+        step_t = np.log(np.clip(np.clip(r, *CLIP) / target[:, None], *STEP))
+        step_s = np.log(np.clip(np.clip(c, *CLIP) / target[:, None], *STEP))
         log_t = np.where(running[:, None], np.clip(log_t + step_t, *LOG_RANGE), log_t)
         log_s = np.where(running[:, None], np.clip(log_s + step_s, *LOG_RANGE), log_s)
     return best_t, best_s

@@ -130,40 +130,26 @@ class _Planner:
         diagonal = "diagonal" in p.exact or "positive_diagonal" in p.exact
         return p.kind, (a, b, self.grid(b.shape[0]), self.learn, diagonal)
 
-    def _sinkhorn_pair(self, p: CoupledPair) -> np.ndarray | PairTransform | None:
-        """sinq: the consumer's Sinkhorn scales ``t`` folded into the producer. V·O: ``M_h = diag(t)`` per
-        KV head, ``t`` the geometric mean over the query heads that read it; up·down: up's columns
-        times ``t``, down's rows over ``t`` (positive: exact through the activation's gate)."""
+    def _sinkhorn_pair(self, p: CoupledPair) -> Any:
+        """sinq: the consumer's Sinkhorn scales ``t``, in the form a learned pair takes. V·O: ``M_h = diag(t)``
+        per KV head, ``t`` the geometric mean over the query heads that read it (a ``LearnResult``-like
+        ``.value``); up·down: ``(identity, t)`` (up's columns times ``t``, down's rows over it), or None where
+        no diagonal passes the activation exactly."""
         t = sinkhorn_scales(self.folded[p.consumer], self.quant.group_size)
         if p.kind == MLP_UP_DOWN:
-            return None if "positive_diagonal" not in p.exact and "diagonal" not in p.exact else t
+            exact = "positive_diagonal" in p.exact or "diagonal" in p.exact
+            return (np.arange(len(t)), t) if exact else None
         d = p.head_dim
         logs = np.zeros((p.num_kv_heads, d))
         for j, h in enumerate(p.kv_map):
             logs[h] += np.log(t[j * d:(j + 1) * d])
         counts = np.bincount(np.asarray(p.kv_map), minlength=p.num_kv_heads)[:, None]
-        return np.stack([np.diag(v) for v in np.exp(logs / np.maximum(counts, 1))])
+        return _Scales(np.stack([np.diag(v) for v in np.exp(logs / np.maximum(counts, 1))]))
 
     def pair_transforms(self) -> list[PairTransform]:
         pairs = [p for p in self.analysis.pairs if self._usable(p) and (
             "vo" in self.cfg.transforms if p.kind == ATTN_VO
             else "updown" in self.cfg.transforms and (self.recipe.learned or self.recipe.sinkhorn))]
-        if self.recipe.sinkhorn:
-            out = []
-            for p in pairs:  # in graph order: a pair folds into its producer before that is balanced in turn
-                t = self._sinkhorn_pair(p)
-                if t is None:
-                    continue
-                if p.kind == ATTN_VO:
-                    fold_attn_vo(self.folded[p.producer], None, self.folded[p.consumer], p.producer_cols,
-                                 p.head_dim, p.kv_map, t)
-                    out.append(PairTransform(p, matrices=t))
-                else:
-                    ident = np.arange(len(t))
-                    fold_mlp(self.folded[p.producer], None, p.producer_cols, self.folded[p.consumer], t, ident,
-                             self.folded[p.gate] if p.gate else None, None, p.gate_cols)
-                    out.append(PairTransform(p, scale=t, perm=ident))
-            return out
         learned: dict[str, Any] = {}
         if self.recipe.learned:
             # learned side by side on the factors as they come in: the same as one after another, since
@@ -173,12 +159,14 @@ class _Planner:
             results = self.pool.map(_learn_pair, [self._pair_task(p) for p in free], f"{self.recipe.name} pairs")
             learned = {p.id: r for p, r in zip(free, results, strict=True)}
         out = []
-        for p in pairs:
+        for p in pairs:  # in graph order: a pair folds into its factors before a later pair reads them
             res = learned[p.id] if p.id in learned else None
-            if res is None and self.recipe.learned:
+            if self.recipe.sinkhorn:
+                res = self._sinkhorn_pair(p)
+            elif res is None and self.recipe.learned:
                 res = self.pool.map(_learn_pair, [self._pair_task(p)])[0]
             if p.kind == ATTN_VO:
-                if not self.recipe.learned:
+                if res is None:  # rotate
                     mats = initial_blocks(p.num_kv_heads, p.head_dim, "orthogonal", self.rng)
                 else:
                     mats = res.value
@@ -188,6 +176,8 @@ class _Planner:
                              p.kv_map, mats)
                 out.append(PairTransform(p, matrices=mats))
             else:
+                if res is None:
+                    continue
                 perm, scale = res
                 if np.array_equal(perm, np.arange(len(perm))) and np.allclose(scale, 1.0):
                     continue
@@ -327,6 +317,13 @@ class _Planner:
                                  product_error(a1, b1, ea, eb, *heads), proxy_rtn, proxy,
                                  product_error(a1, b1, pa, pb, *heads), self.joint_outcome.get(p.id)))
         return out
+
+
+@dataclass(frozen=True)
+class _Scales:
+    """sinq's V·O matrices, shaped like a learner's result (``.value``)."""
+
+    value: np.ndarray
 
 
 def _learn_pair(kind: str, args: tuple) -> Any:
