@@ -155,3 +155,173 @@ def joint_round(a: np.ndarray, b: np.ndarray, grid_a: GridSpec, grid_b: GridSpec
         if history[-1] < best[0]:
             best = (history[-1], qa, qb)
     return JointResult(best[1], best[2], plain, best[0], tuple(history))
+
+
+@dataclass(frozen=True)
+class JointItem:
+    """One pair of a batch: the factors (float, untransformed) and their stored forms' transforms."""
+
+    a: np.ndarray  # [K, C]
+    b: np.ndarray  # [R, N]
+    a_blocks: np.ndarray | None = None
+    b_blocks: np.ndarray | None = None
+
+
+def joint_round_batch(items: list[JointItem], grid_a: GridSpec, grid_b: GridSpec, heads: Heads | None = None,
+                      cfg: JointConfig = JointConfig(), device: str = "cpu") -> list[JointResult]:
+    """:func:`joint_round` of pairs of one shape (and one layout of transforms: all or none per factor) as one
+    batch, in torch on ``device`` (:mod:`solver`). :func:`joint_round` is its reference."""
+    import torch
+
+    from qcompiler.algorithms import solver
+
+    if not items:
+        return []
+    for side in ("a_blocks", "b_blocks"):
+        if len({None if getattr(it, side) is None else getattr(it, side).shape for it in items}) > 1:
+            raise ValueError(f"a batch's pairs must all have {side} of one shape, or none")
+    f64 = torch.float64
+
+    def stack(arrays) -> torch.Tensor:
+        return torch.stack([torch.as_tensor(np.asarray(x, dtype=np.float64)) for x in arrays]).to(device)
+
+    a, b = stack([it.a for it in items]), stack([it.b for it in items])
+    channel = cfg.channel_weight if heads is None else 0.0
+    heads = _heads(heads, items[0].a)
+    if b.shape[1] != heads.head_dim * len(heads.kv_map):
+        raise ValueError(f"B has {b.shape[1]} rows; the heads need {heads.head_dim * len(heads.kv_map)}")
+    ta = stack([it.a_blocks for it in items]) if items[0].a_blocks is not None else None
+    tb = stack([it.b_blocks for it in items]) if items[0].b_blocks is not None else None
+    ta_inv = torch.linalg.inv(ta) if ta is not None else None
+    tb_inv = torch.linalg.inv(tb) if tb is not None else None
+    a_st, b_st = _blocks_t(ta, a), _blocks_t(tb, b)
+    d, p_count = heads.head_dim, len(items)
+
+    def dq(q: solver._Grid, group: int) -> torch.Tensor:
+        rows = torch.arange(q.codes.shape[1], device=q.codes.device) // group
+        return solver.dequant(q.codes, q.scales[:, rows], q.zps[:, rows]).to(f64)
+
+    ga, gb = grid_a.group_size or a.shape[1], grid_b.group_size or b.shape[1]
+
+    def eff_a(q: solver._Grid) -> torch.Tensor:
+        return _blocks_t(ta_inv, dq(q, ga))
+
+    def eff_b(q: solver._Grid) -> torch.Tensor:
+        return _blocks_t(tb_inv, dq(q, gb))
+
+    def pqe(a_hat: torch.Tensor, b_hat: torch.Tensor) -> torch.Tensor:
+        num = torch.zeros(p_count, dtype=f64, device=device)
+        den = torch.zeros_like(num)
+        for j, kv in enumerate(heads.kv_map):
+            c, r = slice(kv * d, (kv + 1) * d), slice(j * d, (j + 1) * d)
+            ref = a[:, :, c] @ b[:, r]
+            num += ((a_hat[:, :, c] @ b_hat[:, r] - ref) ** 2).sum((1, 2))
+            den += (ref ** 2).sum((1, 2))
+        return (num / den.clamp_min(1e-30)).sqrt()
+
+    def rtn(w: torch.Tensor, grid: GridSpec) -> solver._Grid:
+        g = grid.group_size or w.shape[1]
+        s, z = solver.fit(solver._groups(w.transpose(1, 2), g), grid.bits, grid.symmetric)  # [P, N, nb]
+        s, z = s.transpose(1, 2).contiguous(), z.transpose(1, 2).contiguous()
+        rows = torch.arange(w.shape[1], device=w.device) // g
+        return solver._Grid(s, z, solver.codes_of(w, s[:, rows], z[:, rows], grid.bits))
+
+    qa, qb = rtn(a_st, grid_a), rtn(b_st, grid_b)
+    a_hat, b_hat = eff_a(qa), eff_b(qb)
+    best_err = pqe(a_hat, b_hat)
+    plain = best_err.clone()
+    best_a, best_b = qa, qb
+    history: list[torch.Tensor] = []
+
+    def keep(err: torch.Tensor, qa: solver._Grid, qb: solver._Grid) -> None:
+        nonlocal best_err, best_a, best_b
+        history.append(err)
+        better = err < best_err
+        if bool(better.any()):
+            best_err = torch.where(better, err, best_err)
+            best_a, best_b = _where(better, qa, best_a), _where(better, qb, best_b)
+
+    for _ in range(cfg.rounds):
+        h_mat, d_mat = _first_stats_t(b, b_hat, heads)
+        _channel_t(h_mat, d_mat, channel)
+        out = solver.solve(a_st.transpose(1, 2), h_mat, grid_a, d_mat, cfg.solver, layout="columns")
+        del h_mat, d_mat
+        qa = solver._Grid(out.scales, out.zps, out.codes.transpose(1, 2))
+        a_hat = eff_a(qa)
+        keep(pqe(a_hat, b_hat), qa, qb)
+        h_mat, d_mat = _second_stats_t(a, a_hat, heads)
+        _channel_t(h_mat, d_mat, channel)
+        if tb_inv is not None:
+            h_mat, d_mat = _congruence(tb_inv, h_mat), _congruence(tb_inv, d_mat)
+        qb = solver.solve(b_st, h_mat, grid_b, d_mat, cfg.solver)
+        del h_mat, d_mat
+        b_hat = eff_b(qb)
+        keep(pqe(a_hat, b_hat), qa, qb)
+    hist = torch.stack(history, 1).cpu().numpy() if history else np.zeros((p_count, 0))
+    wa, wb = solver._weights(best_a, grid_a, best_a.codes), solver._weights(best_b, grid_b, best_b.codes)
+    return [JointResult(wa[i], wb[i], float(plain[i]), float(best_err[i]), tuple(float(x) for x in hist[i]))
+            for i in range(p_count)]
+
+
+def _where(mask, new, old):
+    """Per problem: ``new``'s grid where ``mask``, else ``old``'s."""
+    from qcompiler.algorithms.solver import _Grid
+
+    m = mask[:, None, None]
+    return _Grid(*(x.where(m, y) for x, y in ((new.scales, old.scales), (new.zps, old.zps), (new.codes, old.codes))))
+
+
+def _blocks_t(blocks, w):
+    """``T W`` per problem for block-diagonal ``T`` (``[P, nb, b, b]``; None: ``W``), ``W`` ``[P, K, X]``."""
+    if blocks is None:
+        return w
+    p, nb, bs, _ = blocks.shape
+    return (blocks @ w.reshape(p, nb, bs, -1)).reshape(w.shape)
+
+
+def _congruence(t_inv, m):
+    """``T^-T M T^-1`` per problem, ``T^-1`` block-diagonal."""
+    t_inv_t = t_inv.transpose(-1, -2)
+    x = _blocks_t(t_inv_t, m)  # T^-T M
+    return _blocks_t(t_inv_t, x.transpose(1, 2)).transpose(1, 2)  # (T^-T (T^-T M)^T)^T = T^-T M T^-1
+
+
+def _channel_t(h_mat, d_mat, weight: float) -> None:
+    """:func:`with_channel_term` in place."""
+    if weight:
+        h_mat.diagonal(dim1=-2, dim2=-1).mul_(1 + weight)
+        d_mat.diagonal(dim1=-2, dim2=-1).mul_(1 + weight)
+
+
+def _first_stats_t(b, b_hat, heads: Heads):
+    """:func:`first_factor_stats` per problem."""
+    import torch
+
+    d = heads.head_dim
+    c = d * (max(heads.kv_map) + 1)
+    h_mat = torch.zeros(b.shape[0], c, c, dtype=b.dtype, device=b.device)
+    d_mat = torch.zeros_like(h_mat)
+    for j, kv in enumerate(heads.kv_map):
+        cols, rows = slice(kv * d, (kv + 1) * d), slice(j * d, (j + 1) * d)
+        x = b_hat[:, rows]
+        xt = x.transpose(1, 2)
+        h_mat[:, cols, cols] += x @ xt
+        d_mat[:, cols, cols] += (b[:, rows] - x) @ xt
+    return h_mat, d_mat
+
+
+def _second_stats_t(a, a_hat, heads: Heads):
+    """:func:`second_factor_stats` per problem (before the channel term and ``T_b``)."""
+    import torch
+
+    d = heads.head_dim
+    r = d * len(heads.kv_map)
+    h_mat = torch.zeros(a.shape[0], r, r, dtype=a.dtype, device=a.device)
+    d_mat = torch.zeros_like(h_mat)
+    for j, kv in enumerate(heads.kv_map):
+        cols, rows = slice(kv * d, (kv + 1) * d), slice(j * d, (j + 1) * d)
+        x = a_hat[:, :, cols]
+        xt = x.transpose(1, 2)
+        h_mat[:, rows, rows] = xt @ x
+        d_mat[:, rows, rows] = (a[:, :, cols] - x).transpose(1, 2) @ x
+    return h_mat, d_mat
