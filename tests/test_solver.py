@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from qcompiler.algorithms import gptq, grid as np_grid, solver
+from qcompiler.algorithms import gptq, solver
+from qcompiler.algorithms import grid as np_grid
 from qcompiler.algorithms.gptq import SolverConfig
 from qcompiler.algorithms.grid import GridSpec
 from qcompiler.algorithms.joint import Heads, JointConfig, JointItem, joint_round, joint_round_batch
@@ -53,9 +54,9 @@ def test_grid_is_bit_for_bit_the_numpy_grid(bits, sym):
 def test_solve_rows_matches_the_reference(grid, cfg):
     rng = np.random.default_rng(1)
     probs = [problem(rng, 80, 24) for _ in range(3)]
-    ws, hs, ds = map(list, zip(*probs))
+    ws, hs, ds = map(list, zip(*probs, strict=True))
     got = solver.solve_rows(ws, hs, grid, ds, cfg)
-    for (w, h, d), q in zip(probs, got):
+    for (w, h, d), q in zip(probs, got, strict=True):
         ref = gptq.solve_rows(w, h, grid, d, cfg)
         assert same_codes(ref, q) > 0.995
         np.testing.assert_allclose(q.scales, ref.scales, rtol=1e-6)
@@ -68,9 +69,9 @@ def test_solve_columns_matches_the_reference(grid, cfg):
     rng = np.random.default_rng(2)
     probs = [problem(rng, 40, 72) for _ in range(2)]
     probs = [(w.T.copy(), h, d) for w, h, d in probs]  # A [72, 40]: C = 40 sequential columns
-    as_, hs, ds = map(list, zip(*probs))
+    as_, hs, ds = map(list, zip(*probs, strict=True))
     got = solver.solve_columns(as_, hs, grid, ds, cfg)
-    for (a, h, d), q in zip(probs, got):
+    for (a, h, d), q in zip(probs, got, strict=True):
         ref = gptq.solve_columns(a, h, grid, d, cfg)
         assert same_codes(ref, q) > 0.995
 
@@ -78,7 +79,7 @@ def test_solve_columns_matches_the_reference(grid, cfg):
 def test_a_problem_solves_the_same_alone_or_in_a_batch():
     rng = np.random.default_rng(3)
     probs = [problem(rng, 64, 16) for _ in range(4)]
-    ws, hs, ds = map(list, zip(*probs))
+    ws, hs, ds = map(list, zip(*probs, strict=True))
     batch = solver.solve_rows(ws, hs, GridSpec(3, 32, False), ds, FULL)
     alone = solver.solve_rows([probs[2][0]], [probs[2][1]], GridSpec(3, 32, False), [probs[2][2]], FULL)[0]
     np.testing.assert_array_equal(batch[2].codes, alone.codes)
@@ -123,7 +124,7 @@ def test_joint_batch_matches_the_reference(kind):
         items = [JointItem(heavy((64, 48)), heavy((48, 32)), np.stack([random_invertible(16, rng) for _ in range(4)]),
                            np.stack([random_invertible(16, rng) for _ in range(3)])) for _ in range(2)]
     got = joint_round_batch(items, grid, grid, heads, cfg)
-    for it, res in zip(items, got):
+    for it, res in zip(items, got, strict=True):
         ref = joint_round(it.a, it.b, grid, grid, heads, it.a_blocks, it.b_blocks, cfg)
         assert res.pqe_plain == pytest.approx(ref.pqe_plain, rel=1e-9)
         assert res.pqe == pytest.approx(ref.pqe, rel=1e-3)

@@ -32,6 +32,7 @@ from qcompiler.algorithms.gptq import SolverConfig
 from qcompiler.algorithms.grid import GridSpec, QuantizedWeight
 
 F32, F64 = torch.float32, torch.float64
+DEFAULT = SolverConfig()
 
 
 def round_half_away(x: torch.Tensor) -> torch.Tensor:
@@ -68,7 +69,8 @@ def dequant(codes: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor) -> torch
     return (codes - zp) * scale
 
 
-def fit_search(x: torch.Tensor, bits: int, symmetric: bool, ratios: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_search(x: torch.Tensor, bits: int, symmetric: bool,
+               ratios: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`fit`, or with ``ratios`` the shrink of each group's range with the smallest squared rounding
     error (ties to the earliest ratio), as :func:`grid.fit_grid_search`."""
     if ratios is None:
@@ -118,7 +120,7 @@ def _gather2(m: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
 
 
 def solve(w: torch.Tensor, h: torch.Tensor, grid: GridSpec, d: torch.Tensor | None = None,
-          cfg: SolverConfig = SolverConfig(), layout: str = "rows") -> _Grid:
+          cfg: SolverConfig = DEFAULT, layout: str = "rows") -> _Grid:
     """Quantize each ``W[p]`` (``[K, N]``, float64) minimising ``||X W_hat - X~ W||``; ``layout`` as in the
     module's docstring. Returns the grid with codes in the sequential layout ``[P, K, N]``."""
     w = w.to(F64).clone()
@@ -261,14 +263,14 @@ def refine(codes: torch.Tensor, step: torch.Tensor, zero: torch.Tensor, qmax: in
 
 
 def solve_rows(ws: list[np.ndarray], hs: list[np.ndarray], grid: GridSpec, ds: list[np.ndarray] | None = None,
-               cfg: SolverConfig = SolverConfig(), device: str = "cpu") -> list[QuantizedWeight]:
+               cfg: SolverConfig = DEFAULT, device: str = "cpu") -> list[QuantizedWeight]:
     """:func:`gptq.solve_rows` of each ``(W, H, D)`` (one shape), as one batch."""
     out = solve(_stack(ws, device), _stack(hs, device), grid, None if ds is None else _stack(ds, device), cfg)
     return _weights(out, grid, out.codes)
 
 
 def solve_columns(as_: list[np.ndarray], hs: list[np.ndarray], grid: GridSpec, ds: list[np.ndarray] | None = None,
-                  cfg: SolverConfig = SolverConfig(), device: str = "cpu") -> list[QuantizedWeight]:
+                  cfg: SolverConfig = DEFAULT, device: str = "cpu") -> list[QuantizedWeight]:
     """:func:`gptq.solve_columns` of each ``(A, H, D)`` (one shape), as one batch."""
     wt = _stack([np.asarray(a).T for a in as_], device)
     out = solve(wt, _stack(hs, device), grid, None if ds is None else _stack(ds, device), cfg, layout="columns")
