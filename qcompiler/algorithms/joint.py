@@ -17,6 +17,7 @@ the error of the stored ``T_a A`` (exact when ``T_a`` is orthogonal).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,6 +26,7 @@ from qcompiler.algorithms.fold import product_error
 from qcompiler.algorithms.gptq import SolverConfig, solve_columns, solve_rows
 from qcompiler.algorithms.grid import GridSpec, QuantizedWeight, quantize
 from qcompiler.algorithms.transforms import apply_blocks
+from qcompiler.config import CafeqConfig
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,9 @@ class JointConfig:
     # also penalised with this weight (the channel's gate varies from token to token); this keeps
     # the rounding from hiding errors in directions that cancel only if the gate were constant
     channel_weight: float = 4.0
+    # an MLP pair wider than this many channels is rounded a block of channels at a time (each block's
+    # target the exact residual the others leave): memory grows like the weights, not like C^2
+    channel_block: int = CafeqConfig.joint_channel_block
 
 
 @dataclass(frozen=True)
@@ -125,13 +130,17 @@ def joint_round(a: np.ndarray, b: np.ndarray, grid_a: GridSpec, grid_b: GridSpec
     heads = _heads(heads, a)
     if b.shape[0] != heads.head_dim * len(heads.kv_map):
         raise ValueError(f"B has {b.shape[0]} rows; the heads need {heads.head_dim * len(heads.kv_map)}")
-    ta_inv, tb_inv = _inverse(a_blocks), _inverse(b_blocks)
+    spans = channel_spans(a.shape[1], cfg.channel_block, grid_b.group_size or b.shape[0],
+                          0 if b_blocks is None else b_blocks.shape[1])
+    blocked = len(heads.kv_map) == 1 and len(spans) > 1  # a wide MLP pair: no C x C matrix anywhere
+    ta_inv = None if a_blocks is None else np.linalg.inv(a_blocks)
+    tb_inv = None if b_blocks is None else np.linalg.inv(b_blocks)
     a_st = apply_blocks(a_blocks, a) if a_blocks is not None else a
     b_st = apply_blocks(b_blocks, b) if b_blocks is not None else b
 
     def eff(q: QuantizedWeight, t_inv: np.ndarray | None) -> np.ndarray:
         w = q.dequantize().astype(np.float64)
-        return t_inv @ w if t_inv is not None else w
+        return apply_blocks(t_inv, w) if t_inv is not None else w
 
     def pqe(a_hat: np.ndarray, b_hat: np.ndarray) -> float:
         return product_error(a, b, a_hat, b_hat, heads.head_dim, heads.kv_map)
@@ -142,19 +151,113 @@ def joint_round(a: np.ndarray, b: np.ndarray, grid_a: GridSpec, grid_b: GridSpec
     plain = pqe(a_hat, b_hat)
     best, history = (plain, qa, qb), []
     for _ in range(cfg.rounds):
-        h_mat, d_mat = with_channel_term(*first_factor_stats(b, b_hat, heads), channel)
-        qa = solve_columns(a_st, h_mat, grid_a, d_mat, cfg.solver)
+        if blocked:
+            qa = _blocked_first(a_st, b, b_hat, grid_a, cfg, channel, spans)
+        else:
+            h_mat, d_mat = with_channel_term(*first_factor_stats(b, b_hat, heads), channel)
+            qa = solve_columns(a_st, h_mat, grid_a, d_mat, cfg.solver)
         a_hat = eff(qa, ta_inv)
         history.append(pqe(a_hat, b_hat))
         if history[-1] < best[0]:
             best = (history[-1], qa, qb)
-        h_mat, d_mat = second_factor_stats(a, a_hat, heads, tb_inv, channel)
-        qb = solve_rows(b_st, h_mat, grid_b, d_mat, cfg.solver)
+        if blocked:
+            qb = _blocked_second(b_st, a, a_hat, tb_inv, grid_b, cfg, channel, spans)
+        else:
+            h_mat, d_mat = second_factor_stats(a, a_hat, heads, _inverse(b_blocks), channel)
+            qb = solve_rows(b_st, h_mat, grid_b, d_mat, cfg.solver)
         b_hat = eff(qb, tb_inv)
         history.append(pqe(a_hat, b_hat))
         if history[-1] < best[0]:
             best = (history[-1], qa, qb)
     return JointResult(best[1], best[2], plain, best[0], tuple(history))
+
+
+def channel_spans(c: int, block: int, group: int, t_block: int) -> list[tuple[int, int]]:
+    """Blocks of a pair's ``c`` channels for :func:`joint_round`: at most ``block`` wide (one span when ``c``
+    fits), cut on boundaries of ``B``'s quant groups and of ``T_b``'s blocks, about equal in width."""
+    if c <= block:
+        return [(0, c)]
+    unit = math.lcm(max(group, 1), max(t_block, 1))
+    units = -(-c // unit)
+    parts = -(-c // max(block // unit * unit, unit))
+    cuts = [min(c, (units * i // parts) * unit) for i in range(parts + 1)]
+    return [(lo, hi) for lo, hi in zip(cuts[:-1], cuts[1:], strict=True) if hi > lo]
+
+
+def _block_target(h_jj: np.ndarray, g_j: np.ndarray) -> np.ndarray:
+    """``H_jj^-1 G_j``: the block's least-squares target (a tiny ridge for rank-deficient blocks)."""
+    ridge = 1e-10 * max(float(np.mean(np.diag(h_jj))), 1e-30)
+    return np.linalg.solve(h_jj + ridge * np.eye(len(h_jj)), g_j)
+
+
+def _blocked_solve(w0: np.ndarray, x: np.ndarray, product: np.ndarray, h_extra: list[np.ndarray],
+                   g_extra: list[np.ndarray], spans: list[tuple[int, int]], solve, dequant) -> list:
+    """Minimise ``||X V - product||^2 + sum_j (V_j^T E_j V_j - 2 V_j^T F_j W0_j)`` over rounded ``V``
+    (``[C, M]``, sequential axis C) a block of rows at a time: block ``j`` sees the others fixed (rounded
+    before it, float after) and is rounded by ``solve(target, H_jj)`` on its least-squares target, so it
+    also absorbs the error the blocks before it left. ``X`` is ``[T, C]``; ``E_j``, ``F_j`` the block's
+    share of the channel term. Returns each block's solver result."""
+    current = x @ w0  # X V with V = W0 so far
+    out = []
+    for (lo, hi), e_j, f_j in zip(spans, h_extra, g_extra, strict=True):
+        x_j = x[:, lo:hi]
+        own = x_j @ w0[lo:hi]
+        h_jj = x_j.T @ x_j + e_j
+        g_j = x_j.T @ (product - current + own) + f_j @ w0[lo:hi]
+        target = _block_target(h_jj, g_j)
+        res = solve(target, h_jj)
+        out.append(res)
+        current += x_j @ dequant(res) - own
+    return out
+
+
+def _channel_share(hc: np.ndarray, gc: np.ndarray, t_inv: np.ndarray | None, lo: int, hi: int):
+    """The channel term's ``E_j``, ``F_j`` on channels ``lo:hi`` (diagonal; ``T_j^-T diag T_j^-1`` in a
+    transformed factor's coordinates)."""
+    e, f = np.diag(hc[lo:hi]), np.diag(gc[lo:hi])
+    if t_inv is None:
+        return e, f
+    b = t_inv.shape[1]
+    ti = np.zeros((hi - lo, hi - lo))
+    for i, blk in enumerate(t_inv[lo // b:hi // b]):
+        ti[i * b:(i + 1) * b, i * b:(i + 1) * b] = blk
+    return ti.T @ e @ ti, ti.T @ f @ ti
+
+
+def _blocked_first(a_st: np.ndarray, b: np.ndarray, b_hat: np.ndarray, grid: GridSpec, cfg: JointConfig,
+                   channel: float, spans: list[tuple[int, int]]) -> QuantizedWeight:
+    """``A``'s step of a wide pair: ``||A_hat B_hat - A B||`` (+ the channel term) over ``A``'s columns in
+    blocks; the transposed problem has data ``B_hat^T`` and ``V = A^T``."""
+    hc = channel * np.einsum("cn,cn->c", b_hat, b_hat)
+    gc = channel * np.einsum("cn,cn->c", b, b_hat)
+    shares = [_channel_share(hc, gc, None, lo, hi) for lo, hi in spans]
+    parts = _blocked_solve(a_st.T, b_hat.T, b.T @ a_st.T, [e for e, _ in shares], [f for _, f in shares], spans,
+                           lambda t, h: solve_columns(t.T, h, grid, None, cfg.solver),
+                           lambda q: q.dequantize().astype(np.float64).T)
+    codes = np.concatenate([q.codes for q in parts], axis=1)
+    scales = np.concatenate([q.scales for q in parts], axis=1)
+    zps = np.concatenate([q.zero_points for q in parts], axis=1)
+    return QuantizedWeight(codes, scales, zps, grid.bits, parts[0].block_size, grid.symmetric)
+
+
+def _blocked_second(b_st: np.ndarray, a: np.ndarray, a_hat: np.ndarray, tb_inv: np.ndarray | None, grid: GridSpec,
+                    cfg: JointConfig, channel: float, spans: list[tuple[int, int]]) -> QuantizedWeight:
+    """``B``'s step of a wide pair, in the stored ``T_b B``'s coordinates (data ``A_hat T_b^-1``), a block of
+    ``B``'s rows (whole quant groups) at a time."""
+    hc = channel * np.einsum("kc,kc->c", a_hat, a_hat)
+    gc = channel * np.einsum("kc,kc->c", a, a_hat)
+    x = a_hat if tb_inv is None else apply_blocks(np.transpose(tb_inv, (0, 2, 1)), a_hat.T).T  # A_hat T^-1
+    shares = [_channel_share(hc, gc, tb_inv, lo, hi) for lo, hi in spans]
+    parts = _blocked_solve(b_st, x, a @ _unstored(b_st, tb_inv), [e for e, _ in shares], [f for _, f in shares],
+                           spans, lambda t, h: solve_rows(t, h, grid, None, cfg.solver),
+                           lambda q: q.dequantize().astype(np.float64))
+    return QuantizedWeight(np.concatenate([q.codes for q in parts]), np.concatenate([q.scales for q in parts]),
+                           np.concatenate([q.zero_points for q in parts]), grid.bits, parts[0].block_size,
+                           grid.symmetric)
+
+
+def _unstored(w_st: np.ndarray, t_inv: np.ndarray | None) -> np.ndarray:
+    return w_st if t_inv is None else apply_blocks(t_inv, w_st)
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,15 @@ from qcompiler.algorithms.cafeq import (
 )
 from qcompiler.algorithms.fold import fold_attn_vo, fold_mlp, product_error
 from qcompiler.algorithms.grid import GridSpec, QuantizedWeight, quantize, replace_columns
-from qcompiler.algorithms.joint import Heads, JointConfig, joint_round
+from qcompiler.algorithms.joint import (
+    Heads,
+    JointConfig,
+    JointItem,
+    JointResult,
+    channel_spans,
+    joint_round,
+    joint_round_batch,
+)
 from qcompiler.algorithms.sinq import sinkhorn_scales
 from qcompiler.algorithms.transforms import apply_blocks
 from qcompiler.config import CafeqConfig, QuantConfig
@@ -110,8 +118,8 @@ class _Planner:
         if not recipe.joint_rounding:  # rotate: a baseline; cafeq+gptaq: calibrated rounding instead
             self.joint_kinds = set()
         self.joint_cfg = {ATTN_VO: JointConfig(rounds=cfg.joint_rounds),
-                          MLP_UP_DOWN: JointConfig(rounds=cfg.joint_mlp_rounds,
-                                                   channel_weight=cfg.joint_channel_weight)}
+                          MLP_UP_DOWN: JointConfig(rounds=cfg.joint_mlp_rounds, channel_weight=cfg.joint_channel_weight,
+                                                   channel_block=cfg.joint_channel_block)}
         self.pool = TaskPool(1)  # plan_cafeq hands in a started pool; this one runs tasks in-process
         self.joint_outcome: dict[str, str] = {}  # pair id -> PairStats.joint
 
@@ -223,6 +231,12 @@ class _Planner:
         eff = qw.dequantize().astype(np.float64)
         return apply_blocks(np.linalg.inv(blocks), eff) if blocks is not None else eff
 
+    def _joint_bytes(self, p: CoupledPair) -> int:
+        return joint_memory_bytes(p, self.sites[p.producer].k, self.cfg.joint_channel_block, self.quant.group_size)
+
+    def _span(self, p: CoupledPair) -> int:
+        return _span(p, self.cfg.joint_channel_block, self.quant.group_size)
+
     def joint(self, qws: dict[str, QuantizedWeight], blocks_of: dict[str, np.ndarray]) -> int:
         """Joint rounding of every pair whose factors are not claimed by an earlier pair; updates ``qws``."""
         claimed: set[str] = set()
@@ -230,10 +244,10 @@ class _Planner:
         for p in self.analysis.pairs:
             if (p.kind in self.joint_kinds and self.joint_cfg[p.kind].rounds > 0 and self._usable(p)
                     and not {p.producer, p.consumer} & claimed):
-                need = joint_memory_bytes(p, self.sites[p.producer].k)
+                need = self._joint_bytes(p)
                 if need > self.cfg.joint_max_gb * 2**30:
-                    why = (f"skipped: needs about {need / 2**30:.1f} GB ({_channels(p)}-channel Hessians), over "
-                           f"--joint-max-gb {self.cfg.joint_max_gb:g}")
+                    why = (f"skipped: needs about {need / 2**30:.1f} GB ({self._span(p)}"
+                           f"-channel Hessians), over --joint-max-gb {self.cfg.joint_max_gb:g}")
                     log.warning("%s: joint rounding %s", p.id, why)
                     self.joint_outcome[p.id] = why
                     continue
@@ -244,16 +258,42 @@ class _Planner:
                   Heads(p.head_dim, p.kv_map) if p.kind == ATTN_VO else None, blocks_of.get(p.producer),
                   blocks_of.get(p.consumer), self.joint_cfg[p.kind]) for p in pairs]
         # side by side only as many as fit in --joint-max-gb together
-        need = max((joint_memory_bytes(p, self.sites[p.producer].k) for p in pairs), default=1)
+        need = max((self._joint_bytes(p) for p in pairs), default=1)
         limit = max(1, int(self.cfg.joint_max_gb * 2**30 // need))
-        for p, res in zip(pairs, self.pool.map(joint_round, tasks, "joint rounding", limit),
-                          strict=True):
+        if self.learn.device == "cpu":
+            results = self.pool.map(joint_round, tasks, "joint rounding", limit)
+        else:
+            results = self._joint_batched(pairs, tasks, limit)
+        for p, res in zip(pairs, results, strict=True):
             cols = slice(*p.producer_cols)
             log.info("%s: joint rounding PQE %.4f -> %.4f", p.id, res.pqe_plain, res.pqe)
             self.joint_outcome[p.id] = "joint" if res.pqe < res.pqe_plain else "plain"
             qws[p.producer] = replace_columns(qws[p.producer], cols, res.a)
             qws[p.consumer] = res.b
         return len(pairs)
+
+    def _joint_batched(self, pairs: list[CoupledPair], tasks: list[tuple], limit: int) -> list[JointResult]:
+        """Joint rounding on the torch device, pairs of one shape ``limit`` at a time as one batch
+        (algorithms/solver.py: on a GPU the sequential loop's launches, not its arithmetic, bound a pair);
+        a pair rounded in blocks of channels goes through the numpy solver, one at a time."""
+        results: list[JointResult | None] = [None] * len(pairs)
+        batches: dict[tuple, list[int]] = {}
+        for i, (p, t) in enumerate(zip(pairs, tasks, strict=True)):
+            a, b, grid, _, heads, ta, tb, jcfg = t
+            if p.kind == MLP_UP_DOWN and self._span(p) < _channels(p):
+                results[i] = joint_round(*t)
+                continue
+            key = (a.shape, b.shape, heads, jcfg, None if ta is None else ta.shape, None if tb is None else tb.shape)
+            batches.setdefault(key, []).append(i)
+        for (_, _, heads, jcfg, _, _), idx in batches.items():
+            for lo in range(0, len(idx), limit):
+                part = idx[lo:lo + limit]
+                items = [JointItem(tasks[i][0], tasks[i][1], tasks[i][5], tasks[i][6]) for i in part]
+                grid = tasks[part[0]][2]
+                for i, res in zip(part, joint_round_batch(items, grid, grid, heads, jcfg, self.learn.device),
+                                  strict=True):
+                    results[i] = res
+        return results  # type: ignore[return-value]
 
     def plan(self) -> QuantPlan:
         pair_transforms = self.pair_transforms()
@@ -361,12 +401,24 @@ def _channels(p: CoupledPair) -> int:
     return p.producer_cols[1] - p.producer_cols[0]
 
 
-def joint_memory_bytes(p: CoupledPair, k: int) -> int:
-    """Peak working memory of joint rounding for a pair (``C`` inner channels, producer input ``K``):
-    about 26 ``C x C`` and 10 ``C x K`` float64 matrices at once (Hessians, their factors, the GPTAQ
-    term, refinement state), measured at C = 5632, K = 2048: 7.3 GB."""
+def _span(p: CoupledPair, channel_block: int, group: int = 1) -> int:
+    """Width of the solver's Hessians: a V·O pair's inner channels (O's rows, all query heads); an up·down
+    pair's channels, or its widest block of channels when it is wider than ``channel_block`` (blocks hold
+    whole quant groups of ``group`` rows: 0, one group for the whole axis, allows no blocks)."""
+    if p.kind == ATTN_VO:
+        return p.head_dim * max(p.num_heads, p.num_kv_heads)
     c = _channels(p)
-    return 8 * (26 * c * c + 10 * c * k)
+    return max(hi - lo for lo, hi in channel_spans(c, channel_block, group or c, 1))
+
+
+def joint_memory_bytes(p: CoupledPair, k: int, channel_block: int = CafeqConfig.joint_channel_block,
+                       group: int = 32) -> int:
+    """Peak working memory of joint rounding for a pair (``C`` inner channels, producer input ``K``, Hessians
+    ``S`` wide: ``C``, or a block of channels for a wide up·down pair): about 7 ``S x S`` and 11 ``C x K``
+    float64 matrices, fitted to the peak RSS of a lone process (less its 0.35 GB at start), 1 round,
+    K = N = 2048: 2.9 GB at C = S = 5632 (one block), 1.7 GB at C = 5632 in two blocks of 2816."""
+    s = _span(p, channel_block, group)
+    return 8 * (7 * s * s + 11 * _channels(p) * k)
 
 
 def select_online_units(analysis: Analysis, cfg: CafeqConfig, step: StepCost, recipe: Recipe) -> frozenset[str]:
