@@ -26,6 +26,7 @@ ONLINE_REGIMES = ("batch", "token")  # what --online-budget is a fraction of (me
 # how the online x T^-1 is written (passes/online_transform.py); auto: conv for causal LMs, else matmul
 ONLINE_LAYOUTS = ("auto", "matmul", "conv")
 DEVICES = ("auto", "cpu", "cuda")
+EXECUTORS = ("local", "ray")  # where the learning and joint-rounding tasks run (workers.py)
 DTYPES = ("float32", "float16", "bfloat16")  # of the compiled model (passes/precision.py)
 
 
@@ -295,6 +296,12 @@ class CompileConfig:
     jobs: int = field(default=0, metadata=opt(
         "worker processes for learning and joint rounding (0: one per core on models of 1M+ weights); the "
         "result does not depend on it"))
+    executor: str = field(default="local", metadata=opt(
+        "where the learning and joint-rounding tasks run: local (--jobs worker processes here) or ray (Ray tasks "
+        "on the cluster at --ray-address, or on a Ray instance started here with --jobs CPUs); same output",
+        choices=EXECUTORS))
+    ray_address: str = field(default="", metadata=opt(
+        "--executor ray: the cluster to join (auto, or ray://HEAD:10001); empty: start a local Ray instance"))
     seed: int = field(default=0, metadata=opt(
         "seed of the learners' random starts and subsets, rotate's rotations and the calibration windows"))
 
@@ -325,3 +332,7 @@ class CompileConfig:
             raise ConfigError("package genai (--package genai) needs the KV cache: drop --no-kv-cache")
         if self.jobs < 0:
             raise _bad(CompileConfig, "jobs", f"must be >= 0 (0: one per core), got {self.jobs}")
+        if self.executor not in EXECUTORS:
+            raise _bad(CompileConfig, "executor", f"must be one of {', '.join(EXECUTORS)}, got {self.executor!r}")
+        if self.ray_address and self.executor != "ray":
+            raise ConfigError("--ray-address needs --executor ray")

@@ -22,12 +22,13 @@ import onnx_graphsurgeon as gs
 from tqdm.auto import tqdm
 
 from qcompiler.algorithms.grid import QuantizedWeight
+from qcompiler.device import resolve_device
 from qcompiler.external import DataSink
 from qcompiler.match.sites import weight_reader
 from qcompiler.plan import QuantPlan, SitePlan
 from qcompiler.resources import note_workers_peak
 from qcompiler.sites import Analysis, CoupledPair, LinearSite, SiblingGroup
-from qcompiler.workers import TaskPool, resolve_jobs
+from qcompiler.workers import make_pool, resolve_jobs
 
 if TYPE_CHECKING:
     from qcompiler.methods.base import Method, PlanContext
@@ -191,7 +192,8 @@ def stream_plan_rewrite(graph: gs.Graph, method: Method, ctx: PlanContext, chunk
     cfg = ctx.config
     jobs = resolve_jobs(cfg.jobs, sum(s.k * s.n for s in ctx.sites), cfg.device) if method.learns else 1
     try:
-        with TaskPool(jobs) as pool:  # one set of workers for every chunk
+        # one set of workers (or one Ray connection) for every chunk: tasks travel to them, not the model
+        with make_pool(jobs, False, cfg.executor, cfg.ray_address, resolve_device(cfg.device)) as pool:
             graph, plan = stream_compile(graph, chunks, plan_chunk, rewrite, sink, method.name, cfg.quant,
                                          ctx.progress)
         note_workers_peak(pool.workers_peak_mb)

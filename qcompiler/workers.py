@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from contextlib import contextmanager
@@ -82,6 +83,23 @@ def _call(fn: Callable[..., Any], args: tuple) -> tuple[Any, int, float]:
     from qcompiler.resources import peak_rss_mb
 
     return fn(*args), os.getpid(), peak_rss_mb()
+
+
+def _ray_call(fn: Callable[..., Any], args: tuple) -> tuple[Any, int, float]:
+    """A task as a Ray task: one torch thread (the thread variables are set for its worker process), and
+    its arrays writable copies (Ray hands numpy arguments over read-only, from its object store)."""
+    _start_worker()
+    return _call(fn, _writable(args))
+
+
+def _writable(x: Any) -> Any:
+    import numpy as np
+
+    if isinstance(x, np.ndarray) and not x.flags.writeable:
+        return x.copy()
+    if isinstance(x, (list, tuple)):
+        return type(x)(_writable(v) for v in x)
+    return x
 
 
 _OPEN: list[TaskPool] = []  # pools entered in this process, innermost last
@@ -179,3 +197,83 @@ class TaskPool:
                     r.cancel()
                 raise f.exception()
         return rest
+
+
+class RayPool(TaskPool):
+    """A :class:`TaskPool` whose tasks are Ray tasks of one CPU each (and one GPU each when ``gpus``): on
+    the cluster at ``address``, or on a Ray instance started here with ``jobs`` CPUs. Tasks are the same
+    top-level functions as a local pool's, one thread each, so the results are the same bytes."""
+
+    def __init__(self, jobs: int, progress: bool = False, address: str = "", gpus: bool = False):
+        super().__init__(max(jobs, 1), progress)
+        self.address, self.gpus = address, gpus
+        self._started = False
+        self._remote: Any = None
+
+    def __enter__(self) -> RayPool:
+        try:
+            import ray
+        except ImportError as e:
+            from qcompiler.errors import QCompilerError
+
+            raise QCompilerError("--executor ray needs the ray package: pip install 'ray>=2.50'") from e
+        if not ray.is_initialized():
+            env_vars = {k: "1" for k in THREAD_VARIABLES}
+            if not self.address:  # a local instance's workers import what this process can, as spawned ones do
+                env_vars["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+            env = {"env_vars": env_vars}
+            ray.init(address=self.address or None, num_cpus=None if self.address else self.jobs, runtime_env=env,
+                     include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+            self._started = True
+        self.jobs = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        self._remote = ray.remote(num_cpus=1, num_gpus=1 if self.gpus else 0)(_ray_call)
+        log.info("Ray executor: %d CPUs%s", self.jobs, f" at {self.address}" if self.address else " (local instance)")
+        _OPEN.append(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self in _OPEN:
+            _OPEN.remove(self)
+        if self._started:
+            import ray
+
+            ray.shutdown()
+            self._started = False
+
+    def map(self, fn: Callable[..., Any], tasks: Sequence[tuple], desc: str = "",
+            limit: int | None = None) -> list[Any]:
+        import ray
+
+        limit = self.jobs if limit is None else max(1, min(limit, self.jobs))
+        bar = tqdm(total=len(tasks), desc=desc, unit="task", disable=not self.progress, leave=False)
+        refs: list[Any] = []
+        running: list[Any] = []
+        try:
+            for t in tasks:
+                if len(running) >= limit:
+                    done, running = ray.wait(running, num_returns=1)
+                    bar.update(len(done))
+                ref = self._remote.remote(fn, t)
+                refs.append(ref)
+                running.append(ref)
+            out = []
+            for ref in refs:
+                result, pid, peak = ray.get(ref)
+                self._peaks[pid] = max(peak, self._peaks.get(pid, 0.0))
+                out.append(result)
+            bar.update(len(tasks) - bar.n)
+            return out
+        except ray.exceptions.RayTaskError as e:
+            for r in running:
+                ray.cancel(r)
+            raise e.as_instanceof_cause() from None
+        finally:
+            bar.close()
+
+
+def make_pool(jobs: int, progress: bool = False, executor: str = "local", address: str = "",
+              device: str = "cpu") -> TaskPool:
+    """The pool of ``executor``: local worker processes, or Ray tasks."""
+    if executor == "ray":
+        return RayPool(jobs, progress, address, gpus=device.startswith("cuda"))
+    return TaskPool(jobs, progress)

@@ -226,3 +226,13 @@ def test_streaming_peak_memory_is_bounded_by_a_chunk(tmp_path):
         peaks[mode] = json.loads(report.read_text())["peak_rss_mb"]
     # whole-model: the weights (and their codes) in memory; streamed: one 16 MB chunk at a time
     assert peaks["--stream"] < peaks["--no-stream"] - 0.5 * model_mb, peaks
+
+
+def test_ray_executor_streams_the_same_bytes(external_llama, tmp_path):
+    """A streamed compile sends each chunk's tasks to Ray (not the model): the same files as local workers."""
+    base = dict(quant=QuantConfig(bits=3, group_size=32), method="cafeq", stream=True, stream_chunk_mb=1, jobs=2,
+                cafeq=CafeqConfig(steps=10, joint_rounds=1, joint_mlp_rounds=1))
+    for executor in ("local", "ray"):
+        compile_model(str(external_llama), tmp_path / executor / "m.onnx", CompileConfig(**base, executor=executor))
+    for name in ("m.onnx", "m.onnx.data"):
+        assert (tmp_path / "local" / name).read_bytes() == (tmp_path / "ray" / name).read_bytes(), name

@@ -76,3 +76,27 @@ def test_compile_peak_adds_the_largest_pool(monkeypatch):
     resources.note_workers_peak(123.0)
     resources.note_workers_peak(50.0)
     assert resources.compile_peak_mb() >= own + 123.0
+
+
+def _writes(a):
+    a[0] = 1.0  # Ray hands arrays over read-only: the task gets a writable copy, as a local worker does
+    return float(a.sum())
+
+
+def test_ray_pool_runs_tasks_in_order_on_one_thread_each():
+    import numpy as np
+
+    from qcompiler.workers import RayPool, make_pool
+
+    assert isinstance(make_pool(2, executor="ray"), RayPool)
+    with make_pool(2, executor="ray") as pool:
+        assert open_pool() is pool and pool.jobs == 2
+        assert pool.map(_square, [(i,) for i in range(7)], limit=1) == [i * i for i in range(7)]
+        seen = pool.map(_threads, [(i,) for i in range(4)])
+        assert {t for t, _, _ in seen} == {1} and {v for _, v, _ in seen} == {"1"}
+        assert os.getpid() not in {p for *_, p in seen}
+        assert pool.map(_writes, [(np.zeros(100_000),)]) == [1.0]
+        with pytest.raises(ValueError, match="task 3 failed"):
+            pool.map(_fail, [(i,) for i in range(6)])
+        assert pool.workers_peak_mb > 0
+    assert open_pool() is None

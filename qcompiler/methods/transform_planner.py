@@ -47,7 +47,7 @@ from qcompiler.methods.online_cost import StepCost, candidate_units, cheapest_fi
 from qcompiler.plan import OnlineTransform, PairStats, PairTransform, QuantPlan, SitePlan, SiteStats
 from qcompiler.resources import note_workers_peak
 from qcompiler.sites import ATTN_VO, MLP_UP_DOWN, Analysis, CoupledPair, LinearSite
-from qcompiler.workers import TaskPool, open_pool, resolve_jobs
+from qcompiler.workers import TaskPool, make_pool, open_pool, resolve_jobs
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,8 @@ class Run:
     device: str = "auto"
     jobs: int = 0
     seed: int = 0
+    executor: str = "local"  # local | ray (workers.make_pool)
+    ray_address: str = ""
 
 
 def _rtn(w: np.ndarray, quant: QuantConfig) -> np.ndarray:
@@ -449,7 +451,8 @@ def plan_transforms(analysis: Analysis, weight_of: Callable[[LinearSite], np.nda
     if planner.pool is not None:  # a streaming compile's, for all its chunks
         return planner.plan()
     elements = sum(w.size for w in planner.original.values())
-    with TaskPool(resolve_jobs(run.jobs, elements, planner.learn.device), progress) as pool:
+    jobs = resolve_jobs(run.jobs, elements, planner.learn.device)
+    with make_pool(jobs, progress, run.executor, run.ray_address, planner.learn.device) as pool:
         planner.pool = pool
         plan = planner.plan()
     note_workers_peak(pool.workers_peak_mb)

@@ -41,5 +41,6 @@ class TransformMethod(Method):
 
     def plan(self, ctx: PlanContext) -> QuantPlan:
         cfg = ctx.config
+        run = Run(cfg.device, cfg.jobs, cfg.seed, cfg.executor, cfg.ray_address)
         return plan_transforms(ctx.analysis, ctx.weight_of, cfg.quant, cfg.cafeq, self.recipe, ctx.progress,
-                               self.rounder(ctx), ctx.online_units, ctx.step, Run(cfg.device, cfg.jobs, cfg.seed))
+                               self.rounder(ctx), ctx.online_units, ctx.step, run)
