@@ -233,6 +233,7 @@ def test_ray_executor_streams_the_same_bytes(external_llama, tmp_path):
     base = dict(quant=QuantConfig(bits=3, group_size=32), method="cafeq", stream=True, stream_chunk_mb=1, jobs=2,
                 cafeq=CafeqConfig(steps=10, joint_rounds=1, joint_mlp_rounds=1))
     for executor in ("local", "ray"):
+        (tmp_path / executor).mkdir()
         compile_model(str(external_llama), tmp_path / executor / "m.onnx", CompileConfig(**base, executor=executor))
     for name in ("m.onnx", "m.onnx.data"):
         assert (tmp_path / "local" / name).read_bytes() == (tmp_path / "ray" / name).read_bytes(), name
