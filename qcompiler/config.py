@@ -285,6 +285,9 @@ class CompileConfig:
     # (transform methods hold ~10 float64 copies of a chunk's weights while they learn and round)
     stream_chunk_mb: int | None = field(default=None, metadata=opt(
         "fp32 weight MB planned at once when streaming (default: the method's: rtn 256, cafeq/rotate 16)"))
+    resume: bool = field(default=False, metadata=opt(
+        "a streamed compile: keep each finished chunk's plan beside the output (.OUTPUT.chunks/, removed when the "
+        "compile succeeds) and reuse the plans an interrupted run of the same command left there"))
     kv_cache: bool = field(default=True, metadata=opt(
         "export a Hugging Face causal LM without its KV cache (inputs input_ids and attention_mask only): a "
         "graph to score text, not to serve tokens"))

@@ -43,7 +43,7 @@ from qcompiler.runtime.stream_validate import validate_streamed
 from qcompiler.runtime.text_inputs import validation_inputs
 from qcompiler.runtime.validate import ValidationResult, validate
 from qcompiler.sites import Analysis, MatchResult
-from qcompiler.stream import Streamed, stream_plan_rewrite
+from qcompiler.stream import ChunkStore, Streamed, chunk_key, stream_plan_rewrite
 
 log = logging.getLogger(__name__)
 
@@ -121,11 +121,16 @@ def _compile(source: Any, output, config: CompileConfig, method: Method, timings
         if loaded.data_dir is not None:
             with timings("plan + rewrite (streamed)"):
                 sink_dir = Path(tempfile.mkdtemp(prefix=f".{Path(output).name}.", dir=Path(output).parent))
+                folder = ChunkStore.folder_for(output)
+                store = None if not config.resume else (
+                    lambda chunks: ChunkStore(folder, chunk_key(loaded.source, config, chunks)))
                 graph, plan = stream_plan_rewrite(graph, method, ctx, config.stream_chunk_mb or method.stream_chunk_mb,
                                                   DataSink(sink_dir / SPILL_NAME), lambda g, p: rewrite(g, p, config),
-                                                  make_plan)
+                                                  make_plan, store)
                 streamed = Streamed(external_sources(graph), tuple(s.node for s in match.sites))
         else:
+            if config.resume:
+                log.warning("--resume keeps chunk plans of streamed compiles only; this compile is not streamed")
             with timings("plan"):
                 plan = make_plan(method, ctx)
             with timings("rewrite"):
@@ -140,6 +145,8 @@ def _compile(source: Any, output, config: CompileConfig, method: Method, timings
         if output is not None:
             with timings("save"):
                 out_path = save(model, output, streamed)
+            if streamed is not None and config.resume:  # done: the finished chunks' plans are not needed again
+                shutil.rmtree(ChunkStore.folder_for(output), ignore_errors=True)
     finally:
         if sink_dir is not None:
             shutil.rmtree(sink_dir, ignore_errors=True)

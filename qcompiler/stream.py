@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import json
 import logging
+import os
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -142,15 +146,69 @@ def trim_heap() -> None:
         pass
 
 
-def stream_compile(graph: gs.Graph, chunks: Sequence[Chunk], plan_chunk: Callable[[gs.Graph, Chunk], QuantPlan],
+class ChunkStore:
+    """The finished chunks' plans of a streamed compile (``--resume``), in a folder beside the output: one
+    ``.npz`` per chunk, written atomically, and ``key.json``, what they were planned for (the source, the
+    configuration less how it runs, the chunks' sites). A folder left by another compile is cleared."""
+
+    def __init__(self, folder: Path, key: dict):
+        self.folder, self.key = folder, key
+        key_file = folder / "key.json"
+        if folder.is_dir():
+            try:
+                same = json.loads(key_file.read_text()) == key
+            except (OSError, ValueError):
+                same = False
+            if same:
+                done = len(list(folder.glob("chunk-*.npz")))
+                log.info("resuming: %d finished chunk plans in %s", done, folder)
+                return
+            log.warning("%s holds chunk plans of another compile: starting over", folder)
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        key_file.write_text(json.dumps(key))
+
+    @staticmethod
+    def folder_for(output: str | os.PathLike) -> Path:
+        """Where the chunk plans of a compile writing ``output`` are kept."""
+        out = Path(output)
+        return out.parent / f".{out.name}.chunks"
+
+    def _path(self, index: int) -> Path:
+        return self.folder / f"chunk-{index:05d}.npz"
+
+    def load(self, index: int) -> QuantPlan | None:
+        path = self._path(index)
+        return QuantPlan.load(path) if path.is_file() else None
+
+    def save(self, index: int, plan: QuantPlan) -> None:
+        tmp = self.folder / f".chunk-{index:05d}.tmp"
+        plan.save(tmp)
+        os.replace(tmp, self._path(index))
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def chunk_key(source: str, config, chunks: Sequence[Chunk]) -> dict:
+    """What a chunk store's plans depend on: the source, the configuration (less where and how it runs, which
+    leave the plans unchanged) and each chunk's sites."""
+    from dataclasses import asdict
+
+    cfg = {k: v for k, v in asdict(config).items() if k not in ("resume", "jobs", "executor", "ray_address")}
+    return {"source": str(source), "config": json.loads(json.dumps(cfg, default=str)),
+            "chunks": [[s.id for s in c.sites] for c in chunks]}
+
+
+def stream_compile(graph: gs.Graph, chunks: Sequence[Chunk], plan_chunk: Callable[[gs.Graph, int, Chunk], QuantPlan],
                    rewrite: Callable[[gs.Graph, QuantPlan], gs.Graph], sink: DataSink, method: str, quant,
                    progress: bool = False) -> tuple[gs.Graph, QuantPlan]:
     """Plan, rewrite and spill ``chunks`` one after another. Returns the graph and the merged plan."""
     bound_heap()
     plans = []
     bar = tqdm(chunks, desc="stream", unit="chunk", disable=not progress, leave=False)
-    for chunk in bar:
-        plan = plan_chunk(graph, chunk)
+    for index, chunk in enumerate(bar):
+        plan = plan_chunk(graph, index, chunk)
         graph = rewrite(graph, plan)
         moved = sink.spill(graph)
         log.debug("chunk of %d sites: %.1f MB spilled", len(chunk.sites), moved / 1e6)
@@ -175,10 +233,11 @@ class Streamed:
 
 def stream_plan_rewrite(graph: gs.Graph, method: Method, ctx: PlanContext, chunk_mb: int, sink: DataSink,
                         rewrite: Callable[[gs.Graph, QuantPlan], gs.Graph],
-                        make_plan: Callable[[Method, PlanContext], QuantPlan] | None = None
-                        ) -> tuple[gs.Graph, QuantPlan]:
+                        make_plan: Callable[[Method, PlanContext], QuantPlan] | None = None,
+                        store: Callable[[Sequence[Chunk]], ChunkStore] | None = None) -> tuple[gs.Graph, QuantPlan]:
     """The streamed strategy of the plan and rewrite steps: chunk by chunk, one pool of workers for all.
-    ``make_plan(method, ctx)``: how a chunk is planned (default: ``method.plan``)."""
+    ``make_plan(method, ctx)``: how a chunk is planned (default: ``method.plan``). ``store(chunks)``: where
+    finished chunks' plans are kept and found again (``--resume``)."""
     make_plan = make_plan or (lambda m, c: m.plan(c))
     analysis = ctx.analysis
     chunks = chunk_sites(ctx.sites, chunk_mb * 2**20, analysis.pairs if analysis else (),
@@ -186,8 +245,16 @@ def stream_plan_rewrite(graph: gs.Graph, method: Method, ctx: PlanContext, chunk
     log.info("%d sites in %d chunks", len(ctx.sites), len(chunks))
     whole = method.for_streaming(ctx)
 
-    def plan_chunk(g: gs.Graph, chunk: Chunk) -> QuantPlan:
-        return make_plan(method, whole.part(chunk.sites, chunk.analysis() if analysis else None, weight_reader(g)))
+    kept = store(chunks) if store is not None else None
+
+    def plan_chunk(g: gs.Graph, index: int, chunk: Chunk) -> QuantPlan:
+        plan = kept.load(index) if kept is not None else None
+        if plan is None:
+            plan = make_plan(method, whole.part(chunk.sites, chunk.analysis() if analysis else None,
+                                                weight_reader(g)))
+            if kept is not None:
+                kept.save(index, plan)
+        return plan
 
     cfg = ctx.config
     jobs = resolve_jobs(cfg.jobs, sum(s.k * s.n for s in ctx.sites), cfg.device) if method.learns else 1

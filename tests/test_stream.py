@@ -237,3 +237,50 @@ def test_ray_executor_streams_the_same_bytes(external_llama, tmp_path):
         compile_model(str(external_llama), tmp_path / executor / "m.onnx", CompileConfig(**base, executor=executor))
     for name in ("m.onnx", "m.onnx.data"):
         assert (tmp_path / "local" / name).read_bytes() == (tmp_path / "ray" / name).read_bytes(), name
+
+
+def test_resume_plans_only_the_chunks_an_interrupted_run_left(external_llama, tmp_path, monkeypatch):
+    import qcompiler.stream as stream
+
+    real_chunks, real_save = stream.chunk_sites, stream.ChunkStore.save
+    monkeypatch.setattr(stream, "chunk_sites", lambda sites, _, pairs=(), groups=(): real_chunks(
+        sites, 60_000, pairs, groups))  # several chunks of the tiny model
+    planned: list[int] = []
+
+    def save(self, index, plan):
+        real_save(self, index, plan)
+        planned.append(index)
+        if len(planned) == 2 and fail:
+            raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(stream.ChunkStore, "save", save)
+    base = dict(quant=QuantConfig(bits=4, group_size=32), method="cafeq", stream=True,
+                cafeq=CafeqConfig(steps=5, joint_rounds=1, joint_mlp_rounds=1))
+    for d in ("ref", "run"):
+        (tmp_path / d).mkdir()
+    fail = False
+    compile_model(str(external_llama), tmp_path / "ref" / "m.onnx", CompileConfig(**base))
+    assert not planned  # no --resume: nothing kept
+    out = tmp_path / "run" / "m.onnx"
+    fail = True
+    with pytest.raises(RuntimeError, match="interrupted"):
+        compile_model(str(external_llama), out, CompileConfig(**base, resume=True))
+    kept = stream.ChunkStore.folder_for(out)
+    assert sorted(p.name for p in kept.glob("chunk-*.npz")) == ["chunk-00000.npz", "chunk-00001.npz"]
+    assert not out.exists()
+    fail, planned[:] = False, []
+    compile_model(str(external_llama), out, CompileConfig(**base, resume=True, jobs=2))
+    total = len(planned) + 2
+    assert total > 3 and 0 not in planned and 1 not in planned  # the first two chunks came from the store
+    assert not kept.exists()  # removed once the compile succeeded
+    for name in ("m.onnx", "m.onnx.data"):
+        assert (tmp_path / "ref" / name).read_bytes() == (tmp_path / "run" / name).read_bytes(), name
+    # plans of another compile (here: other learning steps) are not reused
+    fail, planned[:] = True, []
+    with pytest.raises(RuntimeError):
+        compile_model(str(external_llama), out, CompileConfig(**base, resume=True))
+    assert kept.is_dir()
+    fail, planned[:] = False, []
+    other = dict(base, cafeq=CafeqConfig(steps=6, joint_rounds=1, joint_mlp_rounds=1))
+    compile_model(str(external_llama), out, CompileConfig(**other, resume=True))
+    assert sorted(planned) == list(range(total))
