@@ -138,3 +138,14 @@ def test_joint_batch_rejects_mixed_transforms():
              JointItem(rng.standard_normal((32, 16)), rng.standard_normal((16, 8)))]
     with pytest.raises(ValueError, match="a_blocks"):
         joint_round_batch(items, GridSpec(4, 32, False), GridSpec(4, 16, False))
+
+
+@pytest.mark.parametrize("engine", ["numpy", "torch"])
+def test_joint_bench_tool(engine, capsys):
+    import json
+
+    from tools.joint_bench import main
+
+    assert main(["--channels", "192", "--k", "64", "--channel-block", "128", "--engine", engine]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["engine"] == engine and row["pqe"] < row["pqe_plain"] and row["peak_rss_mb"] > 0

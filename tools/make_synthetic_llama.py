@@ -9,6 +9,8 @@ here is committed; the files go where ``--out`` says.
 
     python tools/make_synthetic_llama.py --out /tmp/synth-llama --gib 6
     python tools/make_synthetic_llama.py --out /tmp/synth-hf --gib 6 --format hf
+    python tools/make_synthetic_llama.py --out /tmp/l8b --format hf --layers 2 --hidden 4096 \
+        --intermediate 14336 --kv-heads 8 --vocab 32000        # Llama-3-8B's layer shapes, 2 layers
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hidden", type=int, default=HIDDEN)
     ap.add_argument("--intermediate", type=int, default=INTERMEDIATE)
     ap.add_argument("--vocab", type=int, default=VOCAB)
+    ap.add_argument("--heads", type=int, default=HEADS, help="query heads (Llama-3-8B: 32)")
+    ap.add_argument("--kv-heads", type=int, default=KV_HEADS, help="KV heads (Llama-3-8B: 8)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -59,9 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     from qcompiler.frontends.export import WRAPPER_ATTR, _Wrapper
     from qcompiler.metadata import MODEL_KIND, SCOPE_PREFIX, set_model_properties
 
-    layers = args.layers or layers_for(args.gib, args.hidden, args.intermediate, vocab=args.vocab)
+    layers = args.layers or layers_for(args.gib, args.hidden, args.intermediate, args.heads, args.kv_heads, args.vocab)
     cfg = transformers.LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate,
-                                   num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, num_hidden_layers=layers,
+                                   num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+                                   num_hidden_layers=layers,
                                    vocab_size=args.vocab, max_position_embeddings=2048, tie_word_embeddings=False)
     torch.manual_seed(args.seed)
     t = time.perf_counter()
