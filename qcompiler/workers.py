@@ -218,6 +218,7 @@ class RayPool(TaskPool):
 
             raise QCompilerError("--executor ray needs the ray package: pip install 'ray>=2.50'") from e
         if not ray.is_initialized():
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a compile reports nothing anywhere
             env_vars = {k: "1" for k in THREAD_VARIABLES}
             if not self.address:  # a local instance's workers import what this process can, as spawned ones do
                 env_vars["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
