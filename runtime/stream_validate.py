@@ -56,6 +56,30 @@ def _cut_states(model: onnx.ModelProto, cuts: Sequence[str]) -> list[list[str]]:
     return states
 
 
+def shared_cuts(original: onnx.ModelProto, compiled: onnx.ModelProto, cuts: Sequence[str]) -> list[str]:
+    """``cuts`` moved earlier where the state there holds a tensor the compiled model no longer has (an online
+    transform took in the norm gain's ``Mul`` that made its input): to just before that tensor's producer,
+    until every state tensor exists in both models."""
+    have = {o for n in compiled.graph.node for o in n.output} | {i.name for i in compiled.graph.input}
+    have |= {t.name for t in compiled.graph.initializer}
+    producer = {o: n.name for n in original.graph.node for o in n.output if o}
+    position = {n.name: i for i, n in enumerate(original.graph.node)}
+    at = sorted({position[c] for c in cuts if c in position})
+    state_at = dict(zip(at, _cut_states(original, cuts), strict=False))  # one pass for the cuts as given
+    out = []
+    for cut in cuts:
+        while cut is not None:
+            state = state_at.get(position[cut]) if cut in position else []
+            if state is None:
+                state = _cut_states(original, [cut])[0]
+            missing = [t for t in state if t not in have]
+            if not missing:
+                out.append(cut)
+                break
+            cut = min((producer[t] for t in missing if t in producer), key=position.__getitem__, default=None)
+    return out
+
+
 class _Stretcher:
     """Runs stretches of one model: the nodes that compute ``targets`` from ``state``."""
 
@@ -145,7 +169,7 @@ def validate_streamed(original: onnx.ModelProto, original_dir: str | os.PathLike
     b = _Stretcher(compiled, compiled_sources, options, types)
     state_a = {k: np.asarray(v) for k, v in feeds.items()}
     state_b = dict(state_a)
-    states = _cut_states(original, cuts)
+    states = _cut_states(original, shared_cuts(original, compiled, cuts))
     for i, targets in enumerate(states):
         state_a = a.run(state_a, targets)
         state_b = b.run(state_b, targets)

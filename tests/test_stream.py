@@ -284,3 +284,31 @@ def test_resume_plans_only_the_chunks_an_interrupted_run_left(external_llama, tm
     other = dict(base, cafeq=CafeqConfig(steps=6, joint_rounds=1, joint_mlp_rounds=1))
     compile_model(str(external_llama), out, CompileConfig(**other, resume=True))
     assert sorted(planned) == list(range(total))
+
+
+def test_streamed_validation_cuts_before_a_gain_an_online_op_took_in(tmp_path):
+    """The cut before a site whose input (a norm gain's Mul) the compiled model no longer has (the online op
+    folded the gain in) moves before the Mul; validation then compares the two models as usual."""
+    from onnx import TensorProto, helper
+
+    from qcompiler.runtime.stream_validate import shared_cuts, validate_streamed
+
+    rng = np.random.default_rng(0)
+    g, w = rng.uniform(0.5, 2.0, 8).astype(np.float32), rng.standard_normal((8, 4)).astype(np.float32)
+
+    def model(nodes, inits):
+        graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+                                  [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 4])],
+                                  [numpy_helper.from_array(v, k) for k, v in inits.items()])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+    original = model([helper.make_node("Relu", ["x"], ["r"], name="relu"),
+                      helper.make_node("Mul", ["r", "g"], ["y"], name="mul"),
+                      helper.make_node("MatMul", ["y", "w"], ["z"], name="matmul")], {"g": g, "w": w})
+    compiled = model([helper.make_node("Relu", ["x"], ["r"], name="relu"),
+                      helper.make_node("MatMul", ["r", "w2"], ["z"], name="matmul")], {"w2": g[:, None] * w})
+    assert shared_cuts(original, compiled, ["matmul"]) == ["mul"]
+    assert shared_cuts(original, original, ["matmul"]) == ["matmul"]
+    res = validate_streamed(original, tmp_path, compiled, {}, ["matmul"], {"x": rng.standard_normal((2, 8)).astype(
+        np.float32)})
+    assert res.max_rel_error < 1e-5
