@@ -61,6 +61,25 @@ def test_cafeq_plan_is_better_than_rtn_and_roundtrips(pair_checkpoints, cache_di
     assert back.pair_stats == plan.pair_stats
 
 
+def test_batched_joint_rounding_plans_what_the_numpy_path_plans(pair_checkpoints, cache_dir, monkeypatch):
+    """The planner's torch path (pairs of one shape as one batch: a GPU's) on the CPU gives the numpy path's
+    pair errors and codes."""
+    from qcompiler.methods.transform_planner import _Planner
+
+    cfg = CompileConfig(quant=QuantConfig(3, 32, False), method="cafeq", validate=False, kv_cache=PLAIN,
+                        cafeq=CafeqConfig(steps=10, joint_rounds=2, joint_mlp_rounds=1))
+    plans = {}
+    for batched in (False, True):
+        monkeypatch.setattr(_Planner, "_batched_joint", lambda self, b=batched: b)
+        plans[batched] = compile_model(str(pair_checkpoints["llama"]), None, cfg, cache_dir=cache_dir).plan
+    for a, b in zip(plans[False].pair_stats, plans[True].pair_stats, strict=True):
+        assert a.pair == b.pair and a.joint == b.joint == "joint"
+        assert b.pqe == pytest.approx(a.pqe, rel=1e-3)
+    same = [np.mean(a.weight.codes == b.weight.codes) for a, b in zip(plans[False].sites, plans[True].sites,
+                                                                     strict=True)]
+    assert min(same) > 0.99
+
+
 def test_no_joint_rounding(pair_checkpoints, cache_dir):
     cfg = CompileConfig(quant=QuantConfig(3, 32, False), method="cafeq", validate=False, kv_cache=PLAIN,
                         cafeq=CafeqConfig(steps=40, joint_pairs=()))

@@ -41,7 +41,7 @@ def test_grid_is_bit_for_bit_the_numpy_grid(bits, sym):
     for ratios in (None, np.linspace(1.0, 0.5, 21)):
         s_ref, z_ref = (np_grid.fit_grid(w, bits, 32, sym) if ratios is None
                         else np_grid.fit_grid_search(w, bits, 32, sym, ratios))
-        s, z = solver.fit_search(solver._groups(torch.from_numpy(w).T, 32), bits, sym, ratios)  # [N, nb]
+        s, z = solver.fit_search(solver.grouped(torch.from_numpy(w).T, 32), bits, sym, ratios)  # [N, nb]
         np.testing.assert_array_equal(s.T.numpy(), s_ref)
         np.testing.assert_array_equal(z.T.numpy().astype(np.uint8), z_ref)
         rows = np.arange(96) // 32

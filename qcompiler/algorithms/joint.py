@@ -300,16 +300,16 @@ def joint_round_batch(items: list[JointItem], grid_a: GridSpec, grid_b: GridSpec
     a_st, b_st = _blocks_t(ta, a), _blocks_t(tb, b)
     d, p_count = heads.head_dim, len(items)
 
-    def dq(q: solver._Grid, group: int) -> torch.Tensor:
+    def dq(q: solver.SolverGrid, group: int) -> torch.Tensor:
         rows = torch.arange(q.codes.shape[1], device=q.codes.device) // group
         return solver.dequant(q.codes, q.scales[:, rows], q.zps[:, rows]).to(f64)
 
     ga, gb = grid_a.group_size or a.shape[1], grid_b.group_size or b.shape[1]
 
-    def eff_a(q: solver._Grid) -> torch.Tensor:
+    def eff_a(q: solver.SolverGrid) -> torch.Tensor:
         return _blocks_t(ta_inv, dq(q, ga))
 
-    def eff_b(q: solver._Grid) -> torch.Tensor:
+    def eff_b(q: solver.SolverGrid) -> torch.Tensor:
         return _blocks_t(tb_inv, dq(q, gb))
 
     def pqe(a_hat: torch.Tensor, b_hat: torch.Tensor) -> torch.Tensor:
@@ -322,12 +322,12 @@ def joint_round_batch(items: list[JointItem], grid_a: GridSpec, grid_b: GridSpec
             den += (ref ** 2).sum((1, 2))
         return (num / den.clamp_min(1e-30)).sqrt()
 
-    def rtn(w: torch.Tensor, grid: GridSpec) -> solver._Grid:
+    def rtn(w: torch.Tensor, grid: GridSpec) -> solver.SolverGrid:
         g = grid.group_size or w.shape[1]
-        s, z = solver.fit(solver._groups(w.transpose(1, 2), g), grid.bits, grid.symmetric)  # [P, N, nb]
+        s, z = solver.fit(solver.grouped(w.transpose(1, 2), g), grid.bits, grid.symmetric)  # [P, N, nb]
         s, z = s.transpose(1, 2).contiguous(), z.transpose(1, 2).contiguous()
         rows = torch.arange(w.shape[1], device=w.device) // g
-        return solver._Grid(s, z, solver.codes_of(w, s[:, rows], z[:, rows], grid.bits))
+        return solver.SolverGrid(s, z, solver.codes_of(w, s[:, rows], z[:, rows], grid.bits))
 
     qa, qb = rtn(a_st, grid_a), rtn(b_st, grid_b)
     a_hat, b_hat = eff_a(qa), eff_b(qb)
@@ -336,7 +336,7 @@ def joint_round_batch(items: list[JointItem], grid_a: GridSpec, grid_b: GridSpec
     best_a, best_b = qa, qb
     history: list[torch.Tensor] = []
 
-    def keep(err: torch.Tensor, qa: solver._Grid, qb: solver._Grid) -> None:
+    def keep(err: torch.Tensor, qa: solver.SolverGrid, qb: solver.SolverGrid) -> None:
         nonlocal best_err, best_a, best_b
         history.append(err)
         better = err < best_err
@@ -349,7 +349,7 @@ def joint_round_batch(items: list[JointItem], grid_a: GridSpec, grid_b: GridSpec
         _channel_t(h_mat, d_mat, channel)
         out = solver.solve(a_st.transpose(1, 2), h_mat, grid_a, d_mat, cfg.solver, layout="columns")
         del h_mat, d_mat
-        qa = solver._Grid(out.scales, out.zps, out.codes.transpose(1, 2))
+        qa = solver.SolverGrid(out.scales, out.zps, out.codes.transpose(1, 2))
         a_hat = eff_a(qa)
         keep(pqe(a_hat, b_hat), qa, qb)
         h_mat, d_mat = _second_stats_t(a, a_hat, heads)
@@ -361,17 +361,18 @@ def joint_round_batch(items: list[JointItem], grid_a: GridSpec, grid_b: GridSpec
         b_hat = eff_b(qb)
         keep(pqe(a_hat, b_hat), qa, qb)
     hist = torch.stack(history, 1).cpu().numpy() if history else np.zeros((p_count, 0))
-    wa, wb = solver._weights(best_a, grid_a, best_a.codes), solver._weights(best_b, grid_b, best_b.codes)
+    wa, wb = solver.to_weights(best_a, grid_a, best_a.codes), solver.to_weights(best_b, grid_b, best_b.codes)
     return [JointResult(wa[i], wb[i], float(plain[i]), float(best_err[i]), tuple(float(x) for x in hist[i]))
             for i in range(p_count)]
 
 
 def _where(mask, new, old):
     """Per problem: ``new``'s grid where ``mask``, else ``old``'s."""
-    from qcompiler.algorithms.solver import _Grid
+    from qcompiler.algorithms.solver import SolverGrid
 
     m = mask[:, None, None]
-    return _Grid(*(x.where(m, y) for x, y in ((new.scales, old.scales), (new.zps, old.zps), (new.codes, old.codes))))
+    pairs = ((new.scales, old.scales), (new.zps, old.zps), (new.codes, old.codes))
+    return SolverGrid(*(x.where(m, y) for x, y in pairs))
 
 
 def _blocks_t(blocks, w):

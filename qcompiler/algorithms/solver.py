@@ -84,7 +84,7 @@ def fit_search(x: torch.Tensor, bits: int, symmetric: bool,
     return s.gather(0, best)[0], z.gather(0, best)[0]
 
 
-def _groups(x: torch.Tensor, g: int) -> torch.Tensor:
+def grouped(x: torch.Tensor, g: int) -> torch.Tensor:
     """``[..., M]`` -> ``[..., ceil(M/g), g]``, zero-padded (a zero never changes a group's grid)."""
     m = x.shape[-1]
     pad = -m % g
@@ -94,7 +94,7 @@ def _groups(x: torch.Tensor, g: int) -> torch.Tensor:
 
 
 @dataclass
-class _Grid:
+class SolverGrid:
     """The batch's grid as it fills: per problem ``[P, n_blocks, width]`` scales and zero points
     (float32) and codes ``[P, K, N]`` in the sequential layout."""
 
@@ -120,7 +120,7 @@ def _gather2(m: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
 
 
 def solve(w: torch.Tensor, h: torch.Tensor, grid: GridSpec, d: torch.Tensor | None = None,
-          cfg: SolverConfig = DEFAULT, layout: str = "rows") -> _Grid:
+          cfg: SolverConfig = DEFAULT, layout: str = "rows") -> SolverGrid:
     """Quantize each ``W[p]`` (``[K, N]``, float64) minimising ``||X W_hat - X~ W||``; ``layout`` as in the
     module's docstring. Returns the grid with codes in the sequential layout ``[P, K, N]``."""
     w = w.to(F64).clone()
@@ -149,13 +149,13 @@ def solve(w: torch.Tensor, h: torch.Tensor, grid: GridSpec, d: torch.Tensor | No
     g = grid.group_size or (k if layout == "rows" else n)
     rows_layout = layout == "rows"
     width, nb = (n, -(-k // g)) if rows_layout else (k, -(-n // g))
-    out = _Grid(torch.zeros(p_count, nb, width, dtype=F32, device=w.device),
+    out = SolverGrid(torch.zeros(p_count, nb, width, dtype=F32, device=w.device),
                 torch.zeros(p_count, nb, width, dtype=F32, device=w.device),
                 torch.zeros(p_count, k, n, dtype=F32, device=w.device))
     ratios = cfg.ratios()
     batch = torch.arange(p_count, device=w.device)
     if rows_layout and cfg.act_order:  # static groups, fitted on the weights as given
-        s, z = fit_search(_groups(w.transpose(1, 2), g), grid.bits, grid.symmetric, ratios)  # [P, N, nb]
+        s, z = fit_search(grouped(w.transpose(1, 2), g), grid.bits, grid.symmetric, ratios)  # [P, N, nb]
         out.scales[:], out.zps[:] = s.transpose(1, 2), z.transpose(1, 2)
         block = cfg.block
     elif rows_layout:  # a block holds whole groups (GPTQ's lazy batches, as the reference)
@@ -174,7 +174,7 @@ def solve(w: torch.Tensor, h: torch.Tensor, grid: GridSpec, d: torch.Tensor | No
             s, z = out.scales[batch, grp], out.zps[batch, grp]  # [P, N]
             c = codes_of(w1[:, at], s, z, grid.bits)
         else:
-            s, z = fit_search(_groups(w1[:, at], g), grid.bits, grid.symmetric, ratios)  # [P, nb]
+            s, z = fit_search(grouped(w1[:, at], g), grid.bits, grid.symmetric, ratios)  # [P, nb]
             out.scales[batch, :, orig], out.zps[batch, :, orig] = s, z
             s, z = s.repeat_interleave(g, dim=1)[:, :n], z.repeat_interleave(g, dim=1)[:, :n]
             c = codes_of(w1[:, at], s, z, grid.bits)
@@ -266,7 +266,7 @@ def solve_rows(ws: list[np.ndarray], hs: list[np.ndarray], grid: GridSpec, ds: l
                cfg: SolverConfig = DEFAULT, device: str = "cpu") -> list[QuantizedWeight]:
     """:func:`gptq.solve_rows` of each ``(W, H, D)`` (one shape), as one batch."""
     out = solve(_stack(ws, device), _stack(hs, device), grid, None if ds is None else _stack(ds, device), cfg)
-    return _weights(out, grid, out.codes)
+    return to_weights(out, grid, out.codes)
 
 
 def solve_columns(as_: list[np.ndarray], hs: list[np.ndarray], grid: GridSpec, ds: list[np.ndarray] | None = None,
@@ -274,14 +274,14 @@ def solve_columns(as_: list[np.ndarray], hs: list[np.ndarray], grid: GridSpec, d
     """:func:`gptq.solve_columns` of each ``(A, H, D)`` (one shape), as one batch."""
     wt = _stack([np.asarray(a).T for a in as_], device)
     out = solve(wt, _stack(hs, device), grid, None if ds is None else _stack(ds, device), cfg, layout="columns")
-    return _weights(out, grid, out.codes.transpose(1, 2))
+    return to_weights(out, grid, out.codes.transpose(1, 2))
 
 
 def _stack(arrays: list[np.ndarray], device: str) -> torch.Tensor:
     return torch.stack([torch.as_tensor(np.ascontiguousarray(a), dtype=F64) for a in arrays]).to(device)
 
 
-def _weights(out: _Grid, grid: GridSpec, codes: torch.Tensor) -> list[QuantizedWeight]:
+def to_weights(out: SolverGrid, grid: GridSpec, codes: torch.Tensor) -> list[QuantizedWeight]:
     """Per problem: the stored ``[K, N]`` codes (uint8) and ``[n_blocks, N]`` grid."""
     g = grid.group_size or codes.shape[1]
     c = codes.to(torch.uint8).cpu().numpy()

@@ -262,10 +262,10 @@ class _Planner:
         # side by side only as many as fit in --joint-max-gb together
         need = max((self._joint_bytes(p) for p in pairs), default=1)
         limit = max(1, int(self.cfg.joint_max_gb * 2**30 // need))
-        if self.learn.device == "cpu":
-            results = self.pool.map(joint_round, tasks, "joint rounding", limit)
-        else:
+        if self._batched_joint():
             results = self._joint_batched(pairs, tasks, limit)
+        else:
+            results = self.pool.map(joint_round, tasks, "joint rounding", limit)
         for p, res in zip(pairs, results, strict=True):
             cols = slice(*p.producer_cols)
             log.info("%s: joint rounding PQE %.4f -> %.4f", p.id, res.pqe_plain, res.pqe)
@@ -273,6 +273,10 @@ class _Planner:
             qws[p.producer] = replace_columns(qws[p.producer], cols, res.a)
             qws[p.consumer] = res.b
         return len(pairs)
+
+    def _batched_joint(self) -> bool:
+        """Joint rounding batched in torch on the device (a GPU); on the CPU numpy's solver is faster."""
+        return self.learn.device != "cpu"
 
     def _joint_batched(self, pairs: list[CoupledPair], tasks: list[tuple], limit: int) -> list[JointResult]:
         """Joint rounding on the torch device, pairs of one shape ``limit`` at a time as one batch
