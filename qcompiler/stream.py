@@ -260,7 +260,8 @@ def stream_plan_rewrite(graph: gs.Graph, method: Method, ctx: PlanContext, chunk
     jobs = resolve_jobs(cfg.jobs, sum(s.k * s.n for s in ctx.sites), cfg.device) if method.learns else 1
     try:
         # one set of workers (or one Ray connection) for every chunk: tasks travel to them, not the model
-        with make_pool(jobs, False, cfg.executor, cfg.ray_address, resolve_device(cfg.device)) as pool:
+        executor = cfg.executor if method.learns else "local"  # nothing to send out: no Ray for rtn
+        with make_pool(jobs, False, executor, cfg.ray_address, resolve_device(cfg.device)) as pool:
             graph, plan = stream_compile(graph, chunks, plan_chunk, rewrite, sink, method.name, cfg.quant,
                                          ctx.progress)
         note_workers_peak(pool.workers_peak_mb)
