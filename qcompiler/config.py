@@ -161,7 +161,8 @@ class CafeqConfig:
     joint_channel_weight: float = field(default=4.0, metadata=opt(
         "cafeq, MLP pairs: weight of each channel's own product error against the whole product's (the "
         "activation between up and down varies per token)"))
-    # MLP pairs cost ~26 x C^2 float64 (C = intermediate width): 0.5 GB for C = 1536, 7 GB for 5632
+    # a pair's working set (methods/transform_planner.joint_memory_bytes): ~7 S^2 + 11 C K float64, S the Hessians'
+    # width (C, or a block of --joint-channel-block); measured 1.6 GB at C = 5632 in two blocks, 4.7 GB at C = 14336
     # wide MLP pairs are rounded in blocks of channels (each block's target the residual the others leave):
     # memory ~ block^2 + the weights instead of C^2; on a 5632-channel pair two blocks cost 0.4% of PQE
     joint_channel_block: int = field(default=4096, metadata=opt(
