@@ -150,9 +150,12 @@ def joint_round(a: np.ndarray, b: np.ndarray, grid_a: GridSpec, grid_b: GridSpec
     a_hat, b_hat = eff(qa, ta_inv), eff(qb, tb_inv)
     plain = pqe(a_hat, b_hat)
     best, history = (plain, qa, qb), []
+    # what every round reuses: the products the blocked steps aim at, or the dense T_b^-1 of the one-block step
+    target_a, target_b = (b.T @ a_st.T, a @ b) if blocked else (None, None)
+    tb_dense = None if blocked else _inverse(b_blocks)
     for _ in range(cfg.rounds):
         if blocked:
-            qa = _blocked_first(a_st, b, b_hat, grid_a, cfg, channel, spans)
+            qa = _blocked_first(a_st, b, b_hat, target_a, grid_a, cfg, channel, spans)
         else:
             h_mat, d_mat = with_channel_term(*first_factor_stats(b, b_hat, heads), channel)
             qa = solve_columns(a_st, h_mat, grid_a, d_mat, cfg.solver)
@@ -161,9 +164,9 @@ def joint_round(a: np.ndarray, b: np.ndarray, grid_a: GridSpec, grid_b: GridSpec
         if history[-1] < best[0]:
             best = (history[-1], qa, qb)
         if blocked:
-            qb = _blocked_second(b_st, a, a_hat, tb_inv, grid_b, cfg, channel, spans)
+            qb = _blocked_second(b_st, a, a_hat, target_b, tb_inv, grid_b, cfg, channel, spans)
         else:
-            h_mat, d_mat = second_factor_stats(a, a_hat, heads, _inverse(b_blocks), channel)
+            h_mat, d_mat = second_factor_stats(a, a_hat, heads, tb_dense, channel)
             qb = solve_rows(b_st, h_mat, grid_b, d_mat, cfg.solver)
         b_hat = eff(qb, tb_inv)
         history.append(pqe(a_hat, b_hat))
@@ -224,14 +227,14 @@ def _channel_share(hc: np.ndarray, gc: np.ndarray, t_inv: np.ndarray | None, lo:
     return ti.T @ e @ ti, ti.T @ f @ ti
 
 
-def _blocked_first(a_st: np.ndarray, b: np.ndarray, b_hat: np.ndarray, grid: GridSpec, cfg: JointConfig,
-                   channel: float, spans: list[tuple[int, int]]) -> QuantizedWeight:
+def _blocked_first(a_st: np.ndarray, b: np.ndarray, b_hat: np.ndarray, product: np.ndarray, grid: GridSpec,
+                   cfg: JointConfig, channel: float, spans: list[tuple[int, int]]) -> QuantizedWeight:
     """``A``'s step of a wide pair: ``||A_hat B_hat - A B||`` (+ the channel term) over ``A``'s columns in
-    blocks; the transposed problem has data ``B_hat^T`` and ``V = A^T``."""
+    blocks; the transposed problem has data ``B_hat^T``, ``V = A^T`` and ``product = (A B)^T`` (stored ``A``)."""
     hc = channel * np.einsum("cn,cn->c", b_hat, b_hat)
     gc = channel * np.einsum("cn,cn->c", b, b_hat)
     shares = [_channel_share(hc, gc, None, lo, hi) for lo, hi in spans]
-    parts = _blocked_solve(a_st.T, b_hat.T, b.T @ a_st.T, [e for e, _ in shares], [f for _, f in shares], spans,
+    parts = _blocked_solve(a_st.T, b_hat.T, product, [e for e, _ in shares], [f for _, f in shares], spans,
                            lambda t, h: solve_columns(t.T, h, grid, None, cfg.solver),
                            lambda q: q.dequantize().astype(np.float64).T)
     codes = np.concatenate([q.codes for q in parts], axis=1)
@@ -240,24 +243,21 @@ def _blocked_first(a_st: np.ndarray, b: np.ndarray, b_hat: np.ndarray, grid: Gri
     return QuantizedWeight(codes, scales, zps, grid.bits, parts[0].block_size, grid.symmetric)
 
 
-def _blocked_second(b_st: np.ndarray, a: np.ndarray, a_hat: np.ndarray, tb_inv: np.ndarray | None, grid: GridSpec,
-                    cfg: JointConfig, channel: float, spans: list[tuple[int, int]]) -> QuantizedWeight:
+def _blocked_second(b_st: np.ndarray, a: np.ndarray, a_hat: np.ndarray, product: np.ndarray,
+                    tb_inv: np.ndarray | None, grid: GridSpec, cfg: JointConfig, channel: float,
+                    spans: list[tuple[int, int]]) -> QuantizedWeight:
     """``B``'s step of a wide pair, in the stored ``T_b B``'s coordinates (data ``A_hat T_b^-1``), a block of
     ``B``'s rows (whole quant groups) at a time."""
     hc = channel * np.einsum("kc,kc->c", a_hat, a_hat)
     gc = channel * np.einsum("kc,kc->c", a, a_hat)
     x = a_hat if tb_inv is None else apply_blocks(np.transpose(tb_inv, (0, 2, 1)), a_hat.T).T  # A_hat T^-1
     shares = [_channel_share(hc, gc, tb_inv, lo, hi) for lo, hi in spans]
-    parts = _blocked_solve(b_st, x, a @ _unstored(b_st, tb_inv), [e for e, _ in shares], [f for _, f in shares],
+    parts = _blocked_solve(b_st, x, product, [e for e, _ in shares], [f for _, f in shares],
                            spans, lambda t, h: solve_rows(t, h, grid, None, cfg.solver),
                            lambda q: q.dequantize().astype(np.float64))
     return QuantizedWeight(np.concatenate([q.codes for q in parts]), np.concatenate([q.scales for q in parts]),
                            np.concatenate([q.zero_points for q in parts]), grid.bits, parts[0].block_size,
                            grid.symmetric)
-
-
-def _unstored(w_st: np.ndarray, t_inv: np.ndarray | None) -> np.ndarray:
-    return w_st if t_inv is None else apply_blocks(t_inv, w_st)
 
 
 @dataclass(frozen=True)
