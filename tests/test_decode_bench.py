@@ -107,3 +107,48 @@ def test_common_prefix():
     assert db.common_prefix([1, 2, 3], [1, 2, 4]) == 2
     assert db.common_prefix([5], [6]) == 0
     assert db.common_prefix([1, 2], [1, 2]) == 2
+
+
+def _attrs(node) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def test_relevel_turns_the_8bit_head_float_below_level_4(tiny_checkpoints, cache_dir, tmp_path):
+    """A KV-cache compile at level 4 rounds its head to 8 bits; the level-1 copy computes with the same values in
+    a float MatMul (no slow 8-bit kernel), every other node at level 1: its logits are the 8-bit node's at level 1,
+    in a file and in a genai folder (external data) alike."""
+    from qcompiler.runtime.evaluate import session_feeds
+    from qcompiler.runtime.session import make_session
+
+    loaded = load_model(str(tiny_checkpoints["llama"]), cache_dir=cache_dir)
+    src = tmp_path / "rtn.onnx"
+    compile_model(loaded.onnx_path, src, CompileConfig(quant=QuantConfig(group_size=32), accuracy_level=4,
+                                                       validate=False))
+    heads = [n for n in onnx.load(str(src)).graph.node if n.op_type == "MatMulNBits" and _attrs(n)["bits"] == 8]
+    assert len(heads) == 1
+    reference = onnx.load(str(src))  # the same file at level 1, the 8-bit node kept
+    for node in reference.graph.node:
+        if node.op_type == "MatMulNBits":
+            attrs = {**_attrs(node), "accuracy_level": 1}
+            del node.attribute[:]
+            node.attribute.extend(onnx.helper.make_attribute(k, v) for k, v in attrs.items())
+    folder = tmp_path / "genai"
+    folder.mkdir()
+    onnx.save(onnx.load(str(src)), str(folder / "model.onnx"), save_as_external_data=True,
+              location="model.onnx.data", size_threshold=0)
+    (folder / "genai_config.json").write_text("{}")
+    db.relevel(src, tmp_path / "rtn1.onnx", 1)
+    db.relevel(folder, tmp_path / "genai1", 1)
+    assert (tmp_path / "genai1" / "genai_config.json").exists() and (tmp_path / "genai1" / "model.onnx.data").exists()
+    ids = np.array([[1, 5, 9, 3, 7, 2]], dtype=np.int64)
+    ref_sess = make_session(reference)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    want = ref_sess.run(["logits"], session_feeds(ref_sess, feeds))[0]
+    for path in (tmp_path / "rtn1.onnx", tmp_path / "genai1" / "model.onnx"):
+        model = onnx.load(str(path))
+        nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+        assert nbits and all(_attrs(n)["accuracy_level"] == 1 and _attrs(n)["bits"] != 8 for n in nbits)
+        assert heads[0].input[1] not in {t.name for t in model.graph.initializer}  # the packed head is gone
+        sess = make_session(str(path))
+        got = sess.run(["logits"], session_feeds(sess, feeds))[0]
+        assert np.allclose(got, want, rtol=1e-4, atol=1e-4)

@@ -11,6 +11,7 @@ from qcompiler.algorithms.packing import (
     pack_matmulnbits,
     pack_qdq,
     unpack_along_last,
+    unpack_matmulnbits,
 )
 
 _ORT = {2: ortc.quantize_matmul_2bits, 4: ortc.quantize_matmul_4bits, 8: ortc.quantize_matmul_8bits}
@@ -50,6 +51,39 @@ def test_matmulnbits_layout_matches_onnxruntime(bits, bs, sym, shape):
         assert t.zero_points is None
     else:
         assert np.array_equal(t.zero_points, zp)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("sym", [False, True])
+def test_unpack_gives_the_weight_onnxruntime_computes_with(bits, sym):
+    """What MatMulNBits computes with, recovered from its packed inputs: x @ unpacked equals the node's
+    output on ONNX Runtime (K not a multiple of the block: the padding is cut)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from qcompiler.runtime.session import make_session
+
+    rng = np.random.default_rng(bits + 10 * sym)
+    k, n, bs = 100, 24, 32
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    qw = quantize(w, bits, bs, sym)
+    t = pack_matmulnbits(qw)
+    got = unpack_matmulnbits(t.b, t.scales, t.zero_points, t.bits, t.block_size, k, n)
+    assert got.shape == (k, n) and np.allclose(got, qw.dequantize(), atol=0)
+    inits = [onnx.numpy_helper.from_array(t.b, "B"), onnx.numpy_helper.from_array(t.scales.reshape(-1), "S")]
+    ins = ["x", "B", "S"]
+    if t.zero_points is not None:
+        inits.append(onnx.numpy_helper.from_array(t.zero_points.reshape(-1), "Z"))
+        ins.append("Z")
+    node = helper.make_node("MatMulNBits", ins, ["y"], domain="com.microsoft", K=k, N=n, bits=t.bits,
+                            block_size=bs, accuracy_level=0)
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, k])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, n])], inits)
+    m = helper.make_model(g, ir_version=9,
+                          opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    y = make_session(m).run(None, {"x": x})[0]
+    assert np.allclose(y, x @ got, rtol=1e-4, atol=1e-4)
 
 
 def test_three_bit_uses_four_bit_container():

@@ -140,14 +140,44 @@ def _build(out: Path, cmd: list[str], commands: dict, key: str) -> None:
 
 
 def relevel(src: Path, dst: Path, level: int) -> None:
-    """``src`` with every MatMulNBits node's ``accuracy_level`` set to ``level`` (weights untouched)."""
-    model = onnx.load(str(src))
-    for node in model.graph.node:
-        if node.op_type == "MatMulNBits":
-            attrs = [a for a in node.attribute if a.name != "accuracy_level"]
-            del node.attribute[:]
-            node.attribute.extend([*attrs, onnx.helper.make_attribute("accuracy_level", level)])
-    onnx.save(model, str(dst))
+    """``src`` (a file, or a genai folder's ``model.onnx``: then ``dst`` is a copy of the folder) with every
+    MatMulNBits node's ``accuracy_level`` set to ``level``, weights untouched; except that below level 4 an
+    8-bit node (the output head, which a KV-cache compile rounds to 8 bits only at level 4) becomes a float
+    MatMul of the very values it computed with: ONNX Runtime's CPU MatMulNBits has no fast 8-bit path below
+    level 4, and a compile at such a level keeps the head float (its speed; the 8-bit head's quality)."""
+    from qcompiler.algorithms.packing import unpack_matmulnbits
+
+    folder = src.is_dir()
+    model_path = src / "model.onnx" if folder else src
+    model = onnx.load(str(model_path))
+    inits = {t.name: t for t in model.graph.initializer}
+    dead: set[str] = set()
+    for i, node in enumerate(model.graph.node):
+        if node.op_type != "MatMulNBits":
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if level < 4 and attrs["bits"] == 8 and all(n in inits for n in node.input[1:4] if n):
+            arr = [onnx.numpy_helper.to_array(inits[n]) if n else None for n in list(node.input[1:4]) + [""] * 2]
+            w = unpack_matmulnbits(arr[0], arr[1], arr[2], 8, attrs["block_size"], attrs["K"], attrs["N"])
+            name = f"{node.name or node.output[0]}_float_weight"
+            model.graph.initializer.append(onnx.numpy_helper.from_array(w.astype(arr[1].dtype), name))
+            dead.update(n for n in node.input[1:] if n)
+            matmul = onnx.helper.make_node("MatMul", [node.input[0], name], list(node.output), name=node.name)
+            model.graph.node[i].CopyFrom(matmul)
+            continue
+        del node.attribute[:]
+        node.attribute.extend(onnx.helper.make_attribute(k, v) for k, v in {**attrs, "accuracy_level": level}.items())
+    used = {n for node in model.graph.node for n in node.input}
+    keep = [t for t in model.graph.initializer if t.name not in dead or t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    if not folder:
+        onnx.save(model, str(dst))
+        return
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("model.onnx", "model.onnx.data", "model.qc.onnx"))
+    onnx.save(model, str(dst / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
 
 
 _LOADED: dict = {}
@@ -165,6 +195,10 @@ def genai_folder(model: Path, hf: Path, work: Path) -> Path:
             _LOADED[hf] = load_model(str(hf))
         write_genai_folder(model, _LOADED[hf], out)
     return out
+
+
+def _mtime(folder: Path) -> float:
+    return (folder / "model.onnx").stat().st_mtime
 
 
 def our_loop_copy(folder: Path) -> Path:
@@ -217,6 +251,12 @@ def build(args, hf: Path, work: Path, genai_py: str | None) -> tuple[list[Entry]
                 shutil.rmtree(out)  # --package genai writes a new folder
             _build(out / "model.onnx", cmd, commands, f"{name} acc{first}")
             entries += [Entry(name, first, out, "genai"), Entry(name, first, our_loop_copy(out), "qc")]
+            for level in others:
+                dst = work / f"{base}-on-builder-{tag}-acc{level}"
+                if not (dst / "model.onnx").exists() or _mtime(dst) < _mtime(out):
+                    relevel(out, dst, level)
+                commands[f"{name} acc{level}"] = {"derived": f"{out.name} with accuracy_level={level}"}
+                entries += [Entry(name, level, dst, "genai"), Entry(name, level, our_loop_copy(dst), "qc")]
             continue
         out = work / f"{name}-{tag}-acc{first}.onnx"
         cmd = [*qc, "compile", str(hf), *setting, *extra, "--accuracy-level", str(first), "-o", str(out),

@@ -95,6 +95,21 @@ def pack_matmulnbits(qw: QuantizedWeight) -> NBitsTensors:
     return NBitsTensors(b, scales_t, zp_packed, cb, bs, k, n)
 
 
+def unpack_matmulnbits(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, bits: int,
+                       block_size: int, k: int, n: int) -> np.ndarray:
+    """The float ``[K, N]`` weight a MatMulNBits node computes with (its inputs B, scales, zero_points and
+    attributes): codes minus zero point (the container's middle where none is stored) times the scale."""
+    nb = (k + block_size - 1) // block_size
+    codes = unpack_along_last(np.asarray(b).reshape(n, nb, -1), bits, block_size).reshape(n, nb, block_size)
+    sc = np.asarray(scales, dtype=np.float32).reshape(n, nb)
+    if zero_points is None:
+        zp = np.full((n, nb), 1 << (bits - 1), dtype=np.float32)
+    else:
+        zp = unpack_along_last(np.asarray(zero_points).reshape(n, -1), bits, nb).astype(np.float32)
+    w = (codes.astype(np.float32) - zp[..., None]) * sc[..., None]
+    return np.ascontiguousarray(w.reshape(n, nb * block_size)[:, :k].T)
+
+
 @dataclass(frozen=True)
 class QDQTensors:
     codes: np.ndarray  # int8 or uint8 values [K, N] (to be stored as (u)int4 or (u)int8)
