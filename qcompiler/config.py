@@ -105,8 +105,20 @@ class MatchConfig:
         "also quantize embedding tables (DequantizeLinear before the Gather, or GatherBlockQuantized with "
         "--gather-embeddings)"))
     head_bits: int | None = field(default=8, metadata=opt(
-        "bits of the output head, rounded to nearest on its own grid with --group-size's block and the same "
-        "symmetry (None in the API: --bits, and the method's own rounding)", choices=SUPPORTED_BITS))
+        "bits of the output head, rounded to nearest on its own grid (--head-group-size, --head-sym; None in "
+        "the API, with both of those None too: --bits, and the method's own rounding)", choices=SUPPORTED_BITS))
+    # onnxruntime-genai's builder stores its int4 head in blocks of 32, asymmetric: on SmolLM2 (rtn 4-bit block
+    # 128 sym body, tools/residual_rotation.py's perplexity) a 4-bit head costs 33.14 -> 43.39 in blocks of 128
+    # sym, 36.88 in blocks of 32 asym, 35.56 with SINQ's scales (--head-scales): the serving trade of a head
+    # half the bytes of an 8-bit one
+    head_group_size: int | None = field(default=None, metadata=opt(
+        "block of the output head's own grid (default: --group-size)", kind="group_size"))
+    head_symmetric: bool | None = field(default=None, metadata=opt(
+        "symmetric or asymmetric grid for the output head (default: the model's, --sym / --asym)",
+        flag=("--head-sym", "--head-asym")))
+    head_scales: bool = field(default=True, metadata=opt(
+        "balance a head rounded to fewer than 8 bits with SINQ's Sinkhorn scales (their input scale folded into "
+        "the gain of the norm before the head: free at run time); kept only where they lower the head's error"))
     # why the head stays float where the compiler, not the user, turned it off (pipeline._resolve_head)
     head_float_reason: str = ""
     gather_embeddings: bool = field(default=False, metadata=opt(

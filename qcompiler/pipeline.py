@@ -23,7 +23,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from qcompiler.analyze import analyze_graph
-from qcompiler.config import CompileConfig
+from qcompiler.config import CompileConfig, QuantConfig
 from qcompiler.emit import emit_model
 from qcompiler.errors import ConfigError, NothingToQuantizeError, OutputError, ValidationFailed
 from qcompiler.external import SPILL_NAME, DataSink, external_sources, save_with_external_data
@@ -36,7 +36,7 @@ from qcompiler.methods.registry import REGISTRY, get_method
 from qcompiler.package import MODEL_FILE, check_genai_source, write_genai_folder
 from qcompiler.passes import EmbeddingPass, FoldPairsPass, MatMulNBitsPass, OnlineTransformPass, PassManager, QDQPass
 from qcompiler.passes.precision import PrecisionPass
-from qcompiler.plan import QuantPlan, own_grid_site
+from qcompiler.plan import QuantPlan, own_grid_site, scaled_site
 from qcompiler.report import CompileResult
 from qcompiler.runtime.session import SessionOptions, compile_session_device
 from qcompiler.runtime.stream_validate import validate_streamed
@@ -156,12 +156,30 @@ def _compile(source: Any, output, config: CompileConfig, method: Method, timings
                          source=loaded.source, cached_export=loaded.cached, loaded=loaded)
 
 
+def head_grid(cfg: CompileConfig) -> QuantConfig | None:
+    """The output head's own grid (``MatchConfig.head_bits``, ``head_group_size``, ``head_symmetric``); None
+    where the head is the method's like any other weight (all three None, or the same grid as the model's and
+    no scales to add)."""
+    m = cfg.match
+    if m.head_bits is None and m.head_group_size is None and m.head_symmetric is None:
+        return None
+    grid = dataclasses.replace(cfg.quant, bits=m.head_bits or cfg.quant.bits,
+                               group_size=cfg.quant.group_size if m.head_group_size is None else m.head_group_size,
+                               symmetric=cfg.quant.symmetric if m.head_symmetric is None else m.head_symmetric)
+    return None if grid == cfg.quant and not head_scaled(cfg, grid) else grid
+
+
+def head_scaled(cfg: CompileConfig, grid: QuantConfig) -> bool:
+    return cfg.match.head_scales and grid.bits < 8
+
+
 def make_plan(method: Method, ctx: PlanContext) -> QuantPlan:
-    """The method's plan; an output head on its own grid when ``MatchConfig.head_bits`` asks for one (rounded
-    to nearest: the method never plans it, so no calibration solve or learning is spent on it)."""
+    """The method's plan; an output head on its own grid when ``head_grid`` gives one (rounded to nearest,
+    balanced by SINQ's scales below 8 bits unless ``--no-head-scales``: the method never plans it, so no
+    calibration solve or learning is spent on it)."""
     cfg = ctx.config
-    bits = cfg.match.head_bits
-    own = [s for s in ctx.sites if s.role == "head"] if bits is not None and bits != cfg.quant.bits else []
+    grid = head_grid(cfg)
+    own = [s for s in ctx.sites if s.role == "head"] if grid is not None else []
     if not own:
         return method.plan(ctx)
     rest = tuple(s for s in ctx.sites if s.role != "head")
@@ -170,10 +188,18 @@ def make_plan(method: Method, ctx: PlanContext) -> QuantPlan:
     plan = (method.plan(dataclasses.replace(ctx, sites=rest, analysis=analysis)) if rest
             else QuantPlan(method.name, cfg.quant, ()))
     like = plan.sites[0].stats if plan.sites else None
-    grid = dataclasses.replace(cfg.quant, bits=bits)
     order = {s.id: i for i, s in enumerate(ctx.sites)}
-    sites = [*plan.sites, *(own_grid_site(s, grid, ctx.weight_of, like) for s in own)]
-    return dataclasses.replace(plan, sites=tuple(sorted(sites, key=lambda p: order[p.site.id])))
+    heads, online = [], []
+    for s in own:
+        planned = own_grid_site(s, grid, ctx.weight_of, like)
+        if head_scaled(cfg, grid):
+            scaled = scaled_site(s, grid, ctx.weight_of, like)
+            if scaled is not None and scaled[0].stats.rel_error < planned.stats.rel_error:
+                planned = scaled[0]
+                online.append(scaled[1])
+        heads.append(planned)
+    sites = sorted([*plan.sites, *heads], key=lambda p: order[p.site.id])
+    return dataclasses.replace(plan, sites=tuple(sites), online=(*plan.online, *online))
 
 
 def _check_streamable(method: Method) -> None:

@@ -85,8 +85,11 @@ def summary_lines(result: CompileResult, config: CompileConfig, peak_mb: float, 
     for role in ("head", "embedding"):  # stored on their own terms (a head's grid may differ from --bits)
         for p in (p for p in plan.sites if p.site.role == role):
             w = p.weight
+            scaled = role == "head" and any(p.site.id in t.sites for t in plan.online)
             lines.append(f"  {role} {p.site.id}: {p.site.n} x {p.site.k} at {w.bits}-bit block {w.block_size} "
-                         f"{'sym' if w.symmetric else 'asym'}, weight rel. error {p.stats.rel_error:.4f}")
+                         f"{'sym' if w.symmetric else 'asym'}{', SINQ scales' if scaled else ''}, "
+                         f"weight rel. error {p.stats.rel_error:.4f}"
+                         + (f" (plain RTN {p.stats.rtn_rel_error:.4f})" if scaled and p.stats.rtn_rel_error else ""))
     if plan.pair_transforms or plan.online:
         ops = online_ops(result.model)
         absorbed = f" ({len(plan.online) - ops} absorbed into the gain before them)" if ops < len(plan.online) else ""

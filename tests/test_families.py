@@ -1,6 +1,8 @@
 """End to end on tiny random models of every family: HF folder -> dynamo export -> quantized ONNX
 that a separate interpreter with plain onnxruntime loads and runs."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -67,3 +69,47 @@ def test_tied_head_is_reported_not_duplicated(tiny_checkpoints, cache_dir):
     result = compile_model(str(tiny_checkpoints["gpt2"]), None, cfg, cache_dir=cache_dir)
     reasons = " ".join(r.reason for r in result.match.rejected)
     assert "tied" in reasons or "head" in reasons
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # RMSNorm and LayerNorm before the head
+def test_a_4bit_head_is_balanced_by_scales_folded_into_the_norm_before_it(family, tiny_checkpoints, cache_dir,
+                                                                           tmp_path):
+    """``--head-bits 4 --head-group-size 16 --head-asym``: the head on its own grid, balanced by SINQ's scales
+    (kept only where they lower its error); on RMSNorm/LayerNorm models the input scale sits in the final norm's
+    gain (no node). With float weights the scaled model computes what the model did, through the cache."""
+    from qcompiler.passes.online_transform import online_ops
+    from tests.helpers import outputs, rel
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_checkpoints[family]), dtype=torch.float32)
+    with torch.no_grad():  # input channels of unequal size (a trained head's are; a random one's are not)
+        head = model.get_output_embeddings().weight
+        head.mul_(torch.exp(torch.randn(head.shape[1], generator=torch.Generator().manual_seed(0))))
+    src = str(tmp_path / family)
+    model.save_pretrained(src)
+    match = MatchConfig(quantize_lm_head=True, head_bits=4, head_group_size=16, head_symmetric=False)
+    res = compile_model(src, None, CompileConfig(match=match), cache_dir=cache_dir)
+    heads = [s for s in res.plan.sites if s.site.role == "head"]
+    if not heads:
+        pytest.skip(f"{family}: its head is tied and not offered")
+    (head,) = heads
+    assert (head.weight.bits, head.weight.block_size, head.weight.symmetric) == (4, 16, False)
+    plain = compile_model(src, None, CompileConfig(match=dataclasses.replace(match, head_scales=False)),
+                          cache_dir=cache_dir)
+    (plain_head,) = [s for s in plain.plan.sites if s.site.role == "head"]
+    scales = [t for t in res.plan.online if head.site.id in t.sites]
+    assert not [t for t in plain.plan.online if head.site.id in t.sites]
+    assert len(scales) == 1 and scales[0].blocks.shape[1:] == (1, 1)
+    assert head.stats.rel_error < plain_head.stats.rel_error
+    assert online_ops(res.model) == 0  # absorbed into the final norm's gain
+    exact = compile_model(src, None, CompileConfig(match=match, quantize_weights=False, validate=False),
+                          cache_dir=cache_dir)
+    from qcompiler.frontends import load_model
+
+    original = load_model(src, cache_dir=cache_dir)
+    assert [t for t in exact.plan.online if head.site.id in t.sites]
+    feeds = sample_inputs(exact.model, batch=2, seq=9)
+    ref, got = outputs(original.model, feeds), outputs(exact.model, feeds)
+    assert max(rel(got[k], ref[k]) for k in ref) <= 1e-4
