@@ -77,11 +77,11 @@ def test_a_4bit_head_is_balanced_by_scales_folded_into_the_norm_before_it(family
     """``--head-bits 4 --head-group-size 16 --head-asym``: the head on its own grid, balanced by SINQ's scales
     (kept only where they lower its error); on RMSNorm/LayerNorm models the input scale sits in the final norm's
     gain (no node). With float weights the scaled model computes what the model did, through the cache."""
-    from qcompiler.passes.online_transform import online_ops
-    from tests.helpers import outputs, rel
-
     import torch
     from transformers import AutoModelForCausalLM
+
+    from qcompiler.passes.online_transform import online_ops
+    from tests.helpers import outputs, rel
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_checkpoints[family]), dtype=torch.float32)
     with torch.no_grad():  # input channels of unequal size (a trained head's are; a random one's are not)

@@ -57,6 +57,11 @@ VARIANTS = {
     # the output head: float, or 4-bit (8-bit is the default of a KV-cache decoder)
     "rtn-headfp": "--method rtn --no-quantize-lm-head",
     "rtn-head4": "--method rtn --head-bits 4",
+    # the head as onnxruntime-genai's builder stores its int4 one (4-bit blocks of 32, asymmetric), with SINQ's scales
+    "rtn-head4b32": "--method rtn --head-bits 4 --head-group-size 32 --head-asym",
+    # online ops of half the bytes (an op's cost at a token step is reading its T^-1 blocks: ~ b per channel)
+    "cafeq32": "--method cafeq --block-size 32",
+    "cafeq32-head4b32": "--method cafeq --block-size 32 --head-bits 4 --head-group-size 32 --head-asym",
     "cafeq-token": "--method cafeq --online-regime token",
     "cafeq-matmul": "--method cafeq --online-layout matmul",
     "cafeq-nonline": "--method cafeq --transforms vo,updown",
