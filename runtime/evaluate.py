@@ -40,6 +40,8 @@ class PerplexityResult:
     nll: float  # mean negative log-likelihood per predicted token
     tokens: int
     windows: int
+    # the most likely next token at every scored position ([windows, length - 1]), when asked for
+    top1: np.ndarray | None = None
 
 
 @functools.lru_cache(maxsize=4)  # windows, their prefix and the prompts read one tokenizer, loaded once
@@ -207,10 +209,11 @@ def token_windows(tokenizer_dir: str, text: str, windows: int = 8, length: int =
 
 
 def perplexity(model: onnx.ModelProto | str, windows: np.ndarray, options: SessionOptions | None = None,
-               progress: bool = False, name: str = "the model") -> PerplexityResult:
+               progress: bool = False, name: str = "the model", top1: bool = False) -> PerplexityResult:
+    """``top1``: also keep the argmax token of every scored position (teacher-forced agreement between models)."""
     sess = make_session(model, options)
     output = pick_output(sess, LOGITS_NAMES, "logits", name)
-    total, count = 0.0, 0
+    total, count, best = 0.0, 0, []
     for w in tqdm(windows, desc="perplexity", disable=not progress, leave=False):
         ids = w[None, :]
         feeds = session_feeds(sess, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
@@ -220,5 +223,7 @@ def perplexity(model: onnx.ModelProto | str, windows: np.ndarray, options: Sessi
         logz = (m[:, 0] + np.log(np.exp(logits - m).sum(-1)))
         total += float(np.sum(logz - logits[np.arange(len(target)), target]))
         count += len(target)
+        if top1:
+            best.append(logits.argmax(-1))
     nll = total / count
-    return PerplexityResult(math.exp(nll), nll, count, len(windows))
+    return PerplexityResult(math.exp(nll), nll, count, len(windows), np.stack(best) if top1 else None)

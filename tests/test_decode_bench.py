@@ -89,6 +89,11 @@ def test_measures_a_tiny_llama_in_our_loop(tiny_checkpoints, cache_dir, tmp_path
     for r in rows.values():
         assert r["rounds"] == 2 and r["decode_tokens_per_s"] > 0 and np.isfinite(r["perplexity"])
         assert 0 <= r["agreement_mean"] <= 5 and r["ratio_to_fp32"] > 0
+    # teacher-forced top-1 agreement over the perplexity windows' 2 x 15 scored positions
+    assert np.asarray(quality["fp32 @qc"]["top1"]).shape == (2, 15)
+    assert rows["fp32"]["top1_match"] == 1.0 and 0 <= rows["rtn"]["top1_match"] <= 1
+    assert rows["rtn"]["top1_match"] == db.top1_match(quality["rtn acc1 @qc"]["top1"], quality["fp32 @qc"]["top1"])
+    assert db.top1_match([[1, 2], [3, 4]], [[1, 0], [3, 4]]) == 0.75 and db.top1_match(None, [[1]]) is None
     result = {"command": "python tools/decode_bench.py", "date": "d", "machine": "m", "versions": {"qc": "x"},
               "model": "tiny", "setting": "4-bit block 32 sym", "rows": list(rows.values()),
               "protocol": {**vars(args), "levels": [1]}, "commands": {"rtn acc1": {"derived": "rtn acc4"}}}

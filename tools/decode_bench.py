@@ -386,7 +386,7 @@ def measure_quality(loops: dict, entries: list[Entry], tokens: dict, args, cache
     from qcompiler.runtime import evaluate
 
     proto = [args.prompts, args.prompt_tokens, args.new_tokens, args.windows, args.window_length,
-             tokens["prompts"][:, :4].tolist()]
+             tokens["prompts"][:, :4].tolist(), "top1"]
     cache.mkdir(parents=True, exist_ok=True)
     out = {}
     for e in entries:
@@ -401,7 +401,8 @@ def measure_quality(loops: dict, entries: list[Entry], tokens: dict, args, cache
         log.info("quality: %s", e.key)
         q: dict = {"stamp": stamp, "tokens": loops[e.runtime].tokens(e.key, tokens["prompts"], args.new_tokens)}
         if e.runtime == "qc":
-            q["perplexity"] = evaluate.perplexity(str(e.path), tokens["windows"]).perplexity
+            ppl = evaluate.perplexity(str(e.path), tokens["windows"], top1=True)
+            q["perplexity"], q["top1"] = ppl.perplexity, ppl.top1.tolist()
         cached.write_text(json.dumps(q))
         out[e.key] = q
     return out
@@ -414,6 +415,14 @@ def common_prefix(a: list[int], b: list[int]) -> int:
             break
         n += 1
     return n
+
+
+def top1_match(top1: list | None, ref: list | None) -> float | None:
+    """The share of teacher-forced positions (the perplexity windows) where a model's most likely next token is
+    the fp32 export's: agreement that one early divergence does not end, as the greedy common prefix does."""
+    if not top1 or not ref:
+        return None
+    return float(np.mean(np.asarray(top1) == np.asarray(ref)))
 
 
 def online_ops(path: Path) -> int:
@@ -441,6 +450,9 @@ def summarize(entries: list[Entry], rounds: dict, quality: dict, prompt_tokens: 
     base = _per_round(rounds, base_key)
     ref_tokens = quality.get(base_key, {}).get("tokens")
     ppl_of = {(e.name, e.level): quality.get(e.key, {}).get("perplexity") for e in entries if e.runtime == "qc"}
+    ref_top1 = quality.get(base_key, {}).get("top1")
+    top1_of = {(e.name, e.level): top1_match(quality.get(e.key, {}).get("top1"), ref_top1)
+               for e in entries if e.runtime == "qc"}
     rows = []
     for e in entries:
         rs = rounds.get(e.key, [])
@@ -466,6 +478,7 @@ def summarize(entries: list[Entry], rounds: dict, quality: dict, prompt_tokens: 
             "agreement_min": int(min(agree)) if agree else None,
             # the builder's graphs are scored through our loop's copy (the generator computes no perplexity)
             "perplexity": q.get("perplexity", ppl_of.get((e.name, e.level))),
+            "top1_match": top1_of.get((e.name, e.level)),
         })
     return rows
 
@@ -486,12 +499,13 @@ def markdown(result: dict) -> str:
         f"(min) common prefix with our fp32 export's {p['new_tokens']} greedy tokens over {p['prompts']} Jargon File "
         f"prompts. Perplexity: {p['windows']} x {p['window_length']} Jargon File tokens, as `qcompiler eval "
         "--perplexity` computes it (windows from the text's start, each begun as the model's tokenizer begins a "
-        "text: BOS where it adds one).",
+        "text: BOS where it adds one). Top-1: the share of those windows' positions where the model's most likely "
+        "next token is our fp32 export's.",
         "",
     ]
     rel = next((r["relative_to"] for r in result["rows"] if r.get("relative_to")), None)
     head = ["model", "level", "loop", "MB", "online ops", "decode tok/s", "x fp32", *([f"x {rel}"] if rel else []),
-            "ms/token", "prefill tok/s", "agreement", "perplexity"]
+            "ms/token", "prefill tok/s", "agreement", "top-1", "perplexity"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     if rel:
         lines[0] += f" x {rel}: over our {rel} file's at the same level in the same round."
@@ -501,7 +515,8 @@ def markdown(result: dict) -> str:
         cells = [r["model"], _fmt(r["accuracy_level"], "d"), loop, f"{r['size_mb']:.0f}", str(r.get("online_ops", 0)),
                  _fmt(r["decode_tokens_per_s"], ".1f"), _fmt(r["ratio_to_fp32"], ".2f"),
                  *([_fmt(r.get("ratio_to_relative"), ".3f")] if rel else []), _fmt(r["ms_per_token"], ".1f"),
-                 _fmt(r["prefill_tokens_per_s"], ".0f"), agree, _fmt(r["perplexity"], ".2f")]
+                 _fmt(r["prefill_tokens_per_s"], ".0f"), agree, _fmt(r.get("top1_match"), ".3f"),
+                 _fmt(r["perplexity"], ".2f")]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Files, and the commands that built them:", ""]
     for name, c in result["commands"].items():
