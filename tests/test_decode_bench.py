@@ -157,3 +157,18 @@ def test_relevel_turns_the_8bit_head_float_below_level_4(tiny_checkpoints, cache
         sess = make_session(str(path))
         got = sess.run(["logits"], session_feeds(sess, feeds))[0]
         assert np.allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_relative_speed_is_taken_in_the_rows_own_loop():
+    """cafeq@builder in the generator is divided by rtn@builder in the generator, not by our loop's run."""
+    e = lambda name, runtime: db.Entry(name, 4, Path(f"/x/{name}-{runtime}"), runtime)  # noqa: E731
+    entries = [e("rtn@builder", "genai"), e("rtn@builder", "qc"), e("cafeq@builder", "genai"), e("cafeq", "genai")]
+    speeds = {"rtn@builder acc4 @genai": 80.0, "rtn@builder acc4 @qc": 100.0, "cafeq@builder acc4 @genai": 60.0,
+              "cafeq acc4 @genai": 50.0}
+    rounds = {k: [{"round": 0, "decode_tokens_per_s": v, "prefill_s": 1.0}] for k, v in speeds.items()}
+    rows = {(r["model"], r["runtime"]): r for r in db.summarize(entries, rounds, {}, 128, "rtn@builder")}
+    assert rows[("cafeq@builder", "genai")]["ratio_to_relative"] == 0.75
+    assert rows[("rtn@builder", "qc")]["ratio_to_relative"] == 1.0
+    del rounds["rtn@builder acc4 @genai"]
+    rows = {(r["model"], r["runtime"]): r for r in db.summarize(entries[1:], rounds, {}, 128, "rtn@builder")}
+    assert rows[("cafeq", "genai")]["ratio_to_relative"] == 0.5  # no generator run of rtn@builder: ours

@@ -444,8 +444,9 @@ def _per_round(rounds: dict, key: str) -> dict[int, float]:
 
 def summarize(entries: list[Entry], rounds: dict, quality: dict, prompt_tokens: int,
               relative_to: str | None = None) -> list[dict]:
-    """One row per entry. ``relative_to``: a variant whose file at the same level (our loop) each row's
-    decode speed is also divided by, round by round (cafeq against rtn: the online ops' cost)."""
+    """One row per entry. ``relative_to``: a variant whose file at the same level each row's decode speed is also
+    divided by, round by round (cafeq against rtn: the online ops' cost), as run in the row's own loop where it
+    ran there too (else in ours)."""
     base_key = Entry("fp32", None, Path(), "qc").key
     base = _per_round(rounds, base_key)
     ref_tokens = quality.get(base_key, {}).get("tokens")
@@ -462,7 +463,10 @@ def summarize(entries: list[Entry], rounds: dict, quality: dict, prompt_tokens: 
         agree = [common_prefix(a, b) for a, b in zip(q["tokens"], ref_tokens, strict=True)] if (
             q.get("tokens") and ref_tokens) else []
         folder = e.path if e.path.is_dir() else (e.path.parent if e.path.name == "model.qc.onnx" else None)
-        other = _per_round(rounds, Entry(relative_to, e.level, Path(), "qc").key) if relative_to else {}
+        other = {}
+        if relative_to:  # the same loop's run of that file where it has one, else our loop's
+            other = (_per_round(rounds, Entry(relative_to, e.level, Path(), e.runtime).key)
+                     or _per_round(rounds, Entry(relative_to, e.level, Path(), "qc").key))
         versus = [r["decode_tokens_per_s"] / other[r["round"]] for r in rs if r["round"] in other]
         rows.append({
             "model": e.name, "accuracy_level": e.level, "runtime": e.runtime, "file": str(e.path),
@@ -508,7 +512,8 @@ def markdown(result: dict) -> str:
             "ms/token", "prefill tok/s", "agreement", "top-1", "perplexity"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     if rel:
-        lines[0] += f" x {rel}: over our {rel} file's at the same level in the same round."
+        lines[0] += (f" x {rel}: over our {rel} file's at the same level in the same round, in the same loop where "
+                     "it ran in both.")
     for r in result["rows"]:
         agree = "-" if r["agreement_mean"] is None else f"{r['agreement_mean']:.1f} ({r['agreement_min']})"
         loop = "ours" if r["runtime"] == "qc" else "genai"
