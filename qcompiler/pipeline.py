@@ -191,12 +191,12 @@ def make_plan(method: Method, ctx: PlanContext) -> QuantPlan:
     order = {s.id: i for i, s in enumerate(ctx.sites)}
     heads, online = [], []
     for s in own:
-        planned = own_grid_site(s, grid, ctx.weight_of, like)
-        if head_scaled(cfg, grid):
-            scaled = scaled_site(s, grid, ctx.weight_of, like)
-            if scaled is not None and scaled[0].stats.rel_error < planned.stats.rel_error:
-                planned = scaled[0]
-                online.append(scaled[1])
+        w = ctx.weight_of(s)
+        planned = own_grid_site(s, grid, lambda _, w=w: w, like)
+        scaled = scaled_site(planned, grid, w) if head_scaled(cfg, grid) else None
+        if scaled is not None:
+            planned = scaled[0]
+            online.append(scaled[1])
         heads.append(planned)
     sites = sorted([*plan.sites, *heads], key=lambda p: order[p.site.id])
     return dataclasses.replace(plan, sites=tuple(sites), online=(*plan.online, *online))

@@ -198,25 +198,21 @@ def own_grid_site(site: LinearSite, quant: QuantConfig, weight_of: Callable[[Lin
         plain_rel_error=None if like is None or like.plain_rel_error is None else err))
 
 
-def scaled_site(site: LinearSite, quant: QuantConfig, weight_of: Callable[[LinearSite], np.ndarray],
-                like: SiteStats | None = None) -> tuple[SitePlan, OnlineTransform] | None:
-    """``site`` balanced by SINQ's input scales ``t`` (per quantization group, algorithms/sinq.py) and rounded
-    to nearest on ``quant``: it stores ``W / t`` and its input is multiplied by ``t`` (the online pass folds that
-    into the gain of a norm before it). Its errors are measured against ``W``. None where the scales are all
-    one (nothing to balance)."""
+def scaled_site(plain: SitePlan, quant: QuantConfig, w: np.ndarray) -> tuple[SitePlan, OnlineTransform] | None:
+    """``plain`` (its site rounded to nearest on ``quant``, :func:`own_grid_site`) balanced instead by SINQ's input
+    scales ``t`` (per quantization group, algorithms/sinq.py): it stores ``W / t`` and its input is multiplied by
+    ``t`` (the online pass folds that into the gain of a norm before it), errors measured against ``w``. None
+    where the scales do not lower the weight's error."""
     from qcompiler.algorithms.sinq import sinkhorn_scales
 
-    w = weight_of(site)
     t = sinkhorn_scales(w.astype(np.float64), None if quant.per_channel else quant.group_size)
-    if np.allclose(t, 1.0):
-        return None
     qw = quantize((w / t[:, None]).astype(np.float32), quant.bits, quant.group_size, quant.symmetric)
     w_hat = qw.dequantize().astype(np.float64) * t[:, None]
     err = relative_error(w, w_hat)
-    plain = relative_error(w, quantize(w, quant.bits, quant.group_size, quant.symmetric).dequantize())
-    stats = SiteStats(rel_error=err, proxy_error=float(np.sum((w_hat - w) ** 2)),
-                      rtn_rel_error=None if like is None or like.rtn_rel_error is None else plain,
-                      plain_rel_error=None if like is None or like.plain_rel_error is None else plain)
+    if not err < plain.stats.rel_error:
+        return None
+    stats = dataclasses.replace(plain.stats, rel_error=err, proxy_error=float(np.sum((w_hat - w) ** 2)))
+    site = plain.site
     return SitePlan(site, qw, stats), OnlineTransform(f"{site.id}.scales", site.input, (site.id,),
                                                       (1.0 / t).reshape(-1, 1, 1))
 

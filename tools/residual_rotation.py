@@ -31,35 +31,26 @@ WRITERS = ("self_attn.o_proj", "mlp.down_proj")
 LINEARS = (*READERS["input_layernorm"], "self_attn.o_proj", *READERS["post_attention_layernorm"], "mlp.down_proj")
 
 
-def _hadamard(n: int) -> torch.Tensor:
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    if h.shape[0] != n:
-        raise ValueError(f"no Sylvester Hadamard matrix of size {n}")
-    return h / math.sqrt(n)
-
-
-def _random_orthogonal(n: int, g: torch.Generator) -> torch.Tensor:
-    q, r = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
-    return q * torch.sign(torch.diag(r))
-
-
 def orthogonal(kind: str, d: int, seed: int = 0) -> torch.Tensor:
     """``[d, d]`` float64 orthogonal matrix of the given kind (see the module's docstring)."""
-    g = torch.Generator().manual_seed(seed)
+    from qcompiler.algorithms.cafeq import hadamard
+    from qcompiler.algorithms.transforms import random_orthogonal
+
+    rng = np.random.default_rng(seed)
     if kind in ("none", "fold"):
         return torch.eye(d, dtype=torch.float64)
     if kind == "random":
-        return _random_orthogonal(d, g)
-    for prefix, block in (("bhad", lambda b: _hadamard(b)), ("brand", lambda b: _random_orthogonal(b, g))):
+        return torch.from_numpy(random_orthogonal(d, rng))
+    for prefix, block in (("bhad", hadamard), ("brand", lambda b: random_orthogonal(b, rng))):
         if kind.startswith(prefix):
             b = int(kind[len(prefix):])
             if d % b:
                 raise ValueError(f"{kind}: {b} does not divide the hidden size {d}")
-            q = torch.block_diag(*[block(b) for _ in range(d // b)])
-            signs = torch.where(torch.rand(d, generator=g) < 0.5, -1.0, 1.0).double()
-            return signs[:, None] * q
+            signs = np.where(rng.random(d) < 0.5, -1.0, 1.0)
+            q = np.zeros((d, d))
+            for i in range(0, d, b):
+                q[i:i + b, i:i + b] = block(b)
+            return torch.from_numpy(signs[:, None] * q)
     raise ValueError(f"unknown kind {kind!r}")
 
 
