@@ -49,6 +49,13 @@ def test_quantizing_pass_three_ways(fmt, bits, group, sym):
         assert ops["MatMulNBits"] == 3
         assert ops["MatMul"] == 2  # the run-time product and the float head
         assert {"W1", "W2t", "W3"}.isdisjoint(inits)
+        shapes = {t.name: list(t.dims) for t in out.graph.initializer}
+        for node in (n for n in out.graph.node if n.op_type == "MatMulNBits"):
+            attrs = {a.name: a.i for a in node.attribute}
+            blocks = -(-attrs["K"] // attrs["block_size"])
+            assert shapes[node.input[1]] == [attrs["N"], blocks, attrs["block_size"] * attrs["bits"] // 8]
+            if len(node.input) > 3:  # the schema's 1-D zero points
+                assert not sym and shapes[node.input[3]] == [attrs["N"] * -(-blocks * attrs["bits"] // 8)]
     else:
         assert ops["DequantizeLinear"] == 3 and ops["MatMul"] == 5
     assert ops["Gemm"] == 0 and ops["Transpose"] == 1  # W2's Transpose is gone; x's stays
