@@ -1,0 +1,218 @@
+"""Issue 30's question, layer by layer: where does joint rounding of coupled pairs hurt a Llama-family LLM, and
+can a data-free signal tell those pairs apart?
+
+    python tools/joint_ablation.py                                  # SmolLM2, 3-bit block 128 sym
+    python tools/joint_ablation.py --rows "vo:0-29" "updown:26-29" --setting 4-128-sym
+
+In torch on the HF model, without cafeq's transforms (the factors as they are): every linear layer is rounded to
+nearest on ``grid.py``'s grid, except the V·O and up·down pairs a row names, whose factors come from
+``joint_round`` (the pipeline's own function and defaults: 4 rounds for V·O, 2 and channel weight 4 for up·down).
+Each row prints the perplexity of the Jargon File windows ``qcompiler eval --perplexity`` uses (text tokens
+only). A row is ``kind:layers[;kind:layers]`` with kinds ``vo`` / ``updown`` and layers like ``0-3,7``;
+``plain`` is plain RTN everywhere; ``sink`` is the data-free rule below.
+
+The sink rule: the model's first position (the attention sink every later token reads) has nearly the same state
+whatever its token from the third layer on (cosine 0.88-1.00 against the windows' first positions on SmolLM2),
+so a one-token forward of the BOS token, no text, gives it. A pair keeps its joint rounding only where the sink
+state's pair output (``x A B``; up·down through SiLU of the gate: ``(silu(x G) * (x A)) B``) is not further off
+than with both factors rounded to nearest. ``--show-ratios`` prints each layer's ratio (joint / plain).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger("joint_ablation")
+KINDS = ("vo", "updown")
+
+
+def parse_row(row: str, layers: int) -> set[tuple[str, int]]:
+    """``"vo:0-3,7;updown:5"`` -> {(kind, layer)}; ``plain`` -> empty."""
+    out: set[tuple[str, int]] = set()
+    if row == "plain":
+        return out
+    for part in filter(None, row.split(";")):
+        kind, _, spans = part.partition(":")
+        if kind not in KINDS or not spans:
+            raise ValueError(f"bad row part {part!r}: want vo:LAYERS or updown:LAYERS")
+        for span in spans.split(","):
+            lo, _, hi = span.partition("-")
+            chosen = range(int(lo), int(hi or lo) + 1)
+            if not chosen or chosen[-1] >= layers:
+                raise ValueError(f"layers {span!r} outside 0-{layers - 1}")
+            out |= {(kind, i) for i in chosen}
+    return out
+
+
+def format_row(chosen: set[tuple[str, int]]) -> str:
+    parts = []
+    for kind in KINDS:
+        layers = sorted(i for k, i in chosen if k == kind)
+        if layers:
+            parts.append(f"{kind}:" + ",".join(map(str, layers)))
+    return ";".join(parts) or "plain"
+
+
+def _silu(z: np.ndarray) -> np.ndarray:
+    return z / (1.0 + np.exp(-z))
+
+
+PAIR_NAMES = {"vo": ("self_attn.v_proj", "self_attn.o_proj"), "updown": ("mlp.up_proj", "mlp.down_proj")}
+
+
+def pair_factors(state: dict, kind: str, i: int) -> tuple[np.ndarray, np.ndarray]:
+    """``A`` ``[in, C]`` and ``B`` ``[C, out]`` (float64) of layer ``i``'s pair in a state dict (torch ``Linear``
+    stores ``W^T``)."""
+    return tuple(state[f"model.layers.{i}.{n}.weight"].double().numpy().T for n in PAIR_NAMES[kind])
+
+
+def pair_output(layer, kind: str, x: np.ndarray, a: np.ndarray, b: np.ndarray, heads: tuple[int, int]) -> np.ndarray:
+    """The pair's output on input rows ``x``: V·O per query head (``x A_kv(j) B_j``, stacked), up·down through the
+    float gate (``(silu(x G) * (x A)) B``)."""
+    if kind == "updown":
+        gate = layer.mlp.gate_proj.weight.detach().double().numpy().T
+        return (_silu(x @ gate) * (x @ a)) @ b
+    head_dim, rep = heads
+    n = b.shape[0] // head_dim
+    return np.stack([x @ a[:, (j // rep) * head_dim:(j // rep + 1) * head_dim] @ b[j * head_dim:(j + 1) * head_dim]
+                     for j in range(n)])
+
+
+def sink_states(model, token: int) -> dict[tuple[str, int], np.ndarray]:
+    """Each layer's V and up input at the first position of a one-token forward of ``token``."""
+    states: dict[tuple[str, int], np.ndarray] = {}
+    hooks = []
+    for i, layer in enumerate(model.model.layers):
+        for kind, mod in (("vo", layer.self_attn.v_proj), ("updown", layer.mlp.up_proj)):
+            hooks.append(mod.register_forward_hook(
+                lambda m, inp, out, key=(kind, i): states.__setitem__(key, inp[0][0, :1].double().numpy())))
+    try:
+        with torch.no_grad():
+            model(torch.tensor([[token]]))
+    finally:
+        for h in hooks:
+            h.remove()
+    return states
+
+
+class Ablation:
+    """The model's plain and jointly rounded pairs at one setting, computed once; rows are applied in place."""
+
+    def __init__(self, model, bits: int, block: int, symmetric: bool):
+        from qcompiler.algorithms.grid import GridSpec, quantize
+
+        self.model, self.grid = model, GridSpec(bits, block, symmetric)
+        cfg = model.config
+        self.heads = (cfg.hidden_size // cfg.num_attention_heads, cfg.num_attention_heads // cfg.num_key_value_heads)
+        self.original = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.plain = {name: torch.from_numpy(np.ascontiguousarray(
+            quantize(w.double().numpy().T.astype(np.float32), bits, block, symmetric).dequantize().T))
+            for name, w in self.original.items() if name.endswith("proj.weight") and name.startswith("model.layers")}
+        self.joint: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+
+    def joint_pair(self, kind: str, i: int) -> tuple[np.ndarray, np.ndarray]:
+        from qcompiler.algorithms.joint import Heads, JointConfig, joint_round
+        from qcompiler.config import CafeqConfig
+
+        if (kind, i) not in self.joint:
+            a, b = pair_factors(self.original, kind, i)
+            d = CafeqConfig()
+            if kind == "vo":
+                n = b.shape[0] // self.heads[0]
+                res = joint_round(a, b, self.grid, self.grid, Heads(self.heads[0], tuple(j // self.heads[1]
+                                                                                     for j in range(n))),
+                                  cfg=JointConfig(rounds=d.joint_rounds))
+            else:
+                res = joint_round(a, b, self.grid, self.grid, None,
+                                  cfg=JointConfig(rounds=d.joint_mlp_rounds, channel_weight=d.joint_channel_weight))
+            self.joint[(kind, i)] = (res.a.dequantize().astype(np.float64), res.b.dequantize().astype(np.float64))
+            log.info("%s %d: PQE %.4f -> %.4f", kind, i, res.pqe_plain, res.pqe)
+        return self.joint[(kind, i)]
+
+    def sink_ratios(self, token: int) -> dict[tuple[str, int], float]:
+        """Joint / plain squared error of each pair's output on the sink state (float model's state)."""
+        self.apply(set(), float_weights=True)
+        states = sink_states(self.model, token)
+        out = {}
+        for i, layer in enumerate(self.model.model.layers):
+            for kind in KINDS:
+                a, b = pair_factors(self.original, kind, i)
+                x = states[(kind, i)]
+                ref = pair_output(layer, kind, x, a, b, self.heads)
+                pa, pb = pair_factors(self.plain, kind, i)
+                ja, jb = self.joint_pair(kind, i)
+                plain = np.sum((pair_output(layer, kind, x, pa, pb, self.heads) - ref) ** 2)
+                out[(kind, i)] = float(np.sum((pair_output(layer, kind, x, ja, jb, self.heads) - ref) ** 2) /
+                                       max(plain, 1e-300))
+        return out
+
+    def apply(self, chosen: set[tuple[str, int]], float_weights: bool = False) -> None:
+        """Float weights everywhere, or plain RTN with the chosen pairs jointly rounded."""
+        state = dict(self.original)
+        if not float_weights:
+            state.update(self.plain)
+            for kind, i in chosen:
+                for name, w in zip(PAIR_NAMES[kind], self.joint_pair(kind, i), strict=True):
+                    state[f"model.layers.{i}.{name}.weight"] = torch.from_numpy(np.ascontiguousarray(w.T)).float()
+        self.model.load_state_dict(state)
+
+
+def perplexity(model, windows: np.ndarray) -> float:
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for w in torch.from_numpy(windows):
+            logits = model(w[None]).logits[0, :-1].double()
+            target = w[1:]
+            total += float((torch.logsumexp(logits, -1) - logits[torch.arange(len(target)), target]).sum())
+            count += len(target)
+    return math.exp(total / count)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2", help="a Llama-family Hugging Face folder or a bundled name")
+    ap.add_argument("--setting", default="3-128-sym", help="BITS-BLOCK-sym|asym")
+    ap.add_argument("--rows", nargs="+", default=["plain", "vo:0-29", "updown:0-29", "vo:0-3", "vo:4-29",
+                                                 "updown:0-25", "updown:26-29", "updown:27", "updown:28", "sink"])
+    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--show-ratios", action="store_true", help="print the sink rule's per-layer ratios")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from transformers import AutoModelForCausalLM
+
+    from qcompiler.frontends.bundled import bundled_path
+    from qcompiler.runtime.evaluate import token_windows
+    from qcompiler.runtime.text import default_text, read_text
+
+    folder = args.model if Path(args.model).is_dir() else str(bundled_path(args.model))
+    windows = token_windows(folder, read_text(default_text()), args.windows, 512)
+    bits, block, sym = args.setting.split("-")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    n = model.config.num_hidden_layers
+    ab = Ablation(model, int(bits), int(block), sym == "sym")
+    print(f"| joint-rounded pairs ({args.setting}) | perplexity |\n|---|---|")
+    for row in args.rows:
+        if row == "sink":
+            bos = model.config.bos_token_id if model.config.bos_token_id is not None else 0
+            ratios = ab.sink_ratios(bos)
+            if args.show_ratios:
+                for kind in KINDS:
+                    log.info("sink ratio %s: %s", kind, " ".join(f"{i}:{ratios[(kind, i)]:.2f}" for i in range(n)))
+            chosen = {key for key, r in ratios.items() if r <= 1.0}
+            label = f"sink rule: {format_row(chosen)}"
+        else:
+            chosen = parse_row(row, n)
+            label = format_row(chosen)
+        ab.apply(chosen)
+        print(f"| {label} | {perplexity(model, windows):.2f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
