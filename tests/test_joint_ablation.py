@@ -13,7 +13,8 @@ from tools import joint_ablation as ja
 def test_rows_parse_and_print_back():
     chosen = ja.parse_row("vo:0-2,5;updown:3", 8)
     assert chosen == {("vo", 0), ("vo", 1), ("vo", 2), ("vo", 5), ("updown", 3)}
-    assert ja.format_row(chosen) == "vo:0,1,2,5;updown:3"
+    assert ja.format_row(chosen) == "vo:0-2,5;updown:3"
+    assert ja.parse_row(ja.format_row(chosen), 8) == chosen
     assert ja.parse_row("plain", 8) == set() and ja.format_row(set()) == "plain"
     for bad in ("qk:0", "vo", "vo:7-9"):
         with pytest.raises(ValueError):

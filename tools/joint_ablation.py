@@ -51,11 +51,18 @@ def parse_row(row: str, layers: int) -> set[tuple[str, int]]:
 
 
 def format_row(chosen: set[tuple[str, int]]) -> str:
+    """:func:`parse_row`'s inverse, runs of layers written ``lo-hi``."""
     parts = []
     for kind in KINDS:
         layers = sorted(i for k, i in chosen if k == kind)
-        if layers:
-            parts.append(f"{kind}:" + ",".join(map(str, layers)))
+        runs: list[list[int]] = []
+        for i in layers:
+            if runs and i == runs[-1][1] + 1:
+                runs[-1][1] = i
+            else:
+                runs.append([i, i])
+        if runs:
+            parts.append(f"{kind}:" + ",".join(f"{lo}-{hi}" if hi > lo else f"{lo}" for lo, hi in runs))
     return ";".join(parts) or "plain"
 
 
