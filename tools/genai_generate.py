@@ -6,11 +6,12 @@ tokenizer files): what a user of onnxruntime-genai gets from a folder we wrote. 
 
 It imports nothing of qcompiler (numpy and onnxruntime_genai only). With ``--ids`` it does not load the tokenizer
 unless ``--decode`` asks for the text: onnxruntime-genai 0.18's tokenizer loader crashes in some runs on the tests'
-word-level ``tokenizer.json`` (a segfault in ``JsonFastTokenizer::Load``, 3% to 60% of runs depending on the folder's
-model file, none on the same folder without loading it), so the tests, which want ids, never touch it. Generation stops after an end token (kept in
-``tokens``) or ``-n`` tokens; ``--ignore-eos`` gives exactly ``-n`` (genai's ``min_length``, which forbids the end
-token until then: the tokens after a forbidden end differ from a loop that merely goes on past it).
-``--json`` prints ``{"prompt_ids", "tokens", "text", "decode_tokens_per_s"}``.
+word-level ``tokenizer.json`` (a segfault in ``JsonFastTokenizer::Load``, 3% to 60% of runs depending on the
+folder's model file, none on the same folder without loading it), so the tests, which want ids, never touch it.
+
+Generation stops after an end token (kept in ``tokens``) or ``-n`` tokens; ``--ignore-eos`` gives exactly ``-n``
+(genai's ``min_length``, which forbids the end token until then: the tokens after a forbidden end differ from a
+loop that merely goes on past it). ``--json`` prints ``{"prompt_ids", "tokens", "text", "decode_tokens_per_s"}``.
 """
 
 from __future__ import annotations
