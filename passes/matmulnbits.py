@@ -25,8 +25,7 @@ class MatMulNBitsPass(LinearSitePass):
             gs.Constant(f"{base}_scales", t.scales.astype(weight_dtype(graph, site))),
         ]
         if t.zero_points is not None:
-            # 1-D [N * bytes], as the contrib op's schema has it (ONNX Runtime reads a 2-D one the same way)
-            inputs.append(gs.Constant(f"{base}_zero_points", t.zero_points.reshape(-1)))
+            inputs.append(gs.Constant(f"{base}_zero_points", t.zero_points))
         attrs = {"K": t.k, "N": t.n, "bits": t.bits, "block_size": t.block_size,
                  "accuracy_level": self.accuracy_level}
 
