@@ -22,11 +22,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tools.residual_rotation import perplexity  # noqa: E402  (the same windows' perplexity, in torch)
 
 log = logging.getLogger("joint_ablation")
 KINDS = ("vo", "updown")
@@ -170,17 +173,6 @@ class Ablation:
         self.model.load_state_dict(state)
 
 
-def perplexity(model, windows: np.ndarray) -> float:
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for w in torch.from_numpy(windows):
-            logits = model(w[None]).logits[0, :-1].double()
-            target = w[1:]
-            total += float((torch.logsumexp(logits, -1) - logits[torch.arange(len(target)), target]).sum())
-            count += len(target)
-    return math.exp(total / count)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2", help="a Llama-family Hugging Face folder or a bundled name")
@@ -200,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     folder = args.model if Path(args.model).is_dir() else str(bundled_path(args.model))
     windows = token_windows(folder, read_text(default_text()), args.windows, 512)
     bits, block, sym = args.setting.split("-")
+    torch.set_grad_enabled(False)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     n = model.config.num_hidden_layers
     ab = Ablation(model, int(bits), int(block), sym == "sym")
