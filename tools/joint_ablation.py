@@ -127,20 +127,19 @@ class Ablation:
         self.joint: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
 
     def joint_pair(self, kind: str, i: int) -> tuple[np.ndarray, np.ndarray]:
-        from qcompiler.algorithms.joint import Heads, JointConfig, joint_round
+        from qcompiler.algorithms.joint import Heads, joint_round
         from qcompiler.config import CafeqConfig
+        from qcompiler.methods.transform_planner import joint_configs
+        from qcompiler.sites import ATTN_VO, MLP_UP_DOWN
 
         if (kind, i) not in self.joint:
             a, b = pair_factors(self.original, kind, i)
-            d = CafeqConfig()
+            heads = None
             if kind == "vo":
-                n = b.shape[0] // self.heads[0]
-                res = joint_round(a, b, self.grid, self.grid, Heads(self.heads[0], tuple(j // self.heads[1]
-                                                                                     for j in range(n))),
-                                  cfg=JointConfig(rounds=d.joint_rounds))
-            else:
-                res = joint_round(a, b, self.grid, self.grid, None,
-                                  cfg=JointConfig(rounds=d.joint_mlp_rounds, channel_weight=d.joint_channel_weight))
+                head_dim, rep = self.heads
+                heads = Heads(head_dim, tuple(j // rep for j in range(b.shape[0] // head_dim)))
+            cfg = joint_configs(CafeqConfig())[ATTN_VO if kind == "vo" else MLP_UP_DOWN]  # the compile's defaults
+            res = joint_round(a, b, self.grid, self.grid, heads, cfg=cfg)
             self.joint[(kind, i)] = (res.a.dequantize().astype(np.float64), res.b.dequantize().astype(np.float64))
             log.info("%s %d: PQE %.4f -> %.4f", kind, i, res.pqe_plain, res.pqe)
         return self.joint[(kind, i)]

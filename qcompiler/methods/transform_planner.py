@@ -88,6 +88,13 @@ class Run:
     ray_address: str = ""
 
 
+def joint_configs(cfg: CafeqConfig) -> dict[str, JointConfig]:
+    """Joint rounding's settings per pair kind, from ``--joint-*`` (tools/joint_ablation.py uses them too)."""
+    return {ATTN_VO: JointConfig(rounds=cfg.joint_rounds),
+            MLP_UP_DOWN: JointConfig(rounds=cfg.joint_mlp_rounds, channel_weight=cfg.joint_channel_weight,
+                                     channel_block=cfg.joint_channel_block)}
+
+
 def _rtn(w: np.ndarray, quant: QuantConfig) -> np.ndarray:
     return quantize(w, quant.bits, quant.group_size, quant.symmetric).dequantize().astype(np.float64)
 
@@ -119,9 +126,7 @@ class _Planner:
         self.joint_kinds = {ATTN_VO if k == "vo" else MLP_UP_DOWN for k in cfg.joint_pairs}
         if not recipe.joint_rounding:  # rotate: a baseline; cafeq+gptaq: calibrated rounding instead
             self.joint_kinds = set()
-        self.joint_cfg = {ATTN_VO: JointConfig(rounds=cfg.joint_rounds),
-                          MLP_UP_DOWN: JointConfig(rounds=cfg.joint_mlp_rounds, channel_weight=cfg.joint_channel_weight,
-                                                   channel_block=cfg.joint_channel_block)}
+        self.joint_cfg = joint_configs(cfg)
         self.pool = TaskPool(1)  # plan_cafeq hands in a started pool; this one runs tasks in-process
         self.joint_outcome: dict[str, str] = {}  # pair id -> PairStats.joint
 
