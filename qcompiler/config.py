@@ -22,6 +22,7 @@ FORMATS = ("matmulnbits", "qdq")
 METHODS = ("rtn", "rotate", "sinq", "cafeq", "gptq", "gptaq", "cafeq+gptaq")
 TRANSFORMS = ("single", "vo", "updown")
 JOINT_PAIRS = ("vo", "updown")
+JOINT_RULES = ("sink", "pqe")  # when a pair keeps its joint rounding (methods/transform_planner.py)
 ONLINE_REGIMES = ("batch", "token")  # what --online-budget is a fraction of (methods/online_cost.py)
 # how the online x T^-1 is written (passes/online_transform.py); auto: conv for causal LMs, else matmul
 ONLINE_LAYOUTS = ("auto", "matmul", "conv")
@@ -181,6 +182,11 @@ class CafeqConfig:
         "cafeq: an up·down pair wider than this many channels is jointly rounded a block of channels at a time"))
     joint_max_gb: float = field(default=4.0, metadata=opt(
         "skip joint rounding of a pair needing more memory than this, in GB (wide MLPs), with a warning"))
+    # SmolLM2 3-bit block 128 sym, raw factors (tools/joint_ablation.py): every pair joint 424, plain 140, sink 138
+    joint_rule: str = field(default="sink", metadata=opt(
+        "cafeq: which pairs keep their joint rounding. sink: on a decoder, those whose output at the attention "
+        "sink (a one-token forward of BOS, no data) is no further off than with plain rounding, the others "
+        "where it lowers the product error; pqe: wherever it lowers the product error", choices=JOINT_RULES))
 
     def __post_init__(self) -> None:
         bad = [t for t in self.transforms if t not in TRANSFORMS]
@@ -188,7 +194,7 @@ class CafeqConfig:
             raise _bad(CafeqConfig, "transforms", f"takes a subset of {','.join(TRANSFORMS)}, got {','.join(bad)}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise _bad(CafeqConfig, "block_size", f"must be a power of two (1: diagonal), got {self.block_size}")
-        for name in ("loss", "optimizer", "init", "online_regime", "online_layout"):
+        for name in ("loss", "optimizer", "init", "online_regime", "online_layout", "joint_rule"):
             choices = next(f.metadata["choices"] for f in fields(CafeqConfig) if f.name == name)
             if getattr(self, name) not in choices:
                 raise _bad(CafeqConfig, name, f"must be one of {', '.join(choices)}, got {getattr(self, name)!r}")

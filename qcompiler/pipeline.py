@@ -262,9 +262,7 @@ def _resolve_layout(config: CompileConfig, loaded: LoadedModel) -> CompileConfig
     ``logits`` output), whose batch-1 token steps it makes cheaper; matmul otherwise."""
     if config.cafeq.online_layout != "auto":
         return config
-    causal = loaded.kind == "causal_lm" or (
-        loaded.kind == "onnx" and any(o.name == "logits" for o in loaded.model.graph.output))
-    layout = "conv" if causal else "matmul"
+    layout = "conv" if loaded.causal else "matmul"
     return dataclasses.replace(config, cafeq=dataclasses.replace(config.cafeq, online_layout=layout))
 
 

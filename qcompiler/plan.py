@@ -40,7 +40,8 @@ class PairStats:
     proxy_rtn: float  # the learner's proxy (effective errors of both factors) at identity
     proxy: float
     pqe_plain: float | None = None  # the method's transforms with plain rounding (before joint rounding)
-    # joint rounding: "joint" (rounded jointly), "plain" (tried; no round lowered the product error), or why
+    # joint rounding: "joint" (rounded jointly), "plain" (tried; no round lowered the product error), "sink" (it
+    # did, but the pair's output at the attention sink was further off: --joint-rule sink kept plain), or why
     # the pair was not tried (its memory over --joint-max-gb); None where the method does no joint rounding
     joint: str | None = None
 

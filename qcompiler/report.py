@@ -106,11 +106,13 @@ def summary_lines(result: CompileResult, config: CompileConfig, peak_mb: float, 
     tried = [p for p in plan.pair_stats if p.joint is not None]
     if tried:
         kept = sum(p.joint == "joint" for p in tried)
+        plain, sink = sum(p.joint == "plain" for p in tried), sum(p.joint == "sink" for p in tried)
         lines.append(f"  joint rounding: {kept} of {len(tried)} pairs rounded jointly"
-                     + (f", {sum(p.joint == 'plain' for p in tried)} kept plain rounding (no round lowered the "
-                        "product error)" if kept < len(tried) else ""))
+                     + (f", {plain} kept plain rounding (no round lowered the product error)" if plain else "")
+                     + (f", {sink} kept plain rounding by --joint-rule sink (joint rounding was further off at "
+                        "the attention sink)" if sink else ""))
         for p in tried:
-            if p.joint not in ("joint", "plain"):
+            if p.joint not in ("joint", "plain", "sink"):
                 lines.append(f"    {p.pair}: not rounded jointly, {p.joint}")
     cal = [p.stats for p in plan.sites if p.stats.rtn_proxy_error] if calibrated else []
     joint = joint_rounded_sites(plan) if not calibrated else ()  # calibrated rounding changes them otherwise

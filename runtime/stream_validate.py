@@ -34,7 +34,7 @@ class StreamValidationError(QCompilerError):
     """The two models cannot be cut at the same tensors (a pass renamed a state tensor)."""
 
 
-def _cut_states(model: onnx.ModelProto, cuts: Sequence[str]) -> list[list[str]]:
+def cut_states(model: onnx.ModelProto, cuts: Sequence[str]) -> list[list[str]]:
     """For every cut (a node name of ``model``) the state there, in graph order; and the final outputs."""
     nodes = list(model.graph.node)
     position = {n.name: i for i, n in enumerate(nodes)}
@@ -65,13 +65,13 @@ def shared_cuts(original: onnx.ModelProto, compiled: onnx.ModelProto, cuts: Sequ
     producer = {o: n.name for n in original.graph.node for o in n.output if o}
     position = {n.name: i for i, n in enumerate(original.graph.node)}
     at = sorted({position[c] for c in cuts if c in position})
-    state_at = dict(zip(at, _cut_states(original, cuts), strict=False))  # one pass for the cuts as given
+    state_at = dict(zip(at, cut_states(original, cuts), strict=False))  # one pass for the cuts as given
     out = []
     for cut in cuts:
         while cut is not None:
             state = state_at.get(position[cut]) if cut in position else []
             if state is None:
-                state = _cut_states(original, [cut])[0]
+                state = cut_states(original, [cut])[0]
             missing = [t for t in state if t not in have]
             if not missing:
                 out.append(cut)
@@ -80,7 +80,14 @@ def shared_cuts(original: onnx.ModelProto, compiled: onnx.ModelProto, cuts: Sequ
     return out
 
 
-class _Stretcher:
+def data_sources(model: onnx.ModelProto, folder: str | os.PathLike | None) -> dict[str, Path]:
+    """Each external data file ``model`` names -> its path in ``folder`` (none for a model held in memory)."""
+    locations = {external_info(t).get("location", "") for t in model.graph.initializer
+                 if t.data_location == onnx.TensorProto.EXTERNAL}
+    return {loc: Path(folder) / loc for loc in locations} if folder is not None else {}
+
+
+class Stretcher:
     """Runs stretches of one model: the nodes that compute ``targets`` from ``state``."""
 
     def __init__(self, model: onnx.ModelProto, sources: Mapping[str, Path], options: SessionOptions,
@@ -160,16 +167,13 @@ def validate_streamed(original: onnx.ModelProto, original_dir: str | os.PathLike
     """Both models on ``feeds``, cut before each node of ``cuts`` (names in ``original``); models keep their
     external data references (``original``: relative to ``original_dir``; ``compiled``: ``compiled_sources``)."""
     options = options or SessionOptions(device="cpu")
-    base = Path(original_dir)
-    locations = {external_info(t).get("location", "") for t in original.graph.initializer
-                 if t.data_location == onnx.TensorProto.EXTERNAL}
-    orig_sources = {loc: base / loc for loc in locations}
+    orig_sources = data_sources(original, original_dir)
     types = value_types(original)  # state tensors have the same names and types in both (contrib ops defeat
-    a = _Stretcher(original, orig_sources, options, types)  # ONNX's shape inference on the compiled one)
-    b = _Stretcher(compiled, compiled_sources, options, types)
+    a = Stretcher(original, orig_sources, options, types)  # ONNX's shape inference on the compiled one)
+    b = Stretcher(compiled, compiled_sources, options, types)
     state_a = {k: np.asarray(v) for k, v in feeds.items()}
     state_b = dict(state_a)
-    states = _cut_states(original, shared_cuts(original, compiled, cuts))
+    states = cut_states(original, shared_cuts(original, compiled, cuts))
     for i, targets in enumerate(states):
         state_a = a.run(state_a, targets)
         state_b = b.run(state_b, targets)

@@ -108,7 +108,9 @@ def test_joint_rounding_skips_pairs_over_the_memory_limit(pair_checkpoints, cach
     # each pair says what joint rounding did with it, in the plan, the report and the summary
     assert all(ps.joint.startswith("skipped: needs about") and "--joint-max-gb" in ps.joint for ps in mlp)
     vo = [ps for ps in plan.pair_stats if ps.kind != MLP_UP_DOWN]
-    assert all(ps.joint == ("joint" if ps.pqe < ps.pqe_plain else "plain") for ps in vo)
+    # "sink": lowered the product error, but --joint-rule sink kept plain rounding (its sink output was worse)
+    assert all(ps.joint in ("joint", "plain", "sink") and (ps.joint == "joint") == (ps.pqe < ps.pqe_plain)
+               for ps in vo)
     lines = summary_lines(result, cfg, 0.0, False)
     joint = sum(ps.joint == "joint" for ps in vo)
     assert any(line.startswith(f"  joint rounding: {joint} of {len(vo) + len(mlp)} pairs") for line in lines), lines
@@ -228,3 +230,42 @@ def test_the_plan_is_the_same_for_any_number_of_worker_processes(pair_checkpoint
 def test_jobs_must_not_be_negative():
     with pytest.raises(ConfigError, match="--jobs"):
         CompileConfig(jobs=-1)
+
+
+def test_sink_rule_keeps_plain_rounding_where_the_sink_is_further_off(pair_checkpoints, cache_dir, monkeypatch):
+    """--joint-rule sink: a pair whose joint rounding is further off at the attention sink keeps its plain
+    rounding (its product error is the plain one), is named in the plan and the summary; the pqe rule keeps
+    joint rounding there. An encoder has no sink: the rule does not apply."""
+    from qcompiler.methods import transform_planner
+    from qcompiler.report import summary_lines
+    from qcompiler.sites import ATTN_VO
+
+    calls = []
+
+    def fake_ratio(x, exact, plain, joint, heads, g=None):
+        calls.append(heads is not None)
+        return 2.0 if heads is not None else 0.5  # V·O further off at the sink, up·down closer
+
+    monkeypatch.setattr(transform_planner, "sink_ratio", fake_ratio)
+    base = dict(quant=QuantConfig(3, 32, False), method="cafeq", validate=False, kv_cache=True)
+    plans = {}
+    for rule in ("sink", "pqe"):
+        cfg = CompileConfig(**base, cafeq=CafeqConfig(steps=10, joint_rule=rule))
+        result = compile_model(str(pair_checkpoints["llama"]), None, cfg, cache_dir=cache_dir)
+        plans[rule] = result.plan
+    vo = [ps for ps in plans["sink"].pair_stats if ps.kind == ATTN_VO]
+    mlp = [ps for ps in plans["sink"].pair_stats if ps.kind != ATTN_VO]
+    assert calls and vo and mlp
+    assert all(ps.joint == "sink" and ps.pqe == ps.pqe_plain for ps in vo)
+    assert all(ps.joint == "joint" and ps.pqe < ps.pqe_plain for ps in mlp)
+    assert all(ps.joint == "joint" for ps in plans["pqe"].pair_stats)
+    lines = summary_lines(result, cfg, 0.0, False)  # the pqe compile's: no pair kept plain by the rule
+    assert not any("--joint-rule sink" in line for line in lines)
+    cfg = CompileConfig(**base, cafeq=CafeqConfig(steps=10))
+    result = compile_model(str(pair_checkpoints["llama"]), None, cfg, cache_dir=cache_dir)
+    assert any(f"{len(vo)} kept plain rounding by --joint-rule sink" in line
+               for line in summary_lines(result, cfg, 0.0, False))
+    calls.clear()
+    cfg = CompileConfig(**dict(base, kv_cache=False), cafeq=CafeqConfig(steps=10))
+    compile_model(str(pair_checkpoints["bert"]), None, cfg, cache_dir=cache_dir)
+    assert not calls  # an encoder: no sink state, the pqe rule

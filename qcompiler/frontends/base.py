@@ -17,3 +17,9 @@ class LoadedModel:
     cached: bool = False  # export came from the cache
     # the external data was not read: tensors reference files in this folder (streaming compile)
     data_dir: str | None = None
+
+    @property
+    def causal(self) -> bool:
+        """A causal LM: a Hugging Face causal LM, or an ONNX file with a ``logits`` output."""
+        return self.kind == "causal_lm" or (self.kind == "onnx" and any(o.name == "logits"
+                                                                         for o in self.model.graph.output))

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -53,6 +53,9 @@ class PlanContext:
     step: StepCost | None = None
     online_units: frozenset[str] | None = None
     progress: bool = False
+    # a decoder's attention-sink state (runtime/sink.py): tensor name -> its value ``[K]`` in a one-token
+    # forward of BOS, for the tensors the factors of coupled pairs read (``--joint-rule sink``)
+    sink: Mapping[str, np.ndarray] | None = None
 
     def part(self, sites: Sequence[LinearSite], analysis: Analysis | None, weight_of: WeightFn) -> PlanContext:
         """The same context over part of the model (a streamed chunk)."""

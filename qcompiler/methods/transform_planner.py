@@ -38,6 +38,7 @@ from qcompiler.algorithms.joint import (
     joint_round,
     joint_round_batch,
 )
+from qcompiler.algorithms.sink import activation_factor, sink_ratio
 from qcompiler.algorithms.sinq import sinkhorn_scales
 from qcompiler.algorithms.transforms import apply_blocks
 from qcompiler.config import CafeqConfig, QuantConfig
@@ -102,8 +103,11 @@ def _rtn(w: np.ndarray, quant: QuantConfig) -> np.ndarray:
 class _Planner:
     def __init__(self, analysis: Analysis, weight_of: Callable[[LinearSite], np.ndarray], quant: QuantConfig,
                  cfg: CafeqConfig, recipe: Recipe, step: StepCost, progress: bool, rounder: Rounder | None = None,
-                 online_units: frozenset[str] | None = None, run: Run = Run()):
+                 online_units: frozenset[str] | None = None, run: Run = Run(),
+                 sink: Mapping[str, np.ndarray] | None = None):
         self.analysis, self.quant, self.cfg, self.recipe = analysis, quant, cfg, recipe
+        self.sink = sink  # tensor -> its attention-sink value (--joint-rule sink on a decoder)
+        self.perms: dict[str, np.ndarray] = {}  # up·down pair id -> its folded channel order
         self.online_units, self.step = online_units, step
         self.rounder = rounder
         self.run = run
@@ -196,6 +200,7 @@ class _Planner:
                 perm, scale = res
                 if np.array_equal(perm, np.arange(len(perm))) and np.allclose(scale, 1.0):
                     continue
+                self.perms[p.id] = np.asarray(perm)
                 fold_mlp(self.folded[p.producer], None, p.producer_cols, self.folded[p.consumer], scale, perm,
                          self.folded[p.gate] if p.gate else None, None, p.gate_cols)
                 out.append(PairTransform(p, scale=scale, perm=perm))
@@ -275,9 +280,36 @@ class _Planner:
             cols = slice(*p.producer_cols)
             log.info("%s: joint rounding PQE %.4f -> %.4f", p.id, res.pqe_plain, res.pqe)
             self.joint_outcome[p.id] = "joint" if res.pqe < res.pqe_plain else "plain"
+            if self.joint_outcome[p.id] == "joint" and self.sink is not None:
+                ratio = self._sink_ratio(p, qws, res, blocks_of)
+                if ratio is not None and ratio > 1.0:  # the sink's output further off: plain rounding stays
+                    log.info("%s: joint rounding x%.2f the error at the attention sink; plain kept", p.id, ratio)
+                    self.joint_outcome[p.id] = "sink"
+                    continue
             qws[p.producer] = replace_columns(qws[p.producer], cols, res.a)
             qws[p.consumer] = res.b
         return len(pairs)
+
+    def _sink_ratio(self, p: CoupledPair, qws: Mapping[str, QuantizedWeight], res: JointResult,
+                    blocks_of: Mapping[str, np.ndarray]) -> float | None:
+        """The pair's squared output error at the attention sink, joint / plain rounding (algorithms/sink.py);
+        None where the sink state of its input is not known. Up·down's activation factor comes from the float
+        model's own run, in the folded channel order."""
+        x = self.sink.get(self.sites[p.producer].input)
+        if x is None:
+            return None
+        cols = slice(*p.producer_cols)
+        heads, g = (Heads(p.head_dim, p.kv_map), None) if p.kind == ATTN_VO else (None, None)
+        if p.kind != ATTN_VO:
+            inner = self.sink.get(self.sites[p.consumer].input)
+            if inner is None:
+                return None
+            g = activation_factor(inner, x @ self.original[p.producer][:, cols].astype(np.float64))
+            g = g[self.perms[p.id]] if p.id in self.perms else g
+        ta, tb = blocks_of.get(p.producer), blocks_of.get(p.consumer)
+        return sink_ratio(x, (self.folded[p.producer][:, cols], self.folded[p.consumer]),
+                          (self._effective(qws[p.producer], ta)[:, cols], self._effective(qws[p.consumer], tb)),
+                          (self._effective(res.a, ta), self._effective(res.b, tb)), heads, g)
 
     def _batched_joint(self) -> bool:
         """Joint rounding batched in torch on the device (a GPU); on the CPU numpy's solver is faster."""
@@ -445,15 +477,17 @@ def select_online_units(analysis: Analysis, cfg: CafeqConfig, step: StepCost, re
 def plan_transforms(analysis: Analysis, weight_of: Callable[[LinearSite], np.ndarray], quant: QuantConfig,
                     cfg: CafeqConfig, recipe: Recipe, progress: bool = False, rounder: Rounder | None = None,
                     online_units: frozenset[str] | None = None, step: StepCost | None = None,
-                    run: Run = Run()) -> QuantPlan:
+                    run: Run = Run(), sink: Mapping[str, np.ndarray] | None = None) -> QuantPlan:
     """The plan of ``recipe`` (cafeq: learned, joint rounding; rotate: random orthogonal/Hadamard, no
     learning; cafeq+gptaq: learned, then ``rounder``: calibrated rounding of the transformed weights).
     ``online_units``: the units allowed an online transform (default: the budget decides).
     ``step``: the model's run-time cost the budget is a fraction of (default: ``cfg.online_regime``'s,
-    from the sites alone; the pipeline adds the bytes of the weights kept in float)."""
+    from the sites alone; the pipeline adds the bytes of the weights kept in float).
+    ``sink``: the attention sink's value of the tensors the pairs' factors read (runtime/sink.py): a pair keeps
+    its joint rounding only where its output there is no further off than with plain rounding."""
     if step is None:
         step = step_cost(cfg.online_regime, analysis.sites, quant)
-    planner = _Planner(analysis, weight_of, quant, cfg, recipe, step, progress, rounder, online_units, run)
+    planner = _Planner(analysis, weight_of, quant, cfg, recipe, step, progress, rounder, online_units, run, sink)
     if not recipe.learned:  # nothing to learn
         return planner.plan()
     planner.pool = open_pool()

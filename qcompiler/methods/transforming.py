@@ -28,7 +28,30 @@ class TransformMethod(Method):
                          float_weight_bytes(setup.graph, setup.match.sites))
         log.info("online transforms: %s regime (%.1f M multiply-adds per token, %.1f MB read per token step)",
                  regime, step.macs / 1e6, step.token_bytes / 2**20)
-        return dataclasses.replace(ctx, step=step)
+        return dataclasses.replace(ctx, step=step, sink=self._sink(setup))
+
+    def _sink(self, setup: Setup) -> dict | None:
+        """``--joint-rule sink`` on a decoder: the attention sink's inputs of the jointly rounded pairs' factors."""
+        cfg = setup.config.cafeq
+        if (not self.recipe.joint_rounding or cfg.joint_rule != "sink" or not cfg.joint_pairs
+                or setup.analysis is None or not setup.analysis.pairs):
+            return None
+        if not setup.loaded.causal:
+            log.info("joint rounding: --joint-rule sink applies to decoders; this model is not one (pqe rule)")
+            return None
+        from qcompiler.runtime.sink import bos_token_id, sink_states
+
+        sites = {s.id: s for s in setup.match.sites}
+        tensors = sorted({sites[i].input for p in setup.analysis.pairs for i in (p.producer, p.consumer)
+                          if i in sites})
+        token = bos_token_id(setup.loaded.tokenizer_dir)
+        if token is None:
+            log.info("joint rounding: no BOS token recorded; the sink state is that of token 0")
+        try:
+            return sink_states(setup.loaded.model, tensors, token or 0, setup.loaded.data_dir)
+        except Exception as e:  # noqa: BLE001 - an unusual graph: the rule falls back, the compile goes on
+            log.warning("joint rounding: the attention sink's state could not be computed (%s); pqe rule", e)
+            return None
 
     def for_streaming(self, ctx: PlanContext) -> PlanContext:
         """The online units of the whole model, chosen once from shapes (a whole-model plan's choice)."""
@@ -43,4 +66,4 @@ class TransformMethod(Method):
         cfg = ctx.config
         run = Run(cfg.device, cfg.jobs, cfg.seed, cfg.executor, cfg.ray_address)
         return plan_transforms(ctx.analysis, ctx.weight_of, cfg.quant, cfg.cafeq, self.recipe, ctx.progress,
-                               self.rounder(ctx), ctx.online_units, ctx.step, run)
+                               self.rounder(ctx), ctx.online_units, ctx.step, run, ctx.sink)

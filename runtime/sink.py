@@ -1,0 +1,77 @@
+"""The attention sink's state, without data: a one-token forward of the BOS token through the float model.
+
+A decoder's first position is the sink every later token's attention reads, and from the third layer on its
+state hardly depends on which token it holds (SmolLM2: cosine 0.88-1.00 against real windows' first
+positions; docs/methods.md, "Where joint rounding hurts a decoder, layer by layer"). The tensors asked for
+(the inputs of a pair's factors) are read from one run of the model on ``[[bos]]`` with an empty cache; a
+streamed model runs one stretch at a time (``Stretcher``), so only one stretch's weights are in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from qcompiler.errors import QCompilerError
+from qcompiler.runtime.inputs import sample_inputs
+from qcompiler.runtime.segments import value_types
+from qcompiler.runtime.session import SessionOptions
+from qcompiler.runtime.stream_validate import Stretcher, cut_states, data_sources
+from qcompiler.runtime.text_inputs import token_input
+
+log = logging.getLogger(__name__)
+
+
+def bos_token_id(folder: str | os.PathLike | None) -> int | None:
+    """The BOS token a model folder records (``config.json``, else ``genai_config.json``), or None."""
+    if folder is None:
+        return None
+    for name, path in (("config.json", ("bos_token_id",)), ("genai_config.json", ("model", "bos_token_id"))):
+        f = Path(folder) / name
+        if not f.is_file():
+            continue
+        value = json.loads(f.read_text())
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        if isinstance(value, list):  # some configs list several
+            value = value[0] if value else None
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def one_token_feeds(model: onnx.ModelProto, token: int) -> dict[str, np.ndarray]:
+    """Feeds of a one-token sequence holding ``token`` at position 0 (an empty cache, a mask of ones)."""
+    name = token_input(model)
+    if name is None:
+        raise QCompilerError("the model has no token-id input to run the BOS token through")
+    feeds = sample_inputs(model, batch=1, seq=1)
+    feeds[name] = np.full_like(feeds[name], token)
+    return feeds
+
+
+def sink_states(model: onnx.ModelProto, tensors: Sequence[str], token: int, data_dir: str | os.PathLike | None = None,
+                options: SessionOptions | None = None) -> dict[str, np.ndarray]:
+    """``tensors`` of the one-token forward of ``token``, each as a row vector ``[K]`` (float64). The run is
+    cut before each node reading one of them, so a stretch holds about a layer's weights (``data_dir``: where
+    a streamed model's external data is)."""
+    options = options or SessionOptions(device="cpu")
+    want = set(tensors)
+    cuts = [n.name for n in model.graph.node if want & set(n.input)]
+    stretcher = Stretcher(model, data_sources(model, data_dir), options, value_types(model))
+    state = one_token_feeds(model, token)
+    out: dict[str, np.ndarray] = {}
+    for targets in cut_states(model, cuts)[:-1]:  # the last holds the outputs: not needed
+        state = stretcher.run(state, targets)
+        for t in want & set(targets):
+            out[t] = np.asarray(state[t], dtype=np.float64).reshape(-1, np.shape(state[t])[-1])[0]
+    missing = want - set(out)
+    if missing:
+        raise QCompilerError(f"sink state: tensor {sorted(missing)[0]!r} is not computed by the model")
+    return out
