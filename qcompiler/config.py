@@ -22,7 +22,7 @@ FORMATS = ("matmulnbits", "qdq")
 METHODS = ("rtn", "rotate", "sinq", "cafeq", "gptq", "gptaq", "cafeq+gptaq")
 TRANSFORMS = ("single", "vo", "updown")
 JOINT_PAIRS = ("vo", "updown")
-JOINT_RULES = ("sink", "pqe")  # when a pair keeps its joint rounding (methods/transform_planner.py)
+JOINT_RULES = ("sink", "sink-share", "pqe")  # when a pair keeps its joint rounding (methods/transform_planner.py)
 ONLINE_REGIMES = ("batch", "token")  # what --online-budget is a fraction of (methods/online_cost.py)
 # how the online x T^-1 is written (passes/online_transform.py); auto: conv for causal LMs, else matmul
 ONLINE_LAYOUTS = ("auto", "matmul", "conv")
@@ -186,7 +186,8 @@ class CafeqConfig:
     joint_rule: str = field(default="sink", metadata=opt(
         "cafeq: which pairs keep their joint rounding. sink: on a decoder, those whose output at the attention "
         "sink (a one-token forward of BOS, no data) is no further off than with plain rounding, the others "
-        "where it lowers the product error; pqe: wherever it lowers the product error", choices=JOINT_RULES))
+        "where it lowers the product error; sink-share: only where the sink's squared error falls at least "
+        "by the product error's share; pqe: wherever it lowers the product error", choices=JOINT_RULES))
 
     def __post_init__(self) -> None:
         bad = [t for t in self.transforms if t not in TRANSFORMS]

@@ -44,6 +44,8 @@ class PairStats:
     # did, but the pair's output at the attention sink was further off: --joint-rule sink kept plain), or why
     # the pair was not tried (its memory over --joint-max-gb); None where the method does no joint rounding
     joint: str | None = None
+    # --joint-rule sink: the pair's squared output error at the attention sink, joint / plain rounding
+    sink_ratio: float | None = None
 
 
 @dataclass(frozen=True)

@@ -234,37 +234,43 @@ def test_jobs_must_not_be_negative():
 
 def test_sink_rule_keeps_plain_rounding_where_the_sink_is_further_off(pair_checkpoints, cache_dir, monkeypatch):
     """--joint-rule sink: a pair whose joint rounding is further off at the attention sink keeps its plain
-    rounding (its product error is the plain one), is named in the plan and the summary; the pqe rule keeps
-    joint rounding there. An encoder has no sink: the rule does not apply."""
+    rounding (its product error is the plain one), is named in the plan and the summary; sink-share also drops a
+    pair whose sink error falls less than its product error's share; the pqe rule keeps joint rounding there.
+    An encoder has no sink: the rule does not apply."""
     from qcompiler.methods import transform_planner
     from qcompiler.report import summary_lines
     from qcompiler.sites import ATTN_VO
 
-    calls = []
+    calls, fake = [], {}
 
     def fake_ratio(x, exact, plain, joint, heads, g=None):
         calls.append(heads is not None)
-        return 2.0 if heads is not None else 0.5  # V·O further off at the sink, up·down closer
+        return fake["vo" if heads is not None else "mlp"]
 
     monkeypatch.setattr(transform_planner, "sink_ratio", fake_ratio)
     base = dict(quant=QuantConfig(3, 32, False), method="cafeq", validate=False, kv_cache=True)
-    plans = {}
-    for rule in ("sink", "pqe"):
+
+    def compile_with(rule, vo, mlp):
+        fake.update(vo=vo, mlp=mlp)
         cfg = CompileConfig(**base, cafeq=CafeqConfig(steps=10, joint_rule=rule))
         result = compile_model(str(pair_checkpoints["llama"]), None, cfg, cache_dir=cache_dir)
-        plans[rule] = result.plan
-    vo = [ps for ps in plans["sink"].pair_stats if ps.kind == ATTN_VO]
-    mlp = [ps for ps in plans["sink"].pair_stats if ps.kind != ATTN_VO]
+        stats = result.plan.pair_stats
+        return ([ps for ps in stats if ps.kind == ATTN_VO], [ps for ps in stats if ps.kind != ATTN_VO],
+                summary_lines(result, cfg, 0.0, False))
+
+    vo, mlp, lines = compile_with("sink", 2.0, 0.5)  # V·O further off at the sink, up·down closer
     assert calls and vo and mlp
-    assert all(ps.joint == "sink" and ps.pqe == ps.pqe_plain for ps in vo)
-    assert all(ps.joint == "joint" and ps.pqe < ps.pqe_plain for ps in mlp)
-    assert all(ps.joint == "joint" for ps in plans["pqe"].pair_stats)
-    lines = summary_lines(result, cfg, 0.0, False)  # the pqe compile's: no pair kept plain by the rule
+    assert all(ps.joint == "sink" and ps.pqe == ps.pqe_plain and ps.sink_ratio == 2.0 for ps in vo)
+    assert all(ps.joint == "joint" and ps.pqe < ps.pqe_plain and ps.sink_ratio == 0.5 for ps in mlp)
+    assert any(f"{len(vo)} kept plain rounding by --joint-rule sink" in line for line in lines)
+    vo, mlp, lines = compile_with("pqe", 2.0, 0.5)
+    assert all(ps.joint == "joint" and ps.sink_ratio is None for ps in vo + mlp)
     assert not any("--joint-rule sink" in line for line in lines)
-    cfg = CompileConfig(**base, cafeq=CafeqConfig(steps=10))
-    result = compile_model(str(pair_checkpoints["llama"]), None, cfg, cache_dir=cache_dir)
-    assert any(f"{len(vo)} kept plain rounding by --joint-rule sink" in line
-               for line in summary_lines(result, cfg, 0.0, False))
+    # as far off as plain rounding at the sink: kept by sink, dropped by sink-share (its product error fell)
+    vo, mlp, _ = compile_with("sink", 1.0, 0.0)
+    assert all(ps.joint == "joint" for ps in vo + mlp)
+    vo, mlp, _ = compile_with("sink-share", 1.0, 0.0)
+    assert all(ps.joint == "sink" for ps in vo) and all(ps.joint == "joint" for ps in mlp)
     calls.clear()
     cfg = CompileConfig(**dict(base, kv_cache=False), cafeq=CafeqConfig(steps=10))
     compile_model(str(pair_checkpoints["bert"]), None, cfg, cache_dir=cache_dir)

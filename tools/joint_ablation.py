@@ -29,6 +29,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from qcompiler.algorithms.joint import Heads  # noqa: E402
+from qcompiler.algorithms.sink import sink_ratio  # noqa: E402
 from tools.residual_rotation import perplexity  # noqa: E402  (the same windows' perplexity, in torch)
 
 log = logging.getLogger("joint_ablation")
@@ -69,10 +71,6 @@ def format_row(chosen: set[tuple[str, int]]) -> str:
     return ";".join(parts) or "plain"
 
 
-def _silu(z: np.ndarray) -> np.ndarray:
-    return z / (1.0 + np.exp(-z))
-
-
 PAIR_NAMES = {"vo": ("self_attn.v_proj", "self_attn.o_proj"), "updown": ("mlp.up_proj", "mlp.down_proj")}
 
 
@@ -82,16 +80,15 @@ def pair_factors(state: dict, kind: str, i: int) -> tuple[np.ndarray, np.ndarray
     return tuple(state[f"model.layers.{i}.{n}.weight"].double().numpy().T for n in PAIR_NAMES[kind])
 
 
-def pair_output(layer, kind: str, x: np.ndarray, a: np.ndarray, b: np.ndarray, heads: tuple[int, int]) -> np.ndarray:
-    """The pair's output on input rows ``x``: V·O per query head (``x A_kv(j) B_j``, stacked), up·down through the
-    float gate (``(silu(x G) * (x A)) B``)."""
+def sink_form(layer, kind: str, x: np.ndarray, heads: tuple[int, int]) -> tuple[Heads | None, np.ndarray | None]:
+    """How ``algorithms/sink.py`` computes the pair's output at the sink state ``x``: V·O by query head
+    (``Heads``), up·down through SiLU of the float gate ``x G`` (``g``)."""
     if kind == "updown":
-        gate = layer.mlp.gate_proj.weight.detach().double().numpy().T
-        return (_silu(x @ gate) * (x @ a)) @ b
+        z = x @ layer.mlp.gate_proj.weight.detach().double().numpy().T
+        return None, z / (1.0 + np.exp(-z))
     head_dim, rep = heads
-    n = b.shape[0] // head_dim
-    return np.stack([x @ a[:, (j // rep) * head_dim:(j // rep + 1) * head_dim] @ b[j * head_dim:(j + 1) * head_dim]
-                     for j in range(n)])
+    n = layer.self_attn.o_proj.weight.shape[1] // head_dim
+    return Heads(head_dim, tuple(j // rep for j in range(n))), None
 
 
 def sink_states(model, token: int) -> dict[tuple[str, int], np.ndarray]:
@@ -127,7 +124,7 @@ class Ablation:
         self.joint: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
 
     def joint_pair(self, kind: str, i: int) -> tuple[np.ndarray, np.ndarray]:
-        from qcompiler.algorithms.joint import Heads, joint_round
+        from qcompiler.algorithms.joint import joint_round
         from qcompiler.config import CafeqConfig
         from qcompiler.methods.transform_planner import joint_configs
         from qcompiler.sites import ATTN_VO, MLP_UP_DOWN
@@ -151,14 +148,10 @@ class Ablation:
         out = {}
         for i, layer in enumerate(self.model.model.layers):
             for kind in KINDS:
-                a, b = pair_factors(self.original, kind, i)
                 x = states[(kind, i)]
-                ref = pair_output(layer, kind, x, a, b, self.heads)
-                pa, pb = pair_factors(self.plain, kind, i)
-                ja, jb = self.joint_pair(kind, i)
-                plain = np.sum((pair_output(layer, kind, x, pa, pb, self.heads) - ref) ** 2)
-                out[(kind, i)] = float(np.sum((pair_output(layer, kind, x, ja, jb, self.heads) - ref) ** 2) /
-                                       max(plain, 1e-300))
+                heads, g = sink_form(layer, kind, x, self.heads)
+                out[(kind, i)] = sink_ratio(x, pair_factors(self.original, kind, i), pair_factors(self.plain, kind, i),
+                                            self.joint_pair(kind, i), heads, g)
         return out
 
     def apply(self, chosen: set[tuple[str, int]], float_weights: bool = False) -> None:

@@ -133,6 +133,7 @@ class _Planner:
         self.joint_cfg = joint_configs(cfg)
         self.pool = TaskPool(1)  # plan_cafeq hands in a started pool; this one runs tasks in-process
         self.joint_outcome: dict[str, str] = {}  # pair id -> PairStats.joint
+        self.sink_ratio: dict[str, float] = {}  # pair id -> PairStats.sink_ratio
 
     def grid(self, k: int) -> GridSpec:
         return GridSpec(self.quant.bits, self.quant.group_size or k, self.quant.symmetric)
@@ -282,10 +283,15 @@ class _Planner:
             self.joint_outcome[p.id] = "joint" if res.pqe < res.pqe_plain else "plain"
             if self.joint_outcome[p.id] == "joint" and self.sink is not None:
                 ratio = self._sink_ratio(p, qws, res, blocks_of)
-                if ratio is not None and ratio > 1.0:  # the sink's output further off: plain rounding stays
-                    log.info("%s: joint rounding x%.2f the error at the attention sink; plain kept", p.id, ratio)
-                    self.joint_outcome[p.id] = "sink"
-                    continue
+                if ratio is not None:
+                    self.sink_ratio[p.id] = ratio
+                    # sink: no further off there; sink-share: at least the product's gain there too
+                    bound = 1.0 if self.cfg.joint_rule == "sink" else (res.pqe / res.pqe_plain) ** 2
+                    log.info("%s: squared error at the attention sink x%.3f with joint rounding (bound %.3f)",
+                             p.id, ratio, bound)
+                    if ratio > bound:  # plain rounding stays
+                        self.joint_outcome[p.id] = "sink"
+                        continue
             qws[p.producer] = replace_columns(qws[p.producer], cols, res.a)
             qws[p.consumer] = res.b
         return len(pairs)
@@ -398,7 +404,8 @@ class _Planner:
             # the folded factors have the same product as the original ones (the transforms are exact)
             out.append(PairStats(p.id, p.kind, product_error(a0, b0, ra, rb, *heads),
                                  product_error(a1, b1, ea, eb, *heads), proxy_rtn, proxy,
-                                 product_error(a1, b1, pa, pb, *heads), self.joint_outcome.get(p.id)))
+                                 product_error(a1, b1, pa, pb, *heads), self.joint_outcome.get(p.id),
+                                 self.sink_ratio.get(p.id)))
         return out
 
 

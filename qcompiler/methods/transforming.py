@@ -33,7 +33,7 @@ class TransformMethod(Method):
     def _sink(self, setup: Setup) -> dict | None:
         """``--joint-rule sink`` on a decoder: the attention sink's inputs of the jointly rounded pairs' factors."""
         cfg = setup.config.cafeq
-        if (not self.recipe.joint_rounding or cfg.joint_rule != "sink" or not cfg.joint_pairs
+        if (not self.recipe.joint_rounding or cfg.joint_rule == "pqe" or not cfg.joint_pairs
                 or setup.analysis is None or not setup.analysis.pairs):
             return None
         if not setup.loaded.causal:
