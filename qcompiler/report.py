@@ -107,10 +107,11 @@ def summary_lines(result: CompileResult, config: CompileConfig, peak_mb: float, 
     if tried:
         kept = sum(p.joint == "joint" for p in tried)
         plain, sink = sum(p.joint == "plain" for p in tried), sum(p.joint == "sink" for p in tried)
+        rule = config.cafeq.joint_rule
         lines.append(f"  joint rounding: {kept} of {len(tried)} pairs rounded jointly"
                      + (f", {plain} kept plain rounding (no round lowered the product error)" if plain else "")
-                     + (f", {sink} kept plain rounding by --joint-rule sink (joint rounding was further off at "
-                        "the attention sink)" if sink else ""))
+                     + (f", {sink} kept plain rounding by --joint-rule {rule} (their error at the attention "
+                        "sink did not fall with the product error)" if sink else ""))
         for p in tried:
             if p.joint not in ("joint", "plain", "sink"):
                 lines.append(f"    {p.pair}: not rounded jointly, {p.joint}")

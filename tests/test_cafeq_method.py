@@ -67,7 +67,7 @@ def test_batched_joint_rounding_plans_what_the_numpy_path_plans(pair_checkpoints
     from qcompiler.methods.transform_planner import _Planner
 
     cfg = CompileConfig(quant=QuantConfig(3, 32, False), method="cafeq", validate=False, kv_cache=PLAIN,
-                        cafeq=CafeqConfig(steps=10, joint_rounds=2, joint_mlp_rounds=1))
+                        cafeq=CafeqConfig(steps=10, joint_rounds=2, joint_mlp_rounds=1, joint_rule="pqe"))
     plans = {}
     for batched in (False, True):
         monkeypatch.setattr(_Planner, "_batched_joint", lambda self, b=batched: b)
@@ -97,7 +97,7 @@ def test_joint_rounding_skips_pairs_over_the_memory_limit(pair_checkpoints, cach
     base = dict(quant=QuantConfig(3, 32, False), method="cafeq", validate=False, kv_cache=PLAIN)
     # the tiny Llama's MLP pairs (C = 128) need ~1.6 MB, its V·O pairs ~0.6 MB: a 1 MB limit skips only MLPs
     limit = 1 / 1024
-    cfg = CompileConfig(**base, cafeq=CafeqConfig(steps=10, joint_max_gb=limit))
+    cfg = CompileConfig(**base, cafeq=CafeqConfig(steps=10, joint_max_gb=limit, joint_rule="pqe"))
     with caplog.at_level("WARNING"):
         result = compile_model(str(pair_checkpoints["llama"]), None, cfg, cache_dir=cache_dir)
     plan = result.plan
@@ -233,9 +233,9 @@ def test_jobs_must_not_be_negative():
 
 
 def test_sink_rule_keeps_plain_rounding_where_the_sink_is_further_off(pair_checkpoints, cache_dir, monkeypatch):
-    """--joint-rule sink: a pair whose joint rounding is further off at the attention sink keeps its plain
-    rounding (its product error is the plain one), is named in the plan and the summary; sink-share also drops a
-    pair whose sink error falls less than its product error's share; the pqe rule keeps joint rounding there.
+    """--joint-rule sink: a pair whose squared error at the attention sink falls less than its product error's
+    share keeps its plain rounding (its product error is the plain one), and is named in the plan and the
+    summary; sink-loose drops only a pair further off at the sink; pqe keeps joint rounding there.
     An encoder has no sink: the rule does not apply."""
     from qcompiler.methods import transform_planner
     from qcompiler.report import summary_lines
@@ -258,18 +258,18 @@ def test_sink_rule_keeps_plain_rounding_where_the_sink_is_further_off(pair_check
         return ([ps for ps in stats if ps.kind == ATTN_VO], [ps for ps in stats if ps.kind != ATTN_VO],
                 summary_lines(result, cfg, 0.0, False))
 
-    vo, mlp, lines = compile_with("sink", 2.0, 0.5)  # V·O further off at the sink, up·down closer
+    vo, mlp, lines = compile_with("sink", 2.0, 0.0)  # V·O further off at the sink, up·down exact there
     assert calls and vo and mlp
     assert all(ps.joint == "sink" and ps.pqe == ps.pqe_plain and ps.sink_ratio == 2.0 for ps in vo)
-    assert all(ps.joint == "joint" and ps.pqe < ps.pqe_plain and ps.sink_ratio == 0.5 for ps in mlp)
+    assert all(ps.joint == "joint" and ps.pqe < ps.pqe_plain and ps.sink_ratio == 0.0 for ps in mlp)
     assert any(f"{len(vo)} kept plain rounding by --joint-rule sink" in line for line in lines)
-    vo, mlp, lines = compile_with("pqe", 2.0, 0.5)
+    vo, mlp, lines = compile_with("pqe", 2.0, 0.0)
     assert all(ps.joint == "joint" and ps.sink_ratio is None for ps in vo + mlp)
     assert not any("--joint-rule sink" in line for line in lines)
-    # as far off as plain rounding at the sink: kept by sink, dropped by sink-share (its product error fell)
-    vo, mlp, _ = compile_with("sink", 1.0, 0.0)
+    # as far off as plain rounding at the sink: kept by sink-loose, dropped by sink (its product error fell)
+    vo, mlp, _ = compile_with("sink-loose", 1.0, 0.0)
     assert all(ps.joint == "joint" for ps in vo + mlp)
-    vo, mlp, _ = compile_with("sink-share", 1.0, 0.0)
+    vo, mlp, _ = compile_with("sink", 1.0, 0.0)
     assert all(ps.joint == "sink" for ps in vo) and all(ps.joint == "joint" for ps in mlp)
     calls.clear()
     cfg = CompileConfig(**dict(base, kv_cache=False), cafeq=CafeqConfig(steps=10))

@@ -285,8 +285,8 @@ class _Planner:
                 ratio = self._sink_ratio(p, qws, res, blocks_of)
                 if ratio is not None:
                     self.sink_ratio[p.id] = ratio
-                    # sink: no further off there; sink-share: at least the product's gain there too
-                    bound = 1.0 if self.cfg.joint_rule == "sink" else (res.pqe / res.pqe_plain) ** 2
+                    # sink: at least the product's gain there too; sink-loose: no further off there
+                    bound = 1.0 if self.cfg.joint_rule == "sink-loose" else (res.pqe / res.pqe_plain) ** 2
                     log.info("%s: squared error at the attention sink x%.3f with joint rounding (bound %.3f)",
                              p.id, ratio, bound)
                     if ratio > bound:  # plain rounding stays
