@@ -41,10 +41,10 @@ class PairStats:
     proxy: float
     pqe_plain: float | None = None  # the method's transforms with plain rounding (before joint rounding)
     # joint rounding: "joint" (rounded jointly), "plain" (tried; no round lowered the product error), "sink" (it
-    # did, but the pair's output at the attention sink was further off: --joint-rule sink kept plain), or why
+    # did, but its error at the attention sink did not fall as --joint-rule asks: plain kept), or why
     # the pair was not tried (its memory over --joint-max-gb); None where the method does no joint rounding
     joint: str | None = None
-    # --joint-rule sink: the pair's squared output error at the attention sink, joint / plain rounding
+    # --joint-rule sink / sink-loose: the pair's squared output error at the attention sink, joint / plain rounding
     sink_ratio: float | None = None
 
 

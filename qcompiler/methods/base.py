@@ -54,7 +54,7 @@ class PlanContext:
     online_units: frozenset[str] | None = None
     progress: bool = False
     # a decoder's attention-sink state (runtime/sink.py): tensor name -> its value ``[K]`` in a one-token
-    # forward of BOS, for the tensors the factors of coupled pairs read (``--joint-rule sink``)
+    # forward of BOS, for the tensors the factors of coupled pairs read (``--joint-rule sink``, ``sink-loose``)
     sink: Mapping[str, np.ndarray] | None = None
 
     def part(self, sites: Sequence[LinearSite], analysis: Analysis | None, weight_of: WeightFn) -> PlanContext:

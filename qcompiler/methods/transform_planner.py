@@ -250,8 +250,10 @@ class _Planner:
     def _span(self, p: CoupledPair) -> int:
         return _span(p, self.cfg.joint_channel_block, self.quant.group_size)
 
-    def joint(self, qws: dict[str, QuantizedWeight], blocks_of: dict[str, np.ndarray]) -> int:
-        """Joint rounding of every pair whose factors are not claimed by an earlier pair; updates ``qws``."""
+    def joint(self, qws: dict[str, QuantizedWeight], blocks_of: dict[str, np.ndarray],
+              plain: Mapping[str, np.ndarray]) -> int:
+        """Joint rounding of every pair whose factors are not claimed by an earlier pair; updates ``qws``.
+        ``plain``: the effective weights of plain rounding (what the sink rule compares against)."""
         claimed: set[str] = set()
         pairs = []
         for p in self.analysis.pairs:
@@ -282,7 +284,7 @@ class _Planner:
             log.info("%s: joint rounding PQE %.4f -> %.4f", p.id, res.pqe_plain, res.pqe)
             self.joint_outcome[p.id] = "joint" if res.pqe < res.pqe_plain else "plain"
             if self.joint_outcome[p.id] == "joint" and self.sink is not None:
-                ratio = self._sink_ratio(p, qws, res, blocks_of)
+                ratio = self._sink_ratio(p, plain, res, blocks_of)
                 if ratio is not None:
                     self.sink_ratio[p.id] = ratio
                     # sink: at least the product's gain there too; sink-loose: no further off there
@@ -296,7 +298,7 @@ class _Planner:
             qws[p.consumer] = res.b
         return len(pairs)
 
-    def _sink_ratio(self, p: CoupledPair, qws: Mapping[str, QuantizedWeight], res: JointResult,
+    def _sink_ratio(self, p: CoupledPair, plain: Mapping[str, np.ndarray], res: JointResult,
                     blocks_of: Mapping[str, np.ndarray]) -> float | None:
         """The pair's squared output error at the attention sink, joint / plain rounding (algorithms/sink.py);
         None where the sink state of its input is not known. Up·down's activation factor comes from the float
@@ -314,7 +316,7 @@ class _Planner:
             g = g[self.perms[p.id]] if p.id in self.perms else g
         ta, tb = blocks_of.get(p.producer), blocks_of.get(p.consumer)
         return sink_ratio(x, (self.folded[p.producer][:, cols], self.folded[p.consumer]),
-                          (self._effective(qws[p.producer], ta)[:, cols], self._effective(qws[p.consumer], tb)),
+                          (plain[p.producer][:, cols], plain[p.consumer]),
                           (self._effective(res.a, ta), self._effective(res.b, tb)), heads, g)
 
     def _batched_joint(self) -> bool:
@@ -363,7 +365,7 @@ class _Planner:
             calibrated = self.rounder(pair_transforms, online, stored)
             qws.update({sid: r.weight for sid, r in calibrated.items()})
         else:
-            self.joint(qws, blocks_of)
+            self.joint(qws, blocks_of, plain)
         site_plans, effective, rtn = [], {}, {}
         for sid, site in self.sites.items():
             w, qw = self.folded[sid], qws[sid]
@@ -491,7 +493,7 @@ def plan_transforms(analysis: Analysis, weight_of: Callable[[LinearSite], np.nda
     ``step``: the model's run-time cost the budget is a fraction of (default: ``cfg.online_regime``'s,
     from the sites alone; the pipeline adds the bytes of the weights kept in float).
     ``sink``: the attention sink's value of the tensors the pairs' factors read (runtime/sink.py): a pair keeps
-    its joint rounding only where its output there is no further off than with plain rounding."""
+    its joint rounding only where its output error there falls as ``cfg.joint_rule`` asks."""
     if step is None:
         step = step_cost(cfg.online_regime, analysis.sites, quant)
     planner = _Planner(analysis, weight_of, quant, cfg, recipe, step, progress, rounder, online_units, run, sink)

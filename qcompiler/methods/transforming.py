@@ -12,6 +12,7 @@ from qcompiler.methods.base import Method, PlanContext, Setup
 from qcompiler.methods.online_cost import step_cost
 from qcompiler.methods.transform_planner import Recipe, Rounder, Run, plan_transforms, select_online_units
 from qcompiler.plan import QuantPlan
+from qcompiler.sites import ATTN_VO
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,8 @@ class TransformMethod(Method):
         return dataclasses.replace(ctx, step=step, sink=self._sink(setup))
 
     def _sink(self, setup: Setup) -> dict | None:
-        """``--joint-rule sink`` on a decoder: the attention sink's inputs of the jointly rounded pairs' factors."""
+        """``--joint-rule sink`` or ``sink-loose`` on a decoder: the attention sink's value of the tensors the
+        coupled pairs' factors read."""
         cfg = setup.config.cafeq
         if (not self.recipe.joint_rounding or cfg.joint_rule == "pqe" or not cfg.joint_pairs
                 or setup.analysis is None or not setup.analysis.pairs):
@@ -42,8 +44,9 @@ class TransformMethod(Method):
         from qcompiler.runtime.sink import bos_token_id, sink_states
 
         sites = {s.id: s for s in setup.match.sites}
-        tensors = sorted({sites[i].input for p in setup.analysis.pairs for i in (p.producer, p.consumer)
-                          if i in sites})
+        # V·O needs V's input alone; up·down also down's input (the activation's factor is read off it)
+        tensors = sorted({sites[i].input for p in setup.analysis.pairs
+                          for i in ((p.producer,) if p.kind == ATTN_VO else (p.producer, p.consumer)) if i in sites})
         token = bos_token_id(setup.loaded.tokenizer_dir)
         if token is None:
             log.info("joint rounding: no BOS token recorded; the sink state is that of token 0")
