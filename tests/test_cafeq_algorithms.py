@@ -190,3 +190,32 @@ def test_initial_blocks():
         assert t.shape == (3, 8, 8) and np.allclose(t @ t.transpose(0, 2, 1), np.eye(8))
     with pytest.raises(ValueError):
         hadamard(6)
+
+
+@pytest.mark.parametrize("bits,group,sym", [(4, 32, False), (3, 128, True), (2, 48, False), (4, 16, True)])
+def test_transformed_error_is_autograd_of_its_composition(bits, group, sym):
+    """The block learner's fused error ``sum ||M^-1 Q(M P) - P||^2`` and its gradient equal autograd of the
+    composition with ``fake_quant`` (groups that span blocks, padded groups and tied extremes included)."""
+    from qcompiler.algorithms.fakequant import transformed_error
+
+    g = torch.Generator().manual_seed(bits * 10 + group)
+    nb, b, width = 6, 16, 40  # K = 96: group 128 pads, group 48 spans three blocks
+    part = torch.randn(nb, b, width, generator=g, dtype=torch.float64)
+    part[:, :, 0] = torch.round(part[:, :, 0] * 2)  # ties
+    m0 = torch.eye(b, dtype=torch.float64) + 0.1 * torch.randn(nb, b, b, generator=g, dtype=torch.float64)
+
+    def composed(m):
+        tw = (m @ part).reshape(nb * b, width)
+        eff = torch.linalg.inv(m) @ fake_quant(tw, bits, group, sym, ste=True).reshape(nb, b, width)
+        return ((eff - part) ** 2).sum()
+
+    values, grads = [], []
+    for f in (composed, lambda m: transformed_error(m, torch.linalg.inv(m), part, bits, group, sym)):
+        m = m0.clone().requires_grad_(True)
+        v = f(m)
+        v.backward()
+        values.append(float(v.detach()))
+        grads.append(m.grad)
+    assert values[1] == pytest.approx(values[0], rel=1e-12)
+    np.testing.assert_allclose(grads[1].numpy(), grads[0].numpy(), rtol=1e-9, atol=1e-9 * float(grads[0].abs().max()))
+    assert torch.count_nonzero(grads[1]) > 0

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from qcompiler.algorithms.fakequant import blocked
+from qcompiler.algorithms.fakequant import blocked, transformed_error
 from qcompiler.algorithms.grid import GridSpec
 from qcompiler.config import CafeqConfig
 
@@ -134,7 +134,12 @@ class _Transform(torch.nn.Module):
             raise ValueError(f"unknown optimizer {optimizer!r}")
 
     def matrices(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(M, M^-1)."""
+        """(M, M^-1); ``M`` is also kept as ``last`` (the optimiser reads the iterate from it, no second inverse)."""
+        m, m_inv = self._matrices()
+        self.last = m
+        return m, m_inv
+
+    def _matrices(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.optimizer == "cayley":
             a = self.param - self.param.transpose(-1, -2)
             eye = torch.eye(a.shape[-1], device=a.device).expand_as(a)
@@ -172,8 +177,8 @@ def _optimise(module: _Transform, true_error: Callable[[], float], surrogate: Ca
         if not torch.isfinite(loss):
             break
         value = float(surrogate_value.detach())
-        if ste and value < best:
-            best, best_m = value, module.matrices()[0].detach().clone()
+        if ste and value < best:  # the iterate the surrogate just read
+            best, best_m = value, module.last.detach().clone()
         if ste and plateau.stalled(best):
             done = step
             break
@@ -226,12 +231,11 @@ def learn_block_transform(weights: list[np.ndarray], grid: GridSpec, block: int,
         # a gather along the last dim of the 2-D weight: 6x faster than indexing the 3-D view's
         part = wb if cols is None else w.index_select(1, cols).reshape(nb, block, -1)
         width = part.shape[2]
-        tw = torch.einsum("kij,kjn->kin", m, part).reshape(k, width)
         if cfg.loss == "lse":
+            tw = torch.einsum("kij,kjn->kin", m, part).reshape(k, width)
             ref = part.reshape(k, width)
             return _lse_range(tw, grid, cfg.temperature) / _lse_range(ref, grid, cfg.temperature).detach()
-        eff = torch.einsum("kij,kjn->kin", m_inv, grid(tw, True).reshape(nb, block, width))
-        return ((eff - part) ** 2).sum() / (norm * width / n)
+        return transformed_error(m, m_inv, part, grid.bits, grid.block(k), grid.symmetric) / (norm * width / n)
 
     with torch.no_grad():
         identity = float(((grid(w, False) - w) ** 2).sum()) / norm
@@ -253,14 +257,18 @@ def learn_vo(a: np.ndarray, b: np.ndarray, kv_map: tuple[int, ...], head_dim: in
     module = _Transform(initial_blocks(n_kv, d, cfg.init, rng), cfg.optimizer, cfg.device)
     a3, b3 = ta.reshape(k, n_kv, d), tb.reshape(n_q, d, n)
 
-    def errors(ste: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def errors(ste: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         m, m_inv = module.matrices()
         a_t = torch.einsum("khi,hij->khj", a3, m).reshape(k, n_kv * d)
-        b_t = torch.einsum("qij,qjn->qin", m_inv[idx], b3).reshape(n_q * d, n)
-        a_hat, b_hat = grid_a(a_t, ste), grid_b(b_t, ste)
+        a_hat = grid_a(a_t, ste)
         a_eff = torch.einsum("khi,hij->khj", a_hat.reshape(k, n_kv, d), m_inv).reshape(k, n_kv * d)
-        b_eff = torch.einsum("qij,qjn->qin", m[idx], b_hat.reshape(n_q, d, n)).reshape(n_q * d, n)
-        return ((a_eff - ta) ** 2).sum() / na, ((b_eff - tb) ** 2).sum() / nb_, a_t, b_t
+        ea = ((a_eff - ta) ** 2).sum() / na
+        if ste and cfg.loss == "ste":  # O's rows in heads: M_h Q(M_h^-1 B_j), the block learner's fused error
+            eb = transformed_error(m_inv[idx], m[idx], b3, grid_b.bits, grid_b.block(n_q * d), grid_b.symmetric)
+            return ea, eb / nb_, a_t, None
+        b_t = torch.einsum("qij,qjn->qin", m_inv[idx], b3).reshape(n_q * d, n)
+        b_eff = torch.einsum("qij,qjn->qin", m[idx], grid_b(b_t, ste).reshape(n_q, d, n)).reshape(n_q * d, n)
+        return ea, ((b_eff - tb) ** 2).sum() / nb_, a_t, b_t
 
     def true_error() -> float:
         ea, eb, _, _ = errors(False)
