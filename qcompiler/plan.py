@@ -46,6 +46,9 @@ class PairStats:
     joint: str | None = None
     # --joint-rule sink / sink-loose: the pair's squared output error at the attention sink, joint / plain rounding
     sink_ratio: float | None = None
+    # rounds of joint rounding the pair ran: fewer than --joint-rounds where the sink rule turned it down
+    # after --joint-mlp-screen (its sink_ratio is then that of the screen's result)
+    joint_rounds: int | None = None
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,10 @@ def test_transforms_alone_leave_the_model_unchanged(family, method, pair_checkpo
 
 
 def test_cafeq_plan_is_better_than_rtn_and_roundtrips(pair_checkpoints, cache_dir, tmp_path):
-    cfg = CompileConfig(quant=QuantConfig(3, 32, False), method="cafeq", cafeq=CafeqConfig(steps=40), kv_cache=PLAIN)
+    # every pair keeps its joint rounding (pqe): which pairs the sink rule keeps on a tiny random model is not
+    # this test's matter (test_sink_rule_... is)
+    cfg = CompileConfig(quant=QuantConfig(3, 32, False), method="cafeq", cafeq=CafeqConfig(steps=40, joint_rule="pqe"),
+                        kv_cache=PLAIN)
     res = compile_model(str(pair_checkpoints["llama"]), None, cfg, cache_dir=cache_dir)
     plan = res.plan
     assert {t.pair.kind for t in plan.pair_transforms} == {"attn_vo", "mlp_up_down"}
@@ -250,9 +253,9 @@ def test_sink_rule_keeps_plain_rounding_where_the_sink_is_further_off(pair_check
     monkeypatch.setattr(transform_planner, "sink_ratio", fake_ratio)
     base = dict(quant=QuantConfig(3, 32, False), method="cafeq", validate=False, kv_cache=True)
 
-    def compile_with(rule, vo, mlp):
+    def compile_with(rule, vo, mlp, **cafeq):
         fake.update(vo=vo, mlp=mlp)
-        cfg = CompileConfig(**base, cafeq=CafeqConfig(steps=10, joint_rule=rule))
+        cfg = CompileConfig(**base, cafeq=CafeqConfig(steps=10, joint_rule=rule, **cafeq))
         result = compile_model(str(pair_checkpoints["llama"]), None, cfg, cache_dir=cache_dir)
         stats = result.plan.pair_stats
         return ([ps for ps in stats if ps.kind == ATTN_VO], [ps for ps in stats if ps.kind != ATTN_VO],
@@ -263,6 +266,13 @@ def test_sink_rule_keeps_plain_rounding_where_the_sink_is_further_off(pair_check
     assert all(ps.joint == "sink" and ps.pqe == ps.pqe_plain and ps.sink_ratio == 2.0 for ps in vo)
     assert all(ps.joint == "joint" and ps.pqe < ps.pqe_plain and ps.sink_ratio == 0.0 for ps in mlp)
     assert any(f"{len(vo)} kept plain rounding by --joint-rule sink" in line for line in lines)
+    # up·down pairs passed the screen after their first round, then ran all their rounds; V·O is not screened
+    assert all(ps.joint_rounds == 4 for ps in vo) and all(ps.joint_rounds == 2 for ps in mlp)
+    vo, mlp, _ = compile_with("sink", 0.0, 2.0)  # up·down turned down by the screen: its second round never runs
+    assert all(ps.joint == "joint" and ps.joint_rounds == 4 for ps in vo)
+    assert all(ps.joint == "sink" and ps.joint_rounds == 1 and ps.pqe == ps.pqe_plain for ps in mlp)
+    _, mlp, _ = compile_with("sink", 0.0, 2.0, joint_mlp_screen=0)
+    assert all(ps.joint == "sink" and ps.joint_rounds == 2 for ps in mlp)
     vo, mlp, lines = compile_with("pqe", 2.0, 0.0)
     assert all(ps.joint == "joint" and ps.sink_ratio is None for ps in vo + mlp)
     assert not any("--joint-rule sink" in line for line in lines)

@@ -134,6 +134,7 @@ class _Planner:
         self.pool = TaskPool(1)  # plan_cafeq hands in a started pool; this one runs tasks in-process
         self.joint_outcome: dict[str, str] = {}  # pair id -> PairStats.joint
         self.sink_ratio: dict[str, float] = {}  # pair id -> PairStats.sink_ratio
+        self.rounds_run: dict[str, int] = {}  # pair id -> PairStats.joint_rounds
 
     def grid(self, k: int) -> GridSpec:
         return GridSpec(self.quant.bits, self.quant.group_size or k, self.quant.symmetric)
@@ -269,34 +270,57 @@ class _Planner:
                 claimed |= {p.producer, p.consumer}
                 pairs.append(p)
         grid = GridSpec(self.quant.bits, self.quant.group_size, self.quant.symmetric)
-        tasks = [(self.folded[p.producer][:, slice(*p.producer_cols)], self.folded[p.consumer], grid, grid,
-                  Heads(p.head_dim, p.kv_map) if p.kind == ATTN_VO else None, blocks_of.get(p.producer),
-                  blocks_of.get(p.consumer), self.joint_cfg[p.kind]) for p in pairs]
+
+        def tasks_of(ps: list[CoupledPair], rounds: int | None = None) -> list[tuple]:
+            return [(self.folded[p.producer][:, slice(*p.producer_cols)], self.folded[p.consumer], grid, grid,
+                     Heads(p.head_dim, p.kv_map) if p.kind == ATTN_VO else None, blocks_of.get(p.producer),
+                     blocks_of.get(p.consumer), self.joint_cfg[p.kind] if rounds is None
+                     else dataclasses.replace(self.joint_cfg[p.kind], rounds=rounds)) for p in ps]
+
         # side by side only as many as fit in --joint-max-gb together
         need = max((self._joint_bytes(p) for p in pairs), default=1)
         limit = max(1, int(self.cfg.joint_max_gb * 2**30 // need))
-        if self._batched_joint():
-            results = self._joint_batched(pairs, tasks, limit)
-        else:
-            results = self.pool.map(joint_round, tasks, "joint rounding", limit)
-        for p, res in zip(pairs, results, strict=True):
-            cols = slice(*p.producer_cols)
+        rounds = {p.id: self.joint_cfg[p.kind].rounds for p in pairs}
+        screen = self.cfg.joint_mlp_screen
+        early = [p for p in pairs if p.kind == MLP_UP_DOWN and rounds[p.id] > screen > 0]
+        if self.sink is not None and early:
+            # the sink rule turns nearly every up·down pair down: judge them after the first rounds, and spend the
+            # rest only on the pairs that pass; the final test below runs on their full results
+            for p, res in zip(early, self._joint_run(early, tasks_of(early, screen), limit, "joint screen"),
+                              strict=True):
+                self.rounds_run[p.id] = screen
+                if not self._keeps_joint(p, res, plain, blocks_of):
+                    rounds[p.id] = 0
+        todo = [p for p in pairs if rounds[p.id]]
+        for p, res in zip(todo, self._joint_run(todo, tasks_of(todo), limit, "joint rounding"), strict=True):
             log.info("%s: joint rounding PQE %.4f -> %.4f", p.id, res.pqe_plain, res.pqe)
-            self.joint_outcome[p.id] = "joint" if res.pqe < res.pqe_plain else "plain"
-            if self.joint_outcome[p.id] == "joint" and self.sink is not None:
-                ratio = self._sink_ratio(p, plain, res, blocks_of)
-                if ratio is not None:
-                    self.sink_ratio[p.id] = ratio
-                    # sink: at least the product's gain there too; sink-loose: no further off there
-                    bound = 1.0 if self.cfg.joint_rule == "sink-loose" else (res.pqe / res.pqe_plain) ** 2
-                    log.info("%s: squared error at the attention sink x%.3f with joint rounding (bound %.3f)",
-                             p.id, ratio, bound)
-                    if ratio > bound:  # plain rounding stays
-                        self.joint_outcome[p.id] = "sink"
-                        continue
-            qws[p.producer] = replace_columns(qws[p.producer], cols, res.a)
-            qws[p.consumer] = res.b
+            self.rounds_run[p.id] = rounds[p.id]
+            if self._keeps_joint(p, res, plain, blocks_of):
+                cols = slice(*p.producer_cols)
+                qws[p.producer] = replace_columns(qws[p.producer], cols, res.a)
+                qws[p.consumer] = res.b
         return len(pairs)
+
+    def _joint_run(self, pairs: list[CoupledPair], tasks: list[tuple], limit: int, what: str) -> list[JointResult]:
+        if self._batched_joint():
+            return self._joint_batched(pairs, tasks, limit)
+        return self.pool.map(joint_round, tasks, what, limit)
+
+    def _keeps_joint(self, p: CoupledPair, res: JointResult, plain: Mapping[str, np.ndarray],
+                     blocks_of: Mapping[str, np.ndarray]) -> bool:
+        """Whether ``p`` keeps ``res``, its joint rounding (``joint_outcome`` and ``sink_ratio`` record why)."""
+        self.joint_outcome[p.id] = "joint" if res.pqe < res.pqe_plain else "plain"
+        if self.joint_outcome[p.id] == "joint" and self.sink is not None:
+            ratio = self._sink_ratio(p, plain, res, blocks_of)
+            if ratio is not None:
+                self.sink_ratio[p.id] = ratio
+                # sink: at least the product's gain there too; sink-loose: no further off there
+                bound = 1.0 if self.cfg.joint_rule == "sink-loose" else (res.pqe / res.pqe_plain) ** 2
+                log.info("%s: squared error at the attention sink x%.3f with joint rounding (bound %.3f)",
+                         p.id, ratio, bound)
+                if ratio > bound:  # plain rounding stays
+                    self.joint_outcome[p.id] = "sink"
+        return self.joint_outcome[p.id] == "joint"
 
     def _sink_ratio(self, p: CoupledPair, plain: Mapping[str, np.ndarray], res: JointResult,
                     blocks_of: Mapping[str, np.ndarray]) -> float | None:
@@ -407,7 +431,7 @@ class _Planner:
             out.append(PairStats(p.id, p.kind, product_error(a0, b0, ra, rb, *heads),
                                  product_error(a1, b1, ea, eb, *heads), proxy_rtn, proxy,
                                  product_error(a1, b1, pa, pb, *heads), self.joint_outcome.get(p.id),
-                                 self.sink_ratio.get(p.id)))
+                                 self.sink_ratio.get(p.id), self.rounds_run.get(p.id)))
         return out
 
 
