@@ -77,3 +77,15 @@ def test_sink_states_and_ratios(ablation):
     err = [np.sum((out(*f) - out(a, b)) ** 2)
            for f in (ablation.joint_pair("updown", 1), ja.pair_factors(ablation.plain, "updown", 1))]
     assert ratios[("updown", 1)] == pytest.approx(err[0] / err[1], rel=1e-5)
+
+
+def test_round_table_ends_on_the_sink_ratios_of_full_joint_rounding(ablation):
+    """--rounds-table: one (sink ratio, bound) per round per pair; its last round is the compile's joint rounding,
+    whose sink ratio is :meth:`sink_ratios`'."""
+    table = ablation.round_table(3, ("updown",))
+    ratios = ablation.sink_ratios(3)
+    assert [i for _, i, _ in table] == list(range(len(ablation.model.model.layers)))
+    for kind, i, rows in table:
+        assert kind == "updown" and len(rows) == 2  # --joint-mlp-rounds' default
+        assert all(np.isfinite(r) and 0 < b <= 1 + 1e-12 for r, b in rows)
+        assert rows[-1][0] == pytest.approx(ratios[("updown", i)], rel=1e-9)

@@ -154,6 +154,40 @@ class Ablation:
                                             self.joint_pair(kind, i), heads, g)
         return out
 
+    def round_table(self, token: int, kinds: tuple[str, ...] = KINDS) -> list[tuple[str, int, list[tuple]]]:
+        """Per pair: the sink rule's ``(sink ratio, bound)`` after each round of joint rounding (the bound:
+        ``(PQE / plain PQE)^2``), each round count run from the start as a compile with that many rounds would.
+        What the compile's ``--joint-mlp-screen`` rests on: whether the rule's verdict after the first rounds is
+        its verdict after all of them."""
+        import dataclasses
+
+        from qcompiler.algorithms.joint import joint_round
+        from qcompiler.config import CafeqConfig
+        from qcompiler.methods.transform_planner import joint_configs
+        from qcompiler.sites import ATTN_VO, MLP_UP_DOWN
+
+        self.apply(set(), float_weights=True)
+        states = sink_states(self.model, token)
+        head_dim, rep = self.heads
+        out = []
+        for i, layer in enumerate(self.model.model.layers):
+            for kind in kinds:
+                a, b = pair_factors(self.original, kind, i)
+                n_q = b.shape[0] // head_dim
+                heads = Heads(head_dim, tuple(j // rep for j in range(n_q))) if kind == "vo" else None
+                cfg = joint_configs(CafeqConfig())[ATTN_VO if kind == "vo" else MLP_UP_DOWN]
+                x = states[(kind, i)]
+                sink_heads, g = sink_form(layer, kind, x, self.heads)
+                rows = []
+                for r in range(1, cfg.rounds + 1):
+                    res = joint_round(a, b, self.grid, self.grid, heads, cfg=dataclasses.replace(cfg, rounds=r))
+                    joint = (res.a.dequantize().astype(np.float64), res.b.dequantize().astype(np.float64))
+                    rows.append((sink_ratio(x, (a, b), pair_factors(self.plain, kind, i), joint, sink_heads, g),
+                                 (res.pqe / res.pqe_plain) ** 2))
+                out.append((kind, i, rows))
+                log.info("%s %d: %s", kind, i, " ".join(f"{r:.3f}/{b:.3f}" for r, b in rows))
+        return out
+
     def apply(self, chosen: set[tuple[str, int]], float_weights: bool = False) -> None:
         """Float weights everywhere, or plain RTN with the chosen pairs jointly rounded."""
         state = dict(self.original)
@@ -173,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
                                                  "updown:0-25", "updown:26-29", "updown:27", "updown:28", "sink"])
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--show-ratios", action="store_true", help="print the sink rule's per-layer ratios")
+    ap.add_argument("--rounds-table", default="", metavar="KINDS",
+                    help="instead of rows: the sink rule's verdict after each round of joint rounding against its "
+                         "verdict after all of them, for the pairs of these kinds (vo,updown)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from transformers import AutoModelForCausalLM
@@ -188,6 +225,17 @@ def main(argv: list[str] | None = None) -> int:
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     n = model.config.num_hidden_layers
     ab = Ablation(model, int(bits), int(block), sym == "sym")
+    if args.rounds_table:
+        bos = model.config.bos_token_id if model.config.bos_token_id is not None else 0
+        table = ab.round_table(bos, tuple(args.rounds_table.split(",")))
+        print(f"| pairs ({args.setting}) | rounds | verdict after round 1 = after the last | kept after the last |\n"
+              "|---|---|---|---|")
+        for kind in args.rounds_table.split(","):
+            rows = [r for k, _, r in table if k == kind]
+            same = sum((r[0][0] <= r[0][1]) == (r[-1][0] <= r[-1][1]) for r in rows)
+            kept = sum(r[-1][0] <= r[-1][1] for r in rows)
+            print(f"| {kind} | {len(rows[0])} | {same} of {len(rows)} | {kept} |")
+        return 0
     print(f"| joint-rounded pairs ({args.setting}) | perplexity |\n|---|---|")
     for row in args.rows:
         if row == "sink":
