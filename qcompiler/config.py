@@ -182,14 +182,15 @@ class CafeqConfig:
         "cafeq: an up·down pair wider than this many channels is jointly rounded a block of channels at a time"))
     joint_max_gb: float = field(default=4.0, metadata=opt(
         "skip joint rounding of a pair needing more memory than this, in GB (wide MLPs), with a warning"))
-    # SmolLM2 3-bit block 128 sym perplexity (fp32 24.86): no joint rounding 57.60; every pair joint (pqe) 74.84;
-    # sink-loose 59.65 (45 of 60 pairs joint); sink 55.03 (7 of 60)
     # the sink rule turns nearly every up·down pair down, and each of their rounds costs ~7x a V·O round: judged
-    # after this many rounds first, only the pairs that pass run the rest (SmolLM2 4-bit block 128 asym, no
-    # transforms: the rule after 1 round and after 2 agreed on all 30 up·down pairs; on V·O pairs it did not)
+    # after this many rounds first, only the pairs that pass run the rest (SmolLM2 without transforms, 4-bit block
+    # 128 asym and 3-bit block 128 sym: the rule after 1 round and after 2 agreed on all 30 up·down pairs; on 2 of 30
+    # V·O pairs it did not: tools/joint_ablation.py --rounds-table)
     joint_mlp_screen: int = field(default=1, metadata=opt(
         "cafeq, --joint-rule sink/sink-loose on a decoder: judge each up·down pair after this many rounds and run "
         "the rest of its --joint-mlp-rounds only if it passes (0: run them all first)"))
+    # SmolLM2 3-bit block 128 sym perplexity (fp32 24.86): no joint rounding 57.60; every pair joint (pqe) 74.84;
+    # sink-loose 59.65 (45 of 60 pairs joint); sink 55.03 (7 of 60)
     joint_rule: str = field(default="sink", metadata=opt(
         "cafeq: which pairs keep their joint rounding. sink: on a decoder, only those whose squared output error "
         "at the attention sink (a one-token forward of BOS, no data) falls at least by the share their product "
