@@ -13,7 +13,7 @@ from qcompiler.passes.online_transform import online_ops
 from qcompiler.plan import QuantPlan, joint_rounded_sites
 from qcompiler.resources import compile_peak_mb
 from qcompiler.runtime.validate import ValidationResult
-from qcompiler.sites import MatchResult
+from qcompiler.sites import MLP_UP_DOWN, MatchResult
 
 
 @dataclass
@@ -107,11 +107,15 @@ def summary_lines(result: CompileResult, config: CompileConfig, peak_mb: float, 
     if tried:
         kept = sum(p.joint == "joint" for p in tried)
         plain, sink = sum(p.joint == "plain" for p in tried), sum(p.joint == "sink" for p in tried)
-        rule = config.cafeq.joint_rule
+        rule, mlp_rounds = config.cafeq.joint_rule, config.cafeq.joint_mlp_rounds
+        early = sum(p.joint == "sink" and p.joint_rounds is not None and p.joint_rounds < mlp_rounds
+                    and p.kind == MLP_UP_DOWN for p in tried)
         lines.append(f"  joint rounding: {kept} of {len(tried)} pairs rounded jointly"
                      + (f", {plain} kept plain rounding (no round lowered the product error)" if plain else "")
                      + (f", {sink} kept plain rounding by --joint-rule {rule} (their error at the attention "
-                        "sink did not fall with the product error)" if sink else ""))
+                        "sink did not fall with the product error)" if sink else "")
+                     + (f"; {early} up·down pairs were turned down after {config.cafeq.joint_mlp_screen} of "
+                        f"{mlp_rounds} rounds (--joint-mlp-screen)" if early else ""))
         for p in tried:
             if p.joint not in ("joint", "plain", "sink"):
                 lines.append(f"    {p.pair}: not rounded jointly, {p.joint}")

@@ -268,9 +268,10 @@ def test_sink_rule_keeps_plain_rounding_where_the_sink_is_further_off(pair_check
     assert any(f"{len(vo)} kept plain rounding by --joint-rule sink" in line for line in lines)
     # up·down pairs passed the screen after their first round, then ran all their rounds; V·O is not screened
     assert all(ps.joint_rounds == 4 for ps in vo) and all(ps.joint_rounds == 2 for ps in mlp)
-    vo, mlp, _ = compile_with("sink", 0.0, 2.0)  # up·down turned down by the screen: its second round never runs
+    vo, mlp, lines = compile_with("sink", 0.0, 2.0)  # up·down turned down by the screen: its second round never runs
     assert all(ps.joint == "joint" and ps.joint_rounds == 4 for ps in vo)
     assert all(ps.joint == "sink" and ps.joint_rounds == 1 and ps.pqe == ps.pqe_plain for ps in mlp)
+    assert any(f"{len(mlp)} up·down pairs were turned down after 1 of 2 rounds" in line for line in lines)
     _, mlp, _ = compile_with("sink", 0.0, 2.0, joint_mlp_screen=0)
     assert all(ps.joint == "sink" and ps.joint_rounds == 2 for ps in mlp)
     vo, mlp, lines = compile_with("pqe", 2.0, 0.0)
