@@ -108,8 +108,7 @@ def summary_lines(result: CompileResult, config: CompileConfig, peak_mb: float, 
         kept = sum(p.joint == "joint" for p in tried)
         plain, sink = sum(p.joint == "plain" for p in tried), sum(p.joint == "sink" for p in tried)
         rule, mlp_rounds = config.cafeq.joint_rule, config.cafeq.joint_mlp_rounds
-        early = sum(p.joint == "sink" and p.joint_rounds is not None and p.joint_rounds < mlp_rounds
-                    and p.kind == MLP_UP_DOWN for p in tried)
+        early = sum(p.joint == "sink" and p.kind == MLP_UP_DOWN and (p.joint_rounds or 0) < mlp_rounds for p in tried)
         lines.append(f"  joint rounding: {kept} of {len(tried)} pairs rounded jointly"
                      + (f", {plain} kept plain rounding (no round lowered the product error)" if plain else "")
                      + (f", {sink} kept plain rounding by --joint-rule {rule} (their error at the attention "

@@ -89,3 +89,10 @@ def test_round_table_ends_on_the_sink_ratios_of_full_joint_rounding(ablation):
         assert kind == "updown" and len(rows) == 2  # --joint-mlp-rounds' default
         assert all(np.isfinite(r) and 0 < b <= 1 + 1e-12 for r, b in rows)
         assert rows[-1][0] == pytest.approx(ratios[("updown", i)], rel=1e-9)
+    # the first round's bound is that of a one-round joint rounding with the compile's up·down settings
+    from qcompiler.algorithms.joint import JointConfig, joint_round
+
+    a, b = ja.pair_factors(ablation.original, "updown", 1)
+    one = joint_round(a, b, ablation.grid, ablation.grid, None, cfg=JointConfig(rounds=1, channel_weight=4.0))
+    assert table[1][2][0][1] == pytest.approx((one.pqe / one.pqe_plain) ** 2, rel=1e-12)
+    assert table[1][2][0][1] >= table[1][2][1][1] - 1e-12  # a second round never raises the kept product error

@@ -122,43 +122,11 @@ class Ablation:
             quantize(w.double().numpy().T.astype(np.float32), bits, block, symmetric).dequantize().T))
             for name, w in self.original.items() if name.endswith("proj.weight") and name.startswith("model.layers")}
         self.joint: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+        self.joint_bound: dict[tuple[str, int], float] = {}  # (PQE / plain PQE)^2 of joint_pair's rounding
 
-    def joint_pair(self, kind: str, i: int) -> tuple[np.ndarray, np.ndarray]:
-        from qcompiler.algorithms.joint import joint_round
-        from qcompiler.config import CafeqConfig
-        from qcompiler.methods.transform_planner import joint_configs
-        from qcompiler.sites import ATTN_VO, MLP_UP_DOWN
-
-        if (kind, i) not in self.joint:
-            a, b = pair_factors(self.original, kind, i)
-            heads = None
-            if kind == "vo":
-                head_dim, rep = self.heads
-                heads = Heads(head_dim, tuple(j // rep for j in range(b.shape[0] // head_dim)))
-            cfg = joint_configs(CafeqConfig())[ATTN_VO if kind == "vo" else MLP_UP_DOWN]  # the compile's defaults
-            res = joint_round(a, b, self.grid, self.grid, heads, cfg=cfg)
-            self.joint[(kind, i)] = (res.a.dequantize().astype(np.float64), res.b.dequantize().astype(np.float64))
-            log.info("%s %d: PQE %.4f -> %.4f", kind, i, res.pqe_plain, res.pqe)
-        return self.joint[(kind, i)]
-
-    def sink_ratios(self, token: int) -> dict[tuple[str, int], float]:
-        """Joint / plain squared error of each pair's output on the sink state (float model's state)."""
-        self.apply(set(), float_weights=True)
-        states = sink_states(self.model, token)
-        out = {}
-        for i, layer in enumerate(self.model.model.layers):
-            for kind in KINDS:
-                x = states[(kind, i)]
-                heads, g = sink_form(layer, kind, x, self.heads)
-                out[(kind, i)] = sink_ratio(x, pair_factors(self.original, kind, i), pair_factors(self.plain, kind, i),
-                                            self.joint_pair(kind, i), heads, g)
-        return out
-
-    def round_table(self, token: int, kinds: tuple[str, ...] = KINDS) -> list[tuple[str, int, list[tuple]]]:
-        """Per pair: the sink rule's ``(sink ratio, bound)`` after each round of joint rounding (the bound:
-        ``(PQE / plain PQE)^2``), each round count run from the start as a compile with that many rounds would.
-        What the compile's ``--joint-mlp-screen`` rests on: whether the rule's verdict after the first rounds is
-        its verdict after all of them."""
+    def _joint(self, kind: str, i: int, rounds: int | None = None):
+        """``joint_round`` of layer ``i``'s pair with the compile's defaults (4 rounds for V·O, 2 and channel weight 4
+        for up·down), or with ``rounds`` rounds."""
         import dataclasses
 
         from qcompiler.algorithms.joint import joint_round
@@ -166,26 +134,68 @@ class Ablation:
         from qcompiler.methods.transform_planner import joint_configs
         from qcompiler.sites import ATTN_VO, MLP_UP_DOWN
 
+        a, b = pair_factors(self.original, kind, i)
+        heads = None
+        if kind == "vo":
+            head_dim, rep = self.heads
+            heads = Heads(head_dim, tuple(j // rep for j in range(b.shape[0] // head_dim)))
+        cfg = joint_configs(CafeqConfig())[ATTN_VO if kind == "vo" else MLP_UP_DOWN]
+        return joint_round(a, b, self.grid, self.grid, heads,
+                           cfg=cfg if rounds is None else dataclasses.replace(cfg, rounds=rounds))
+
+    def joint_pair(self, kind: str, i: int) -> tuple[np.ndarray, np.ndarray]:
+        if (kind, i) not in self.joint:
+            res = self._joint(kind, i)
+            self.joint[(kind, i)] = (res.a.dequantize().astype(np.float64), res.b.dequantize().astype(np.float64))
+            self.joint_bound[(kind, i)] = (res.pqe / res.pqe_plain) ** 2
+            log.info("%s %d: PQE %.4f -> %.4f", kind, i, res.pqe_plain, res.pqe)
+        return self.joint[(kind, i)]
+
+    def _sink_ratios(self, token: int, kinds: tuple[str, ...], joint) -> dict[tuple[str, int], float]:
+        """``sink_ratio`` of each pair of ``kinds`` on the sink state (float model's state), ``joint(kind, i)`` giving
+        its jointly rounded factors."""
         self.apply(set(), float_weights=True)
         states = sink_states(self.model, token)
-        head_dim, rep = self.heads
-        out = []
+        out = {}
         for i, layer in enumerate(self.model.model.layers):
             for kind in kinds:
-                a, b = pair_factors(self.original, kind, i)
-                n_q = b.shape[0] // head_dim
-                heads = Heads(head_dim, tuple(j // rep for j in range(n_q))) if kind == "vo" else None
-                cfg = joint_configs(CafeqConfig())[ATTN_VO if kind == "vo" else MLP_UP_DOWN]
                 x = states[(kind, i)]
-                sink_heads, g = sink_form(layer, kind, x, self.heads)
-                rows = []
-                for r in range(1, cfg.rounds + 1):
-                    res = joint_round(a, b, self.grid, self.grid, heads, cfg=dataclasses.replace(cfg, rounds=r))
-                    joint = (res.a.dequantize().astype(np.float64), res.b.dequantize().astype(np.float64))
-                    rows.append((sink_ratio(x, (a, b), pair_factors(self.plain, kind, i), joint, sink_heads, g),
-                                 (res.pqe / res.pqe_plain) ** 2))
-                out.append((kind, i, rows))
-                log.info("%s %d: %s", kind, i, " ".join(f"{r:.3f}/{b:.3f}" for r, b in rows))
+                heads, g = sink_form(layer, kind, x, self.heads)
+                out[(kind, i)] = sink_ratio(x, pair_factors(self.original, kind, i), pair_factors(self.plain, kind, i),
+                                            joint(kind, i), heads, g)
+        return out
+
+    def sink_ratios(self, token: int) -> dict[tuple[str, int], float]:
+        """Joint / plain squared error of each pair's output on the sink state (float model's state)."""
+        return self._sink_ratios(token, KINDS, self.joint_pair)
+
+    def round_table(self, token: int, kinds: tuple[str, ...] = KINDS) -> list[tuple[str, int, list[tuple]]]:
+        """Per pair: the sink rule's ``(sink ratio, bound)`` after each round of joint rounding (the bound:
+        ``(PQE / plain PQE)^2``), each round count run from the start as a compile with that many rounds would
+        (the last is :meth:`joint_pair`'s). What the compile's ``--joint-mlp-screen`` rests on: whether the rule's
+        verdict after the first rounds is its verdict after all of them."""
+        from qcompiler.config import CafeqConfig
+
+        full = {"vo": CafeqConfig().joint_rounds, "updown": CafeqConfig().joint_mlp_rounds}
+        rows: dict[tuple[str, int], list[tuple]] = {}
+        for r in range(1, max(full[k] for k in kinds) + 1):
+            bound: dict[tuple[str, int], float] = {}
+
+            def joint(kind: str, i: int, r: int = r, bound: dict = bound) -> tuple[np.ndarray, np.ndarray]:
+                if r == full[kind]:
+                    factors = self.joint_pair(kind, i)
+                    bound[(kind, i)] = self.joint_bound[(kind, i)]
+                    return factors
+                res = self._joint(kind, i, r)
+                bound[(kind, i)] = (res.pqe / res.pqe_plain) ** 2
+                return res.a.dequantize().astype(np.float64), res.b.dequantize().astype(np.float64)
+
+            ratios = self._sink_ratios(token, tuple(k for k in kinds if full[k] >= r), joint)
+            for key, ratio in ratios.items():
+                rows.setdefault(key, []).append((ratio, bound[key]))
+        out = [(kind, i, rows[(kind, i)]) for i in range(len(self.model.model.layers)) for kind in kinds]
+        for kind, i, rs in out:
+            log.info("%s %d: %s", kind, i, " ".join(f"{r:.3f}/{b:.3f}" for r, b in rs))
         return out
 
     def apply(self, chosen: set[tuple[str, int]], float_weights: bool = False) -> None:

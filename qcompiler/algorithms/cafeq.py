@@ -126,6 +126,7 @@ class _Transform(torch.nn.Module):
         eye = torch.eye(self.start.shape[-1], device=device).expand_as(self.start)
         # decided once: the Cayley factor is orthogonal, so M^-1 = M^T whenever the start is orthogonal too
         self.start_orthogonal = bool(torch.allclose(self.start @ self.start.transpose(-1, -2), eye, atol=1e-4))
+        self.last: torch.Tensor | None = None  # the M of the latest matrices() call
         if optimizer == "cayley":
             self.param = torch.nn.Parameter(torch.zeros_like(self.start))
         elif optimizer == "adam":
