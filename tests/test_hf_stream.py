@@ -56,7 +56,7 @@ def _ops(model: onnx.ModelProto) -> collections.Counter:
     return collections.Counter(n.op_type for n in model.graph.node)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "bert"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "gemma3", "bert"])
 def test_streamed_export_is_the_in_memory_export(tiny_checkpoints, tmp_path, family):
     folder = tiny_checkpoints[family]
     streamed = load_model(str(folder), cache_dir=tmp_path / "a", stream=True)

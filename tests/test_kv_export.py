@@ -20,7 +20,7 @@ from qcompiler.runtime.inputs import past_feeds, sample_inputs
 from qcompiler.runtime.session import SessionOptions, make_session
 from qcompiler.runtime.validate import validate
 
-LMS = ("llama", "qwen2", "gemma2", "gpt2")
+LMS = ("llama", "qwen2", "gemma2", "gemma3", "gpt2")
 EXACT = SessionOptions(device="cpu", optimize=False)
 
 

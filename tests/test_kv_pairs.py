@@ -16,7 +16,7 @@ from qcompiler.pipeline import compile_model
 from qcompiler.runtime.inputs import past_feeds
 from qcompiler.runtime.session import SessionOptions, make_session
 
-LMS = ("llama", "qwen2", "gemma2", "gpt2")
+LMS = ("llama", "qwen2", "gemma2", "gemma3", "gpt2")
 EXACT = SessionOptions(device="cpu", optimize=False)
 
 

@@ -13,11 +13,11 @@ from qcompiler.plan import PairTransform
 from tests.conftest import PAIR_FAMILIES
 from tests.pairfold import fold_and_compare, random_transforms
 
-# tiny models: 4 query heads of size 16; GQA families have 2 KV heads
+# tiny models: 4 query heads of size 16; GQA families have 2 KV heads, gemma3 one
 KV_MAP = {"gpt2": (0, 1, 2, 3), "bert": (0, 1, 2, 3), "llama": (0, 0, 1, 1), "qwen2": (0, 0, 1, 1),
-          "gemma2": (0, 0, 1, 1), "phi3": (0, 0, 1, 1)}
+          "gemma2": (0, 0, 1, 1), "gemma3": (0, 0, 0, 0), "phi3": (0, 0, 1, 1)}
 V_COLS = {"gpt2": (128, 192), "phi3": (96, 128)}  # V's slice of a fused QKV weight
-GATED = {"llama", "qwen2", "gemma2", "phi3"}
+GATED = {"llama", "qwen2", "gemma2", "gemma3", "phi3"}
 FOLD_BUDGET = 1e-4
 
 

@@ -19,7 +19,7 @@ from qcompiler.runtime.session import SessionOptions, make_session
 from qcompiler.runtime.sink import bos_token_id, one_token_feeds, sink_states
 from qcompiler.sites import ATTN_VO
 
-DECODERS = ("llama", "qwen2", "gemma2", "phi3")
+DECODERS = ("llama", "qwen2", "gemma2", "gemma3", "phi3")
 
 
 def test_bos_token_id_from_the_folder(tmp_path):

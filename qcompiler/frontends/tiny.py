@@ -22,6 +22,10 @@ def _tiny_config(family: str):
     if family == "gemma2":
         return tf.Gemma2Config(**TINY, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                architectures=["Gemma2ForCausalLM"])
+    if family == "gemma3":  # one KV head, q/k norms, a sliding layer (window 4) and a full one
+        return tf.Gemma3TextConfig(**TINY, num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                                   sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+                                   architectures=["Gemma3ForCausalLM"])
     if family == "phi3":  # fused qkv_proj and gate_up_proj
         return tf.Phi3Config(**TINY, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                              pad_token_id=0, eos_token_id=1, bos_token_id=1, architectures=["Phi3ForCausalLM"])
