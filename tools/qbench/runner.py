@@ -47,7 +47,8 @@ class ModelEntry:
 
 
 REAL_MODELS = {"minilm": ModelEntry("minilm", "minilm", MODELS["minilm"], (64, 128)),
-               "smollm2": ModelEntry("smollm2", "smollm2", MODELS["smollm2"], (64, 512))}
+               "smollm2": ModelEntry("smollm2", "smollm2", MODELS["smollm2"], (64, 512)),
+               "gemma3": ModelEntry("gemma3", "gemma3", MODELS["gemma3"], (64, 512))}
 
 
 @dataclass
