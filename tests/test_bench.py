@@ -96,7 +96,13 @@ def test_results_page_bolds_the_best_row_and_shows_failed_and_pending_rows():
     assert md.count("Note: SmolLM2's only offline copy is a Q4_1") == 1
     assert md.index("## smollm2") < md.index("Note: SmolLM2") < md.index("### 3-bit")
     table = report.summary_table(data, plan)
-    assert "| gptaq | **70.30** |" in table and "fp32 24.90" in table and "| cafeq | pending |" in table
+    assert "| gptaq | **70.30** |" in table and "fp32 24.90" in table
+    assert "| cafeq |" not in table and "Not measured yet on lm: methods cafeq." in table  # no measured row yet
+    plan.append(RowSpec("lm", "w2-b32-asym", "rtn"))
+    table = report.summary_table({**data, "rows": {**data["rows"], "lm/w3-b128-sym/cafeq": {
+        "model": "lm", "setting": "w3-b128-sym", "method": "cafeq", "status": "ok", "perplexity": 99.0}}}, plan)
+    assert "Not measured yet on lm: settings 2-bit block 32 asym." in table
+    assert "| cafeq | 99.00 |" in table
 
 
 def test_readme_block_is_replaced_and_nothing_else(tmp_path):

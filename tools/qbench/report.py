@@ -124,20 +124,26 @@ def markdown(data: dict, plan: list[RowSpec]) -> str:
 
 
 def summary_table(data: dict, plan: list[RowSpec]) -> str:
-    """Methods x settings, primary quality metric, best per setting in bold: the README's table."""
+    """Methods x settings, primary quality metric, best per setting in bold: the README's table. A method or a
+    setting with no measured row yet on a model is left out of its table and named under it."""
     out = []
-    for model in sorted({r["model"] for r in data["rows"].values()} | {r.model for r in plan}):
+    order = list(MODELS)
+    for model in sorted({r["model"] for r in data["rows"].values()} | {r.model for r in plan},
+                        key=lambda m: (order.index(m) if m in order else len(order), m)):
         kind = data["models"].get(model, {}).get("kind", MODELS.get(model, "encoder"))
         groups = model_rows(data, plan, model)
-        settings = [s for s in groups if s != REFERENCE]
+        planned = [s for s in groups if s != REFERENCE]
+        settings = [s for s in planned if any(r.get("status") != "pending" for r in groups[s])]
         key = PRIMARY[kind][0]
         ref = next((r for r in groups.get(REFERENCE, []) if r["method"] == "fp32" and r.get("status") == "ok"), None)
         title = "mean cosine to fp32 (higher is better)" if kind == "encoder" else "perplexity (lower is better)"
         fp32 = f"; fp32 {ref[key]:.2f}" if ref and kind == "lm" else ""
         out += [f"**{model}**: {title}{fp32}.", "",
                 "| method | " + " | ".join(_label(s) for s in settings) + " |", "|---" * (len(settings) + 1) + "|"]
-        methods = sorted({r["method"] for s in settings for r in groups[s]},
-                         key=lambda m: list(BY_NAME).index(m) if m in BY_NAME else 99)
+        by_order = lambda m: list(BY_NAME).index(m) if m in BY_NAME else 99  # noqa: E731
+        methods = sorted({r["method"] for s in settings for r in groups[s] if r.get("status") != "pending"},
+                         key=by_order)
+        waiting = sorted({r["method"] for s in planned for r in groups[s]} - set(methods), key=by_order)
         best = {s: _best(groups[s], kind) for s in settings}
         for m in methods:
             cells = []
@@ -157,6 +163,11 @@ def summary_table(data: dict, plan: list[RowSpec]) -> str:
         for r in extra:
             v = f"{r[key]:.4f}" if kind == "encoder" else f"{r[key]:.2f}"
             out.append(f"\nReference: {r['method']} {v}.")
+        if waiting or len(settings) < len(planned):
+            what = ([f"methods {', '.join(waiting)}"] if waiting else []) + (
+                [f"settings {', '.join(_label(s) for s in planned if s not in settings)}"]
+                if len(settings) < len(planned) else [])
+            out.append(f"\nNot measured yet on {model}: {'; '.join(what)}.")
         out.append("")
     return "\n".join(out)
 

@@ -1,0 +1,43 @@
+"""tools/learner_study.py on a tiny Llama: the weighted learner never ends above RTN under its own weighted error,
+and the start table's cells are bounded by RTN and by their start."""
+
+import numpy as np
+import torch
+
+from qcompiler.algorithms.fakequant import fake_quant
+from qcompiler.algorithms.grid import GridSpec
+from tools.learner_study import _groups, _stack, norm_gain, start_table, weighted_learn
+
+
+def _tiny(tiny_checkpoints):
+    import transformers as tf
+
+    return tf.AutoModelForCausalLM.from_pretrained(str(tiny_checkpoints["llama"]), dtype=torch.float32).eval()
+
+
+def test_weighted_learner_ends_at_or_below_rtn_under_its_weights(tiny_checkpoints):
+    model = _tiny(tiny_checkpoints)
+    grid = GridSpec(3, 32, True)
+    mods, norm = _groups(model, 0)["qkv"]
+    w = _stack(mods)
+    rows = np.random.default_rng(0).uniform(0.1, 4.0, w.shape[0])
+    rtn = fake_quant(torch.tensor(w), 3, 32, True, False).numpy()
+    learned = weighted_learn(w, rows, grid, steps=30, lr=2e-2)
+    assert learned.shape == w.shape
+    weighted = lambda w_hat: float((((w_hat - w) ** 2).sum(1) * rows).sum())  # noqa: E731
+    assert weighted(learned) <= weighted(rtn) * (1 + 1e-5)
+    assert not np.allclose(learned, rtn)  # it moved
+    assert norm_gain(model, norm).shape == (w.shape[0],)
+
+
+def test_start_table_cells_are_bounded(tiny_checkpoints):
+    model = _tiny(tiny_checkpoints)
+    lines = start_table(model, [0, 1], GridSpec(3, 32, True), [5, 20])
+    rows = [line for line in lines[2:]]
+    assert len(rows) == 4  # 2 layers x (q/k/v, gate/up)
+    for row in rows:
+        cells = [float(c) for c in row.strip("|").split("|")[1:]]
+        identity, sinq_alone, sinq = cells[:2], cells[2], cells[3:]
+        assert all(0 < c <= 1.0 for c in cells), row  # never above RTN
+        assert all(c <= sinq_alone + 1e-12 for c in sinq), row  # never above its start
+        assert identity[1] <= 1.0

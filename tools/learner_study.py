@@ -1,0 +1,202 @@
+"""Two questions about CafeQ's block learner on a real decoder (issue 30), answered on single sibling groups.
+
+``--table start``: does a SINQ start (``diag(1/t)`` blocks from SINQ's input scales) let the learner reach the
+identity start's proxy error in fewer steps? Prints the proxy error over RTN's after each step count, from both
+starts (the project's own ``learn_block_transform``, no early stop).
+
+``--table weights``: does weighting the learner's error by a data-free per-input-channel weight, the squared gain
+of the norm before the group (what the model feeds q/k/v and gate/up), lower the group's real output error?
+Learns a block transform under ``sum_k r_k ||(M^-1 Q(M W) - W)_k||^2`` for ``r`` = 1, the gain squared, and
+(an oracle that needs data) the inputs' own second moments, then measures ``||X (W_hat - W)||^2`` over RTN's on
+text activations (evaluation only: the Jargon File, past the perplexity windows). Also prints how well the gain
+predicts the second moments (correlation of their logs).
+
+    python tools/learner_study.py --table start --setting 3-128-sym
+    python tools/learner_study.py --table weights --setting 3-128-sym
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+BLOCK = 64
+
+
+def _setting(text: str):
+    from qcompiler.algorithms.grid import GridSpec
+
+    bits, group, kind = text.split("-")
+    return GridSpec(int(bits), int(group), kind == "sym")
+
+
+def _groups(model, layer: int) -> dict:
+    """(weights ``[K, N]`` side by side, the norm before them) of q/k/v and gate/up."""
+    ly = model.model.layers[layer]
+    at, mlp = ly.self_attn, ly.mlp
+    return {"qkv": ([at.q_proj, at.k_proj, at.v_proj], ly.input_layernorm),
+            "gateup": ([mlp.gate_proj, mlp.up_proj], ly.post_attention_layernorm)}
+
+
+def _stack(mods) -> np.ndarray:
+    return np.concatenate([m.weight.detach().double().numpy().T for m in mods], axis=1)
+
+
+def norm_gain(model, norm) -> np.ndarray:
+    """The multiplier a norm applies per channel (Gemma's RMSNorm stores ``gain - 1``)."""
+    w = norm.weight.detach().double().numpy()
+    return 1.0 + w if "Gemma" in type(model).__name__ else w
+
+
+def weighted_learn(w: np.ndarray, rows: np.ndarray, grid, steps: int, lr: float, seed: int = 0) -> np.ndarray:
+    """The effective weight ``M^-1 Q(M W)`` of a block transform learned by Adam on the straight-through error
+    ``sum_k rows_k ||(M^-1 Q(M W) - W)_k||^2`` from the identity; the iterate of least error is kept (the
+    project's learner with ``rows`` = 1, written as the composition, unfused)."""
+    import torch
+
+    from qcompiler.algorithms.fakequant import fake_quant
+
+    torch.manual_seed(seed)
+    k, n = w.shape
+    nb = k // BLOCK
+    wt = torch.tensor(w, dtype=torch.float32)
+    r = torch.tensor(rows / rows.mean(), dtype=torch.float32)[:, None]
+    wb = wt.reshape(nb, BLOCK, n)
+    m = torch.nn.Parameter(torch.eye(BLOCK).repeat(nb, 1, 1))
+    opt = torch.optim.Adam([m], lr=lr)
+
+    def effective(mat, ste):
+        q = fake_quant(torch.einsum("kij,kjn->kin", mat, wb).reshape(k, n), grid.bits, grid.block(k), grid.symmetric,
+                       ste)
+        return torch.einsum("kij,kjn->kin", torch.linalg.inv(mat), q.reshape(nb, BLOCK, n)).reshape(k, n)
+
+    best, best_m = float("inf"), m.detach().clone()
+    for step in range(steps + 1):
+        loss = (((effective(m, True) - wt) ** 2) * r).sum()
+        if float(loss) < best:
+            best, best_m = float(loss), m.detach().clone()
+        if step == steps:
+            break
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return effective(best_m, False).double().numpy()
+
+
+def activations(model, tokenizer_dir: str, layers: list[int], tokens: int) -> dict[str, np.ndarray]:
+    """Inputs of q_proj and gate_proj on ``tokens`` tokens of the Jargon File from past the perplexity windows
+    (position 0, the attention sink, left out)."""
+    import torch
+    import transformers as tf
+
+    from qcompiler.runtime.text import default_text, read_text
+
+    text = read_text(default_text())
+    tok = tf.AutoTokenizer.from_pretrained(tokenizer_dir)
+    ids = tok(text[len(text) // 2:], return_tensors="pt").input_ids[:, :tokens]
+    caps, hooks = {}, []
+    for layer in layers:
+        for name, (mods, _) in _groups(model, layer).items():
+            def hook(_mod, inp, _out, key=f"{layer}.{name}"):
+                caps[key] = inp[0].detach().reshape(-1, inp[0].shape[-1])[1:].double().numpy()
+            hooks.append(mods[0].register_forward_hook(hook))
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    return caps
+
+
+def log_corr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(np.log(a + 1e-12), np.log(b + 1e-12))[0, 1])
+
+
+def start_table(model, layers, grid, steps_list) -> list[str]:
+    import qcompiler.algorithms.cafeq as cafeq
+    from qcompiler.algorithms.sinq import sinkhorn_scales
+
+    out = ["| group | " + " | ".join(f"identity, {s}" for s in steps_list) + " | SINQ alone | "
+           + " | ".join(f"SINQ, {s}" for s in steps_list) + " |", "|---" * (2 * len(steps_list) + 2) + "|"]
+    for layer in layers:
+        for name, (mods, _) in _groups(model, layer).items():
+            ws = [m.weight.detach().double().numpy().T for m in mods]
+            t = sinkhorn_scales(np.concatenate(ws, axis=1), grid.group_size)
+            sinq = np.stack([np.diag(1 / t[i:i + BLOCK]) for i in range(0, len(t), BLOCK)])
+            cells = []
+            for start in (None, sinq):
+                for steps in ([] if start is None else [0]) + list(steps_list):
+                    original = cafeq.initial_blocks
+                    if start is not None:
+                        cafeq.initial_blocks = lambda *_a, s=start: s.copy()
+                    try:
+                        r = cafeq.learn_block_transform(ws, grid, BLOCK, cafeq.LearnConfig(steps=steps, patience=0))
+                    finally:
+                        cafeq.initial_blocks = original
+                    cells.append(f"{r.error / r.identity_error:.4f}")
+            out.append(f"| layer {layer} {name} | " + " | ".join(cells) + " |")
+    return out
+
+
+def weights_table(model, folder, layers, grid, steps, lr, tokens) -> list[str]:
+    import torch
+
+    from qcompiler.algorithms.fakequant import fake_quant
+
+    caps = activations(model, folder, layers, tokens)
+    out = ["| group | corr(log gain^2, log E[x^2]) | RTN | learned, r = 1 | learned, r = gain^2 | "
+           "learned, r = E[x^2] (oracle) |", "|---|---|---|---|---|---|"]
+    for layer in layers:
+        for name, (mods, norm) in _groups(model, layer).items():
+            w = _stack(mods)
+            x = caps[f"{layer}.{name}"]
+            ex2, g2 = (x ** 2).mean(0), norm_gain(model, norm) ** 2
+            rtn = fake_quant(torch.tensor(w), grid.bits, grid.block(w.shape[0]), grid.symmetric, False).numpy()
+
+            def err(w_hat, x=x, w=w):
+                return float(((x @ (w_hat - w)) ** 2).sum())
+
+            base = err(rtn)
+            cells = [f"{err(weighted_learn(w, r, grid, steps, lr)) / base:.3f}" for r in (np.ones_like(g2), g2, ex2)]
+            out.append(f"| layer {layer} {name} | {log_corr(g2, ex2):+.2f} | 1.000 | " + " | ".join(cells) + " |")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--table", choices=("start", "weights"), required=True)
+    ap.add_argument("--model", default="smollm2", help="bundled name or HF folder of a Llama/Gemma-style decoder")
+    ap.add_argument("--setting", default="3-128-sym", help="bits-group-sym|asym")
+    ap.add_argument("--layers", default="3,15,27")
+    ap.add_argument("--steps", default="100,200,400", help="start: step counts; weights: the first is unused, "
+                                                            "the last is the steps")
+    ap.add_argument("--lr", type=float, default=None, help="weights: Adam's rate (default: cafeq's)")
+    ap.add_argument("--tokens", type=int, default=1024, help="weights: activation tokens")
+    args = ap.parse_args(argv)
+
+    import torch
+    import transformers as tf
+
+    from qcompiler.config import CafeqConfig
+    from qcompiler.frontends.bundled import BUNDLED, bundled_path
+
+    torch.set_num_threads(1)
+    folder = str(bundled_path(args.model)) if args.model in BUNDLED else args.model
+    model = tf.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    grid, layers = _setting(args.setting), [int(x) for x in args.layers.split(",")]
+    steps = [int(x) for x in args.steps.split(",")]
+    if args.table == "start":
+        lines = start_table(model, layers, grid, steps)
+    else:
+        lines = weights_table(model, folder, layers, grid, steps[-1], args.lr or CafeqConfig.lr, args.tokens)
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
