@@ -22,7 +22,9 @@ FORMATS = ("matmulnbits", "qdq")
 METHODS = ("rtn", "rotate", "sinq", "cafeq", "gptq", "gptaq", "cafeq+gptaq")
 TRANSFORMS = ("single", "vo", "updown")
 JOINT_PAIRS = ("vo", "updown")
-JOINT_RULES = ("sink", "sink-loose", "pqe")  # when a pair keeps its joint rounding (methods/transform_planner.py)
+JOINT_RULES = ("sink", "sink-loose", "pqe")
+# how each input channel counts in a single group's learned transform (methods/transforming.py)
+INPUT_WEIGHTS = ("uniform", "noise")  # when a pair keeps its joint rounding (methods/transform_planner.py)
 ONLINE_REGIMES = ("batch", "token")  # what --online-budget is a fraction of (methods/online_cost.py)
 # how the online x T^-1 is written (passes/online_transform.py); auto: conv for causal LMs, else matmul
 ONLINE_LAYOUTS = ("auto", "matmul", "conv")
@@ -196,6 +198,10 @@ class CafeqConfig:
         "at the attention sink (a one-token forward of BOS, no data) falls at least by the share their product "
         "error falls; sink-loose: those whose sink error does not grow; on an encoder, and with pqe: every pair "
         "whose product error it lowers", choices=JOINT_RULES))
+    input_weights: str = field(default="uniform", metadata=opt(
+        "cafeq: how each input channel counts in the error a single group's transform is learned on. uniform: "
+        "alike; noise: by its mean square in a forward of uniformly random token ids (no text: 4 x 256 tokens)",
+        choices=INPUT_WEIGHTS))
 
     def __post_init__(self) -> None:
         bad = [t for t in self.transforms if t not in TRANSFORMS]

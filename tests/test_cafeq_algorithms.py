@@ -219,3 +219,28 @@ def test_transformed_error_is_autograd_of_its_composition(bits, group, sym):
     assert values[1] == pytest.approx(values[0], rel=1e-12)
     np.testing.assert_allclose(grads[1].numpy(), grads[0].numpy(), rtol=1e-9, atol=1e-9 * float(grads[0].abs().max()))
     assert torch.count_nonzero(grads[1]) > 0
+
+
+def test_row_weights_weigh_the_learned_error():
+    """Uniform row weights change nothing; other weights are learned as the unweighted problem of ``D W`` and
+    reported in the weighted metric, which the kept transform never leaves above RTN's."""
+    from qcompiler.algorithms.transforms import apply_blocks
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((128, 96))
+    grid, cfg = GridSpec(3, 32, True), LearnConfig(steps=60)
+    plain = learn_block_transform([w], grid, 64, cfg)
+    ones = learn_block_transform([w], grid, 64, cfg, np.ones(128))
+    assert np.array_equal(plain.value, ones.value) and plain.error == ones.error
+    r = rng.uniform(0.1, 5.0, 128)
+    res = learn_block_transform([w], grid, 64, cfg, r)
+
+    def q(x):
+        return grid(torch.tensor(x), False).double().numpy()
+
+    eff = apply_blocks(np.linalg.inv(res.value), q(apply_blocks(res.value, w)))
+    weights = r / r.mean()
+    assert res.error == pytest.approx((((eff - w) ** 2).sum(1) * weights).sum(), rel=1e-4)
+    assert res.identity_error == pytest.approx((((q(w) - w) ** 2).sum(1) * weights).sum(), rel=1e-4)
+    assert res.error < 0.8 * res.identity_error
+    assert not np.allclose(res.value, plain.value)

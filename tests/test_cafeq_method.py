@@ -41,6 +41,27 @@ def test_transforms_alone_leave_the_model_unchanged(family, method, pair_checkpo
     assert not [n for n in res.model.graph.node if n.op_type == "MatMulNBits"]
 
 
+def test_noise_input_weights_change_the_single_transforms_and_keep_them_exact(pair_checkpoints, cache_dir):
+    """--input-weights noise: the single groups' transforms are learned under random-token input weights (other
+    transforms than uniform weights give), and folding them still leaves the float model unchanged."""
+    import dataclasses
+
+    from qcompiler.frontends import load_model
+
+    blocks = {}
+    for weights in ("uniform", "noise"):
+        cfg = CompileConfig(quant=QuantConfig(3, 32, False), method="cafeq", quantize_weights=False, validate=False,
+                            cafeq=dataclasses.replace(QUICK, input_weights=weights), kv_cache=PLAIN)
+        res = compile_model(str(pair_checkpoints["llama"]), None, cfg, cache_dir=cache_dir)
+        blocks[weights] = {t.id: t.blocks for t in res.plan.online}
+    shared = blocks["uniform"].keys() & blocks["noise"].keys()
+    assert shared and any(not np.allclose(blocks["uniform"][k], blocks["noise"][k]) for k in shared)
+    original = load_model(str(pair_checkpoints["llama"]), cache_dir=cache_dir, kv_cache=PLAIN).model
+    feeds = sample_inputs(original, batch=2, seq=9)
+    ref, got = outputs(original, feeds), outputs(res.model, feeds)
+    assert max(rel(got[k], ref[k]) for k in ref) <= 1e-4
+
+
 def test_cafeq_plan_is_better_than_rtn_and_roundtrips(pair_checkpoints, cache_dir, tmp_path):
     # every pair keeps its joint rounding (pqe): which pairs the sink rule keeps on a tiny random model is not
     # this test's matter (test_sink_rule_... is)

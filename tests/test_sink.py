@@ -16,7 +16,7 @@ from qcompiler.frontends import load_model
 from qcompiler.graphio import import_graph
 from qcompiler.match.sites import weight_reader
 from qcompiler.runtime.session import SessionOptions, make_session
-from qcompiler.runtime.sink import bos_token_id, one_token_feeds, sink_states
+from qcompiler.runtime.sink import bos_token_id, noise_feeds, noise_power, one_token_feeds, sink_states
 from qcompiler.sites import ATTN_VO
 
 DECODERS = ("llama", "qwen2", "gemma2", "gemma3", "phi3")
@@ -56,6 +56,23 @@ def test_sink_states_equal_a_whole_run_and_a_streamed_run(family, pair_checkpoin
     streamed = sink_states(lazy, tensors, token=1, data_dir=tmp_path)
     for t in tensors:
         np.testing.assert_allclose(streamed[t], got[t], rtol=1e-5, atol=1e-6)
+
+
+def test_noise_power_is_the_mean_square_of_a_whole_run_past_position_0(pair_checkpoints, cache_dir):
+    model = _loaded(pair_checkpoints["llama"], cache_dir).model
+    weights = {t.name for t in model.graph.initializer}
+    tensors = sorted({n.input[0] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights})
+    got = noise_power(model, tensors, sequences=2, length=8, seed=3)
+    feeds = noise_feeds(model, 2, 8, seed=3)
+    ids = feeds["input_ids"]
+    assert ids.shape == (2, 8) and ids.max() > 400 and (feeds["attention_mask"] == 1).all()  # the whole vocabulary
+    whole = onnx.ModelProto()
+    whole.CopyFrom(model)
+    whole.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in tensors)
+    ref = dict(zip(tensors, make_session(whole, SessionOptions(device="cpu")).run(tensors, feeds), strict=True))
+    for t in tensors:
+        x = ref[t].astype(np.float64).reshape(2, 8, -1)[:, 1:]
+        np.testing.assert_allclose(got[t], (x ** 2).mean(axis=(0, 1)), rtol=1e-5, atol=1e-9)
 
 
 @pytest.mark.parametrize("family", DECODERS)

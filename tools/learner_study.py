@@ -4,12 +4,13 @@
 identity start's proxy error in fewer steps? Prints the proxy error over RTN's after each step count, from both
 starts (the project's own ``learn_block_transform``, no early stop).
 
-``--table weights``: does weighting the learner's error by a data-free per-input-channel weight, the squared gain
-of the norm before the group (what the model feeds q/k/v and gate/up), lower the group's real output error?
-Learns a block transform under ``sum_k r_k ||(M^-1 Q(M W) - W)_k||^2`` for ``r`` = 1, the gain squared, and
-(an oracle that needs data) the inputs' own second moments, then measures ``||X (W_hat - W)||^2`` over RTN's on
-text activations (evaluation only: the Jargon File, past the perplexity windows). Also prints how well the gain
-predicts the second moments (correlation of their logs).
+``--table weights``: does weighting the learner's error by a per-input-channel weight found without text lower
+the group's real output error? Learns a block transform under ``sum_k r_k ||(M^-1 Q(M W) - W)_k||^2`` for ``r`` =
+1, the squared gain of the norm before the group, the group's input second moments ``E[z^2]`` on uniformly random
+token ids (the model run on no text at all), and (an oracle that needs data) the inputs' own second moments
+``E[x^2]`` on text; then measures ``||X (W_hat - W)||^2`` over RTN's on text activations (evaluation only: the
+Jargon File, past the perplexity windows). Also prints how well the first two predict ``E[x^2]`` (correlation of
+their logs).
 
     python tools/learner_study.py --table start --setting 3-128-sym
     python tools/learner_study.py --table weights --setting 3-128-sym
@@ -89,22 +90,34 @@ def weighted_learn(w: np.ndarray, rows: np.ndarray, grid, steps: int, lr: float,
         return effective(best_m, False).double().numpy()
 
 
-def activations(model, tokenizer_dir: str, layers: list[int], tokens: int) -> dict[str, np.ndarray]:
-    """Inputs of q_proj and gate_proj on ``tokens`` tokens of the Jargon File from past the perplexity windows
-    (position 0, the attention sink, left out)."""
-    import torch
+def text_ids(tokenizer_dir: str, tokens: int):
+    """``tokens`` tokens of the Jargon File from its second half (past the perplexity windows), ``[1, tokens]``."""
     import transformers as tf
 
     from qcompiler.runtime.text import default_text, read_text
 
     text = read_text(default_text())
     tok = tf.AutoTokenizer.from_pretrained(tokenizer_dir)
-    ids = tok(text[len(text) // 2:], return_tensors="pt").input_ids[:, :tokens]
+    return tok(text[len(text) // 2:], return_tensors="pt").input_ids[:, :tokens]
+
+
+def random_ids(vocab: int, tokens: int, seed: int = 0, length: int = 256):
+    """Uniformly random token ids, ``[tokens / length, length]``: no text at all."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (max(tokens // length, 1), length), generator=gen)
+
+
+def activations(model, ids, layers: list[int]) -> dict[str, np.ndarray]:
+    """Inputs of q_proj and gate_proj on ``ids`` (position 0, the attention sink, left out)."""
+    import torch
+
     caps, hooks = {}, []
     for layer in layers:
         for name, (mods, _) in _groups(model, layer).items():
             def hook(_mod, inp, _out, key=f"{layer}.{name}"):
-                caps[key] = inp[0].detach().reshape(-1, inp[0].shape[-1])[1:].double().numpy()
+                caps[key] = inp[0].detach()[:, 1:].reshape(-1, inp[0].shape[-1]).double().numpy()
             hooks.append(mods[0].register_forward_hook(hook))
     with torch.no_grad():
         model(ids)
@@ -148,22 +161,27 @@ def weights_table(model, folder, layers, grid, steps, lr, tokens) -> list[str]:
 
     from qcompiler.algorithms.fakequant import fake_quant
 
-    caps = activations(model, folder, layers, tokens)
-    out = ["| group | corr(log gain^2, log E[x^2]) | RTN | learned, r = 1 | learned, r = gain^2 | "
-           "learned, r = E[x^2] (oracle) |", "|---|---|---|---|---|---|"]
+    caps = activations(model, text_ids(folder, tokens), layers)
+    noise = activations(model, random_ids(model.config.vocab_size, tokens), layers)
+    out = ["| group | corr(log gain^2, log E[x^2]) | corr(log E[z^2], log E[x^2]) | RTN | learned, r = 1 | "
+           "learned, r = gain^2 | learned, r = E[z^2] (random tokens) | learned, r = E[x^2] (oracle) |",
+           "|---|---|---|---|---|---|---|---|"]
     for layer in layers:
         for name, (mods, norm) in _groups(model, layer).items():
             w = _stack(mods)
             x = caps[f"{layer}.{name}"]
             ex2, g2 = (x ** 2).mean(0), norm_gain(model, norm) ** 2
+            ez2 = (noise[f"{layer}.{name}"] ** 2).mean(0)
             rtn = fake_quant(torch.tensor(w), grid.bits, grid.block(w.shape[0]), grid.symmetric, False).numpy()
 
             def err(w_hat, x=x, w=w):
                 return float(((x @ (w_hat - w)) ** 2).sum())
 
             base = err(rtn)
-            cells = [f"{err(weighted_learn(w, r, grid, steps, lr)) / base:.3f}" for r in (np.ones_like(g2), g2, ex2)]
-            out.append(f"| layer {layer} {name} | {log_corr(g2, ex2):+.2f} | 1.000 | " + " | ".join(cells) + " |")
+            cells = [f"{err(weighted_learn(w, r, grid, steps, lr)) / base:.3f}"
+                     for r in (np.ones_like(g2), g2, ez2, ex2)]
+            out.append(f"| layer {layer} {name} | {log_corr(g2, ex2):+.2f} | {log_corr(ez2, ex2):+.2f} | 1.000 | "
+                       + " | ".join(cells) + " |")
     return out
 
 

@@ -205,17 +205,31 @@ def _t(x: np.ndarray, device: str) -> torch.Tensor:
     return torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32, device=device)
 
 
-def learn_block_transform(weights: list[np.ndarray], grid: GridSpec, block: int, cfg: LearnConfig) -> LearnResult:
-    """Block-diagonal ``T`` (``[K/b, b, b]``) for sites sharing one input; ``weights`` are ``[K, N_i]``."""
-    w = _t(np.concatenate(weights, axis=1), cfg.device)
-    k, n = w.shape
+def learn_block_transform(weights: list[np.ndarray], grid: GridSpec, block: int, cfg: LearnConfig,
+                          row_weights: np.ndarray | None = None) -> LearnResult:
+    """Block-diagonal ``T`` (``[K/b, b, b]``) for sites sharing one input; ``weights`` are ``[K, N_i]``.
+
+    ``row_weights`` (``[K]``, positive): how much each input channel counts, the error becoming
+    ``sum_k r_k ||row k of (T^-1 Q(T W) - W)||^2``. With ``D = diag(sqrt(r))`` that is the unweighted error of
+    ``D W`` under ``T D^-1``, so the same learner runs on ``D W`` from ``T_0 D^-1`` and returns ``T = T' D``; the
+    errors it reports are weighted."""
+    w_np = np.concatenate(weights, axis=1)
+    k = w_np.shape[0]
     if k % block:
         raise ValueError(f"K={k} is not a multiple of the transform block {block}")
     nb = k // block
+    d = None if row_weights is None else np.sqrt(np.asarray(row_weights, np.float64) / np.mean(row_weights))
+    rng = np.random.default_rng(cfg.seed)
+    start = initial_blocks(nb, block, cfg.init, rng)
+    if d is not None:
+        rtn_w = _t(w_np, cfg.device)
+        weighted_rtn = float((((grid(rtn_w, False) - rtn_w) ** 2).sum(1) * _t(d ** 2, cfg.device)).sum())
+        w_np, start = w_np * d[:, None], start / d.reshape(nb, 1, block)
+    w = _t(w_np, cfg.device)
+    n = w.shape[1]
     wb = w.reshape(nb, block, n)
     norm = float((w ** 2).sum()) or 1.0
-    rng = np.random.default_rng(cfg.seed)
-    module = _Transform(initial_blocks(nb, block, cfg.init, rng), cfg.optimizer, cfg.device)
+    module = _Transform(start, cfg.optimizer, cfg.device)
 
     def true_error() -> float:
         m, m_inv = module.matrices()
@@ -239,8 +253,10 @@ def learn_block_transform(weights: list[np.ndarray], grid: GridSpec, block: int,
         return transformed_error(m, m_inv, part, grid.bits, grid.block(k), grid.symmetric) / (norm * width / n)
 
     with torch.no_grad():
-        identity = float(((grid(w, False) - w) ** 2).sum()) / norm
+        identity = (float(((grid(w, False) - w) ** 2).sum()) if d is None else weighted_rtn) / norm
     value, err, start, steps = _optimise(module, true_error, surrogate, cfg, exact_surrogate=not subsample)
+    if d is not None:
+        value = value * d.reshape(nb, 1, block)  # T = T' D
     if identity <= err:  # learning never makes the group worse than plain RTN
         value, err = np.broadcast_to(np.eye(block), (nb, block, block)).copy(), identity
     return LearnResult(value, start * norm, err * norm, identity * norm, steps)

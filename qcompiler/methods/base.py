@@ -56,6 +56,9 @@ class PlanContext:
     # a decoder's attention-sink state (runtime/sink.py): tensor name -> its value ``[K]`` in a one-token
     # forward of BOS, for the tensors the factors of coupled pairs read (``--joint-rule sink``, ``sink-loose``)
     sink: Mapping[str, np.ndarray] | None = None
+    # tensor name -> its mean square per channel ``[K]`` on random token ids (runtime/sink.py ``noise_power``), for
+    # the inputs of the single groups (``--input-weights noise``)
+    input_power: Mapping[str, np.ndarray] | None = None
 
     def part(self, sites: Sequence[LinearSite], analysis: Analysis | None, weight_of: WeightFn) -> PlanContext:
         """The same context over part of the model (a streamed chunk)."""

@@ -104,8 +104,9 @@ class _Planner:
     def __init__(self, analysis: Analysis, weight_of: Callable[[LinearSite], np.ndarray], quant: QuantConfig,
                  cfg: CafeqConfig, recipe: Recipe, step: StepCost, progress: bool, rounder: Rounder | None = None,
                  online_units: frozenset[str] | None = None, run: Run = Run(),
-                 sink: Mapping[str, np.ndarray] | None = None):
+                 sink: Mapping[str, np.ndarray] | None = None, input_power: Mapping[str, np.ndarray] | None = None):
         self.analysis, self.quant, self.cfg, self.recipe = analysis, quant, cfg, recipe
+        self.input_power = input_power or {}  # tensor -> mean square per channel (--input-weights noise)
         self.sink = sink  # tensor -> its attention-sink value (--joint-rule sink on a decoder)
         self.perms: dict[str, np.ndarray] = {}  # up·down pair id -> its folded channel order
         self.online_units, self.step = online_units, step
@@ -222,7 +223,8 @@ class _Planner:
         out, blocks_of = [], {}
         learned = [] if not self.recipe.learned else self.pool.map(
             learn_block_transform, [([self.folded[m] for m in u.members], self.grid(self.sites[u.members[0]].k),
-                                     u.block, self.learn) for u in units], f"{self.recipe.name} single")
+                                     u.block, self.learn, self._row_weights(u.input)) for u in units],
+            f"{self.recipe.name} single")
         for i, u in enumerate(units):
             k = self.sites[u.members[0]].k
             if self.recipe.sinkhorn:  # T = diag(1/t): the members store W / t, the model reads x * t
@@ -240,6 +242,17 @@ class _Planner:
             for m in u.members:
                 blocks_of[m] = blocks
         return out, blocks_of
+
+    def _row_weights(self, tensor: str) -> np.ndarray | None:
+        """The input channels' weights of a single group's learned error (``--input-weights``); None: alike. A
+        floor of 1e-3 of the mean keeps a channel that is silent on random tokens from being ignored. An input
+        whose channels a pair transform rescaled and reordered (down after its up·down pair) keeps uniform
+        weights: the statistics are the original model's."""
+        moved = {self.sites[p.consumer].input for p in self.analysis.pairs if p.id in self.perms}
+        power = None if tensor in moved else self.input_power.get(tensor)
+        if power is None or not np.isfinite(power).all() or power.mean() <= 0:
+            return None
+        return np.maximum(power, 1e-3 * power.mean())
 
     def _effective(self, qw: QuantizedWeight, blocks: np.ndarray | None) -> np.ndarray:
         eff = qw.dequantize().astype(np.float64)
@@ -510,17 +523,20 @@ def select_online_units(analysis: Analysis, cfg: CafeqConfig, step: StepCost, re
 def plan_transforms(analysis: Analysis, weight_of: Callable[[LinearSite], np.ndarray], quant: QuantConfig,
                     cfg: CafeqConfig, recipe: Recipe, progress: bool = False, rounder: Rounder | None = None,
                     online_units: frozenset[str] | None = None, step: StepCost | None = None,
-                    run: Run = Run(), sink: Mapping[str, np.ndarray] | None = None) -> QuantPlan:
+                    run: Run = Run(), sink: Mapping[str, np.ndarray] | None = None,
+                    input_power: Mapping[str, np.ndarray] | None = None) -> QuantPlan:
     """The plan of ``recipe`` (cafeq: learned, joint rounding; rotate: random orthogonal/Hadamard, no
     learning; cafeq+gptaq: learned, then ``rounder``: calibrated rounding of the transformed weights).
     ``online_units``: the units allowed an online transform (default: the budget decides).
     ``step``: the model's run-time cost the budget is a fraction of (default: ``cfg.online_regime``'s,
     from the sites alone; the pipeline adds the bytes of the weights kept in float).
     ``sink``: the attention sink's value of the tensors the pairs' factors read (runtime/sink.py): a pair keeps
-    its joint rounding only where its output error there falls as ``cfg.joint_rule`` asks."""
+    its joint rounding only where its output error there falls as ``cfg.joint_rule`` asks.
+    ``input_power``: the mean square per channel of the single groups' inputs (``--input-weights noise``)."""
     if step is None:
         step = step_cost(cfg.online_regime, analysis.sites, quant)
-    planner = _Planner(analysis, weight_of, quant, cfg, recipe, step, progress, rounder, online_units, run, sink)
+    planner = _Planner(analysis, weight_of, quant, cfg, recipe, step, progress, rounder, online_units, run, sink,
+                       input_power)
     if not recipe.learned:  # nothing to learn
         return planner.plan()
     planner.pool = open_pool()

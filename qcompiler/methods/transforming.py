@@ -29,7 +29,20 @@ class TransformMethod(Method):
                          float_weight_bytes(setup.graph, setup.match.sites))
         log.info("online transforms: %s regime (%.1f M multiply-adds per token, %.1f MB read per token step)",
                  regime, step.macs / 1e6, step.token_bytes / 2**20)
-        return dataclasses.replace(ctx, step=step, sink=self._sink(setup))
+        return dataclasses.replace(ctx, step=step, sink=self._sink(setup), input_power=self._input_power(setup))
+
+    def _input_power(self, setup: Setup) -> dict | None:
+        """``--input-weights noise``: each site input's mean square per channel on random token ids."""
+        if setup.config.cafeq.input_weights != "noise" or not self.recipe.learned:
+            return None
+        from qcompiler.runtime.sink import noise_power
+
+        tensors = sorted({s.input for s in setup.match.sites})
+        try:
+            return noise_power(setup.loaded.model, tensors, setup.loaded.data_dir)
+        except Exception as e:  # noqa: BLE001 - an unusual graph: uniform weights, the compile goes on
+            log.warning("input weights: random-token statistics could not be computed (%s); uniform", e)
+            return None
 
     def _sink(self, setup: Setup) -> dict | None:
         """``--joint-rule sink`` or ``sink-loose`` on a decoder: the attention sink's value of the tensors the
@@ -69,4 +82,4 @@ class TransformMethod(Method):
         cfg = ctx.config
         run = Run(cfg.device, cfg.jobs, cfg.seed, cfg.executor, cfg.ray_address)
         return plan_transforms(ctx.analysis, ctx.weight_of, cfg.quant, cfg.cafeq, self.recipe, ctx.progress,
-                               self.rounder(ctx), ctx.online_units, ctx.step, run, ctx.sink)
+                               self.rounder(ctx), ctx.online_units, ctx.step, run, ctx.sink, ctx.input_power)
