@@ -62,6 +62,40 @@ def test_noise_input_weights_change_the_single_transforms_and_keep_them_exact(pa
     assert max(rel(got[k], ref[k]) for k in ref) <= 1e-4
 
 
+def test_noise_input_weights_follow_downs_channels_through_its_updown_transform(pair_checkpoints, cache_dir,
+                                                                              monkeypatch):
+    """Each single group is learned under its input's random-token power; down's, after its up·down transform
+    reordered and rescaled its channels, as ``power[perm] * scale^2``."""
+    import dataclasses
+
+    import qcompiler.methods.transform_planner as planner
+    from qcompiler.frontends import load_model
+    from qcompiler.runtime.sink import noise_power
+
+    seen = []
+    learn = planner.learn_block_transform
+
+    def spy(weights, grid, block, cfg, row_weights=None):
+        seen.append((weights[0].shape[0], row_weights))
+        return learn(weights, grid, block, cfg, row_weights)
+
+    monkeypatch.setattr(planner, "learn_block_transform", spy)
+    cfg = CompileConfig(quant=QuantConfig(3, 32, False), method="cafeq", quantize_weights=False, validate=False, jobs=1,
+                        cafeq=dataclasses.replace(QUICK, input_weights="noise", online_budget=1.0), kv_cache=PLAIN)
+    res = compile_model(str(pair_checkpoints["llama"]), None, cfg, cache_dir=cache_dir)
+    model = load_model(str(pair_checkpoints["llama"]), cache_dir=cache_dir, kv_cache=PLAIN).model
+    sites = {p.site.id: p.site for p in res.plan.sites}
+    power = noise_power(model, sorted({s.input for s in sites.values()}))
+    updown = [t for t in res.plan.pair_transforms if t.pair.kind == "mlp_up_down"]
+    assert updown and len(seen) >= 4 and all(r is not None for _, r in seen)
+    for t in updown:
+        raw = power[sites[t.pair.consumer].input]
+        want = raw[t.perm] * np.asarray(t.scale) ** 2
+        want = np.maximum(want, 1e-3 * want.mean())
+        assert any(k == len(raw) and np.allclose(r, want) for k, r in seen)  # down, in its new channel order
+        assert not np.allclose(want, np.maximum(raw, 1e-3 * raw.mean()))
+
+
 def test_cafeq_plan_is_better_than_rtn_and_roundtrips(pair_checkpoints, cache_dir, tmp_path):
     # every pair keeps its joint rounding (pqe): which pairs the sink rule keeps on a tiny random model is not
     # this test's matter (test_sink_rule_... is)

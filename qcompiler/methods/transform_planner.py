@@ -107,6 +107,7 @@ class _Planner:
                  sink: Mapping[str, np.ndarray] | None = None, input_power: Mapping[str, np.ndarray] | None = None):
         self.analysis, self.quant, self.cfg, self.recipe = analysis, quant, cfg, recipe
         self.input_power = input_power or {}  # tensor -> mean square per channel (--input-weights noise)
+        self.moved: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # down's input -> its up·down (perm, scale)
         self.sink = sink  # tensor -> its attention-sink value (--joint-rule sink on a decoder)
         self.perms: dict[str, np.ndarray] = {}  # up·down pair id -> its folded channel order
         self.online_units, self.step = online_units, step
@@ -204,6 +205,7 @@ class _Planner:
                 if np.array_equal(perm, np.arange(len(perm))) and np.allclose(scale, 1.0):
                     continue
                 self.perms[p.id] = np.asarray(perm)
+                self.moved[self.sites[p.consumer].input] = (np.asarray(perm), np.asarray(scale, dtype=np.float64))
                 fold_mlp(self.folded[p.producer], None, p.producer_cols, self.folded[p.consumer], scale, perm,
                          self.folded[p.gate] if p.gate else None, None, p.gate_cols)
                 out.append(PairTransform(p, scale=scale, perm=perm))
@@ -245,11 +247,12 @@ class _Planner:
 
     def _row_weights(self, tensor: str) -> np.ndarray | None:
         """The input channels' weights of a single group's learned error (``--input-weights``); None: alike. A
-        floor of 1e-3 of the mean keeps a channel that is silent on random tokens from being ignored. An input
-        whose channels a pair transform rescaled and reordered (down after its up·down pair) keeps uniform
-        weights: the statistics are the original model's."""
-        moved = {self.sites[p.consumer].input for p in self.analysis.pairs if p.id in self.perms}
-        power = None if tensor in moved else self.input_power.get(tensor)
+        floor of 1e-3 of the mean keeps a channel that is silent on random tokens from being ignored. Down's input
+        after its up·down transform: new channel ``i`` is old channel ``perm[i]`` times ``scale[i]``."""
+        power = self.input_power.get(tensor)
+        if power is not None and tensor in self.moved:
+            perm, scale = self.moved[tensor]
+            power = power[perm] * scale ** 2
         if power is None or not np.isfinite(power).all() or power.mean() <= 0:
             return None
         return np.maximum(power, 1e-3 * power.mean())
