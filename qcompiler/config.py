@@ -22,9 +22,8 @@ FORMATS = ("matmulnbits", "qdq")
 METHODS = ("rtn", "rotate", "sinq", "cafeq", "gptq", "gptaq", "cafeq+gptaq")
 TRANSFORMS = ("single", "vo", "updown")
 JOINT_PAIRS = ("vo", "updown")
-JOINT_RULES = ("sink", "sink-loose", "pqe")
-# how each input channel counts in a single group's learned transform (methods/transforming.py)
-INPUT_WEIGHTS = ("uniform", "noise")  # when a pair keeps its joint rounding (methods/transform_planner.py)
+JOINT_RULES = ("sink", "sink-loose", "pqe")  # when a pair keeps its joint rounding (methods/transform_planner.py)
+INPUT_WEIGHTS = ("uniform", "noise")  # how each input channel counts in a single group's learned error
 ONLINE_REGIMES = ("batch", "token")  # what --online-budget is a fraction of (methods/online_cost.py)
 # how the online x T^-1 is written (passes/online_transform.py); auto: conv for causal LMs, else matmul
 ONLINE_LAYOUTS = ("auto", "matmul", "conv")

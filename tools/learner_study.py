@@ -55,39 +55,16 @@ def norm_gain(model, norm) -> np.ndarray:
 
 
 def weighted_learn(w: np.ndarray, rows: np.ndarray, grid, steps: int, lr: float, seed: int = 0) -> np.ndarray:
-    """The effective weight ``M^-1 Q(M W)`` of a block transform learned by Adam on the straight-through error
-    ``sum_k rows_k ||(M^-1 Q(M W) - W)_k||^2`` from the identity; the iterate of least error is kept (the
-    project's learner with ``rows`` = 1, written as the composition, unfused)."""
+    """The effective weight ``M^-1 Q(M W)`` of the block transform cafeq's learner (``learn_block_transform``
+    with ``row_weights``, no early stop) learns under ``sum_k rows_k ||(M^-1 Q(M W) - W)_k||^2``."""
     import torch
 
-    from qcompiler.algorithms.fakequant import fake_quant
+    from qcompiler.algorithms.cafeq import LearnConfig, learn_block_transform
+    from qcompiler.algorithms.transforms import apply_blocks
 
-    torch.manual_seed(seed)
-    k, n = w.shape
-    nb = k // BLOCK
-    wt = torch.tensor(w, dtype=torch.float32)
-    r = torch.tensor(rows / rows.mean(), dtype=torch.float32)[:, None]
-    wb = wt.reshape(nb, BLOCK, n)
-    m = torch.nn.Parameter(torch.eye(BLOCK).repeat(nb, 1, 1))
-    opt = torch.optim.Adam([m], lr=lr)
-
-    def effective(mat, ste):
-        q = fake_quant(torch.einsum("kij,kjn->kin", mat, wb).reshape(k, n), grid.bits, grid.block(k), grid.symmetric,
-                       ste)
-        return torch.einsum("kij,kjn->kin", torch.linalg.inv(mat), q.reshape(nb, BLOCK, n)).reshape(k, n)
-
-    best, best_m = float("inf"), m.detach().clone()
-    for step in range(steps + 1):
-        loss = (((effective(m, True) - wt) ** 2) * r).sum()
-        if float(loss) < best:
-            best, best_m = float(loss), m.detach().clone()
-        if step == steps:
-            break
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        return effective(best_m, False).double().numpy()
+    res = learn_block_transform([w], grid, BLOCK, LearnConfig(steps=steps, lr=lr, patience=0, seed=seed), rows)
+    q = grid(torch.tensor(apply_blocks(res.value, w), dtype=torch.float32), False).double().numpy()
+    return apply_blocks(np.linalg.inv(res.value), q)
 
 
 def text_ids(tokenizer_dir: str, tokens: int):

@@ -219,13 +219,13 @@ def learn_block_transform(weights: list[np.ndarray], grid: GridSpec, block: int,
         raise ValueError(f"K={k} is not a multiple of the transform block {block}")
     nb = k // block
     d = None if row_weights is None else np.sqrt(np.asarray(row_weights, np.float64) / np.mean(row_weights))
-    rng = np.random.default_rng(cfg.seed)
-    start = initial_blocks(nb, block, cfg.init, rng)
-    if d is not None:
-        rtn_w = _t(w_np, cfg.device)
-        weighted_rtn = float((((grid(rtn_w, False) - rtn_w) ** 2).sum(1) * _t(d ** 2, cfg.device)).sum())
-        w_np, start = w_np * d[:, None], start / d.reshape(nb, 1, block)
+    start = initial_blocks(nb, block, cfg.init, np.random.default_rng(cfg.seed))
     w = _t(w_np, cfg.device)
+    with torch.no_grad():  # plain RTN's error, weighted: the bar a learned transform must beat
+        rows = 1.0 if d is None else _t(d ** 2, cfg.device)[:, None]
+        rtn_error = float((((grid(w, False) - w) ** 2) * rows).sum())
+    if d is not None:
+        w, start = _t(w_np * d[:, None], cfg.device), start / d.reshape(nb, 1, block)
     n = w.shape[1]
     wb = w.reshape(nb, block, n)
     norm = float((w ** 2).sum()) or 1.0
@@ -252,8 +252,7 @@ def learn_block_transform(weights: list[np.ndarray], grid: GridSpec, block: int,
             return _lse_range(tw, grid, cfg.temperature) / _lse_range(ref, grid, cfg.temperature).detach()
         return transformed_error(m, m_inv, part, grid.bits, grid.block(k), grid.symmetric) / (norm * width / n)
 
-    with torch.no_grad():
-        identity = (float(((grid(w, False) - w) ** 2).sum()) if d is None else weighted_rtn) / norm
+    identity = rtn_error / norm
     value, err, start, steps = _optimise(module, true_error, surrogate, cfg, exact_surrogate=not subsample)
     if d is not None:
         value = value * d.reshape(nb, 1, block)  # T = T' D
