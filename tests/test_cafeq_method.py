@@ -96,6 +96,58 @@ def test_noise_input_weights_follow_downs_channels_through_its_updown_transform(
         assert not np.allclose(want, np.maximum(raw, 1e-3 * raw.mean()))
 
 
+def test_noise_input_weights_reach_the_pairs_learners_and_joint_rounding(pair_checkpoints, cache_dir, monkeypatch):
+    """V·O is learned with V's rows weighted by its input's random-token power and O's by its own; up·down's scale
+    with down's rows by down's input power; joint rounding weighs each pair's product error by its first factor's
+    input power."""
+    import dataclasses
+
+    import qcompiler.methods.transform_planner as planner
+    from qcompiler.frontends import load_model
+    from qcompiler.runtime.sink import noise_power
+
+    seen = {"vo": [], "updown": [], "joint": []}
+    learn_vo, learn_scale, joint = planner.learn_vo, planner.learn_updown_scale, planner.joint_round
+
+    def spy_vo(*args):
+        seen["vo"].append((args[0].shape[0], args[1].shape[0], args[-1]))
+        return learn_vo(*args)
+
+    def spy_scale(up, down, grid, cfg, power=None):
+        seen["updown"].append(power)
+        return learn_scale(up, down, grid, cfg, power)
+
+    def spy_joint(*args):
+        seen["joint"].append((args[0].shape[0], args[-1]))
+        return joint(*args)
+
+    monkeypatch.setattr(planner, "learn_vo", spy_vo)
+    monkeypatch.setattr(planner, "learn_updown_scale", spy_scale)
+    monkeypatch.setattr(planner, "joint_round", spy_joint)
+    cfg = CompileConfig(quant=QuantConfig(3, 32, False), method="cafeq", validate=False, jobs=1, kv_cache=PLAIN,
+                        cafeq=dataclasses.replace(QUICK, input_weights="noise", joint_rule="pqe"))
+    res = compile_model(str(pair_checkpoints["llama"]), None, cfg, cache_dir=cache_dir)
+    model = load_model(str(pair_checkpoints["llama"]), cache_dir=cache_dir, kv_cache=PLAIN).model
+    sites = {p.site.id: p.site for p in res.plan.sites}
+    power = noise_power(model, sorted({s.input for s in sites.values()}))
+
+    def floor(p):
+        return np.maximum(p, 1e-3 * p.mean())
+
+    assert seen["vo"] and seen["updown"] and seen["joint"]
+    v_inputs = {sites[s].input for s in sites if "v_proj" in s}
+    o_inputs = {sites[s].input for s in sites if "o_proj" in s}
+    for _, _, (ra, rb) in seen["vo"]:
+        assert any(np.allclose(ra, floor(power[t])) for t in v_inputs)
+        assert any(np.allclose(rb, floor(power[t])) for t in o_inputs)
+    down_inputs = {sites[s].input for s in sites if "down_proj" in s}
+    for r in seen["updown"]:  # in channel order, sorted or not
+        assert any(np.allclose(np.sort(r), np.sort(floor(power[t]))) for t in down_inputs)
+    readers = {sites[s].input for s in sites if "v_proj" in s or "up_proj" in s}
+    for _, r in seen["joint"]:
+        assert any(np.allclose(r, floor(power[t])) for t in readers)
+
+
 def test_cafeq_plan_is_better_than_rtn_and_roundtrips(pair_checkpoints, cache_dir, tmp_path):
     # every pair keeps its joint rounding (pqe): which pairs the sink rule keeps on a tiny random model is not
     # this test's matter (test_sink_rule_... is)

@@ -158,3 +158,39 @@ def test_wide_pairs_in_blocks_of_channels(transforms):
     if transforms:
         eff_a, eff_b = apply_blocks(np.linalg.inv(ta), eff_a), apply_blocks(np.linalg.inv(tb), eff_b)
     assert blocks.pqe == pytest.approx(product_error(a, b, eff_a, eff_b), rel=1e-6)
+
+
+def _weighted_pqe(a, b, a_hat, b_hat, r, heads=None):
+    dr = np.sqrt(r / r.mean())[:, None]
+    h = (heads.head_dim, heads.kv_map) if heads else (None, None)
+    return product_error(a * dr, b, a_hat * dr, b_hat, *h)
+
+
+@pytest.mark.parametrize("kind", ["vo", "mlp", "blocks"])
+def test_row_weights_weigh_the_product_error(kind):
+    """Uniform row weights change nothing; other weights are what the kept pair is judged by: its reported errors
+    are the weighted product errors of its codes, never above plain rounding's. Weighting changes B's rounding."""
+    rng = np.random.default_rng(20)
+    heads, cfg = None, QUICK
+    if kind == "vo":
+        a, b, heads = vo_pair(rng)
+    else:
+        a, b = heavy(rng, (48, 256)), heavy(rng, (256, 40))
+        cfg = JointConfig(rounds=2, channel_block=128) if kind == "blocks" else QUICK
+    plain = joint_round(a, b, GRID, GRID, heads, cfg=cfg)
+    ones = joint_round(a, b, GRID, GRID, heads, cfg=cfg, row_weights=np.ones(a.shape[0]))
+    assert ones.pqe == pytest.approx(plain.pqe, rel=1e-9) and np.array_equal(ones.b.codes, plain.b.codes)
+    r = np.exp(rng.normal(0, 1.5, a.shape[0]))
+    res = joint_round(a, b, GRID, GRID, heads, cfg=cfg, row_weights=r)
+    a_hat, b_hat = res.a.dequantize().astype(np.float64), res.b.dequantize().astype(np.float64)
+    assert res.pqe == pytest.approx(_weighted_pqe(a, b, a_hat, b_hat, r, heads), rel=1e-6)
+    qa, qb = (quantize(x.astype(np.float32), GRID.bits, GRID.group_size, GRID.symmetric).dequantize() for x in (a, b))
+    assert res.pqe_plain == pytest.approx(_weighted_pqe(a, b, qa, qb, r, heads), rel=1e-6)
+    assert res.pqe < res.pqe_plain
+    assert not np.array_equal(res.b.codes, plain.b.codes)
+
+
+def test_row_weights_shape_is_checked():
+    rng = np.random.default_rng(21)
+    with pytest.raises(ValueError, match="row weights"):
+        joint_round(rng.standard_normal((8, 4)), rng.standard_normal((4, 3)), GRID, GRID, row_weights=np.ones(7))

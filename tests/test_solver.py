@@ -110,7 +110,7 @@ def test_refinement_moves_lower_the_objective():
     np.testing.assert_array_equal(codes[0].numpy().astype(np.uint8), ref)
 
 
-@pytest.mark.parametrize("kind", ["vo", "mlp", "transforms"])
+@pytest.mark.parametrize("kind", ["vo", "mlp", "transforms", "weighted"])
 def test_joint_batch_matches_the_reference(kind):
     rng = np.random.default_rng(5)
     heavy = lambda s: rng.standard_normal(s) * rng.exponential(1.0, s)  # noqa: E731
@@ -120,12 +120,16 @@ def test_joint_batch_matches_the_reference(kind):
         items = [JointItem(heavy((64, 32)), heavy((64, 48))) for _ in range(3)]
     elif kind == "mlp":
         items = [JointItem(heavy((64, 96)), heavy((96, 48))) for _ in range(3)]
+    elif kind == "weighted":  # row weights on one item, none on the other
+        heads = Heads(16, (0, 0, 1, 1))
+        items = [JointItem(heavy((64, 32)), heavy((64, 48)), row_weights=np.exp(rng.normal(0, 1.5, 64))),
+                 JointItem(heavy((64, 32)), heavy((64, 48)))]
     else:
         items = [JointItem(heavy((64, 48)), heavy((48, 32)), np.stack([random_invertible(16, rng) for _ in range(4)]),
                            np.stack([random_invertible(16, rng) for _ in range(3)])) for _ in range(2)]
     got = joint_round_batch(items, grid, grid, heads, cfg)
     for it, res in zip(items, got, strict=True):
-        ref = joint_round(it.a, it.b, grid, grid, heads, it.a_blocks, it.b_blocks, cfg)
+        ref = joint_round(it.a, it.b, grid, grid, heads, it.a_blocks, it.b_blocks, cfg, it.row_weights)
         assert res.pqe_plain == pytest.approx(ref.pqe_plain, rel=1e-9)
         assert res.pqe == pytest.approx(ref.pqe, rel=1e-3)
         assert res.pqe <= res.pqe_plain

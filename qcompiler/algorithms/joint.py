@@ -120,12 +120,29 @@ def second_factor_stats(a: np.ndarray, a_hat: np.ndarray, heads: Heads, tb_inv: 
     return h_mat, d_mat
 
 
+def row_scale(row_weights: np.ndarray | None, k: int) -> np.ndarray | None:
+    """``sqrt(r)`` of row weights scaled to mean 1 (None: alike), the ``D`` of a weighted product error."""
+    if row_weights is None:
+        return None
+    r = np.asarray(row_weights, np.float64)
+    if r.shape != (k,):
+        raise ValueError(f"row weights have shape {r.shape}; A has {k} rows")
+    return np.sqrt(r / np.mean(r))
+
+
 def joint_round(a: np.ndarray, b: np.ndarray, grid_a: GridSpec, grid_b: GridSpec, heads: Heads | None = None,
                 a_blocks: np.ndarray | None = None, b_blocks: np.ndarray | None = None,
-                cfg: JointConfig = JointConfig()) -> JointResult:
+                cfg: JointConfig = JointConfig(), row_weights: np.ndarray | None = None) -> JointResult:
     """Round ``A`` ``[K, C]`` and ``B`` ``[R, N]`` (float, untransformed) jointly; ``a_blocks`` /
-    ``b_blocks`` are the single-matrix transforms their stored forms carry (or ``None``)."""
+    ``b_blocks`` are the single-matrix transforms their stored forms carry (or ``None``).
+
+    ``row_weights`` (``[K]``): how much each of ``A``'s input channels counts (``--input-weights noise``): the
+    product error becomes ``||D (A_hat B_hat - A B)||``, ``D = diag(sqrt(r))``. It weighs ``B``'s step (data
+    ``D A_hat``) and the choice of the kept pair; ``A``'s step is separable over its rows, so only its grid
+    search would see them, and it stays unweighted."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    dr = row_scale(row_weights, a.shape[0])
+    aw = a if dr is None else a * dr[:, None]  # D A: what B's step and the error see
     channel = cfg.channel_weight if heads is None else 0.0  # V·O's product is exact: no activation between
     heads = _heads(heads, a)
     if b.shape[0] != heads.head_dim * len(heads.kv_map):
@@ -143,7 +160,10 @@ def joint_round(a: np.ndarray, b: np.ndarray, grid_a: GridSpec, grid_b: GridSpec
         return apply_blocks(t_inv, w) if t_inv is not None else w
 
     def pqe(a_hat: np.ndarray, b_hat: np.ndarray) -> float:
-        return product_error(a, b, a_hat, b_hat, heads.head_dim, heads.kv_map)
+        return product_error(aw, b, weigh(a_hat), b_hat, heads.head_dim, heads.kv_map)
+
+    def weigh(a_hat: np.ndarray) -> np.ndarray:
+        return a_hat if dr is None else a_hat * dr[:, None]
 
     qa = quantize(a_st.astype(np.float32), grid_a.bits, grid_a.group_size, grid_a.symmetric)
     qb = quantize(b_st.astype(np.float32), grid_b.bits, grid_b.group_size, grid_b.symmetric)
@@ -151,7 +171,7 @@ def joint_round(a: np.ndarray, b: np.ndarray, grid_a: GridSpec, grid_b: GridSpec
     plain = pqe(a_hat, b_hat)
     best, history = (plain, qa, qb), []
     # what every round reuses: the products the blocked steps aim at, or the dense T_b^-1 of the one-block step
-    target_a, target_b = (b.T @ a_st.T, a @ b) if blocked else (None, None)
+    target_a, target_b = (b.T @ a_st.T, aw @ b) if blocked else (None, None)
     tb_dense = None if blocked else _inverse(b_blocks)
     for _ in range(cfg.rounds):
         if blocked:
@@ -164,9 +184,9 @@ def joint_round(a: np.ndarray, b: np.ndarray, grid_a: GridSpec, grid_b: GridSpec
         if history[-1] < best[0]:
             best = (history[-1], qa, qb)
         if blocked:
-            qb = _blocked_second(b_st, a, a_hat, target_b, tb_inv, grid_b, cfg, channel, spans)
+            qb = _blocked_second(b_st, aw, weigh(a_hat), target_b, tb_inv, grid_b, cfg, channel, spans)
         else:
-            h_mat, d_mat = second_factor_stats(a, a_hat, heads, tb_dense, channel)
+            h_mat, d_mat = second_factor_stats(aw, weigh(a_hat), heads, tb_dense, channel)
             qb = solve_rows(b_st, h_mat, grid_b, d_mat, cfg.solver)
         b_hat = eff(qb, tb_inv)
         history.append(pqe(a_hat, b_hat))
@@ -268,12 +288,14 @@ class JointItem:
     b: np.ndarray  # [R, N]
     a_blocks: np.ndarray | None = None
     b_blocks: np.ndarray | None = None
+    row_weights: np.ndarray | None = None  # [K]: A's input channels' weights (joint_round's)
 
 
 def joint_round_batch(items: list[JointItem], grid_a: GridSpec, grid_b: GridSpec, heads: Heads | None = None,
                       cfg: JointConfig = JointConfig(), device: str = "cpu") -> list[JointResult]:
     """:func:`joint_round` of pairs of one shape (and one layout of transforms: all or none per factor) as one
-    batch, in torch on ``device`` (:mod:`solver`). :func:`joint_round` is its reference."""
+    batch, in torch on ``device`` (:mod:`solver`); an item's ``row_weights`` as :func:`joint_round`'s.
+    :func:`joint_round` is its reference."""
     import torch
 
     from qcompiler.algorithms import solver
@@ -289,6 +311,9 @@ def joint_round_batch(items: list[JointItem], grid_a: GridSpec, grid_b: GridSpec
         return torch.stack([torch.as_tensor(np.asarray(x, dtype=np.float64)) for x in arrays]).to(device)
 
     a, b = stack([it.a for it in items]), stack([it.b for it in items])
+    dr = stack([np.ones(it.a.shape[0]) if row_scale(it.row_weights, it.a.shape[0]) is None
+                else row_scale(it.row_weights, it.a.shape[0]) for it in items])[:, :, None]  # [P, K, 1]
+    aw = a * dr  # D A: what B's step and the error see
     channel = cfg.channel_weight if heads is None else 0.0
     heads = _heads(heads, items[0].a)
     if b.shape[1] != heads.head_dim * len(heads.kv_map):
@@ -315,9 +340,10 @@ def joint_round_batch(items: list[JointItem], grid_a: GridSpec, grid_b: GridSpec
     def pqe(a_hat: torch.Tensor, b_hat: torch.Tensor) -> torch.Tensor:
         num = torch.zeros(p_count, dtype=f64, device=device)
         den = torch.zeros_like(num)
+        a_hat = a_hat * dr
         for j, kv in enumerate(heads.kv_map):
             c, r = slice(kv * d, (kv + 1) * d), slice(j * d, (j + 1) * d)
-            ref = a[:, :, c] @ b[:, r]
+            ref = aw[:, :, c] @ b[:, r]
             num += ((a_hat[:, :, c] @ b_hat[:, r] - ref) ** 2).sum((1, 2))
             den += (ref ** 2).sum((1, 2))
         return (num / den.clamp_min(1e-30)).sqrt()
@@ -352,7 +378,7 @@ def joint_round_batch(items: list[JointItem], grid_a: GridSpec, grid_b: GridSpec
         qa = solver.SolverGrid(out.scales, out.zps, out.codes.transpose(1, 2))
         a_hat = eff_a(qa)
         keep(pqe(a_hat, b_hat), qa, qb)
-        h_mat, d_mat = _second_stats_t(a, a_hat, heads)
+        h_mat, d_mat = _second_stats_t(aw, a_hat * dr, heads)
         _channel_t(h_mat, d_mat, channel)
         if tb_inv is not None:
             h_mat, d_mat = _congruence(tb_inv, h_mat), _congruence(tb_inv, d_mat)

@@ -148,10 +148,12 @@ class _Planner:
         """(kind, arguments) of :func:`_learn_pair` for ``p`` on its factors as folded so far."""
         cols = slice(*p.producer_cols)
         a, b = self.folded[p.producer][:, cols], self.folded[p.consumer]
+        inputs = (self.sites[p.producer].input, self.sites[p.consumer].input)
         if p.kind == ATTN_VO:
-            return p.kind, (a, b, p.kv_map, p.head_dim, self.grid(a.shape[0]), self.grid(b.shape[0]), self.learn)
+            return p.kind, (a, b, p.kv_map, p.head_dim, self.grid(a.shape[0]), self.grid(b.shape[0]), self.learn,
+                            tuple(self._row_weights(t) for t in inputs))
         diagonal = "diagonal" in p.exact or "positive_diagonal" in p.exact
-        return p.kind, (a, b, self.grid(b.shape[0]), self.learn, diagonal)
+        return p.kind, (a, b, self.grid(b.shape[0]), self.learn, diagonal, self._row_weights(inputs[1]))
 
     def _sinkhorn_pair(self, p: CoupledPair) -> Any:
         """sinq: the consumer's Sinkhorn scales ``t``, in the form a learned pair takes. V·O: ``M_h = diag(t)``
@@ -291,7 +293,8 @@ class _Planner:
             return [(self.folded[p.producer][:, slice(*p.producer_cols)], self.folded[p.consumer], grid, grid,
                      Heads(p.head_dim, p.kv_map) if p.kind == ATTN_VO else None, blocks_of.get(p.producer),
                      blocks_of.get(p.consumer), self.joint_cfg[p.kind] if rounds is None
-                     else dataclasses.replace(self.joint_cfg[p.kind], rounds=rounds)) for p in ps]
+                     else dataclasses.replace(self.joint_cfg[p.kind], rounds=rounds),
+                     self._row_weights(self.sites[p.producer].input)) for p in ps]
 
         # side by side only as many as fit in --joint-max-gb together
         need = max((self._joint_bytes(p) for p in pairs), default=1)
@@ -370,7 +373,7 @@ class _Planner:
         results: list[JointResult | None] = [None] * len(pairs)
         batches: dict[tuple, list[int]] = {}
         for i, (p, t) in enumerate(zip(pairs, tasks, strict=True)):
-            a, b, grid, _, heads, ta, tb, jcfg = t
+            a, b, grid, _, heads, ta, tb, jcfg, _ = t
             if p.kind == MLP_UP_DOWN and self._span(p) < _channels(p):
                 results[i] = joint_round(*t)
                 continue
@@ -379,7 +382,7 @@ class _Planner:
         for (_, _, heads, jcfg, _, _), idx in batches.items():
             for lo in range(0, len(idx), limit):
                 part = idx[lo:lo + limit]
-                items = [JointItem(tasks[i][0], tasks[i][1], tasks[i][5], tasks[i][6]) for i in part]
+                items = [JointItem(tasks[i][0], tasks[i][1], tasks[i][5], tasks[i][6], tasks[i][8]) for i in part]
                 grid = tasks[part[0]][2]
                 for i, res in zip(part, joint_round_batch(items, grid, grid, heads, jcfg, self.learn.device),
                                   strict=True):
@@ -463,11 +466,12 @@ def _learn_pair(kind: str, args: tuple) -> Any:
     order kept only where it lowers down's weighted error, then the scale where the activation allows."""
     if kind == ATTN_VO:
         return learn_vo(*args)
-    a, b, grid, learn, diagonal = args
+    a, b, grid, learn, diagonal, power = args
     perm = channel_order(b)
-    if weighted_row_error(a[:, perm], b[perm], grid) >= weighted_row_error(a, b, grid):
-        perm = np.arange(b.shape[0])
-    scale = learn_updown_scale(a[:, perm], b[perm], grid, learn).value if diagonal else np.ones(b.shape[0])
+    moved = None if power is None else power[perm]
+    if weighted_row_error(a[:, perm], b[perm], grid, moved) >= weighted_row_error(a, b, grid, power):
+        perm, moved = np.arange(b.shape[0]), power
+    scale = learn_updown_scale(a[:, perm], b[perm], grid, learn, moved).value if diagonal else np.ones(b.shape[0])
     return perm, scale
 
 
@@ -535,7 +539,8 @@ def plan_transforms(analysis: Analysis, weight_of: Callable[[LinearSite], np.nda
     from the sites alone; the pipeline adds the bytes of the weights kept in float).
     ``sink``: the attention sink's value of the tensors the pairs' factors read (runtime/sink.py): a pair keeps
     its joint rounding only where its output error there falls as ``cfg.joint_rule`` asks.
-    ``input_power``: the mean square per channel of the single groups' inputs (``--input-weights noise``)."""
+    ``input_power``: the mean square per channel of the sites' inputs (``--input-weights noise``): the weights of
+    the single groups' and the pairs' learned errors and of joint rounding's product error."""
     if step is None:
         step = step_cost(cfg.online_regime, analysis.sites, quant)
     planner = _Planner(analysis, weight_of, quant, cfg, recipe, step, progress, rounder, online_units, run, sink,
