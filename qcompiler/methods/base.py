@@ -57,7 +57,7 @@ class PlanContext:
     # forward of BOS, for the tensors the factors of coupled pairs read (``--joint-rule sink``, ``sink-loose``)
     sink: Mapping[str, np.ndarray] | None = None
     # tensor name -> its mean square per channel ``[K]`` on random token ids (runtime/sink.py ``noise_power``), for
-    # the inputs of the single groups (``--input-weights noise``)
+    # the site inputs that read the residual stream (``--input-weights noise``; methods/transforming.py)
     input_power: Mapping[str, np.ndarray] | None = None
 
     def part(self, sites: Sequence[LinearSite], analysis: Analysis | None, weight_of: WeightFn) -> PlanContext:

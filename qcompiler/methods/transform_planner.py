@@ -107,7 +107,6 @@ class _Planner:
                  sink: Mapping[str, np.ndarray] | None = None, input_power: Mapping[str, np.ndarray] | None = None):
         self.analysis, self.quant, self.cfg, self.recipe = analysis, quant, cfg, recipe
         self.input_power = input_power or {}  # tensor -> mean square per channel (--input-weights noise)
-        self.moved: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # down's input -> its up·down (perm, scale)
         self.sink = sink  # tensor -> its attention-sink value (--joint-rule sink on a decoder)
         self.perms: dict[str, np.ndarray] = {}  # up·down pair id -> its folded channel order
         self.online_units, self.step = online_units, step
@@ -207,7 +206,6 @@ class _Planner:
                 if np.array_equal(perm, np.arange(len(perm))) and np.allclose(scale, 1.0):
                     continue
                 self.perms[p.id] = np.asarray(perm)
-                self.moved[self.sites[p.consumer].input] = (np.asarray(perm), np.asarray(scale, dtype=np.float64))
                 fold_mlp(self.folded[p.producer], None, p.producer_cols, self.folded[p.consumer], scale, perm,
                          self.folded[p.gate] if p.gate else None, None, p.gate_cols)
                 out.append(PairTransform(p, scale=scale, perm=perm))
@@ -248,13 +246,11 @@ class _Planner:
         return out, blocks_of
 
     def _row_weights(self, tensor: str) -> np.ndarray | None:
-        """The input channels' weights of a single group's learned error (``--input-weights``); None: alike. A
-        floor of 1e-3 of the mean keeps a channel that is silent on random tokens from being ignored. Down's input
-        after its up·down transform: new channel ``i`` is old channel ``perm[i]`` times ``scale[i]``."""
+        """The weights of ``tensor``'s channels in the learned errors and in joint rounding's product error
+        (``--input-weights``); None: alike, as for a tensor with no power (a pair's inner tensor, O's or down's
+        input, has none: methods/transforming.py). A floor of 1e-3 of the mean keeps a channel that is silent on
+        random tokens from being ignored."""
         power = self.input_power.get(tensor)
-        if power is not None and tensor in self.moved:
-            perm, scale = self.moved[tensor]
-            power = power[perm] * scale ** 2
         if power is None or not np.isfinite(power).all() or power.mean() <= 0:
             return None
         return np.maximum(power, 1e-3 * power.mean())
@@ -539,8 +535,8 @@ def plan_transforms(analysis: Analysis, weight_of: Callable[[LinearSite], np.nda
     from the sites alone; the pipeline adds the bytes of the weights kept in float).
     ``sink``: the attention sink's value of the tensors the pairs' factors read (runtime/sink.py): a pair keeps
     its joint rounding only where its output error there falls as ``cfg.joint_rule`` asks.
-    ``input_power``: the mean square per channel of the sites' inputs (``--input-weights noise``): the weights of
-    the single groups' and the pairs' learned errors and of joint rounding's product error."""
+    ``input_power``: the mean square per channel of the site inputs that read the residual stream (``--input-weights
+    noise``): the row weights of those factors' learned errors and of joint rounding's product error."""
     if step is None:
         step = step_cost(cfg.online_regime, analysis.sites, quant)
     planner = _Planner(analysis, weight_of, quant, cfg, recipe, step, progress, rounder, online_units, run, sink,
