@@ -41,3 +41,20 @@ def test_start_table_cells_are_bounded(tiny_checkpoints):
         assert all(0 < c <= 1.0 for c in cells), row  # never above RTN
         assert all(c <= sinq_alone + 1e-12 for c in sinq), row  # never above its start
         assert identity[1] <= 1.0
+
+
+def test_power_table_correlates_each_input_over_the_layers(tiny_checkpoints):
+    """One row, a cell per input kind, each a mean and a minimum of correlations (within [-1, 1], mean >= min); the
+    text's own power correlates perfectly with itself."""
+    from tools.learner_study import POWER_INPUTS, input_power, log_corr, power_table, random_ids
+
+    model = _tiny(tiny_checkpoints)
+    ids = random_ids(model.config.vocab_size, 64, seed=1, length=32)
+    lines = power_table(model, ids, 64)
+    assert len(lines) == 3 and lines[0].count("|") == len(POWER_INPUTS) + 2
+    for cell in lines[2].strip("|").split("|")[1:]:
+        mean, low = (float(part.split()[-1]) for part in cell.split(","))
+        assert -1 <= low <= mean <= 1
+    power = input_power(model, ids)
+    assert all(len(v) == len(model.model.layers) and all(p.shape == v[0].shape for p in v) for v in power.values())
+    assert log_corr(power["O's input (after attention)"][0], power["O's input (after attention)"][0]) > 0.999

@@ -12,8 +12,14 @@ token ids (the model run on no text at all), and (an oracle that needs data) the
 Jargon File, past the perplexity windows). Also prints how well the first two predict ``E[x^2]`` (correlation of
 their logs).
 
+``--table power``: which inputs do random tokens predict? For the inputs of q_proj (the normed residual stream),
+o_proj (after attention) and down_proj (after the MLP's activation) in every layer, the correlation of the logs of
+the mean square per channel on uniformly random ids and on text (position 0 left out); mean and minimum over the
+layers. ``--input-weights noise`` weighs only the inputs it predicts well (the stream readers).
+
     python tools/learner_study.py --table start --setting 3-128-sym
     python tools/learner_study.py --table weights --setting 3-128-sym
+    python tools/learner_study.py --table power --model smollm2
 """
 
 from __future__ import annotations
@@ -107,6 +113,41 @@ def log_corr(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(np.log(a + 1e-12), np.log(b + 1e-12))[0, 1])
 
 
+POWER_INPUTS = {"q's input (the normed stream)": "self_attn.q_proj", "O's input (after attention)": "self_attn.o_proj",
+                "down's input (after the activation)": "mlp.down_proj"}
+
+
+def input_power(model, ids) -> dict[str, list[np.ndarray]]:
+    """Per ``POWER_INPUTS`` entry, each layer's input mean square per channel on ``ids`` (position 0 left out)."""
+    import torch
+
+    out: dict[str, list[np.ndarray]] = {k: [None] * len(model.model.layers) for k in POWER_INPUTS}
+    hooks = []
+    for i, layer in enumerate(model.model.layers):
+        for key, path in POWER_INPUTS.items():
+            def hook(_mod, inp, _out, key=key, i=i):
+                x = inp[0].detach()[:, 1:].reshape(-1, inp[0].shape[-1]).double()
+                out[key][i] = (x ** 2).mean(0).numpy()
+            hooks.append(layer.get_submodule(path).register_forward_hook(hook))
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    return out
+
+
+def power_table(model, text, tokens: int) -> list[str]:
+    """How well random tokens predict each input's per-channel power on ``text`` (ids ``[1, T]``)."""
+    x, z = input_power(model, text), input_power(model, random_ids(model.config.vocab_size, tokens))
+    out = ["| model | " + " | ".join(POWER_INPUTS) + " |", "|---" * (len(POWER_INPUTS) + 1) + "|"]
+    cells = []
+    for key in POWER_INPUTS:
+        c = [log_corr(zi, xi) for zi, xi in zip(z[key], x[key], strict=True)]
+        cells.append(f"mean {np.mean(c):.2f}, min {np.min(c):.2f}")
+    out.append(f"| {type(model).__name__} ({len(model.model.layers)} layers) | " + " | ".join(cells) + " |")
+    return out
+
+
 def start_table(model, layers, grid, steps_list) -> list[str]:
     import qcompiler.algorithms.cafeq as cafeq
     from qcompiler.algorithms.sinq import sinkhorn_scales
@@ -164,7 +205,7 @@ def weights_table(model, folder, layers, grid, steps, lr, tokens) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--table", choices=("start", "weights"), required=True)
+    ap.add_argument("--table", choices=("start", "weights", "power"), required=True)
     ap.add_argument("--model", default="smollm2", help="bundled name or HF folder of a Llama/Gemma-style decoder")
     ap.add_argument("--setting", default="3-128-sym", help="bits-group-sym|asym")
     ap.add_argument("--layers", default="3,15,27")
@@ -187,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     steps = [int(x) for x in args.steps.split(",")]
     if args.table == "start":
         lines = start_table(model, layers, grid, steps)
+    elif args.table == "power":
+        lines = power_table(model, text_ids(folder, args.tokens), args.tokens)
     else:
         lines = weights_table(model, folder, layers, grid, steps[-1], args.lr or CafeqConfig.lr, args.tokens)
     print("\n".join(lines))
