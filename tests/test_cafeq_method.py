@@ -65,17 +65,15 @@ def test_noise_input_weights_change_the_single_transforms_and_keep_them_exact(pa
 def test_noise_input_weights_weigh_the_stream_readers_only(pair_checkpoints, cache_dir, monkeypatch):
     """--input-weights noise weighs each factor that reads the residual stream by its input's random-token power:
     the q/k/v and gate/up groups, V in V·O's learner, and each pair's product error in joint rounding (by V's or
-    up's input). A pair's inner tensor (O's input, down's) has no weights: its single group, O's side of V·O and
-    up·down's scale are learned unweighted."""
+    up's input). A pair's inner tensor (down's input) has no weights: its single group is learned unweighted."""
     import dataclasses
 
     import qcompiler.methods.transform_planner as planner
     from qcompiler.frontends import load_model
     from qcompiler.runtime.sink import noise_power
 
-    seen = {"single": [], "vo": [], "updown": [], "joint": []}
-    learn, learn_vo, learn_scale = planner.learn_block_transform, planner.learn_vo, planner.learn_updown_scale
-    joint = planner.joint_round
+    seen = {"single": [], "vo": [], "joint": []}
+    learn, learn_vo, joint = planner.learn_block_transform, planner.learn_vo, planner.joint_round
 
     def spy_single(weights, grid, block, cfg, row_weights=None):
         seen["single"].append((weights[0].shape[0], row_weights))
@@ -85,16 +83,11 @@ def test_noise_input_weights_weigh_the_stream_readers_only(pair_checkpoints, cac
         seen["vo"].append(args[-1])
         return learn_vo(*args)
 
-    def spy_scale(up, down, grid, cfg, power=None):
-        seen["updown"].append(power)
-        return learn_scale(up, down, grid, cfg, power)
-
     def spy_joint(*args):
         seen["joint"].append(args[-1])
         return joint(*args)
 
-    for name, spy in (("learn_block_transform", spy_single), ("learn_vo", spy_vo),
-                      ("learn_updown_scale", spy_scale), ("joint_round", spy_joint)):
+    for name, spy in (("learn_block_transform", spy_single), ("learn_vo", spy_vo), ("joint_round", spy_joint)):
         monkeypatch.setattr(planner, name, spy)
     cfg = CompileConfig(quant=QuantConfig(3, 32, False), method="cafeq", validate=False, jobs=1, kv_cache=PLAIN,
                         cafeq=dataclasses.replace(QUICK, input_weights="noise", joint_rule="pqe", online_budget=1.0))
@@ -113,9 +106,7 @@ def test_noise_input_weights_weigh_the_stream_readers_only(pair_checkpoints, cac
         return r is not None and any(len(r) == len(o) and np.allclose(r, o) for o in options)
 
     assert all(seen.values()), {k: len(v) for k, v in seen.items()}
-    for ra, rb in seen["vo"]:
-        assert among(ra, inputs("v_proj")) and rb is None
-    assert all(r is None for r in seen["updown"])
+    assert all(among(r, inputs("v_proj")) for r in seen["vo"])
     assert all(among(r, inputs("v_proj") + inputs("up_proj")) for r in seen["joint"])
     readers = inputs("q_proj") + inputs("gate_proj")
     down_k = {sites[s].k for s in sites if "down_proj" in s}

@@ -28,6 +28,7 @@ import torch
 
 from qcompiler.algorithms.fakequant import blocked, transformed_error
 from qcompiler.algorithms.grid import GridSpec
+from qcompiler.algorithms.transforms import row_scale
 from qcompiler.config import CafeqConfig
 
 
@@ -218,7 +219,7 @@ def learn_block_transform(weights: list[np.ndarray], grid: GridSpec, block: int,
     if k % block:
         raise ValueError(f"K={k} is not a multiple of the transform block {block}")
     nb = k // block
-    d = None if row_weights is None else np.sqrt(np.asarray(row_weights, np.float64) / np.mean(row_weights))
+    d = row_scale(row_weights, k)
     start = initial_blocks(nb, block, cfg.init, np.random.default_rng(cfg.seed))
     w = _t(w_np, cfg.device)
     with torch.no_grad():  # plain RTN's error, weighted: the bar a learned transform must beat
@@ -261,29 +262,16 @@ def learn_block_transform(weights: list[np.ndarray], grid: GridSpec, block: int,
     return LearnResult(value, start * norm, err * norm, identity * norm, steps)
 
 
-def _unit_mean(weights: np.ndarray | None, n: int) -> np.ndarray:
-    """Row weights scaled to mean 1 (all ones when None)."""
-    if weights is None:
-        return np.ones(n)
-    w = np.asarray(weights, np.float64)
-    return w / np.mean(w)
-
-
 def learn_vo(a: np.ndarray, b: np.ndarray, kv_map: tuple[int, ...], head_dim: int, grid_a: GridSpec, grid_b: GridSpec,
-             cfg: LearnConfig, row_weights: tuple[np.ndarray | None, np.ndarray | None] = (None, None)) -> LearnResult:
+             cfg: LearnConfig, row_weights: np.ndarray | None = None) -> LearnResult:
     """``M_h`` per KV head. ``a`` is V's column slice ``[K, n_kv d]``; ``b`` is O ``[n_q d, N]``.
-
-    ``row_weights``: how much each row of ``a`` (V's input channels) and of ``b`` (O's, in the original basis)
-    counts in its factor's error (``--input-weights``); None: alike. O's weighted error is the unweighted one of
-    ``D B`` under ``M_h D^-1`` (``D = diag(sqrt(r))``), so the fused error serves both."""
+    ``row_weights`` (``[K]``): how much each of V's input channels counts in V's error (``--input-weights``)."""
     d, n_kv, n_q = head_dim, a.shape[1] // head_dim, len(kv_map)
     ta, tb = _t(a, cfg.device), _t(b, cfg.device)
     k, n = ta.shape[0], tb.shape[1]
-    ra = _t(_unit_mean(row_weights[0], k), cfg.device)[:, None]
-    rb = _unit_mean(row_weights[1], tb.shape[0])
-    db = _t(np.sqrt(rb), cfg.device).reshape(n_q, d, 1)  # D per query head, as a column
-    rb = _t(rb, cfg.device)[:, None]
-    na, nb_ = float((ta ** 2 * ra).sum()) or 1.0, float((tb ** 2 * rb).sum()) or 1.0
+    da = row_scale(row_weights, k)
+    ra = 1.0 if da is None else _t(da ** 2, cfg.device)[:, None]
+    na, nb_ = float((ta ** 2 * ra).sum()) or 1.0, float((tb ** 2).sum()) or 1.0
     idx = torch.as_tensor(kv_map, device=cfg.device)
     rng = np.random.default_rng(cfg.seed)
     module = _Transform(initial_blocks(n_kv, d, cfg.init, rng), cfg.optimizer, cfg.device)
@@ -295,13 +283,12 @@ def learn_vo(a: np.ndarray, b: np.ndarray, kv_map: tuple[int, ...], head_dim: in
         a_hat = grid_a(a_t, ste)
         a_eff = torch.einsum("khi,hij->khj", a_hat.reshape(k, n_kv, d), m_inv).reshape(k, n_kv * d)
         ea = ((a_eff - ta) ** 2 * ra).sum() / na
-        if ste and cfg.loss == "ste":  # O's rows in heads: D M_h Q(M_h^-1 B_j), the block learner's fused error
-            eb = transformed_error(m_inv[idx] / db.transpose(1, 2), db * m[idx], b3 * db, grid_b.bits,
-                                   grid_b.block(n_q * d), grid_b.symmetric)
+        if ste and cfg.loss == "ste":  # O's rows in heads: M_h Q(M_h^-1 B_j), the block learner's fused error
+            eb = transformed_error(m_inv[idx], m[idx], b3, grid_b.bits, grid_b.block(n_q * d), grid_b.symmetric)
             return ea, eb / nb_, a_t, None
         b_t = torch.einsum("qij,qjn->qin", m_inv[idx], b3).reshape(n_q * d, n)
         b_eff = torch.einsum("qij,qjn->qin", m[idx], grid_b(b_t, ste).reshape(n_q, d, n)).reshape(n_q * d, n)
-        return ea, ((b_eff - tb) ** 2 * rb).sum() / nb_, a_t, b_t
+        return ea, ((b_eff - tb) ** 2).sum() / nb_, a_t, b_t
 
     def true_error() -> float:
         ea, eb, _, _ = errors(False)
@@ -315,20 +302,17 @@ def learn_vo(a: np.ndarray, b: np.ndarray, kv_map: tuple[int, ...], head_dim: in
         return ea + eb
 
     with torch.no_grad():
-        identity = float(((grid_a(ta, False) - ta) ** 2 * ra).sum() / na
-                         + ((grid_b(tb, False) - tb) ** 2 * rb).sum() / nb_)
+        identity = float(((grid_a(ta, False) - ta) ** 2 * ra).sum() / na + ((grid_b(tb, False) - tb) ** 2).sum() / nb_)
     value, err, start, steps = _optimise(module, true_error, surrogate, cfg)
     if identity <= err:
         value, err = np.broadcast_to(np.eye(d), (n_kv, d, d)).copy(), identity
     return LearnResult(value, start, err, identity, steps)
 
 
-def learn_updown_scale(up: np.ndarray, down: np.ndarray, grid_down: GridSpec, cfg: LearnConfig,
-                       power: np.ndarray | None = None) -> LearnResult:
-    """Positive per-channel scale ``s``: up's columns times ``s``, down's rows divided by ``s``. Down's row ``c``
-    counts by ``power[c]`` (its input's mean square, ``--input-weights noise``), else by ``||W_up[:, c]||^2``."""
+def learn_updown_scale(up: np.ndarray, down: np.ndarray, grid_down: GridSpec, cfg: LearnConfig) -> LearnResult:
+    """Positive per-channel scale ``s``: up's columns times ``s``, down's rows divided by ``s``."""
     u, dn = _t(up, cfg.device), _t(down, cfg.device)
-    weight = _row_weight(u, power, cfg.device)  # how much down's row c matters in the product
+    weight = (u ** 2).sum(dim=0)  # ||W_up[:, c]||^2: how much down's row c matters in the product
     norm = float((weight[:, None] * dn ** 2).sum()) or 1.0
     theta = torch.nn.Parameter(torch.zeros(dn.shape[0], device=cfg.device))
 
@@ -365,14 +349,9 @@ def channel_order(down: np.ndarray) -> np.ndarray:
     return np.argsort(np.abs(down).max(axis=1), kind="stable")
 
 
-def _row_weight(u: torch.Tensor, power: np.ndarray | None, device: str) -> torch.Tensor:
-    """Down's row weights: its input's power where known, else ``||W_up[:, c]||^2`` (the product proxy)."""
-    return (u ** 2).sum(dim=0) if power is None else _t(power, device)
-
-
-def weighted_row_error(up: np.ndarray, down: np.ndarray, grid: GridSpec, power: np.ndarray | None = None) -> float:
-    """Down's quantization error with row ``c`` weighted as :func:`learn_updown_scale` weighs it."""
+def weighted_row_error(up: np.ndarray, down: np.ndarray, grid: GridSpec) -> float:
+    """Down's quantization error with row ``c`` weighted by ``||W_up[:, c]||^2`` (the product proxy)."""
     u, dn = torch.as_tensor(up, dtype=torch.float32), torch.as_tensor(down, dtype=torch.float32)
-    w = _row_weight(u, power, "cpu")[:, None]
+    w = (u ** 2).sum(dim=0)[:, None]
     with torch.no_grad():
         return float((w * (grid(dn, False) - dn) ** 2).sum() / (w * dn ** 2).sum().clamp_min(1e-30))

@@ -25,7 +25,7 @@ import numpy as np
 from qcompiler.algorithms.fold import product_error
 from qcompiler.algorithms.gptq import SolverConfig, solve_columns, solve_rows
 from qcompiler.algorithms.grid import GridSpec, QuantizedWeight, quantize
-from qcompiler.algorithms.transforms import apply_blocks
+from qcompiler.algorithms.transforms import apply_blocks, row_scale
 from qcompiler.config import CafeqConfig
 
 
@@ -118,16 +118,6 @@ def second_factor_stats(a: np.ndarray, a_hat: np.ndarray, heads: Heads, tb_inv: 
     if tb_inv is not None:
         h_mat, d_mat = tb_inv.T @ h_mat @ tb_inv, tb_inv.T @ d_mat @ tb_inv
     return h_mat, d_mat
-
-
-def row_scale(row_weights: np.ndarray | None, k: int) -> np.ndarray | None:
-    """``sqrt(r)`` of row weights scaled to mean 1 (None: alike), the ``D`` of a weighted product error."""
-    if row_weights is None:
-        return None
-    r = np.asarray(row_weights, np.float64)
-    if r.shape != (k,):
-        raise ValueError(f"row weights have shape {r.shape}; A has {k} rows")
-    return np.sqrt(r / np.mean(r))
 
 
 def joint_round(a: np.ndarray, b: np.ndarray, grid_a: GridSpec, grid_b: GridSpec, heads: Heads | None = None,
@@ -311,8 +301,8 @@ def joint_round_batch(items: list[JointItem], grid_a: GridSpec, grid_b: GridSpec
         return torch.stack([torch.as_tensor(np.asarray(x, dtype=np.float64)) for x in arrays]).to(device)
 
     a, b = stack([it.a for it in items]), stack([it.b for it in items])
-    dr = stack([np.ones(it.a.shape[0]) if row_scale(it.row_weights, it.a.shape[0]) is None
-                else row_scale(it.row_weights, it.a.shape[0]) for it in items])[:, :, None]  # [P, K, 1]
+    scales = [row_scale(it.row_weights, it.a.shape[0]) for it in items]
+    dr = stack([np.ones(len(it.a)) if x is None else x for it, x in zip(items, scales, strict=True)])[:, :, None]
     aw = a * dr  # D A: what B's step and the error see
     channel = cfg.channel_weight if heads is None else 0.0
     heads = _heads(heads, items[0].a)

@@ -30,3 +30,13 @@ def apply_blocks(blocks: np.ndarray, w: np.ndarray) -> np.ndarray:
     """``T W`` for block-diagonal ``T`` (its blocks ``[nb, b, b]``) and ``W`` ``[K, N]``, ``K = nb b``."""
     nb, b, _ = blocks.shape
     return np.einsum("kij,kjn->kin", blocks, w.reshape(nb, b, -1)).reshape(nb * b, -1)
+
+
+def row_scale(row_weights: np.ndarray | None, k: int) -> np.ndarray | None:
+    """``sqrt(r)`` of ``k`` row weights scaled to mean 1 (None: alike): the ``D`` of an error weighted by row."""
+    if row_weights is None:
+        return None
+    r = np.asarray(row_weights, np.float64)
+    if r.shape != (k,):
+        raise ValueError(f"row weights have shape {r.shape}; the weight has {k} rows")
+    return np.sqrt(r / np.mean(r))

@@ -147,12 +147,11 @@ class _Planner:
         """(kind, arguments) of :func:`_learn_pair` for ``p`` on its factors as folded so far."""
         cols = slice(*p.producer_cols)
         a, b = self.folded[p.producer][:, cols], self.folded[p.consumer]
-        inputs = (self.sites[p.producer].input, self.sites[p.consumer].input)
         if p.kind == ATTN_VO:
             return p.kind, (a, b, p.kv_map, p.head_dim, self.grid(a.shape[0]), self.grid(b.shape[0]), self.learn,
-                            tuple(self._row_weights(t) for t in inputs))
+                            self._row_weights(self.sites[p.producer].input))
         diagonal = "diagonal" in p.exact or "positive_diagonal" in p.exact
-        return p.kind, (a, b, self.grid(b.shape[0]), self.learn, diagonal, self._row_weights(inputs[1]))
+        return p.kind, (a, b, self.grid(b.shape[0]), self.learn, diagonal)
 
     def _sinkhorn_pair(self, p: CoupledPair) -> Any:
         """sinq: the consumer's Sinkhorn scales ``t``, in the form a learned pair takes. V·O: ``M_h = diag(t)``
@@ -462,12 +461,11 @@ def _learn_pair(kind: str, args: tuple) -> Any:
     order kept only where it lowers down's weighted error, then the scale where the activation allows."""
     if kind == ATTN_VO:
         return learn_vo(*args)
-    a, b, grid, learn, diagonal, power = args
+    a, b, grid, learn, diagonal = args
     perm = channel_order(b)
-    moved = None if power is None else power[perm]
-    if weighted_row_error(a[:, perm], b[perm], grid, moved) >= weighted_row_error(a, b, grid, power):
-        perm, moved = np.arange(b.shape[0]), power
-    scale = learn_updown_scale(a[:, perm], b[perm], grid, learn, moved).value if diagonal else np.ones(b.shape[0])
+    if weighted_row_error(a[:, perm], b[perm], grid) >= weighted_row_error(a, b, grid):
+        perm = np.arange(b.shape[0])
+    scale = learn_updown_scale(a[:, perm], b[perm], grid, learn).value if diagonal else np.ones(b.shape[0])
     return perm, scale
 
 
