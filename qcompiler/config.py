@@ -24,6 +24,7 @@ TRANSFORMS = ("single", "vo", "updown")
 JOINT_PAIRS = ("vo", "updown")
 JOINT_RULES = ("sink", "sink-loose", "pqe")  # when a pair keeps its joint rounding (methods/transform_planner.py)
 INPUT_WEIGHTS = ("uniform", "noise")  # how the input channels of a stream-reading weight count in its learned error
+LR_SCHEDULES = ("constant", "cosine")  # the learners' learning rate over their steps
 ONLINE_REGIMES = ("batch", "token")  # what --online-budget is a fraction of (methods/online_cost.py)
 # how the online x T^-1 is written (passes/online_transform.py); auto: conv for causal LMs, else matmul
 ONLINE_LAYOUTS = ("auto", "matmul", "conv")
@@ -146,6 +147,9 @@ class CafeqConfig:
     patience: int = field(default=100, metadata=opt(
         "stop a learner once its best error has not fallen by 0.01% in this many steps (0: never)"))
     lr: float = field(default=2e-2, metadata=opt("learning rate"))
+    lr_schedule: str = field(default="constant", metadata=opt(
+        "the learners' rate over their steps: constant, or cosine (from --lr down to 0 at the last step)",
+        choices=LR_SCHEDULES))
     ortho_reg: float = field(default=0.0, metadata=opt("orthonormality penalty weight (adam)"))
     temperature: float = field(default=20.0, metadata=opt("LSE temperature (--pseudo-loss lse)"))
     init: str = field(default="identity", metadata=opt(

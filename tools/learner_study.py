@@ -17,9 +17,13 @@ o_proj (after attention) and down_proj (after the MLP's activation) in every lay
 the mean square per channel on uniformly random ids and on text (position 0 left out); mean and minimum over the
 layers. ``--input-weights noise`` weighs only the inputs it predicts well (the stream readers).
 
+``--table schedule``: how few steps can the learner take (issue 29's compile time)? The proxy error over RTN's of
+q/k/v, gate/up and down for learning-rate schedules (constant, or cosine down to 0) at several step counts and rates.
+
     python tools/learner_study.py --table start --setting 3-128-sym
     python tools/learner_study.py --table weights --setting 3-128-sym
     python tools/learner_study.py --table power --model smollm2
+    python tools/learner_study.py --table schedule --setting 4-32-asym
 """
 
 from __future__ import annotations
@@ -203,15 +207,48 @@ def weights_table(model, folder, layers, grid, steps, lr, tokens) -> list[str]:
     return out
 
 
+def schedule_table(model, layers, grid, variants: list[str]) -> list[str]:
+    """Proxy error over RTN's of q/k/v, gate/up and down per layer, for each ``schedule:steps:lr`` variant (the
+    production learner: early stop at its patience, wide groups on column batches); the last rows give the mean
+    ratio over the groups and each variant's learning time relative to the first's (same process)."""
+    import time
+
+    import qcompiler.algorithms.cafeq as cafeq
+
+    parsed = [(v, *v.split(":")) for v in variants]
+    out = ["| group | " + " | ".join(v for v, *_ in parsed) + " |", "|---" * (len(parsed) + 1) + "|"]
+    ratios, seconds = [[] for _ in parsed], [0.0] * len(parsed)
+    for layer in layers:
+        ly = model.model.layers[layer]
+        groups = dict(_groups(model, layer))
+        groups["down"] = ([ly.mlp.down_proj], None)
+        for name, (mods, _) in groups.items():
+            ws = [m.weight.detach().double().numpy().T for m in mods]
+            cells = []
+            for i, (_, schedule, steps, lr) in enumerate(parsed):
+                cfg = cafeq.LearnConfig(steps=int(steps), lr=float(lr), lr_schedule=schedule)
+                t0 = time.perf_counter()
+                r = cafeq.learn_block_transform(ws, grid, BLOCK, cfg)
+                seconds[i] += time.perf_counter() - t0
+                ratios[i].append(r.error / r.identity_error)
+                cells.append(f"{ratios[i][-1]:.4f} ({r.steps})")
+            out.append(f"| layer {layer} {name} | " + " | ".join(cells) + " |")
+    out.append("| mean error / RTN's | " + " | ".join(f"{np.mean(r):.4f}" for r in ratios) + " |")
+    out.append("| time / the first's | " + " | ".join(f"{s / seconds[0]:.2f}" for s in seconds) + " |")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--table", choices=("start", "weights", "power"), required=True)
+    ap.add_argument("--table", choices=("start", "weights", "power", "schedule"), required=True)
     ap.add_argument("--model", default="smollm2", help="bundled name or HF folder of a Llama/Gemma-style decoder")
     ap.add_argument("--setting", default="3-128-sym", help="bits-group-sym|asym")
     ap.add_argument("--layers", default="3,15,27")
     ap.add_argument("--steps", default="100,200,400", help="start: step counts; weights: the first is unused, "
                                                             "the last is the steps")
     ap.add_argument("--lr", type=float, default=None, help="weights: Adam's rate (default: cafeq's)")
+    ap.add_argument("--variants", default="constant:400:0.02,cosine:200:0.02,cosine:200:0.04,cosine:400:0.04",
+                    help="schedule: learning-rate schedules to compare, each schedule:steps:lr")
     ap.add_argument("--tokens", type=int, default=1024, help="weights: activation tokens")
     args = ap.parse_args(argv)
 
@@ -228,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     steps = [int(x) for x in args.steps.split(",")]
     if args.table == "start":
         lines = start_table(model, layers, grid, steps)
+    elif args.table == "schedule":
+        lines = schedule_table(model, layers, grid, args.variants.split(","))
     elif args.table == "power":
         lines = power_table(model, text_ids(folder, args.tokens), args.tokens)
     else:

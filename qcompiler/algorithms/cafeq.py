@@ -41,6 +41,7 @@ class LearnConfig:
     optimizer: str = CafeqConfig.optimizer  # adam | cayley
     steps: int = CafeqConfig.steps
     lr: float = CafeqConfig.lr
+    lr_schedule: str = CafeqConfig.lr_schedule  # constant | cosine
     ortho_reg: float = CafeqConfig.ortho_reg
     temperature: float = CafeqConfig.temperature  # LSE, applied to weights scaled to unit mean |w|
     init: str = CafeqConfig.init  # identity | orthogonal | hadamard
@@ -158,6 +159,16 @@ class _Transform(torch.nn.Module):
         return ((m.transpose(-1, -2) @ m - eye) ** 2).sum() / m.shape[0]
 
 
+def _schedule(opt: torch.optim.Optimizer, cfg: LearnConfig) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """The learning rate over ``cfg.steps``: constant (None), or cosine from ``cfg.lr`` to 0 at the last step."""
+    if cfg.lr_schedule == "constant":
+        return None
+    if cfg.lr_schedule == "cosine":
+        steps = max(cfg.steps, 1)
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    raise ValueError(f"unknown lr schedule {cfg.lr_schedule!r}")
+
+
 def _optimise(module: _Transform, true_error: Callable[[], float], surrogate: Callable[[], torch.Tensor],
               cfg: LearnConfig, exact_surrogate: bool = True) -> tuple[np.ndarray, float, float, int]:
     """Run the optimiser; return (best matrices, best true error, start true error, steps)."""
@@ -168,6 +179,7 @@ def _optimise(module: _Transform, true_error: Callable[[], float], surrogate: Ca
         return best_m.double().cpu().numpy(), best, start, 0
     opt = (torch.optim.Adam(module.parameters(), lr=cfg.lr) if cfg.optimizer == "adam"
            else torch.optim.SGD(module.parameters(), lr=cfg.lr, momentum=0.9))
+    schedule = _schedule(opt, cfg)
     # with the STE loss the surrogate's forward value *is* the true proxy error of the current iterate,
     # so it is read from the loss before each step instead of being recomputed
     ste = cfg.loss == "ste" and cfg.ortho_reg == 0 and exact_surrogate
@@ -186,6 +198,8 @@ def _optimise(module: _Transform, true_error: Callable[[], float], surrogate: Ca
             break
         loss.backward()
         opt.step()
+        if schedule is not None:
+            schedule.step()
         if not ste and (step % 10 == 9 or step == cfg.steps - 1):
             with torch.no_grad():
                 err = true_error()

@@ -125,7 +125,8 @@ class _Planner:
         self.progress = progress
         self.rng = np.random.default_rng(run.seed)
         self.learn = LearnConfig(loss=cfg.loss, optimizer=cfg.optimizer, steps=cfg.steps, lr=cfg.lr,
-                                 ortho_reg=cfg.ortho_reg, temperature=cfg.temperature, init=cfg.init,
+                                 lr_schedule=cfg.lr_schedule, ortho_reg=cfg.ortho_reg, temperature=cfg.temperature,
+                                 init=cfg.init,
                                  seed=run.seed, device=resolve_device(run.device) if learned else "cpu",
                                  column_batch=cfg.column_batch, patience=cfg.patience)
         self.joint_kinds = {ATTN_VO if k == "vo" else MLP_UP_DOWN for k in cfg.joint_pairs}
