@@ -336,14 +336,15 @@ class CompileConfig:
     device: str = field(default="auto", metadata=opt(
         "where torch learns and solves and ONNX Runtime validates: auto (CUDA when present), cpu or cuda",
         choices=DEVICES))
-    # worker processes for the learners and joint rounding (0: the machine's cores, for a model big
-    # enough to pay the workers' start); every task runs on one thread, so the plan is the same for any value
+    # worker processes for the learners, joint rounding and the calibrated solves (0: the machine's cores, for a
+    # model big enough to pay the workers' start); every task runs on one thread, so the plan is the same for any value
     jobs: int = field(default=0, metadata=opt(
-        "worker processes for learning and joint rounding (0: one per core on models of 1M+ weights); the "
-        "result does not depend on it"))
+        "worker processes for learning, joint rounding and the calibrated solves (0: one per core on models of 1M+ "
+        "weights); the result does not depend on it"))
     executor: str = field(default="local", metadata=opt(
-        "where the learning and joint-rounding tasks run: local (--jobs worker processes here) or ray (Ray tasks "
-        "on the cluster at --ray-address, or on a Ray instance started here with --jobs CPUs); same output",
+        "where the learning, joint-rounding and calibrated-solve tasks run: local (--jobs worker processes here) or "
+        "ray (Ray tasks on the cluster at --ray-address, or on a Ray instance started here with --jobs CPUs); same "
+        "output",
         choices=EXECUTORS))
     ray_address: str = field(default="", metadata=opt(
         "--executor ray: the cluster to join (auto, or ray://HEAD:10001); empty: start a local Ray instance"))

@@ -38,6 +38,7 @@ from qcompiler.passes import EmbeddingPass, FoldPairsPass, MatMulNBitsPass, Onli
 from qcompiler.passes.precision import PrecisionPass
 from qcompiler.plan import QuantPlan, own_grid_site, scaled_site
 from qcompiler.report import CompileResult
+from qcompiler.runtime.calib_data import check_source
 from qcompiler.runtime.session import SessionOptions, compile_session_device
 from qcompiler.runtime.stream_validate import validate_streamed
 from qcompiler.runtime.text_inputs import validation_inputs
@@ -68,6 +69,8 @@ def compile_model(source: Any = None, output: str | os.PathLike | None = None,
     method = get_method(config.method)
     if config.stream:
         _check_streamable(method)
+    if method.needs_calibration:
+        check_source(config.calib.source)
     folder = None
     if config.package == "genai":  # the model file goes into a staging folder, renamed to ``output`` at the end
         if output is None:

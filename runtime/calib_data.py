@@ -39,6 +39,15 @@ def _windows(ids: np.ndarray, count: int, length: int, seed: int, what: str) -> 
     return np.stack([ids[s:s + length] for s in starts])
 
 
+def check_source(source: str | os.PathLike | None) -> None:
+    """A calibration file that does not exist, named before any model is loaded (a one-line error)."""
+    if source is None or str(source) == PYTHON_DOCS:
+        return
+    if not Path(source).is_file():
+        kind = "calibration file" if str(source).endswith(".npy") else "calibration text file"
+        raise ConfigError(f"{kind} not found: {source}")
+
+
 def calibration_tokens(source: str | os.PathLike | None, tokenizer_dir: str | None, count: int, length: int,
                        seed: int = 0) -> np.ndarray:
     """``[count, length]`` int64 token ids from a text file, a ``.npy`` of ids, or Python's docs (None)."""

@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 
 from qcompiler.errors import ConfigError
-from qcompiler.runtime.calib_data import calibration_feeds, calibration_tokens, python_docs_text, token_input
+from qcompiler.runtime.calib_data import (
+    calibration_feeds,
+    calibration_tokens,
+    check_source,
+    python_docs_text,
+    token_input,
+)
 
 
 def test_windows_from_ids(tmp_path):
@@ -50,3 +56,18 @@ def test_feeds(minilm):
     feeds = calibration_feeds(minilm.model, ids)
     assert set(feeds) == {i.name for i in minilm.model.graph.input}
     assert feeds["attention_mask"].sum() == 10 and not feeds.get("token_type_ids", np.zeros(1)).any()
+
+
+def test_check_source_names_a_missing_file_before_any_model_loads(tmp_path):
+    import pytest
+
+    from qcompiler.errors import ConfigError
+
+    check_source(None)
+    check_source("python-docs")
+    (tmp_path / "ids.npy").write_bytes(b"")
+    check_source(tmp_path / "ids.npy")  # present: its content is read later
+    with pytest.raises(ConfigError, match="^calibration file not found"):
+        check_source(tmp_path / "none.npy")
+    with pytest.raises(ConfigError, match="^calibration text file not found"):
+        check_source(tmp_path / "none.txt")

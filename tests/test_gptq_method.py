@@ -63,7 +63,7 @@ def test_v_columns_solved_per_head_are_the_plain_solution_when_the_statistics_ag
     """Columns are independent problems: splitting V by head with the group's own H changes nothing."""
     from qcompiler.algorithms.gptq import SolverConfig, solve_rows
     from qcompiler.algorithms.grid import GridSpec
-    from qcompiler.methods.gptq import _slices, _solve
+    from qcompiler.methods.gptq import _join, _slices, _solve_tasks
     from qcompiler.runtime.calibrate import GroupData, HeadStats
     from qcompiler.runtime.segments import Group
 
@@ -76,8 +76,48 @@ def test_v_columns_solved_per_head_are_the_plain_solution_when_the_statistics_ag
     slices = _slices(24, data, "v")
     assert [(lo, hi) for lo, hi, _, _ in slices] == [(0, 8), (8, 16), (16, 24)]
     grid = GridSpec(3, 16, True)
-    got, want = _solve(w, slices, grid, SolverConfig()), solve_rows(w, h, grid, None, SolverConfig())
+    got = _join([solve_rows(*t) for t in _solve_tasks(w, slices, grid, SolverConfig())])
+    want = solve_rows(w, h, grid, None, SolverConfig())
     assert np.array_equal(got.codes, want.codes) and np.array_equal(got.scales, want.scales)
+
+
+def test_a_site_solved_in_column_parts_is_the_whole_solution(monkeypatch):
+    """A calibrated solve's tasks hold at most ``SOLVE_COLUMNS`` columns each (so one site spreads over the
+    workers): near-equal parts, in order, covering every column once, and joined they are the whole weight's
+    solution (GPTQ and GPTAQ, act-order on)."""
+    import qcompiler.methods.gptq as gm
+    from qcompiler.algorithms.gptq import SolverConfig, solve_rows
+    from qcompiler.algorithms.grid import GridSpec
+
+    monkeypatch.setattr(gm, "SOLVE_COLUMNS", 7)
+    assert gm._column_parts(3, 27) == [(3, 9), (9, 15), (15, 21), (21, 27)]
+    assert gm._column_parts(0, 7) == [(0, 7)] and gm._column_parts(0, 8) == [(0, 4), (4, 8)]
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((300, 32))
+    h = x.T @ x / 300
+    d = (0.1 * rng.standard_normal((300, 32))).T @ x / 300
+    w = rng.standard_normal((32, 40))
+    for dd, cfg in ((None, SolverConfig(act_order=True)), (d, SolverConfig(act_order=True, alpha=0.25))):
+        tasks = gm._solve_tasks(w, [(0, 40, h, dd)], GridSpec(4, 16, False), cfg)
+        assert [t[0].shape[1] for t in tasks] == [6, 7, 7, 6, 7, 7]
+        got, want = gm._join([solve_rows(*t) for t in tasks]), solve_rows(w, h, GridSpec(4, 16, False), dd, cfg)
+        assert np.array_equal(got.codes, want.codes) and np.array_equal(got.scales, want.scales)
+
+
+def test_calibrated_solves_on_worker_processes_plan_what_one_process_plans(tiny_checkpoints, cache_dir, ids_file,
+                                                                          monkeypatch):
+    """``--jobs 2``: the solves run as tasks on two worker processes (each site cut in column parts); the codes and
+    grids are those of the in-process solves."""
+    import dataclasses
+
+    import qcompiler.methods.gptq as gm
+
+    monkeypatch.setattr(gm, "SOLVE_COLUMNS", 16)  # several parts per site of the tiny model
+    folder = str(tiny_checkpoints["llama"])
+    plans = [compile_model(folder, None, dataclasses.replace(_cfg(ids_file, "gptaq"), jobs=jobs),
+                           cache_dir=cache_dir).plan for jobs in (1, 2)]
+    for a, b in zip(*(p.sites for p in plans), strict=True):
+        assert np.array_equal(a.weight.codes, b.weight.codes) and np.array_equal(a.weight.scales, b.weight.scales)
 
 
 def test_attention_values_change_only_v(tiny_checkpoints, cache_dir, ids_file):

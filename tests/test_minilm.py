@@ -134,3 +134,17 @@ def test_ray_executor_writes_the_same_bytes_as_local_workers(minilm, cache_dir, 
         assert any(ps.pqe < ps.pqe_plain for ps in result.plan.pair_stats)  # joint rounding ran
         files[executor] = out.read_bytes()
     assert files["local"] == files["ray"]
+
+
+def test_ray_executor_runs_the_calibrated_solves_to_the_same_bytes(minilm, cache_dir, tmp_path):
+    """gptaq's solves (a part of a site's columns per task) as Ray tasks on a local instance with 2 CPUs write the
+    model the local worker processes write, byte for byte."""
+    from qcompiler.config import CalibConfig
+
+    base = dict(quant=QuantConfig(3, 32, False), method="gptaq", jobs=2, calib=CalibConfig(samples=8, seqlen=64))
+    files = {}
+    for executor in ("local", "ray"):
+        out = tmp_path / f"{executor}.onnx"
+        compile_model("minilm", out, CompileConfig(**base, executor=executor), cache_dir=cache_dir)
+        files[executor] = out.read_bytes()
+    assert files["local"] == files["ray"]

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -24,11 +25,13 @@ from qcompiler.device import resolve_device
 from qcompiler.errors import QCompilerError
 from qcompiler.methods.base import Method, PlanContext, Setup
 from qcompiler.plan import QuantPlan, SitePlan, SiteStats
+from qcompiler.resources import note_workers_peak
 from qcompiler.runtime.calib_data import calibration_feeds, calibration_tokens
 from qcompiler.runtime.calibrate import GroupData, ValueHeads, calibrate
 from qcompiler.runtime.segments import SegmentedModel
 from qcompiler.runtime.session import SessionOptions, compile_session_device
 from qcompiler.sites import ATTN_VO, CoupledPair, LinearSite
+from qcompiler.workers import TaskPool, make_pool, open_pool, resolve_jobs
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,10 @@ class Calibration:
     asymmetric: bool  # GPTAQ (target stream, D) rather than GPTQ
     options: SessionOptions  # ONNX Runtime, for the segments
     device: str = "cpu"  # torch, for the statistics
+    # where the solves run (workers.make_pool): worker processes (0: one per core for a model of 1M+ weights) or Ray
+    jobs: int = 1
+    executor: str = "local"
+    ray_address: str = ""
 
 
 @dataclass(frozen=True)
@@ -71,9 +78,26 @@ def _slices(n: int, data: GroupData, sid: str) -> list[Slice]:
     return out
 
 
-def _solve(w: np.ndarray, slices: list[Slice], grid: GridSpec, solver: SolverConfig) -> QuantizedWeight:
-    """:func:`solve_rows` per column slice (groups run along K, so columns are independent problems)."""
-    parts = [solve_rows(w[:, lo:hi], h, grid, d, solver) for lo, hi, h, d in slices]
+# a calibrated solve's task holds at most this many of a site's columns: columns are independent problems (the
+# groups run along K), so a site spreads over the workers; fixed, so the plan does not depend on --jobs
+SOLVE_COLUMNS = 256
+
+
+def _column_parts(lo: int, hi: int) -> list[tuple[int, int]]:
+    """``[lo, hi)`` cut into near-equal parts of at most ``SOLVE_COLUMNS`` columns."""
+    parts = -(-(hi - lo) // SOLVE_COLUMNS)
+    cuts = [lo + (hi - lo) * i // parts for i in range(parts + 1)]
+    return list(zip(cuts[:-1], cuts[1:], strict=True))
+
+
+def _solve_tasks(w: np.ndarray, slices: list[Slice], grid: GridSpec, solver: SolverConfig) -> list[tuple]:
+    """:func:`solve_rows`' arguments for each part of each column slice, in column order."""
+    return [(np.ascontiguousarray(w[:, a:b]), h, grid, d, solver)
+            for lo, hi, h, d in slices for a, b in _column_parts(lo, hi)]
+
+
+def _join(parts: list[QuantizedWeight]) -> QuantizedWeight:
+    """The column parts of one weight, side by side."""
     if len(parts) == 1:
         return parts[0]
     first = parts[0]
@@ -124,11 +148,17 @@ def round_calibrated(model: onnx.ModelProto, sites: Sequence[LinearSite], weight
     partial: dict[str, tuple[QuantizedWeight, float, float, float]] = {}
 
     def quantize_group(data: GroupData) -> dict[str, np.ndarray]:
-        out = {}
+        tasks, counts = [], []
         for sid in data.group.sites:
             w = np.asarray(weights[sid], dtype=np.float64)
+            tasks += _solve_tasks(w, _slices(w.shape[1], data, sid), grid, solver)
+            counts.append(len(tasks))
+        solved = pool.map(solve_rows, tasks)  # every site of the group at once, a part of a site per task
+        out = {}
+        for sid, lo, hi in zip(data.group.sites, [0] + counts[:-1], counts, strict=True):
+            w = np.asarray(weights[sid], dtype=np.float64)
             slices = _slices(w.shape[1], data, sid)
-            qw = _solve(w, slices, grid, solver)
+            qw = _join(solved[lo:hi])
             w_hat = qw.dequantize().astype(np.float64)
             rtn = quantize(w.astype(np.float32), quant.bits, quant.group_size, quant.symmetric)
             rtn_hat = rtn.dequantize().astype(np.float64)
@@ -138,11 +168,22 @@ def round_calibrated(model: onnx.ModelProto, sites: Sequence[LinearSite], weight
         return out
 
     values = value_heads(pairs, sites) if cfg.attention_values else {}
-    result = calibrate(seg, {s: weights[s] for s in by_id}, batches, quantize_group, target=calib.asymmetric,
-                       holdout=holdout, options=calib.options, device=calib.device, progress=progress,
-                       values=values)
+    outer = open_pool()  # cafeq+gptaq: the planner's workers
+    elements = sum(weights[s].size for s in by_id)
+    with nullcontext(outer) if outer is not None else _solver_pool(calib, elements) as pool:
+        result = calibrate(seg, {s: weights[s] for s in by_id}, batches, quantize_group, target=calib.asymmetric,
+                           holdout=holdout, options=calib.options, device=calib.device, progress=progress,
+                           values=values)
     log.info("calibrated %d groups on %d tokens", result.groups, result.tokens)
     return {sid: Rounded(qw, p, r, rel, result.holdout_error.get(sid)) for sid, (qw, p, r, rel) in partial.items()}
+
+
+@contextmanager
+def _solver_pool(calib: Calibration, elements: int) -> Iterator[TaskPool]:
+    """Workers for the solves (numpy, on the CPU whatever ``--device``: no GPU asked of Ray)."""
+    with make_pool(resolve_jobs(calib.jobs, elements, "cpu"), False, calib.executor, calib.ray_address) as pool:
+        yield pool
+    note_workers_peak(pool.workers_peak_mb)
 
 
 def plan_calibrated(model: onnx.ModelProto, sites: Sequence[LinearSite], weight_of: Callable[[LinearSite], np.ndarray],
@@ -188,7 +229,8 @@ def load_calibration(config: CompileConfig, tokenizer_dir: str | None, asymmetri
                                 config.seed)
     options = SessionOptions(device=compile_session_device(config.device))
     return Calibration(tokens, cfg, asymmetric=asymmetric, options=options,
-                       device=resolve_device(config.device))
+                       device=resolve_device(config.device), jobs=config.jobs, executor=config.executor,
+                       ray_address=config.ray_address)
 
 
 class CalibratedMethod(Method):
