@@ -148,16 +148,15 @@ def round_calibrated(model: onnx.ModelProto, sites: Sequence[LinearSite], weight
     partial: dict[str, tuple[QuantizedWeight, float, float, float]] = {}
 
     def quantize_group(data: GroupData) -> dict[str, np.ndarray]:
-        tasks, counts = [], []
+        tasks, spans, at = [], {}, 0
         for sid in data.group.sites:
             w = np.asarray(weights[sid], dtype=np.float64)
-            tasks += _solve_tasks(w, _slices(w.shape[1], data, sid), grid, solver)
-            counts.append(len(tasks))
+            slices = _slices(w.shape[1], data, sid)
+            tasks += _solve_tasks(w, slices, grid, solver)
+            spans[sid], at = (w, slices, at, len(tasks)), len(tasks)
         solved = pool.map(solve_rows, tasks)  # every site of the group at once, a part of a site per task
         out = {}
-        for sid, lo, hi in zip(data.group.sites, [0] + counts[:-1], counts, strict=True):
-            w = np.asarray(weights[sid], dtype=np.float64)
-            slices = _slices(w.shape[1], data, sid)
+        for sid, (w, slices, lo, hi) in spans.items():
             qw = _join(solved[lo:hi])
             w_hat = qw.dequantize().astype(np.float64)
             rtn = quantize(w.astype(np.float32), quant.bits, quant.group_size, quant.symmetric)
