@@ -62,15 +62,17 @@ def test_power_table_correlates_each_input_over_the_layers(tiny_checkpoints):
 
 def test_schedule_table_rows_bounded_by_rtn_and_steps_as_asked(tiny_checkpoints):
     """One row per group (q/k/v, gate/up, down) per layer, each cell an error over RTN's in (0, 1] with the steps run
-    (at most those asked); a mean row and a time row relative to the first variant's (1.00)."""
+    (at most those asked), a variant with a column batch of its own too; a mean row and a time row relative to the
+    first variant's (1.00)."""
     from tools.learner_study import schedule_table
 
     model = _tiny(tiny_checkpoints)
-    lines = schedule_table(model, [0], GridSpec(3, 32, True), ["constant:20:0.02", "cosine:10:0.04"])
+    variants = ["constant:20:0.02", "cosine:10:0.04", "constant:10:0.02:8"]
+    lines = schedule_table(model, [0], GridSpec(3, 32, True), variants)
     body, mean, timing = lines[2:-2], lines[-2], lines[-1]
     assert len(body) == 3
     for row in body:
-        for cell, asked in zip(row.strip("|").split("|")[1:], (20, 10), strict=True):
+        for cell, asked in zip(row.strip("|").split("|")[1:], (20, 10, 10), strict=True):
             ratio, steps = cell.split()
             assert 0 < float(ratio) <= 1.0 and 0 < int(steps.strip("()")) <= asked, row
     assert mean.startswith("| mean") and timing.split("|")[2].strip() == "1.00"

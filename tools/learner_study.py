@@ -208,14 +208,16 @@ def weights_table(model, folder, layers, grid, steps, lr, tokens) -> list[str]:
 
 
 def schedule_table(model, layers, grid, variants: list[str]) -> list[str]:
-    """Proxy error over RTN's of q/k/v, gate/up and down per layer, for each ``schedule:steps:lr`` variant (the
-    production learner: early stop at its patience, wide groups on column batches); the last rows give the mean
-    ratio over the groups and each variant's learning time relative to the first's (same process)."""
+    """Proxy error over RTN's of q/k/v, gate/up and down per layer, for each ``schedule:steps:lr[:columns]`` variant
+    (the production learner: early stop at its patience, groups wider than ``columns`` output columns, default
+    ``--column-batch``'s, on column batches); the last rows give the mean ratio over the groups and each variant's
+    learning time relative to the first's (same process)."""
     import time
 
     import qcompiler.algorithms.cafeq as cafeq
 
-    parsed = [(v, *v.split(":")) for v in variants]
+    batch = cafeq.LearnConfig().column_batch
+    parsed = [(v, *(v.split(":") + [str(batch)])[:4]) for v in variants]
     out = ["| group | " + " | ".join(v for v, *_ in parsed) + " |", "|---" * (len(parsed) + 1) + "|"]
     ratios, seconds = [[] for _ in parsed], [0.0] * len(parsed)
     for layer in layers:
@@ -225,8 +227,8 @@ def schedule_table(model, layers, grid, variants: list[str]) -> list[str]:
         for name, (mods, _) in groups.items():
             ws = [m.weight.detach().double().numpy().T for m in mods]
             cells = []
-            for i, (_, schedule, steps, lr) in enumerate(parsed):
-                cfg = cafeq.LearnConfig(steps=int(steps), lr=float(lr), lr_schedule=schedule)
+            for i, (_, schedule, steps, lr, columns) in enumerate(parsed):
+                cfg = cafeq.LearnConfig(steps=int(steps), lr=float(lr), lr_schedule=schedule, column_batch=int(columns))
                 t0 = time.perf_counter()
                 r = cafeq.learn_block_transform(ws, grid, BLOCK, cfg)
                 seconds[i] += time.perf_counter() - t0
@@ -248,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                                                             "the last is the steps")
     ap.add_argument("--lr", type=float, default=None, help="weights: Adam's rate (default: cafeq's)")
     ap.add_argument("--variants", default="constant:400:0.02,cosine:200:0.02,cosine:200:0.04,cosine:400:0.04",
-                    help="schedule: learning-rate schedules to compare, each schedule:steps:lr")
+                    help="schedule: learning-rate schedules to compare, each schedule:steps:lr[:column batch]")
     ap.add_argument("--tokens", type=int, default=1024, help="weights: activation tokens")
     args = ap.parse_args(argv)
 
