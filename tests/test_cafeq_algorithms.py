@@ -245,6 +245,61 @@ def test_transformed_error_is_autograd_of_its_composition(bits, group, sym):
     assert torch.count_nonzero(grads[1]) > 0
 
 
+@pytest.mark.parametrize("group", [32, 128, 48])
+def test_transformed_errors_of_stacked_items_are_each_items_own(group):
+    """Items laid one after another are quantized on their own groups (a padded group never reaches into the next
+    item): each item's error, and the gradient of a weighted sum of them, equal the item's own computation."""
+    from qcompiler.algorithms.fakequant import transformed_error, transformed_errors
+
+    g = torch.Generator().manual_seed(group)
+    items, nb, b, width = 3, 6, 16, 40  # K = 96 per item: group 128 pads each item, 48 spans three blocks
+    parts = [torch.randn(nb, b, width, generator=g, dtype=torch.float64) for _ in range(items)]
+    ms = [torch.eye(b, dtype=torch.float64) + 0.1 * torch.randn(nb, b, b, generator=g, dtype=torch.float64)
+          for _ in range(items)]
+    weights = torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64)
+    alone, grads = [], []
+    for m0, part, w in zip(ms, parts, weights, strict=True):
+        m = m0.clone().requires_grad_(True)
+        v = transformed_error(m, torch.linalg.inv(m), part, 4, group, False)
+        (w * v).backward()
+        alone.append(float(v.detach()))
+        grads.append(m.grad)
+    m = torch.cat(ms).requires_grad_(True)
+    errs = transformed_errors(m, torch.linalg.inv(m), torch.cat(parts), 4, group, False, items)
+    (weights * errs).sum().backward()
+    np.testing.assert_allclose(errs.detach().numpy(), alone, rtol=1e-12)
+    np.testing.assert_allclose(m.grad.numpy(), torch.cat(grads).numpy(), rtol=1e-9,
+                               atol=1e-12 * float(torch.cat(grads).abs().max()))
+
+
+@pytest.mark.parametrize("columns,patience", [(1024, 10), (64, 10), (64, 0)])
+def test_batched_block_learners_learn_what_each_learns_alone(columns, patience):
+    """Sibling groups of one shape learned as one batch (weighted and not; whole and on column batches; some
+    stopping early at their plateau, at different steps): each gets the transform, steps and errors it gets
+    alone, up to the float order of the error sums."""
+    from qcompiler.algorithms.cafeq import learn_block_transforms
+
+    rng = np.random.default_rng(columns + patience)
+    problems = [([rng.standard_normal((128, 100)) * rng.uniform(0.5, 2.0)],
+                 None if i % 2 else rng.uniform(0.1, 3.0, 128)) for i in range(3)]
+    on_grid = rng.integers(-4, 4, (128, 100)).astype(float)
+    on_grid[::32] = -4  # every group's extreme: RTN is exact, so this item plateaus at once
+    problems.append(([on_grid], None))
+    grid, cfg = GridSpec(3, 32, True), LearnConfig(steps=60, column_batch=columns, patience=patience)
+    alone = [learn_block_transform(ws, grid, 64, cfg, r) for ws, r in problems]
+    batch = learn_block_transforms(problems, grid, 64, cfg)
+    assert len(batch) == len(problems)
+    for a, b in zip(alone, batch, strict=True):
+        assert a.steps == b.steps
+        np.testing.assert_allclose(b.value, a.value, atol=1e-6)
+        assert b.error == pytest.approx(a.error, rel=1e-5) and b.identity_error == pytest.approx(a.identity_error)
+        assert b.error <= b.identity_error
+    if patience:  # the plateau stopped the exact item early, the others ran on
+        assert batch[-1].error == 0 and batch[-1].steps <= 20 < min(b.steps for b in batch[:-1])
+    with pytest.raises(ValueError, match="one shape"):
+        learn_block_transforms(problems + [([rng.standard_normal((128, 50))], None)], grid, 64, cfg)
+
+
 def test_row_weights_weigh_the_learned_error():
     """Uniform row weights change nothing; other weights are learned as the unweighted problem of ``D W`` and
     reported in the weighted metric, which the kept transform never leaves above RTN's."""

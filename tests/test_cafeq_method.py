@@ -1,6 +1,8 @@
 """--method cafeq / rotate end to end: exact transforms (weights left in float), better weights than
 RTN, the plan's contents, and MiniLM quality at 3 bits. sinq's folded scales are exact here too."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -154,6 +156,28 @@ def test_batched_joint_rounding_plans_what_the_numpy_path_plans(pair_checkpoints
     same = [np.mean(a.weight.codes == b.weight.codes) for a, b in zip(plans[False].sites, plans[True].sites,
                                                                      strict=True)]
     assert min(same) > 0.99
+
+
+def test_batched_learners_plan_what_one_at_a_time_plans(pair_checkpoints, cache_dir, monkeypatch):
+    """The planner's batched learners (sibling groups of one shape as one problem: a GPU's path) on the CPU learn
+    the online transforms that one learner per group learns, and the same codes follow."""
+    from qcompiler.methods.transform_planner import _Planner
+
+    cfg = CompileConfig(quant=QuantConfig(3, 32, False), method="cafeq", validate=False, kv_cache=PLAIN,
+                        cafeq=dataclasses.replace(QUICK, steps=20, joint_rounds=0, joint_mlp_rounds=0))
+    plans = {}
+    for batched in (False, True):
+        monkeypatch.setattr(_Planner, "_batched_learn", lambda self, b=batched: b)
+        plans[batched] = compile_model(str(pair_checkpoints["llama"]), None, cfg, cache_dir=cache_dir).plan
+    assert len(plans[True].online) == len(plans[False].online) > 1
+    shapes = [t.blocks.shape for t in plans[True].online]
+    assert len(set(shapes)) < len(shapes)  # some groups of one shape: they were learned as one batch
+    for a, b in zip(plans[False].online, plans[True].online, strict=True):
+        assert a.id == b.id
+        np.testing.assert_allclose(b.blocks, a.blocks, atol=1e-6)
+    same = [np.mean(a.weight.codes == b.weight.codes) for a, b in zip(plans[False].sites, plans[True].sites,
+                                                                     strict=True)]
+    assert min(same) > 0.999
 
 
 def test_no_joint_rounding(pair_checkpoints, cache_dir):

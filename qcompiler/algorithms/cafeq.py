@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from qcompiler.algorithms.fakequant import blocked, transformed_error
+from qcompiler.algorithms.fakequant import blocked, transformed_error, transformed_errors
 from qcompiler.algorithms.grid import GridSpec
 from qcompiler.algorithms.transforms import row_scale
 from qcompiler.config import CafeqConfig
@@ -220,14 +220,20 @@ def _t(x: np.ndarray, device: str) -> torch.Tensor:
     return torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32, device=device)
 
 
-def learn_block_transform(weights: list[np.ndarray], grid: GridSpec, block: int, cfg: LearnConfig,
-                          row_weights: np.ndarray | None = None) -> LearnResult:
-    """Block-diagonal ``T`` (``[K/b, b, b]``) for sites sharing one input; ``weights`` are ``[K, N_i]``.
+@dataclass(frozen=True)
+class _BlockProblem:
+    """One sibling group's learning problem, ready for torch: the weight (``D W`` when weighted), the start
+    (``T_0 D^-1``), ``D``'s diagonal, the weight's squared norm and plain RTN's (weighted) error over it."""
 
-    ``row_weights`` (``[K]``, positive): how much each input channel counts, the error becoming
-    ``sum_k r_k ||row k of (T^-1 Q(T W) - W)||^2``. With ``D = diag(sqrt(r))`` that is the unweighted error of
-    ``D W`` under ``T D^-1``, so the same learner runs on ``D W`` from ``T_0 D^-1`` and returns ``T = T' D``; the
-    errors it reports are weighted."""
+    w: torch.Tensor  # [K, N]
+    start: np.ndarray  # [K/b, b, b]
+    d: np.ndarray | None
+    norm: float
+    identity: float
+
+
+def _block_problem(weights: list[np.ndarray], grid: GridSpec, block: int, cfg: LearnConfig,
+                   row_weights: np.ndarray | None) -> _BlockProblem:
     w_np = np.concatenate(weights, axis=1)
     k = w_np.shape[0]
     if k % block:
@@ -241,10 +247,33 @@ def learn_block_transform(weights: list[np.ndarray], grid: GridSpec, block: int,
         rtn_error = float((((grid(w, False) - w) ** 2) * rows).sum())
     if d is not None:
         w, start = _t(w_np * d[:, None], cfg.device), start / d.reshape(nb, 1, block)
-    n = w.shape[1]
-    wb = w.reshape(nb, block, n)
     norm = float((w ** 2).sum()) or 1.0
-    module = _Transform(start, cfg.optimizer, cfg.device)
+    return _BlockProblem(w, start, d, norm, rtn_error / norm)
+
+
+def _block_result(prob: _BlockProblem, value: np.ndarray, err: float, start: float, steps: int) -> LearnResult:
+    nb, block = prob.start.shape[:2]
+    if prob.d is not None:
+        value = value * prob.d.reshape(nb, 1, block)  # T = T' D
+    if prob.identity <= err:  # learning never makes the group worse than plain RTN
+        value, err = np.broadcast_to(np.eye(block), (nb, block, block)).copy(), prob.identity
+    return LearnResult(value, start * prob.norm, err * prob.norm, prob.identity * prob.norm, steps)
+
+
+def learn_block_transform(weights: list[np.ndarray], grid: GridSpec, block: int, cfg: LearnConfig,
+                          row_weights: np.ndarray | None = None) -> LearnResult:
+    """Block-diagonal ``T`` (``[K/b, b, b]``) for sites sharing one input; ``weights`` are ``[K, N_i]``.
+
+    ``row_weights`` (``[K]``, positive): how much each input channel counts, the error becoming
+    ``sum_k r_k ||row k of (T^-1 Q(T W) - W)||^2``. With ``D = diag(sqrt(r))`` that is the unweighted error of
+    ``D W`` under ``T D^-1``, so the same learner runs on ``D W`` from ``T_0 D^-1`` and returns ``T = T' D``; the
+    errors it reports are weighted."""
+    prob = _block_problem(weights, grid, block, cfg, row_weights)
+    w, norm = prob.w, prob.norm
+    k, n = w.shape
+    nb = k // block
+    wb = w.reshape(nb, block, n)
+    module = _Transform(prob.start, cfg.optimizer, cfg.device)
 
     def true_error() -> float:
         m, m_inv = module.matrices()
@@ -267,13 +296,121 @@ def learn_block_transform(weights: list[np.ndarray], grid: GridSpec, block: int,
             return _lse_range(tw, grid, cfg.temperature) / _lse_range(ref, grid, cfg.temperature).detach()
         return transformed_error(m, m_inv, part, grid.bits, grid.block(k), grid.symmetric) / (norm * width / n)
 
-    identity = rtn_error / norm
     value, err, start, steps = _optimise(module, true_error, surrogate, cfg, exact_surrogate=not subsample)
-    if d is not None:
-        value = value * d.reshape(nb, 1, block)  # T = T' D
-    if identity <= err:  # learning never makes the group worse than plain RTN
-        value, err = np.broadcast_to(np.eye(block), (nb, block, block)).copy(), identity
-    return LearnResult(value, start * norm, err * norm, identity * norm, steps)
+    return _block_result(prob, value, err, start, steps)
+
+
+def learn_block_transforms(problems: list[tuple[list[np.ndarray], np.ndarray | None]], grid: GridSpec, block: int,
+                           cfg: LearnConfig) -> list[LearnResult]:
+    """:func:`learn_block_transform` of several sibling groups of one shape as one batched problem: each item is
+    ``(weights, row_weights)``. The items are independent (a sum of their normalised errors, Adam per
+    element), each with its own column draws, best iterate and early stop, so an item's result is what it gets
+    alone up to the floating-point order of the batched products. One optimiser step for all: on a GPU kernel
+    launches, not arithmetic, bound a learner (on a CPU a batch is slower: the planner batches on GPUs only).
+    The ``lse`` loss is learned one item at a time."""
+    if cfg.loss != "ste" or len(problems) < 2:
+        return [learn_block_transform(ws, grid, block, cfg, r) for ws, r in problems]
+    probs = [_block_problem(ws, grid, block, cfg, r) for ws, r in problems]
+    if len({p.w.shape for p in probs}) > 1:
+        raise ValueError("a batch of learners needs sibling groups of one shape")
+    items, (k, n) = len(probs), probs[0].w.shape
+    nb = k // block
+    w = torch.stack([p.w for p in probs])  # [items, K, N]
+    wb = w.reshape(items * nb, block, n)
+    norms = torch.tensor([p.norm for p in probs], device=cfg.device)
+    module = _Transform(np.concatenate([p.start for p in probs]), cfg.optimizer, cfg.device)
+    gens = [torch.Generator(device=cfg.device).manual_seed(cfg.seed) for _ in probs]
+    subsample = n > cfg.column_batch
+
+    def errors(part: torch.Tensor, ste: bool) -> torch.Tensor:
+        m, m_inv = module.matrices()
+        if ste:
+            return transformed_errors(m, m_inv, part, grid.bits, grid.block(k), grid.symmetric, items)
+        width = part.shape[2]
+        tw = torch.bmm(m, part).reshape(items, k, width)
+        hat = torch.stack([grid(x, False) for x in tw]).reshape(items * nb, block, width)
+        r = (torch.bmm(m_inv, hat) - part).reshape(items, -1)
+        return (r ** 2).sum(dim=1)
+
+    def true_errors() -> np.ndarray:
+        return (errors(wb, False) / norms).cpu().numpy()
+
+    def surrogates() -> torch.Tensor:
+        if not subsample:
+            return errors(wb, True) / norms
+        cols = [torch.randperm(n, generator=g, device=cfg.device)[:cfg.column_batch] for g in gens]
+        part = torch.stack([x.index_select(1, c) for x, c in zip(w, cols, strict=True)])
+        width = part.shape[2]
+        return errors(part.reshape(items * nb, block, width), True) / (norms * width / n)
+
+    values, errs, starts, steps = _optimise_items(module, true_errors, surrogates, cfg, items,
+                                                  exact_surrogate=not subsample)
+    return [_block_result(p, values[i * nb:(i + 1) * nb], float(errs[i]), float(starts[i]), int(steps[i]))
+            for i, p in enumerate(probs)]
+
+
+def _optimise_items(module: _Transform, true_errors: Callable[[], np.ndarray], surrogates: Callable[[], torch.Tensor],
+                    cfg: LearnConfig, items: int, exact_surrogate: bool) -> tuple[np.ndarray, ...]:
+    """:func:`_optimise` of ``items`` independent problems (``module``'s blocks in ``items`` equal runs): the
+    loss is the sum of their errors, and each keeps its own best iterate, plateau and stop. An item that stops
+    keeps what it had then; the others run on. Returns (best matrices, best errors, start errors, steps)."""
+    with torch.no_grad():
+        start = true_errors()
+    best, best_m = start.copy(), module.matrices()[0].detach().clone()
+    per = best_m.shape[0] // items
+    done = np.full(items, cfg.steps)
+    if cfg.steps <= 0:
+        return best_m.double().cpu().numpy(), best, start, np.zeros(items, dtype=int)
+    opt = (torch.optim.Adam(module.parameters(), lr=cfg.lr) if cfg.optimizer == "adam"
+           else torch.optim.SGD(module.parameters(), lr=cfg.lr, momentum=0.9))
+    schedule = _schedule(opt, cfg)
+    ste = cfg.ortho_reg == 0 and exact_surrogate
+    plateaus = [_Plateau(float(s), cfg.patience) for s in start]
+    active = np.ones(items, dtype=bool)
+
+    def keep(i: int, value: float, m: torch.Tensor) -> None:
+        best[i] = value
+        best_m[i * per:(i + 1) * per] = m[i * per:(i + 1) * per].detach()
+
+    for step in range(cfg.steps):
+        opt.zero_grad(set_to_none=True)
+        sv = surrogates()
+        values = sv.detach().cpu().numpy()
+        for i in np.flatnonzero(active & ~np.isfinite(values)):
+            active[i] = False  # as one run's loop ends at a non-finite loss
+        if ste:
+            for i in np.flatnonzero(active):
+                if values[i] < best[i]:  # the iterate the surrogate just read
+                    keep(i, float(values[i]), module.last)
+                if plateaus[i].stalled(float(best[i])):
+                    active[i], done[i] = False, step
+        if not active.any():
+            break
+        mask = torch.as_tensor(active, device=sv.device)
+        loss = torch.where(mask, sv, 0.0).sum()
+        if cfg.ortho_reg:
+            loss = loss + cfg.ortho_reg * module.ortho_penalty() * items
+        loss.backward()
+        opt.step()
+        if schedule is not None:
+            schedule.step()
+        if not ste and (step % 10 == 9 or step == cfg.steps - 1):
+            with torch.no_grad():
+                errs = true_errors()
+                m = module.matrices()[0]
+            for i in np.flatnonzero(active):
+                if errs[i] < best[i]:
+                    keep(i, float(errs[i]), m)
+                if plateaus[i].stalled(float(best[i]), 10):
+                    active[i], done[i] = False, step + 1
+    if ste:  # the final iterate of the items that ran every step
+        with torch.no_grad():
+            errs = true_errors()
+            m = module.matrices()[0]
+        for i in np.flatnonzero(active):
+            if errs[i] < best[i]:
+                keep(i, float(errs[i]), m)
+    return best_m.double().cpu().numpy(), best, start, done
 
 
 def learn_vo(a: np.ndarray, b: np.ndarray, kv_map: tuple[int, ...], head_dim: int, grid_a: GridSpec, grid_b: GridSpec,

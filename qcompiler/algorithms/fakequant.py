@@ -106,43 +106,69 @@ class _FakeQuantSTE(torch.autograd.Function):
         return _ste_backward(g, ctx.saved_tensors, ctx.bits, ctx.symmetric), None, None
 
 
+def _grouped(x: torch.Tensor, items: int, group: int) -> torch.Tensor:
+    """``[items * nb, b, X]`` (each item's ``[nb * b, X]`` matrix in blocks) -> ``[groups, group, X]``: each item's
+    rows in quant groups of ``group``, zero-padded per item, so no group spans two items."""
+    width = x.shape[-1]
+    return blocked(x.reshape(-1, width), group) if items == 1 else torch.cat(
+        [blocked(part, group) for part in x.reshape(items, -1, width)])
+
+
+def _ungrouped(x: torch.Tensor, items: int, nb: int, b: int) -> torch.Tensor:
+    """The inverse of :func:`_grouped` (padding dropped): ``[items * nb, b, X]``."""
+    width = x.shape[-1]
+    k = nb * b
+    return x.reshape(items, -1, width)[:, :k].reshape(items * nb, b, width)
+
+
 class _TransformedError(torch.autograd.Function):
-    """``sum ||M^-1 Q(M P) - P||^2`` over blocks, ``Q`` the STE fake quantization (groups of ``group`` rows of the
-    ``[nb * b, X]`` matrix ``M P``). The same value and gradient as autograd of that composition with
-    ``fake_quant``, in fewer passes over the weight: CafeQ's block learner spends nearly all its time here."""
+    """``||M^-1 Q(M P) - P||^2`` per item, over its blocks, ``Q`` the STE fake quantization (groups of ``group``
+    rows of an item's ``[nb * b, X]`` matrix ``M P``); ``items`` independent problems of ``nb`` blocks each are
+    laid one after another along the first axis. The same value and gradient as autograd of that composition
+    with ``fake_quant``, in fewer passes over the weight: CafeQ's block learner spends nearly all its time here."""
 
     @staticmethod
     def forward(ctx, m: torch.Tensor, m_inv: torch.Tensor, part: torch.Tensor, bits: int, group: int,
-                symmetric: bool) -> torch.Tensor:
-        nb, b, width = part.shape
-        k = nb * b
-        wb = blocked(torch.bmm(m, part).reshape(k, width), group)
+                symmetric: bool, items: int) -> torch.Tensor:
+        total, b, width = part.shape
+        nb = total // items
+        wb = _grouped(torch.bmm(m, part), items, group)
         d, inside, mx, mn, scale, zero = _codes(wb, bits, symmetric)
-        hat = (d * scale).reshape(-1, width)[:k].reshape(nb, b, width)
+        hat = _ungrouped(d * scale, items, nb, b)
         r = torch.bmm(m_inv, hat).sub_(part)
         ctx.save_for_backward(m_inv, part, wb, d, inside, mx, mn, scale, zero, hat, r)
-        ctx.bits, ctx.symmetric = bits, symmetric
-        return torch.vdot(r.reshape(-1), r.reshape(-1))
+        ctx.bits, ctx.symmetric, ctx.items = bits, symmetric, items
+        if items == 1:
+            return torch.vdot(r.reshape(-1), r.reshape(-1)).reshape(1)
+        flat = r.reshape(items, -1)
+        return torch.linalg.vecdot(flat, flat)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         m_inv, part, wb, d, inside, mx, mn, scale, zero, hat, r = ctx.saved_tensors
-        nb, b, width = part.shape
-        k = nb * b
-        g2 = 2 * g
+        items = ctx.items
+        total, b, width = part.shape
+        nb = total // items
+        g2 = (2 * g).repeat_interleave(nb)[:, None, None] if items > 1 else 2 * g
         g_inv = torch.bmm(r, hat.transpose(1, 2)).mul_(g2)
-        g_hat = torch.bmm(m_inv.transpose(1, 2), r).mul_(g2).reshape(k, width)
-        g_hat = blocked(g_hat, wb.shape[1])
+        g_hat = _grouped(torch.bmm(m_inv.transpose(1, 2), r).mul_(g2), items, wb.shape[1])
         g_tw = _ste_backward(g_hat, (wb, d, inside, mx, mn, scale, zero), ctx.bits, ctx.symmetric)
-        g_m = torch.bmm(g_tw.reshape(-1, width)[:k].reshape(nb, b, width), part.transpose(1, 2))
-        return g_m, g_inv, None, None, None, None
+        g_m = torch.bmm(_ungrouped(g_tw, items, nb, b), part.transpose(1, 2))
+        return g_m, g_inv, None, None, None, None, None
 
 
 def transformed_error(m: torch.Tensor, m_inv: torch.Tensor, part: torch.Tensor, bits: int, group: int,
                       symmetric: bool) -> torch.Tensor:
     """``sum ||M^-1 Q(M P) - P||^2`` for block-diagonal ``M`` (``[nb, b, b]``) and ``P`` ``[nb, b, X]``, with
     ``Q``'s straight-through gradient (:class:`_TransformedError`)."""
-    return _TransformedError.apply(m, m_inv, part, bits, group, symmetric)
+    return _TransformedError.apply(m, m_inv, part, bits, group, symmetric, 1)[0]
+
+
+def transformed_errors(m: torch.Tensor, m_inv: torch.Tensor, part: torch.Tensor, bits: int, group: int,
+                       symmetric: bool, items: int) -> torch.Tensor:
+    """:func:`transformed_error` of ``items`` independent problems at once (``M``, ``P`` of ``items * nb``
+    blocks, each item's ``nb`` consecutive): their ``[items]`` errors, each item quantized on its own groups."""
+    return _TransformedError.apply(m, m_inv, part, bits, group, symmetric, items)
 
 
 def fake_quant(w: torch.Tensor, bits: int, block: int, symmetric: bool, ste: bool = True) -> torch.Tensor:

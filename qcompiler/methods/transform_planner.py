@@ -20,9 +20,11 @@ import numpy as np
 
 from qcompiler.algorithms.cafeq import (
     LearnConfig,
+    LearnResult,
     channel_order,
     initial_blocks,
     learn_block_transform,
+    learn_block_transforms,
     learn_updown_scale,
     learn_vo,
     weighted_row_error,
@@ -223,10 +225,7 @@ class _Planner:
         elif not self.recipe.sinkhorn:  # sinq scales every unit (a gain before it absorbs the scale for free)
             units = cheapest_first(units, self.cfg.online_budget)
         out, blocks_of = [], {}
-        learned = [] if not self.recipe.learned else self.pool.map(
-            learn_block_transform, [([self.folded[m] for m in u.members], self.grid(self.sites[u.members[0]].k),
-                                     u.block, self.learn, self._row_weights(u.input)) for u in units],
-            f"{self.recipe.name} single")
+        learned = [] if not self.recipe.learned else self._learn_units(units)
         for i, u in enumerate(units):
             k = self.sites[u.members[0]].k
             if self.recipe.sinkhorn:  # T = diag(1/t): the members store W / t, the model reads x * t
@@ -244,6 +243,32 @@ class _Planner:
             for m in u.members:
                 blocks_of[m] = blocks
         return out, blocks_of
+
+    def _batched_learn(self) -> bool:
+        """Sibling groups of one shape learned as one batch on the torch device (a GPU); on the CPU a batch is
+        slower than the same learners one at a time."""
+        return self.learn.device != "cpu"
+
+    def _learn_units(self, units: list) -> list[LearnResult]:
+        """Each unit's learned block transform: one task per unit, or per batch of units of one shape."""
+        tasks = [([self.folded[m] for m in u.members], self.grid(self.sites[u.members[0]].k), u.block,
+                  self._row_weights(u.input)) for u in units]
+        if not self._batched_learn():
+            return self.pool.map(learn_block_transform, [(ws, grid, block, self.learn, rows)
+                                                         for ws, grid, block, rows in tasks],
+                                 f"{self.recipe.name} single")
+        batches: dict[tuple, list[int]] = {}
+        for i, (ws, grid, block, _) in enumerate(tasks):
+            batches.setdefault((ws[0].shape[0], sum(w.shape[1] for w in ws), grid, block), []).append(i)
+        parts = list(batches.values())
+        results = self.pool.map(
+            learn_block_transforms, [([(tasks[i][0], tasks[i][3]) for i in part], tasks[part[0]][1], tasks[part[0]][2],
+                                      self.learn) for part in parts], f"{self.recipe.name} single (batched)")
+        out: list[LearnResult | None] = [None] * len(units)
+        for part, res in zip(parts, results, strict=True):
+            for i, r in zip(part, res, strict=True):
+                out[i] = r
+        return out  # type: ignore[return-value]
 
     def _row_weights(self, tensor: str) -> np.ndarray | None:
         """The weights of ``tensor``'s channels in the learned errors and in joint rounding's product error
