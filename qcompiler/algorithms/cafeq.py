@@ -171,49 +171,13 @@ def _schedule(opt: torch.optim.Optimizer, cfg: LearnConfig) -> torch.optim.lr_sc
 
 def _optimise(module: _Transform, true_error: Callable[[], float], surrogate: Callable[[], torch.Tensor],
               cfg: LearnConfig, exact_surrogate: bool = True) -> tuple[np.ndarray, float, float, int]:
-    """Run the optimiser; return (best matrices, best true error, start true error, steps)."""
-    with torch.no_grad():
-        start = true_error()
-    best, best_m = start, module.matrices()[0].detach().clone()
-    if cfg.steps <= 0:
-        return best_m.double().cpu().numpy(), best, start, 0
-    opt = (torch.optim.Adam(module.parameters(), lr=cfg.lr) if cfg.optimizer == "adam"
-           else torch.optim.SGD(module.parameters(), lr=cfg.lr, momentum=0.9))
-    schedule = _schedule(opt, cfg)
-    # with the STE loss the surrogate's forward value *is* the true proxy error of the current iterate,
-    # so it is read from the loss before each step instead of being recomputed
-    ste = cfg.loss == "ste" and cfg.ortho_reg == 0 and exact_surrogate
-    plateau, done = _Plateau(start, cfg.patience), cfg.steps
-    for step in range(cfg.steps):
-        opt.zero_grad(set_to_none=True)
-        surrogate_value = surrogate()
-        loss = surrogate_value + cfg.ortho_reg * module.ortho_penalty()
-        if not torch.isfinite(loss):
-            break
-        value = float(surrogate_value.detach())
-        if ste and value < best:  # the iterate the surrogate just read
-            best, best_m = value, module.last.detach().clone()
-        if ste and plateau.stalled(best):
-            done = step
-            break
-        loss.backward()
-        opt.step()
-        if schedule is not None:
-            schedule.step()
-        if not ste and (step % 10 == 9 or step == cfg.steps - 1):
-            with torch.no_grad():
-                err = true_error()
-            if err < best:
-                best, best_m = err, module.matrices()[0].detach().clone()
-            if plateau.stalled(best, 10):
-                done = step + 1
-                break
-    if ste:
-        with torch.no_grad():
-            err = true_error()
-        if err < best:
-            best, best_m = err, module.matrices()[0].detach().clone()
-    return best_m.double().cpu().numpy(), best, start, done
+    """Run the optimiser on one problem; return (best matrices, best true error, start true error, steps).
+    With the STE loss the surrogate's forward value *is* the true proxy error of the current iterate, so it is
+    read from the loss before each step instead of being recomputed (:func:`_optimise_items`, one item)."""
+    value, best, start, done = _optimise_items(module, lambda: np.array([true_error()]),
+                                               lambda: surrogate().reshape(1), cfg, 1,
+                                               exact_surrogate and cfg.loss == "ste")
+    return value, float(best[0]), float(start[0]), int(done[0])
 
 
 def _t(x: np.ndarray, device: str) -> torch.Tensor:
