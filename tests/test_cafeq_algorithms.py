@@ -300,6 +300,33 @@ def test_batched_block_learners_learn_what_each_learns_alone(columns, patience):
         learn_block_transforms(problems + [([rng.standard_normal((128, 50))], None)], grid, 64, cfg)
 
 
+@pytest.mark.parametrize("loss", ["ste", "lse"])
+def test_batched_vo_learners_learn_what_each_learns_alone(loss):
+    """V·O pairs of one shape learned as one batch (weighted and not, one stopping early): each gets the transforms,
+    steps and errors it gets alone, up to the float order of the error sums."""
+    from qcompiler.algorithms.cafeq import learn_vos
+
+    rng = np.random.default_rng(3)
+    kv_map, d = (0, 0, 1, 1, 1, 0), 16
+    pairs = [(rng.standard_normal((128, 32)) * rng.uniform(0.5, 2.0), rng.standard_normal((96, 80)),
+              None if i % 2 else rng.uniform(0.1, 3.0, 128)) for i in range(3)]
+    a, b = rng.integers(-4, 4, (128, 32)).astype(float), rng.integers(-7, 9, (96, 80)).astype(float)
+    a[::32], b[::32], b[1::32] = -4, -7, 8  # both factors on their grids: RTN is exact, this pair stops at once
+    pairs.append((a, b, None))
+    grid_a, grid_b = GridSpec(3, 32, True), GridSpec(4, 32, False)
+    cfg = LearnConfig(steps=40, patience=10, loss=loss)
+    alone = [learn_vo(a, b, kv_map, d, grid_a, grid_b, cfg, r) for a, b, r in pairs]
+    batch = learn_vos(pairs, kv_map, d, grid_a, grid_b, cfg)
+    for x, y in zip(alone, batch, strict=True):
+        assert x.steps == y.steps
+        np.testing.assert_allclose(y.value, x.value, atol=1e-6)
+        assert y.error == pytest.approx(x.error, rel=1e-5) and y.identity_error == pytest.approx(x.identity_error)
+    assert all(x.error < x.identity_error for x in batch[:-1])
+    assert batch[-1].error == 0 and batch[-1].steps < min(x.steps for x in batch[:-1])
+    with pytest.raises(ValueError, match="one shape"):
+        learn_vos(pairs + [(pairs[0][0][:, :16], pairs[0][1], None)], kv_map, d, grid_a, grid_b, cfg)
+
+
 def test_row_weights_weigh_the_learned_error():
     """Uniform row weights change nothing; other weights are learned as the unweighted problem of ``D W`` and
     reported in the weighted metric, which the kept transform never leaves above RTN's."""

@@ -159,8 +159,8 @@ def test_batched_joint_rounding_plans_what_the_numpy_path_plans(pair_checkpoints
 
 
 def test_batched_learners_plan_what_one_at_a_time_plans(pair_checkpoints, cache_dir, monkeypatch):
-    """The planner's batched learners (sibling groups of one shape as one problem: a GPU's path) on the CPU learn
-    the online transforms that one learner per group learns, and the same codes follow."""
+    """The planner's batched learners (sibling groups, and V·O pairs, of one shape as one problem: a GPU's path) on
+    the CPU learn the transforms that one learner per group or pair learns, and the same codes follow."""
     from qcompiler.methods.transform_planner import _Planner
 
     cfg = CompileConfig(quant=QuantConfig(3, 32, False), method="cafeq", validate=False, kv_cache=PLAIN,
@@ -175,6 +175,12 @@ def test_batched_learners_plan_what_one_at_a_time_plans(pair_checkpoints, cache_
     for a, b in zip(plans[False].online, plans[True].online, strict=True):
         assert a.id == b.id
         np.testing.assert_allclose(b.blocks, a.blocks, atol=1e-6)
+    vo = [(a, b) for a, b in zip(plans[False].pair_transforms, plans[True].pair_transforms, strict=True)
+          if a.matrices is not None]
+    assert len(vo) > 1  # two V·O pairs of one shape: one batch
+    for a, b in vo:
+        assert a.pair.id == b.pair.id
+        np.testing.assert_allclose(b.matrices, a.matrices, atol=1e-6)
     same = [np.mean(a.weight.codes == b.weight.codes) for a, b in zip(plans[False].sites, plans[True].sites,
                                                                      strict=True)]
     assert min(same) > 0.999

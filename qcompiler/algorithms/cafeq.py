@@ -381,47 +381,88 @@ def learn_vo(a: np.ndarray, b: np.ndarray, kv_map: tuple[int, ...], head_dim: in
              cfg: LearnConfig, row_weights: np.ndarray | None = None) -> LearnResult:
     """``M_h`` per KV head. ``a`` is V's column slice ``[K, n_kv d]``; ``b`` is O ``[n_q d, N]``.
     ``row_weights`` (``[K]``): how much each of V's input channels counts in V's error (``--input-weights``)."""
-    d, n_kv, n_q = head_dim, a.shape[1] // head_dim, len(kv_map)
-    ta, tb = _t(a, cfg.device), _t(b, cfg.device)
-    k, n = ta.shape[0], tb.shape[1]
-    da = row_scale(row_weights, k)
-    ra = 1.0 if da is None else _t(da ** 2, cfg.device)[:, None]
-    na, nb_ = float((ta ** 2 * ra).sum()) or 1.0, float((tb ** 2).sum()) or 1.0
-    idx = torch.as_tensor(kv_map, device=cfg.device)
+    return learn_vos([(a, b, row_weights)], kv_map, head_dim, grid_a, grid_b, cfg)[0]
+
+
+def learn_vos(pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]], kv_map: tuple[int, ...], head_dim: int,
+              grid_a: GridSpec, grid_b: GridSpec, cfg: LearnConfig) -> list[LearnResult]:
+    """:func:`learn_vo` of V·O pairs of one shape (``(a, b, row_weights)`` each) as one batched problem: each pair
+    keeps its own best iterate and early stop (:func:`_optimise_items`), so a pair gets what it gets alone up to
+    the float order of the batched products; one optimiser step for all (a GPU's path, as
+    :func:`learn_block_transforms`). Factors of the pairs sit side by side as columns of one grid, whose
+    groups run down the columns: a group never mixes two pairs."""
+    if len({(x.shape, y.shape) for x, y, _ in pairs}) > 1:
+        raise ValueError("a batch of V·O learners needs pairs of one shape")
+    items, d, n_q = len(pairs), head_dim, len(kv_map)
+    (k, cols), n = pairs[0][0].shape, pairs[0][1].shape[1]
+    n_kv = cols // d
+    ta = torch.stack([_t(x, cfg.device) for x, _, _ in pairs])  # [items, K, n_kv d]
+    tb = torch.stack([_t(y, cfg.device) for _, y, _ in pairs])  # [items, n_q d, N]
+    scales = [row_scale(r, k) for _, _, r in pairs]
+    ra = torch.stack([torch.ones(k, device=cfg.device) if x is None else _t(x ** 2, cfg.device) for x in scales])
+    ra = ra[:, :, None]
+    na = torch.stack([v.sum() for v in ta ** 2 * ra]).clamp_min(0)
+    na = torch.where(na > 0, na, 1.0)
+    nb_ = torch.stack([v.sum() for v in tb ** 2])
+    nb_ = torch.where(nb_ > 0, nb_, 1.0)
+    # each pair's query head j reads its KV head kv_map[j]: rows of the batch's [items * n_kv] blocks
+    idx = (torch.arange(items, device=cfg.device)[:, None] * n_kv
+           + torch.as_tensor(kv_map, device=cfg.device)[None]).reshape(-1)
     rng = np.random.default_rng(cfg.seed)
-    module = _Transform(initial_blocks(n_kv, d, cfg.init, rng), cfg.optimizer, cfg.device)
-    a3, b3 = ta.reshape(k, n_kv, d), tb.reshape(n_q, d, n)
+    start = initial_blocks(n_kv, d, cfg.init, rng)
+    module = _Transform(np.concatenate([start] * items), cfg.optimizer, cfg.device)
+    a4, b3 = ta.reshape(items, k, n_kv, d), tb.reshape(items * n_q, d, n)
+
+    def side_by_side(x: torch.Tensor, grid: GridSpec, ste: bool) -> torch.Tensor:
+        """``grid`` on each item's ``[R, C]`` matrix of ``x`` (``[items, R, C]``), the items as columns of one."""
+        if items == 1:
+            return grid(x[0], ste)[None]
+        r, c = x.shape[1:]
+        return grid(x.transpose(0, 1).reshape(r, items * c), ste).reshape(r, items, c).transpose(0, 1)
 
     def errors(ste: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         m, m_inv = module.matrices()
-        a_t = torch.einsum("khi,hij->khj", a3, m).reshape(k, n_kv * d)
-        a_hat = grid_a(a_t, ste)
-        a_eff = torch.einsum("khi,hij->khj", a_hat.reshape(k, n_kv, d), m_inv).reshape(k, n_kv * d)
-        ea = ((a_eff - ta) ** 2 * ra).sum() / na
+        m4, m_inv4 = m.reshape(items, n_kv, d, d), m_inv.reshape(items, n_kv, d, d)
+        a_t = torch.stack([torch.einsum("khi,hij->khj", x, y) for x, y in zip(a4, m4, strict=True)])
+        a_hat = side_by_side(a_t.reshape(items, k, n_kv * d), grid_a, ste).reshape(items, k, n_kv, d)
+        a_eff = torch.stack([torch.einsum("khi,hij->khj", x, y) for x, y in zip(a_hat, m_inv4, strict=True)])
+        ea = torch.stack([v.sum() for v in (a_eff.reshape(items, k, -1) - ta) ** 2 * ra]) / na
         if ste and cfg.loss == "ste":  # O's rows in heads: M_h Q(M_h^-1 B_j), the block learner's fused error
-            eb = transformed_error(m_inv[idx], m[idx], b3, grid_b.bits, grid_b.block(n_q * d), grid_b.symmetric)
+            eb = transformed_errors(m_inv[idx], m[idx], b3, grid_b.bits, grid_b.block(n_q * d), grid_b.symmetric,
+                                    items)
             return ea, eb / nb_, a_t, None
-        b_t = torch.einsum("qij,qjn->qin", m_inv[idx], b3).reshape(n_q * d, n)
-        b_eff = torch.einsum("qij,qjn->qin", m[idx], grid_b(b_t, ste).reshape(n_q, d, n)).reshape(n_q * d, n)
-        return ea, ((b_eff - tb) ** 2).sum() / nb_, a_t, b_t
+        b_t = torch.einsum("qij,qjn->qin", m_inv[idx], b3).reshape(items, n_q * d, n)
+        b_hat = side_by_side(b_t, grid_b, ste).reshape(items * n_q, d, n)
+        b_eff = torch.einsum("qij,qjn->qin", m[idx], b_hat).reshape(items, n_q * d, n)
+        return ea, torch.stack([v.sum() for v in (b_eff - tb) ** 2]) / nb_, a_t, b_t
 
-    def true_error() -> float:
+    def true_errors() -> np.ndarray:
         ea, eb, _, _ = errors(False)
-        return float(ea + eb)
+        return (ea + eb).double().cpu().numpy()
 
-    def surrogate() -> torch.Tensor:
+    def surrogates() -> torch.Tensor:
         ea, eb, a_t, b_t = errors(True)
         if cfg.loss == "lse":
-            return (_lse_range(a_t, grid_a, cfg.temperature) / _lse_range(ta, grid_a, cfg.temperature).detach()
-                    + _lse_range(b_t, grid_b, cfg.temperature) / _lse_range(tb, grid_b, cfg.temperature).detach())
+            a_t = a_t.reshape(items, k, n_kv * d)
+            return torch.stack([
+                _lse_range(a_t[i], grid_a, cfg.temperature) / _lse_range(ta[i], grid_a, cfg.temperature).detach()
+                + _lse_range(b_t[i], grid_b, cfg.temperature) / _lse_range(tb[i], grid_b, cfg.temperature).detach()
+                for i in range(items)])
         return ea + eb
 
     with torch.no_grad():
-        identity = float(((grid_a(ta, False) - ta) ** 2 * ra).sum() / na + ((grid_b(tb, False) - tb) ** 2).sum() / nb_)
-    value, err, start, steps = _optimise(module, true_error, surrogate, cfg)
-    if identity <= err:
-        value, err = np.broadcast_to(np.eye(d), (n_kv, d, d)).copy(), identity
-    return LearnResult(value, start, err, identity, steps)
+        identity = (torch.stack([v.sum() for v in (side_by_side(ta, grid_a, False) - ta) ** 2 * ra]) / na
+                    + torch.stack([v.sum() for v in (side_by_side(tb, grid_b, False) - tb) ** 2]) / nb_)
+    identity = identity.double().cpu().numpy()
+    value, err, start_err, steps = _optimise_items(module, true_errors, surrogates, cfg, items,
+                                                   exact_surrogate=cfg.loss == "ste")
+    out = []
+    for i in range(items):
+        v, e = value[i * n_kv:(i + 1) * n_kv], float(err[i])
+        if identity[i] <= e:
+            v, e = np.broadcast_to(np.eye(d), (n_kv, d, d)).copy(), float(identity[i])
+        out.append(LearnResult(v, float(start_err[i]), e, float(identity[i]), int(steps[i])))
+    return out
 
 
 def learn_updown_scale(up: np.ndarray, down: np.ndarray, grid_down: GridSpec, cfg: LearnConfig) -> LearnResult:

@@ -27,6 +27,7 @@ from qcompiler.algorithms.cafeq import (
     learn_block_transforms,
     learn_updown_scale,
     learn_vo,
+    learn_vos,
     weighted_row_error,
 )
 from qcompiler.algorithms.fold import fold_attn_vo, fold_mlp, product_error
@@ -53,6 +54,8 @@ from qcompiler.sites import ATTN_VO, MLP_UP_DOWN, Analysis, CoupledPair, LinearS
 from qcompiler.workers import TaskPool, make_pool, open_pool, resolve_jobs
 
 log = logging.getLogger(__name__)
+
+VO_BATCH = "vo-batch"  # a task of V·O pairs of one shape learned as one problem (batched learners)
 
 # (pair transforms, online transforms, stored weights by site id) -> rounded sites by id, each with
 # ``weight`` (QuantizedWeight), ``proxy``, ``rtn_proxy`` and ``holdout_error`` (methods/gptq.Rounded)
@@ -182,7 +185,7 @@ class _Planner:
             # a fold touches only its own pair's sites; pairs sharing a factor wait for the folds before them
             shared = _shared_sites(pairs)
             free = [p for p in pairs if not _sites_of(p) & shared]
-            results = self.pool.map(_learn_pair, [self._pair_task(p) for p in free], f"{self.recipe.name} pairs")
+            results = self._learn_pairs(free)
             learned = {p.id: r for p, r in zip(free, results, strict=True)}
         out = []
         for p in pairs:  # in graph order: a pair folds into its factors before a later pair reads them
@@ -248,6 +251,30 @@ class _Planner:
         """Sibling groups of one shape learned as one batch on the torch device (a GPU); on the CPU a batch is
         slower than the same learners one at a time."""
         return self.learn.device != "cpu"
+
+    def _learn_pairs(self, pairs: list[CoupledPair]) -> list[Any]:
+        """Each pair's :func:`_learn_pair` result: one task per pair, or, batched, V·O pairs of one shape as one
+        task (:func:`learn_vos`; up·down's scale learners stay one per pair: they stop after ~110 steps)."""
+        tasks = [self._pair_task(p) for p in pairs]
+        what = f"{self.recipe.name} pairs"
+        if not self._batched_learn():
+            return self.pool.map(_learn_pair, tasks, what)
+        jobs: list[tuple[list[int], tuple[str, tuple]]] = []
+        batches: dict[tuple, list[int]] = {}
+        for i, (kind, args) in enumerate(tasks):
+            if kind == ATTN_VO:
+                a, b, kv_map, head_dim, grid_a, grid_b, _, _ = args
+                batches.setdefault((a.shape, b.shape, kv_map, head_dim, grid_a, grid_b), []).append(i)
+            else:
+                jobs.append(([i], (kind, args)))
+        for (_, _, kv_map, head_dim, grid_a, grid_b), idx in batches.items():
+            items = [(tasks[i][1][0], tasks[i][1][1], tasks[i][1][7]) for i in idx]
+            jobs.append((idx, (VO_BATCH, (items, kv_map, head_dim, grid_a, grid_b, self.learn))))
+        out: list[Any] = [None] * len(tasks)
+        for (idx, (kind, _)), res in zip(jobs, self.pool.map(_learn_pair, [t for _, t in jobs], what), strict=True):
+            for i, r in zip(idx, res if kind == VO_BATCH else [res], strict=True):
+                out[i] = r
+        return out
 
     def _learn_units(self, units: list) -> list[LearnResult]:
         """Each unit's learned block transform: one task per unit, or per batch of units of one shape."""
@@ -487,6 +514,8 @@ def _learn_pair(kind: str, args: tuple) -> Any:
     order kept only where it lowers down's weighted error, then the scale where the activation allows."""
     if kind == ATTN_VO:
         return learn_vo(*args)
+    if kind == VO_BATCH:
+        return learn_vos(*args)
     a, b, grid, learn, diagonal = args
     perm = channel_order(b)
     if weighted_row_error(a[:, perm], b[perm], grid) >= weighted_row_error(a, b, grid):
