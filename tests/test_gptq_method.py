@@ -61,7 +61,7 @@ def test_gptaq_with_alpha_zero_is_gptq(tiny_checkpoints, cache_dir, ids_file):
 
 def test_v_columns_solved_per_head_are_the_plain_solution_when_the_statistics_agree():
     """Columns are independent problems: splitting V by head with the group's own H changes nothing."""
-    from qcompiler.algorithms.gptq import SolverConfig, solve_rows
+    from qcompiler.algorithms.gptq import SolverConfig, solve_rows, solve_rows_parts
     from qcompiler.algorithms.grid import GridSpec
     from qcompiler.methods.gptq import _join, _slices, _solve_tasks
     from qcompiler.runtime.calibrate import GroupData, HeadStats
@@ -76,17 +76,17 @@ def test_v_columns_solved_per_head_are_the_plain_solution_when_the_statistics_ag
     slices = _slices(24, data, "v")
     assert [(lo, hi) for lo, hi, _, _ in slices] == [(0, 8), (8, 16), (16, 24)]
     grid = GridSpec(3, 16, True)
-    got = _join([solve_rows(*t) for t in _solve_tasks(w, slices, grid, SolverConfig())])
+    got = _join([q for t in _solve_tasks(w, slices, grid, SolverConfig(), 1) for q in solve_rows_parts(*t)])
     want = solve_rows(w, h, grid, None, SolverConfig())
     assert np.array_equal(got.codes, want.codes) and np.array_equal(got.scales, want.scales)
 
 
 def test_a_site_solved_in_column_parts_is_the_whole_solution(monkeypatch):
-    """A calibrated solve's tasks hold at most ``SOLVE_COLUMNS`` columns each (so one site spreads over the
-    workers): near-equal parts, in order, covering every column once, and joined they are the whole weight's
-    solution (GPTQ and GPTAQ, act-order on)."""
+    """A calibrated solve's parts hold at most ``SOLVE_COLUMNS`` columns each: near-equal, in order, covering every
+    column once, and joined they are the whole weight's solution (GPTQ and GPTAQ, act-order on), however many
+    runs of parts (one per worker at most, each factoring ``H`` once) carry them."""
     import qcompiler.methods.gptq as gm
-    from qcompiler.algorithms.gptq import SolverConfig, solve_rows
+    from qcompiler.algorithms.gptq import SolverConfig, solve_rows, solve_rows_parts
     from qcompiler.algorithms.grid import GridSpec
 
     monkeypatch.setattr(gm, "SOLVE_COLUMNS", 7)
@@ -98,10 +98,13 @@ def test_a_site_solved_in_column_parts_is_the_whole_solution(monkeypatch):
     d = (0.1 * rng.standard_normal((300, 32))).T @ x / 300
     w = rng.standard_normal((32, 40))
     for dd, cfg in ((None, SolverConfig(act_order=True)), (d, SolverConfig(act_order=True, alpha=0.25))):
-        tasks = gm._solve_tasks(w, [(0, 40, h, dd)], GridSpec(4, 16, False), cfg)
-        assert [t[0].shape[1] for t in tasks] == [6, 7, 7, 6, 7, 7]
-        got, want = gm._join([solve_rows(*t) for t in tasks]), solve_rows(w, h, GridSpec(4, 16, False), dd, cfg)
-        assert np.array_equal(got.codes, want.codes) and np.array_equal(got.scales, want.scales)
+        want = solve_rows(w, h, GridSpec(4, 16, False), dd, cfg)
+        for chunks, runs in ((1, [40]), (2, [20, 20]), (4, [6, 14, 6, 14]), (9, [6, 7, 7, 6, 7, 7])):
+            tasks = gm._solve_tasks(w, [(0, 40, h, dd)], GridSpec(4, 16, False), cfg, chunks)
+            assert [t[0].shape[1] for t in tasks] == runs
+            assert [b - a for t in tasks for a, b in t[5]] == [6, 7, 7, 6, 7, 7]
+            got = gm._join([q for t in tasks for q in solve_rows_parts(*t)])
+            assert np.array_equal(got.codes, want.codes) and np.array_equal(got.scales, want.scales)
 
 
 def test_calibrated_solves_on_worker_processes_plan_what_one_process_plans(tiny_checkpoints, cache_dir, ids_file,

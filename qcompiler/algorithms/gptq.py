@@ -122,20 +122,36 @@ def _sequential(w: np.ndarray, u: np.ndarray, p: np.ndarray | None, block: int, 
                 w[i2:] += p[i1:i2, i2:].T @ w1  # w1 holds the rounded block (the reference code's choice)
 
 
-def _setup(w: np.ndarray, h: np.ndarray, d: np.ndarray | None, cfg: SolverConfig):
-    w = np.array(w, dtype=np.float64)
-    if h.shape != (w.shape[0], w.shape[0]) or (d is not None and d.shape != h.shape):
-        raise ValueError(f"H (and D) must be {w.shape[0]}x{w.shape[0]} for a weight of shape {w.shape}")
+@dataclass(frozen=True)
+class Factored:
+    """What a solve needs of ``H`` and ``D`` alone, whatever the columns: the dead inputs, the sequential order,
+    ``U`` (``U^T U = H^-1``, damped, in that order) and GPTAQ's ``P`` (None without a target). The column parts of
+    one weight share it (:func:`solve_rows_parts`): it costs a Cholesky and a few ``K^3`` products."""
+
+    dead: np.ndarray
+    order: np.ndarray
+    u: np.ndarray
+    p: np.ndarray | None
+
+
+def factor(h: np.ndarray, d: np.ndarray | None, cfg: SolverConfig) -> Factored:
     h, dead = prepare_hessian(h, cfg.percdamp)
-    w[dead] = 0.0
     d = None if d is None or cfg.alpha == 0 else np.array(d, dtype=np.float64)
-    order = np.argsort(-np.diag(h), kind="stable") if cfg.act_order else np.arange(w.shape[0])
+    order = np.argsort(-np.diag(h), kind="stable") if cfg.act_order else np.arange(len(h))
     h = h[np.ix_(order, order)]
     if d is not None:
         d = d[np.ix_(order, order)]
     u = inverse_cholesky(h)
-    p = gptaq_p(d, u, cfg.alpha) if d is not None else None
-    return w, order, u, p
+    return Factored(dead, order, u, gptaq_p(d, u, cfg.alpha) if d is not None else None)
+
+
+def _setup(w: np.ndarray, h: np.ndarray, d: np.ndarray | None, cfg: SolverConfig, factored: Factored | None = None):
+    w = np.array(w, dtype=np.float64)
+    if h.shape != (w.shape[0], w.shape[0]) or (d is not None and d.shape != h.shape):
+        raise ValueError(f"H (and D) must be {w.shape[0]}x{w.shape[0]} for a weight of shape {w.shape}")
+    f = factored if factored is not None else factor(h, d, cfg)
+    w[f.dead] = 0.0
+    return w, f.order, f.u, f.p
 
 
 def refine(codes: np.ndarray, step: np.ndarray, zero: np.ndarray, qmax: int, w: np.ndarray, h: np.ndarray,
@@ -191,9 +207,10 @@ def _refine_codes(codes_seq: np.ndarray, scales: np.ndarray, zps: np.ndarray, g:
 
 
 def solve_rows(w: np.ndarray, h: np.ndarray, grid: GridSpec, d: np.ndarray | None = None,
-               cfg: SolverConfig = SolverConfig()) -> QuantizedWeight:
-    """Quantize ``W`` ``[K, N]`` (groups along K) minimising ``||X W_hat - X~ W||``."""
-    w, order, u, p = _setup(w, h, d, cfg)
+               cfg: SolverConfig = SolverConfig(), factored: Factored | None = None) -> QuantizedWeight:
+    """Quantize ``W`` ``[K, N]`` (groups along K) minimising ``||X W_hat - X~ W||``; ``factored``: ``factor(h, d,
+    cfg)`` when the caller has it already."""
+    w, order, u, p = _setup(w, h, d, cfg, factored)
     k, n = w.shape
     g, scales, zps, codes = _empty(k, n, grid)
     if cfg.act_order:  # static groups, fitted on the weights as given
@@ -218,6 +235,14 @@ def solve_rows(w: np.ndarray, h: np.ndarray, grid: GridSpec, d: np.ndarray | Non
     if cfg.refine_passes:
         _refine_codes(codes, scales, zps, g, False, w, h, d, grid, cfg)
     return QuantizedWeight(codes, scales, zps, grid.bits, g, grid.symmetric)
+
+
+def solve_rows_parts(w: np.ndarray, h: np.ndarray, grid: GridSpec, d: np.ndarray | None, cfg: SolverConfig,
+                     parts: list[tuple[int, int]]) -> list[QuantizedWeight]:
+    """:func:`solve_rows` of each column part ``w[:, a:b]`` (columns are independent problems), ``H`` and ``D``
+    factored once for all: each part's codes are those of its own ``solve_rows``."""
+    f = factor(h, d, cfg)
+    return [solve_rows(w[:, a:b], h, grid, d, cfg, f) for a, b in parts]
 
 
 def solve_columns(a: np.ndarray, h: np.ndarray, grid: GridSpec, d: np.ndarray | None = None,

@@ -18,7 +18,7 @@ from typing import ClassVar
 import numpy as np
 import onnx
 
-from qcompiler.algorithms.gptq import SolverConfig, solve_rows
+from qcompiler.algorithms.gptq import SolverConfig, solve_rows_parts
 from qcompiler.algorithms.grid import GridSpec, QuantizedWeight, quantize, relative_error
 from qcompiler.config import CalibConfig, CompileConfig, QuantConfig
 from qcompiler.device import resolve_device
@@ -90,10 +90,17 @@ def _column_parts(lo: int, hi: int) -> list[tuple[int, int]]:
     return list(zip(cuts[:-1], cuts[1:], strict=True))
 
 
-def _solve_tasks(w: np.ndarray, slices: list[Slice], grid: GridSpec, solver: SolverConfig) -> list[tuple]:
-    """:func:`solve_rows`' arguments for each part of each column slice, in column order."""
-    return [(np.ascontiguousarray(w[:, a:b]), h, grid, d, solver)
-            for lo, hi, h, d in slices for a, b in _column_parts(lo, hi)]
+def _solve_tasks(w: np.ndarray, slices: list[Slice], grid: GridSpec, solver: SolverConfig, chunks: int) -> list[tuple]:
+    """:func:`solve_rows_parts`' arguments, in column order: each column slice's parts in at most ``chunks``
+    consecutive runs, one task each (the parts, not the runs, fix the codes; a run factors ``H`` once)."""
+    tasks = []
+    for lo, hi, h, d in slices:
+        parts = _column_parts(lo, hi)
+        n = min(len(parts), max(1, chunks))
+        for run in (parts[len(parts) * i // n:len(parts) * (i + 1) // n] for i in range(n)):
+            a, b = run[0][0], run[-1][1]
+            tasks.append((np.ascontiguousarray(w[:, a:b]), h, grid, d, solver, [(x - a, y - a) for x, y in run]))
+    return tasks
 
 
 def _join(parts: list[QuantizedWeight]) -> QuantizedWeight:
@@ -152,12 +159,13 @@ def round_calibrated(model: onnx.ModelProto, sites: Sequence[LinearSite], weight
         for sid in data.group.sites:
             w = np.asarray(weights[sid], dtype=np.float64)
             slices = _slices(w.shape[1], data, sid)
-            tasks += _solve_tasks(w, slices, grid, solver)
+            tasks += _solve_tasks(w, slices, grid, solver, pool.jobs)
             spans[sid], at = (w, slices, at, len(tasks)), len(tasks)
-        solved = pool.map(solve_rows, tasks)  # every site of the group at once, a part of a site per task
+        # every site of the group at once, a run of a site's column parts per task
+        solved = pool.map(solve_rows_parts, tasks)
         out = {}
         for sid, (w, slices, lo, hi) in spans.items():
-            qw = _join(solved[lo:hi])
+            qw = _join([q for run in solved[lo:hi] for q in run])
             w_hat = qw.dequantize().astype(np.float64)
             rtn = quantize(w.astype(np.float32), quant.bits, quant.group_size, quant.symmetric)
             rtn_hat = rtn.dequantize().astype(np.float64)
