@@ -137,7 +137,7 @@ def test_ray_executor_writes_the_same_bytes_as_local_workers(minilm, cache_dir, 
 
 
 def test_ray_executor_runs_the_calibrated_solves_to_the_same_bytes(minilm, cache_dir, tmp_path):
-    """gptaq's solves (a part of a site's columns per task) as Ray tasks on a local instance with 2 CPUs write the
+    """gptaq's solves (a run of a site's column parts per task) as Ray tasks on a local instance with 2 CPUs write the
     model the local worker processes write, byte for byte."""
     from qcompiler.config import CalibConfig
 
