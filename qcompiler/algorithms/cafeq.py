@@ -336,6 +336,15 @@ def _optimise_items(module: _Transform, true_errors: Callable[[], np.ndarray], s
         best[i] = value
         best_m[i * per:(i + 1) * per] = m[i * per:(i + 1) * per].detach()
 
+    def keep_current() -> None:
+        """The active items' current iterates, kept where their true errors are their best."""
+        with torch.no_grad():
+            errs = true_errors()
+            m = module.matrices()[0]
+        for i in np.flatnonzero(active):
+            if errs[i] < best[i]:
+                keep(i, float(errs[i]), m)
+
     for step in range(cfg.steps):
         opt.zero_grad(set_to_none=True)
         sv = surrogates()
@@ -359,21 +368,12 @@ def _optimise_items(module: _Transform, true_errors: Callable[[], np.ndarray], s
         if schedule is not None:
             schedule.step()
         if not ste and (step % 10 == 9 or step == cfg.steps - 1):
-            with torch.no_grad():
-                errs = true_errors()
-                m = module.matrices()[0]
+            keep_current()
             for i in np.flatnonzero(active):
-                if errs[i] < best[i]:
-                    keep(i, float(errs[i]), m)
                 if plateaus[i].stalled(float(best[i]), 10):
                     active[i], done[i] = False, step + 1
     if ste:  # the final iterate of the items that ran every step
-        with torch.no_grad():
-            errs = true_errors()
-            m = module.matrices()[0]
-        for i in np.flatnonzero(active):
-            if errs[i] < best[i]:
-                keep(i, float(errs[i]), m)
+        keep_current()
     return best_m.double().cpu().numpy(), best, start, done
 
 
@@ -413,6 +413,9 @@ def learn_vos(pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]], kv_
     module = _Transform(np.concatenate([start] * items), cfg.optimizer, cfg.device)
     a4, b3 = ta.reshape(items, k, n_kv, d), tb.reshape(items * n_q, d, n)
 
+    def per_item(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(items, -1).sum(dim=1)
+
     def side_by_side(x: torch.Tensor, grid: GridSpec, ste: bool) -> torch.Tensor:
         """``grid`` on each item's ``[R, C]`` matrix of ``x`` (``[items, R, C]``), the items as columns of one."""
         if items == 1:
@@ -423,10 +426,10 @@ def learn_vos(pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]], kv_
     def errors(ste: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         m, m_inv = module.matrices()
         m4, m_inv4 = m.reshape(items, n_kv, d, d), m_inv.reshape(items, n_kv, d, d)
-        a_t = torch.stack([torch.einsum("khi,hij->khj", x, y) for x, y in zip(a4, m4, strict=True)])
+        a_t = torch.einsum("gkhi,ghij->gkhj", a4, m4)
         a_hat = side_by_side(a_t.reshape(items, k, n_kv * d), grid_a, ste).reshape(items, k, n_kv, d)
-        a_eff = torch.stack([torch.einsum("khi,hij->khj", x, y) for x, y in zip(a_hat, m_inv4, strict=True)])
-        ea = torch.stack([v.sum() for v in (a_eff.reshape(items, k, -1) - ta) ** 2 * ra]) / na
+        a_eff = torch.einsum("gkhi,ghij->gkhj", a_hat, m_inv4)
+        ea = per_item((a_eff.reshape(items, k, -1) - ta) ** 2 * ra) / na
         if ste and cfg.loss == "ste":  # O's rows in heads: M_h Q(M_h^-1 B_j), the block learner's fused error
             eb = transformed_errors(m_inv[idx], m[idx], b3, grid_b.bits, grid_b.block(n_q * d), grid_b.symmetric,
                                     items)
@@ -434,7 +437,7 @@ def learn_vos(pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]], kv_
         b_t = torch.einsum("qij,qjn->qin", m_inv[idx], b3).reshape(items, n_q * d, n)
         b_hat = side_by_side(b_t, grid_b, ste).reshape(items * n_q, d, n)
         b_eff = torch.einsum("qij,qjn->qin", m[idx], b_hat).reshape(items, n_q * d, n)
-        return ea, torch.stack([v.sum() for v in (b_eff - tb) ** 2]) / nb_, a_t, b_t
+        return ea, per_item((b_eff - tb) ** 2) / nb_, a_t, b_t
 
     def true_errors() -> np.ndarray:
         ea, eb, _, _ = errors(False)
