@@ -270,11 +270,9 @@ class _Planner:
         for (_, _, kv_map, head_dim, grid_a, grid_b), idx in batches.items():
             items = [(tasks[i][1][0], tasks[i][1][1], tasks[i][1][7]) for i in idx]
             jobs.append((idx, (VO_BATCH, (items, kv_map, head_dim, grid_a, grid_b, self.learn))))
-        out: list[Any] = [None] * len(tasks)
-        for (idx, (kind, _)), res in zip(jobs, self.pool.map(_learn_pair, [t for _, t in jobs], what), strict=True):
-            for i, r in zip(idx, res if kind == VO_BATCH else [res], strict=True):
-                out[i] = r
-        return out
+        results = self.pool.map(_learn_pair, [t for _, t in jobs], what)
+        return _scatter([idx for idx, _ in jobs], [r if kind == VO_BATCH else [r]
+                                                   for (_, (kind, _)), r in zip(jobs, results, strict=True)])
 
     def _learn_units(self, units: list) -> list[LearnResult]:
         """Each unit's learned block transform: one task per unit, or per batch of units of one shape."""
@@ -291,11 +289,7 @@ class _Planner:
         results = self.pool.map(
             learn_block_transforms, [([(tasks[i][0], tasks[i][3]) for i in part], tasks[part[0]][1], tasks[part[0]][2],
                                       self.learn) for part in parts], f"{self.recipe.name} single (batched)")
-        out: list[LearnResult | None] = [None] * len(units)
-        for part, res in zip(parts, results, strict=True):
-            for i, r in zip(part, res, strict=True):
-                out[i] = r
-        return out  # type: ignore[return-value]
+        return _scatter(parts, results)
 
     def _row_weights(self, tensor: str) -> np.ndarray | None:
         """The weights of ``tensor``'s channels in the learned errors and in joint rounding's product error
@@ -507,6 +501,15 @@ class _Scales:
     """sinq's V·O matrices, shaped like a learner's result (``.value``)."""
 
     value: np.ndarray
+
+
+def _scatter(groups: list[list[int]], results: list[list[Any]]) -> list[Any]:
+    """Batched results back in task order: ``results[j][m]`` belongs to task ``groups[j][m]``."""
+    out: list[Any] = [None] * sum(len(g) for g in groups)
+    for group, res in zip(groups, results, strict=True):
+        for i, r in zip(group, res, strict=True):
+            out[i] = r
+    return out
 
 
 def _learn_pair(kind: str, args: tuple) -> Any:
