@@ -5,10 +5,12 @@
 - ``matmul`` (throughput: encoders, prefill): ``Reshape(x, [-1, K/b, b])``, ``Transpose`` to
   ``[K/b, M, b]``, a batched ``MatMul`` with ``T^-1`` (``[K/b, b, b]``), ``Transpose`` back, ``Reshape`` to
   ``x``'s shape. Each block is one GEMM over all M rows.
-- ``conv`` (a decoder's batch-1 token step): ``Reshape(x, [-1, K, 1])``, a 1x1 ``Conv`` with
-  ``group = K/b`` (weight ``[K, b, 1]``: block j's ``T^-1`` transposed), ``Reshape`` back. ONNX Runtime
-  runs a token's small grouped Conv on one thread, where the batched MatMul hands its K/b GEMMs to
-  the thread pool; but at large M the Conv does one small product per row and is slower.
+- ``conv`` (a decoder's batch-1 token step): a 1x1 ``Conv`` with ``group = K/b`` (weight ``[K, b, 1]``:
+  block j's ``T^-1`` transposed). A ``[B, S, K]`` input is transposed to ``[B, K, S]`` and back (three
+  nodes), so each block is one GEMM over the S positions; an input of another or unknown rank goes
+  through ``Reshape(x, [-1, K, 1])`` and back (four nodes: one small product per row, slow at large M).
+  ONNX Runtime runs a token's small grouped Conv on one thread, where the batched MatMul hands its K/b
+  GEMMs to the thread pool (``tools/online_op_bench.py`` times each form).
 
 With ``fold_scale``, an input made by ``Mul(a, s)`` with a constant ``s`` over the last axis (a norm's
 gain) and read by nothing but the group is replaced by ``a``, and ``diag(s)`` is folded into the
@@ -130,11 +132,19 @@ class OnlineTransformPass(WeightTransformPass):
         """The nodes of ``x -> x T^-1`` (``inv``: ``[K/b, b, b]``); returns their output. Both layouts
         reshape ``x`` to rows and back to its own shape; they differ in what runs between."""
         nb, b, _ = inv.shape
-        shape = gs.Variable(f"{base}_shape", dtype=np.int64)
         flat, mixed, out = (gs.Variable(f"{base}_{s}", dtype=x.dtype) for s in ("flat", "mixed", "out"))
+        weight = np.ascontiguousarray(inv.transpose(0, 2, 1).reshape(nb * b, b, 1))  # the Conv's: T^-1 transposed
+        if self.layout == "conv" and x.shape is not None and len(x.shape) == 3:  # [B, S, K] <-> [B, K, S]
+            graph.nodes += [
+                gs.Node("Transpose", f"{base}_Transpose", attrs={"perm": [0, 2, 1]}, inputs=[x], outputs=[flat]),
+                gs.Node("Conv", f"{base}_Conv", attrs={"group": nb, "kernel_shape": [1]},
+                        inputs=[flat, gs.Constant(f"{base}_T_inv", weight)], outputs=[mixed]),
+                gs.Node("Transpose", f"{base}_TransposeBack", attrs={"perm": [0, 2, 1]}, inputs=[mixed],
+                        outputs=[out])]
+            return out
+        shape = gs.Variable(f"{base}_shape", dtype=np.int64)
         if self.layout == "conv":  # [M, K, 1] through a grouped 1x1 Conv (weight: each block's T^-1 transposed)
             split = [-1, nb * b, 1]
-            weight = np.ascontiguousarray(inv.transpose(0, 2, 1).reshape(nb * b, b, 1))
             core = [gs.Node("Conv", f"{base}_Conv", attrs={"group": nb, "kernel_shape": [1]},
                             inputs=[flat, gs.Constant(f"{base}_T_inv", weight)], outputs=[mixed])]
         else:  # [M, K/b, b] -> [K/b, M, b], one GEMM per block, and back

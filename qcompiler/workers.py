@@ -199,6 +199,19 @@ class TaskPool:
         return rest
 
 
+def start_ray(jobs: int, address: str = "") -> None:
+    """Connect to the Ray cluster at ``address``, or start a local instance with ``jobs`` CPUs. A pool that
+    finds Ray running uses it and leaves it running (a process that compiles many times starts it once)."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a compile reports nothing anywhere
+    env_vars = {k: "1" for k in THREAD_VARIABLES}
+    if not address:  # a local instance's workers import what this process can, as spawned ones do
+        env_vars["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    ray.init(address=address or None, num_cpus=None if address else jobs, runtime_env={"env_vars": env_vars},
+             include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+
+
 class RayPool(TaskPool):
     """A :class:`TaskPool` whose tasks are Ray tasks of one CPU each (and one GPU each when ``gpus``): on
     the cluster at ``address``, or on a Ray instance started here with ``jobs`` CPUs. Tasks are the same
@@ -218,13 +231,7 @@ class RayPool(TaskPool):
 
             raise QCompilerError("--executor ray needs the ray package: pip install 'ray>=2.50'") from e
         if not ray.is_initialized():
-            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a compile reports nothing anywhere
-            env_vars = {k: "1" for k in THREAD_VARIABLES}
-            if not self.address:  # a local instance's workers import what this process can, as spawned ones do
-                env_vars["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-            env = {"env_vars": env_vars}
-            ray.init(address=self.address or None, num_cpus=None if self.address else self.jobs, runtime_env=env,
-                     include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+            start_ray(self.jobs, self.address)
             self._started = True
         self.jobs = max(1, int(ray.cluster_resources().get("CPU", 1)))
         self._remote = ray.remote(num_cpus=1, num_gpus=1 if self.gpus else 0)(_ray_call)

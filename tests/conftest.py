@@ -109,3 +109,16 @@ def run_plain_onnxruntime(path: Path, feeds_npz: Path) -> subprocess.CompletedPr
     )
     return subprocess.run([sys.executable, "-I", "-c", code, str(path), str(feeds_npz)],
                           capture_output=True, text=True, cwd=path.parent, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def ray_instance():
+    """One local Ray instance with 2 CPUs for every test of the Ray executor: starting one, and its workers'
+    imports, take about 20 s; a ``RayPool`` finds it running and leaves it running."""
+    import ray
+
+    from qcompiler.workers import start_ray
+
+    start_ray(2)
+    yield
+    ray.shutdown()

@@ -120,7 +120,7 @@ def test_cli_eval_fidelity_and_errors(minilm, cache_dir, tmp_path, capsys):
         os.environ.pop("QCOMPILER_CACHE_DIR", None)
 
 
-def test_ray_executor_writes_the_same_bytes_as_local_workers(minilm, cache_dir, tmp_path):
+def test_ray_executor_writes_the_same_bytes_as_local_workers(minilm, cache_dir, tmp_path, ray_instance):
     """``--executor ray`` (a local Ray instance with 2 CPUs) runs cafeq's learning and joint-rounding tasks as
     Ray tasks; the model it writes is the local pool's, byte for byte."""
     from qcompiler.config import CafeqConfig
@@ -136,7 +136,7 @@ def test_ray_executor_writes_the_same_bytes_as_local_workers(minilm, cache_dir, 
     assert files["local"] == files["ray"]
 
 
-def test_ray_executor_runs_the_calibrated_solves_to_the_same_bytes(minilm, cache_dir, tmp_path):
+def test_ray_executor_runs_the_calibrated_solves_to_the_same_bytes(minilm, cache_dir, tmp_path, ray_instance):
     """gptaq's solves (a run of a site's column parts per task) as Ray tasks on a local instance with 2 CPUs write the
     model the local worker processes write, byte for byte."""
     from qcompiler.config import CalibConfig

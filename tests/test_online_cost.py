@@ -1,13 +1,12 @@
 """The run-time cost model of CafeQ's online ops and the budget's choice of units."""
 
-import logging
 
 import numpy as np
 import pytest
 
 from qcompiler.algorithms.grid import quantize
 from qcompiler.algorithms.packing import pack_matmulnbits
-from qcompiler.config import CafeqConfig, CompileConfig, MatchConfig, QuantConfig
+from qcompiler.config import CafeqConfig, MatchConfig, QuantConfig
 from qcompiler.errors import ConfigError
 from qcompiler.graphio import import_graph
 from qcompiler.match.sites import LinearSite, find_linear_sites, float_weight_bytes
@@ -21,7 +20,6 @@ from qcompiler.methods.online_cost import (
     step_cost,
     stored_bytes,
 )
-from qcompiler.pipeline import compile_model
 
 
 def _site(sid: str, k: int, n: int, dtype: str = "float32") -> LinearSite:
@@ -88,17 +86,22 @@ def test_float_weight_bytes_counts_the_head_kept_in_float(tiny_checkpoints, cach
     assert float_weight_bytes(graph, match.sites) == 512 * 64 * 4  # vocab x hidden, float32
 
 
-def test_the_regime_decides_how_many_online_ops_fit(smollm2, cache_dir, caplog):
+def test_the_regime_decides_how_many_online_ops_fit(smollm2):
     """SmolLM2 at the default 3% budget: counted as arithmetic (batch, the default) all 60 groups and 9
-    of the 30 down projections fit; counted at a token step, each op's fixed cost leaves 23."""
-    q = QuantConfig(3, 128, True)
-    batch = compile_model("smollm2", None, CompileConfig(quant=q, method="rotate", validate=False, kv_cache=False),
-                          cache_dir=cache_dir)
-    with caplog.at_level(logging.INFO, logger="qcompiler"):
-        token = compile_model("smollm2", None, CompileConfig(quant=q, method="rotate", validate=False, kv_cache=False,
-                                                             cafeq=CafeqConfig(online_regime="token")),
-                              cache_dir=cache_dir)
-    assert "token regime" in caplog.text
-    assert len(batch.plan.online) == 69 and 15 <= len(token.plan.online) <= 30
+    of the 30 down projections fit; counted at a token step, each op's fixed cost leaves 23. The choice a
+    plan makes (``select_online_units``, what a compile's planner and a streamed compile both use), on the
+    real model's sites and pairs."""
+    from qcompiler.analyze import analyze_graph
+    from qcompiler.methods.rotate import Rotate
+    from qcompiler.methods.transform_planner import select_online_units
+
+    q, cfg = QuantConfig(3, 128, True), CafeqConfig()
+    graph = import_graph(smollm2.model)
+    analysis = analyze_graph(graph, smollm2.model)
+    floats = float_weight_bytes(graph, analysis.sites)
+    chosen = {regime: select_online_units(analysis, cfg, step_cost(regime, analysis.sites, q, floats), Rotate.recipe)
+              for regime in ("batch", "token")}
+    assert len(chosen["batch"]) == 69 and 15 <= len(chosen["token"]) <= 30, {k: len(v) for k, v in chosen.items()}
+    assert chosen["token"] < chosen["batch"]  # the token regime keeps a subset: the cheapest units
     with pytest.raises(ConfigError, match="--online-regime"):
         CafeqConfig(online_regime="fast")

@@ -228,7 +228,7 @@ def test_streaming_peak_memory_is_bounded_by_a_chunk(tmp_path):
     assert peaks["--stream"] < peaks["--no-stream"] - 0.5 * model_mb, peaks
 
 
-def test_ray_executor_streams_the_same_bytes(external_llama, tmp_path):
+def test_ray_executor_streams_the_same_bytes(external_llama, tmp_path, ray_instance):
     """A streamed compile sends each chunk's tasks to Ray (not the model): the same files as local workers."""
     base = dict(quant=QuantConfig(bits=3, group_size=32), method="cafeq", stream=True, stream_chunk_mb=1, jobs=2,
                 cafeq=CafeqConfig(steps=10, joint_rounds=1, joint_mlp_rounds=1))

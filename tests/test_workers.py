@@ -83,7 +83,7 @@ def _writes(a):
     return float(a.sum())
 
 
-def test_ray_pool_runs_tasks_in_order_on_one_thread_each():
+def test_ray_pool_runs_tasks_in_order_on_one_thread_each(ray_instance):
     import numpy as np
 
     from qcompiler.workers import RayPool, make_pool

@@ -2,12 +2,13 @@
 
     python tools/online_op_bench.py [--k 576,1536] [--s 1,128] [--block 64] [--ops 20] [--rounds 30]
 
-Each layout is written node for node as ``passes/online_transform.py`` emits it (conv: Shape, Reshape to
-``[-1, K, 1]``, grouped 1x1 Conv, Reshape back; matmul: Shape, Reshape to ``[-1, K/b, b]``, Transpose, batched
-MatMul, Transpose back, Reshape back), plus two candidates: ``bmm`` (Reshape to ``[0, 0, K/b, 1, b]``, a
-broadcast MatMul, Reshape to ``[0, 0, K]``: no Shape, no Transpose) and ``dense`` (one MatMul by the K x K
-block-diagonal matrix). A model chains ``--ops`` ops on ``[1, S, K]``; every model runs in each round, the
-figure is the median over rounds of microseconds per op, less an Identity chain's.
+Each layout is written node for node as ``passes/online_transform.py`` emits it (conv: Transpose ``[B, S, K]``
+to ``[B, K, S]``, grouped 1x1 Conv over all S positions at once, Transpose back; rconv, its form for an input
+of unknown rank: Shape, Reshape to ``[-1, K, 1]``, the Conv, Reshape back; matmul: Shape, Reshape to
+``[-1, K/b, b]``, Transpose, batched MatMul, Transpose back, Reshape back), plus two candidates: ``bmm`` (Reshape
+to ``[0, 0, K/b, 1, b]``, a broadcast MatMul, Reshape to ``[0, 0, K]``: no Shape, no Transpose) and ``dense``
+(one MatMul by the K x K block-diagonal matrix). A model chains ``--ops`` ops on ``[1, S, K]``; every model
+runs in each round, the figure is the median over rounds of microseconds per op, less an Identity chain's.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 from onnx import numpy_helper as nh
 
-LAYOUTS = ("conv", "matmul", "bmm", "dense")
+LAYOUTS = ("conv", "rconv", "matmul", "bmm", "dense")
 
 
 def chain(layout: str, k: int, b: int, n_ops: int) -> bytes:
@@ -36,12 +37,17 @@ def chain(layout: str, k: int, b: int, n_ops: int) -> bytes:
 
     for i in range(n_ops):
         p = f"o{i}_"
-        if layout == "conv":
+        if layout == "rconv":
             w = const(p + "w", np.ascontiguousarray(inv.transpose(0, 2, 1)).reshape(k, b, 1))
             nodes += [helper.make_node("Shape", [x], [p + "sh"]),
                       helper.make_node("Reshape", [x, const(p + "s", np.array([-1, k, 1], np.int64))], [p + "r"]),
                       helper.make_node("Conv", [p + "r", w], [p + "c"], group=nb, kernel_shape=[1]),
                       helper.make_node("Reshape", [p + "c", p + "sh"], [p + "y"])]
+        elif layout == "conv":
+            w = const(p + "w", np.ascontiguousarray(inv.transpose(0, 2, 1)).reshape(k, b, 1))
+            nodes += [helper.make_node("Transpose", [x], [p + "t"], perm=[0, 2, 1]),
+                      helper.make_node("Conv", [p + "t", w], [p + "c"], group=nb, kernel_shape=[1]),
+                      helper.make_node("Transpose", [p + "c"], [p + "y"], perm=[0, 2, 1])]
         elif layout == "matmul":
             nodes += [helper.make_node("Shape", [x], [p + "sh"]),
                       helper.make_node("Reshape", [x, const(p + "s", np.array([-1, nb, b], np.int64))], [p + "r"]),
