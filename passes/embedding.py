@@ -59,10 +59,23 @@ class EmbeddingPass(Pass):
         self.gathers += 1
 
 
+def gatherable(bits: int, block: int, width: int) -> bool:
+    """GatherBlockQuantized reads 4- and 8-bit containers in whole blocks (a power of two >= 16) along H."""
+    return container_bits(bits) in (4, 8) and block >= 16 and block & (block - 1) == 0 and width % block == 0
+
+
+def gather_block(block: int, width: int) -> int | None:
+    """The largest power of two <= ``block`` (0: per channel, ``width``) that is >= 16 and divides ``width``:
+    the block a table ``width`` wide is stored in for GatherBlockQuantized (SmolLM2's 576 in blocks of 64 where
+    the model's grid has 128); None if there is none."""
+    b = 1 << (min(block or width, width).bit_length() - 1)
+    while b >= 16 and width % b:
+        b //= 2
+    return b if b >= 16 else None
+
+
 def _gatherable(sp: SitePlan) -> bool:
-    """GatherBlockQuantized reads 4- and 8-bit containers in whole blocks along H."""
-    bs = sp.weight.block_size
-    return container_bits(sp.weight.bits) in (4, 8) and bs >= 16 and bs & (bs - 1) == 0 and sp.site.k % bs == 0
+    return gatherable(sp.weight.bits, sp.weight.block_size, sp.site.k)
 
 
 def _dequantized(graph: gs.Graph, sp: SitePlan, dtype, shape: list) -> gs.Variable:

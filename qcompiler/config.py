@@ -92,8 +92,8 @@ class QuantConfig:
 @dataclass(frozen=True)
 class MatchConfig:
     """Which weights the matcher offers for quantization. Embedding tables are quantized along the
-    hidden axis and dequantized by a standard DequantizeLinear before the Gather (whole-table
-    dequantization on every run: smaller files, not faster ones)."""
+    hidden axis, on the output head's grid, and read by GatherBlockQuantized (only the rows asked for) or
+    dequantized whole by a standard DequantizeLinear before the Gather (smaller files, not faster ones)."""
 
     # a decode step reads the whole head: at SmolLM2's size (49152 x 576, tied to the embedding) a float head
     # is more bytes per token than all 30 layers at 4 bits. 8-bit costs nothing measurable (4-bit block 128
@@ -104,9 +104,13 @@ class MatchConfig:
         "quantize the output head (the logits MatMul) on its own grid (--head-bits), rounded to nearest; a head "
         "tied to the embedding gets its own quantized copy (default: on for KV-cache decoders, which read the "
         "whole head every token)", flag=("--quantize-lm-head", "--no-quantize-lm-head")))
-    quantize_embeddings: bool = field(default=False, metadata=opt(
-        "also quantize embedding tables (DequantizeLinear before the Gather, or GatherBlockQuantized with "
-        "--gather-embeddings)"))
+    # a decoder reads one row of its embedding table per token, yet a float table is most of a small LLM's file
+    # (SmolLM2: 113 of 198 MB at 4 bits with an 8-bit head). None: on for a KV-cache decoder whose tables
+    # GatherBlockQuantized can read on the head's grid (pipeline._resolve_embeddings), off for every other graph
+    quantize_embeddings: bool | None = field(default=None, metadata=opt(
+        "also quantize embedding tables, on the output head's grid (--head-bits, --head-group-size, --head-sym), "
+        "rounded to nearest (default: on for KV-cache decoders, read with GatherBlockQuantized; off otherwise)",
+        flag=("--quantize-embeddings", "--no-quantize-embeddings")))
     head_bits: int | None = field(default=8, metadata=opt(
         "bits of the output head, rounded to nearest on its own grid (--head-group-size, --head-sym; None in "
         "the API, with both of those None too: --bits, and the method's own rounding)", choices=SUPPORTED_BITS))
@@ -124,9 +128,10 @@ class MatchConfig:
         "the gain of the norm before the head: free at run time); kept only where they lower the head's error"))
     # why the head stays float where the compiler, not the user, turned it off (pipeline._resolve_head)
     head_float_reason: str = ""
-    gather_embeddings: bool = field(default=False, metadata=opt(
+    gather_embeddings: bool | None = field(default=None, metadata=opt(
         "read quantized embedding tables with com.microsoft GatherBlockQuantized (only the rows a run asks "
-        "for) instead of dequantizing the whole table every run"))
+        "for) instead of dequantizing the whole table every run (default: on for KV-cache decoders)",
+        flag=("--gather-embeddings", "--no-gather-embeddings")))
 
 
 @dataclass(frozen=True)

@@ -29,12 +29,14 @@ from qcompiler.errors import ConfigError, NothingToQuantizeError, OutputError, V
 from qcompiler.external import SPILL_NAME, DataSink, external_sources, save_with_external_data
 from qcompiler.frontends import LoadedModel, load_model
 from qcompiler.graphio import check_writable, import_graph, save_onnx_atomic, saved_bytes, write_text_atomic
+from qcompiler.kv_layout import is_past
 from qcompiler.match.sites import find_linear_sites, head_is_quantized, weight_reader
 from qcompiler.metadata import KV_CACHE_TRANSFORMED, MODEL_KIND, SITES, TOKENIZER, module_paths
 from qcompiler.methods.base import Method, PlanContext, Setup
 from qcompiler.methods.registry import REGISTRY, get_method
 from qcompiler.package import MODEL_FILE, check_genai_source, write_genai_folder
 from qcompiler.passes import EmbeddingPass, FoldPairsPass, MatMulNBitsPass, OnlineTransformPass, PassManager, QDQPass
+from qcompiler.passes.embedding import gather_block, gatherable
 from qcompiler.passes.precision import PrecisionPass
 from qcompiler.plan import QuantPlan, own_grid_site, scaled_site
 from qcompiler.report import CompileResult
@@ -114,7 +116,7 @@ def _compile(source: Any, output, config: CompileConfig, method: Method, timings
     config = _resolve_layout(config, loaded)
     with timings("match"):
         graph = import_graph(loaded.model, loaded.data_dir)
-        config = _resolve_head(config, graph)
+        config = _resolve_embeddings(_resolve_head(config, graph), graph)
         match, analysis = match_sites(graph, loaded, config, method)
     with timings("prepare"):
         ctx = method.prepare(Setup(config, loaded, graph, match, analysis, weight_reader(graph), progress))
@@ -177,17 +179,19 @@ def head_scaled(cfg: CompileConfig, grid: QuantConfig) -> bool:
 
 
 def make_plan(method: Method, ctx: PlanContext) -> QuantPlan:
-    """The method's plan; an output head on its own grid when ``head_grid`` gives one (rounded to nearest,
-    balanced by SINQ's scales below 8 bits unless ``--no-head-scales``: the method never plans it, so no
-    calibration solve or learning is spent on it)."""
+    """The method's plan; the output head on its own grid when ``head_grid`` gives one, and the embedding tables on
+    that grid or the model's (rounded to nearest; a head below 8 bits balanced by SINQ's scales unless
+    ``--no-head-scales``; a table read by GatherBlockQuantized in blocks that divide its width): the method never
+    plans them, so no calibration solve or learning is spent on them."""
     cfg = ctx.config
     grid = head_grid(cfg)
-    own = [s for s in ctx.sites if s.role == "head"] if grid is not None else []
+    own = [s for s in ctx.sites if s.role == "embedding" or (s.role == "head" and grid is not None)]
     if not own:
         return method.plan(ctx)
-    rest = tuple(s for s in ctx.sites if s.role != "head")
+    ids = {s.id for s in own}
+    rest = tuple(s for s in ctx.sites if s.id not in ids)
     analysis = ctx.analysis and dataclasses.replace(
-        ctx.analysis, sites=tuple(s for s in ctx.analysis.sites if s.role != "head"))
+        ctx.analysis, sites=tuple(s for s in ctx.analysis.sites if s.id not in ids))
     plan = (method.plan(dataclasses.replace(ctx, sites=rest, analysis=analysis)) if rest
             else QuantPlan(method.name, cfg.quant, ()))
     like = plan.sites[0].stats if plan.sites else None
@@ -195,8 +199,12 @@ def make_plan(method: Method, ctx: PlanContext) -> QuantPlan:
     heads, online = [], []
     for s in own:
         w = ctx.weight_of(s)
-        planned = own_grid_site(s, grid, lambda _, w=w: w, like)
-        scaled = scaled_site(planned, grid, w) if head_scaled(cfg, grid) else None
+        site_grid = grid or cfg.quant
+        if s.role == "embedding" and cfg.match.gather_embeddings:  # whole blocks for GatherBlockQuantized
+            block = gather_block(site_grid.group_size, s.k)
+            site_grid = dataclasses.replace(site_grid, group_size=block or site_grid.group_size)
+        planned = own_grid_site(s, site_grid, lambda _, w=w: w, like)
+        scaled = scaled_site(planned, grid, w) if s.role == "head" and head_scaled(cfg, grid) else None
         if scaled is not None:
             planned = scaled[0]
             online.append(scaled[1])
@@ -258,6 +266,32 @@ def _resolve_head(config: CompileConfig, graph: gs.Graph) -> CompileConfig:
            f"level 4; --accuracy-level 4, --head-bits 4 or --quantize-lm-head quantize it")
     log.info("output head kept float: %s", why)
     return dataclasses.replace(config, match=dataclasses.replace(m, quantize_lm_head=False, head_float_reason=why))
+
+
+def _resolve_embeddings(config: CompileConfig, graph: gs.Graph) -> CompileConfig:
+    """``--quantize-embeddings`` / ``--gather-embeddings`` unset: on for a KV-cache decoder (it reads one row of
+    each table per token, and a float table is most of a small LLM's file: SmolLM2's 113 of 198 MB) where every
+    table can be read by GatherBlockQuantized on the head's grid (``EmbeddingPass``: 4- or 8-bit containers in
+    blocks of a power of two >= 16 dividing the hidden size); off for any other graph, where a whole-table
+    DequantizeLinear on every run would cost more than the float table, and for ``--format qdq``, whose
+    users may run it where com.microsoft ops are not."""
+    m = config.match
+    decoder = any(is_past(t.name) for t in graph.inputs)
+    gather = decoder if m.gather_embeddings is None else m.gather_embeddings
+    quantize = m.quantize_embeddings
+    if quantize is None:
+        grid = head_grid(config) or config.quant
+        widths = [int(n.inputs[0].shape[1]) for n in graph.nodes
+                  if n.op == "Gather" and isinstance(n.inputs[0], gs.Constant) and len(n.inputs[0].shape) == 2]
+        quantize = (decoder and gather and bool(widths) and config.quantize_weights and config.format == "matmulnbits"
+                    and all(gatherable(grid.bits, gather_block(grid.group_size, w) or 0, w) for w in widths))
+        if quantize:
+            log.info("embedding tables quantized on the head's grid (%s), read with GatherBlockQuantized",
+                     grid.describe())
+    if (quantize, gather) == (m.quantize_embeddings, m.gather_embeddings):
+        return config
+    return dataclasses.replace(config, match=dataclasses.replace(m, quantize_embeddings=quantize,
+                                                                 gather_embeddings=gather))
 
 
 def _resolve_layout(config: CompileConfig, loaded: LoadedModel) -> CompileConfig:

@@ -1,6 +1,7 @@
 """EmbeddingPass three ways: structure, checker, numeric equivalence with the dequantized table."""
 
 import collections
+import dataclasses
 
 import numpy as np
 import onnx
@@ -113,3 +114,25 @@ def test_tied_float_head_keeps_reading_the_dequantized_table(tiny_checkpoints, c
     ids = np.random.default_rng(0).integers(0, 500, (1, 9)).astype(np.int64)
     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
     assert rel(outputs(out, feeds)["logits"], outputs(model, feeds)["logits"]) < 0.05
+
+
+def test_a_kv_cache_decoder_stores_its_tables_on_the_head_grid_by_default(tiny_checkpoints, cache_dir):
+    """A KV-cache decoder (MatMulNBits format) quantizes its embedding table by default, rounded to nearest on
+    the head's 8-bit grid, and reads it with GatherBlockQuantized: no float table is left, and the outputs
+    stay within the 4-bit model's error; ``quantize_embeddings=False``, a graph without a cache, and
+    ``--format qdq`` keep the float table."""
+    src = str(tiny_checkpoints["llama"])
+    cfg = CompileConfig(quant=QuantConfig(4, 32, True))
+    on = compile_model(src, None, cfg, cache_dir=cache_dir)
+    (table,) = [s for s in on.plan.sites if s.site.role == "embedding"]
+    assert (table.weight.bits, table.weight.block_size, table.weight.symmetric) == (8, 32, True)
+    ops = collections.Counter(n.op_type for n in on.model.graph.node)
+    assert ops["GatherBlockQuantized"] == 1 and ops["Gather"] == 0
+    off = compile_model(src, None, dataclasses.replace(cfg, match=MatchConfig(quantize_embeddings=False)),
+                        cache_dir=cache_dir)
+    assert not [s for s in off.plan.sites if s.site.role == "embedding"]
+    assert on.size_after < off.size_after - 0.6 * 512 * 64 * 4  # the float table (vocab x hidden) is gone
+    assert on.validation.max_rel_error < off.validation.max_rel_error + 0.01
+    for other in (dataclasses.replace(cfg, kv_cache=False), dataclasses.replace(cfg, format="qdq")):
+        res = compile_model(src, None, other, cache_dir=cache_dir)
+        assert not [s for s in res.plan.sites if s.site.role == "embedding"]
