@@ -25,8 +25,10 @@ from qcompiler.plan import QuantPlan, SitePlan
 class EmbeddingPass(Pass):
     def __init__(self, plan: QuantPlan, gather: bool = False):
         self.sites = [p for p in plan.sites if p.site.role == "embedding"]
+        self.heads = {p.site.weight: p for p in plan.sites if p.site.role == "head"}
         self.gather = gather
         self.gathers = 0  # Gathers made GatherBlockQuantized (after call)
+        self.shared = 0  # of those, reading the very codes of the tied head's MatMulNBits (after call)
 
     def call(self, graph: gs.Graph) -> PassResult:
         tensors = graph.tensors()
@@ -43,20 +45,46 @@ class EmbeddingPass(Pass):
         return PassResult(graph, bool(self.sites))
 
     def _gather(self, graph: gs.Graph, node: gs.Node, sp: SitePlan, dtype) -> None:
+        """``node`` becomes GatherBlockQuantized over the table's codes ``[V, H]`` (scales ``[V, H / block]``).
+        A table tied to a head stored as the same codes reads them as the head's MatMulNBits stores them,
+        ``[V, H / block, blob]`` (scales ``[V, H / block, 1]``), then a Reshape merges the last two axes: the
+        same bytes in the same shape, which ``share_identical_constants`` keeps once."""
         t = pack_matmulnbits(sp.weight)  # b [V, n_blocks, blob]: row v's codes along H
         base = f"{sp.site.weight}_gbq{sp.weight.bits}"
-        inputs: list[gs.Tensor] = [gs.Constant(f"{base}_data", t.b.reshape(t.n, -1)), node.inputs[1],
-                                   gs.Constant(f"{base}_scales", t.scales.astype(dtype))]
+        ids = node.inputs[1]
+        tied = self._ties_head(sp) and ids.shape is not None
+        data, scales = (t.b, t.scales[..., None]) if tied else (t.b.reshape(t.n, -1), t.scales)
+        inputs: list[gs.Tensor] = [gs.Constant(f"{base}_data", data), ids,
+                                   gs.Constant(f"{base}_scales", scales.astype(dtype))]
         if t.zero_points is not None:
             inputs.append(gs.Constant(f"{base}_zero_points", t.zero_points))
         outputs = list(node.outputs)
         node.inputs.clear()
         node.outputs.clear()
-        graph.nodes.append(gs.Node("GatherBlockQuantized", name=f"{node.name}_GatherBlockQuantized",
-                                   domain="com.microsoft", inputs=inputs, outputs=outputs,
-                                   attrs={"bits": t.bits, "block_size": t.block_size, "gather_axis": 0,
-                                          "quantize_axis": 1}))
+        attrs = {"bits": t.bits, "block_size": t.block_size, "gather_axis": 0, "quantize_axis": data.ndim - 1}
+        name = f"{node.name}_GatherBlockQuantized"
+        if tied:
+            rows = gs.Variable(f"{base}_rows", dtype=outputs[0].dtype)
+            shape = gs.Constant(f"{base}_row_shape", np.array([0] * len(ids.shape) + [-1], dtype=np.int64))
+            graph.nodes += [gs.Node("GatherBlockQuantized", name=name, domain="com.microsoft", inputs=inputs,
+                                    outputs=[rows], attrs=attrs),
+                            gs.Node("Reshape", name=f"{name}_rows", inputs=[rows, shape], outputs=outputs)]
+            self.shared += 1
+        else:
+            graph.nodes.append(gs.Node("GatherBlockQuantized", name=name, domain="com.microsoft", inputs=inputs,
+                                       outputs=outputs, attrs=attrs))
         self.gathers += 1
+
+    def _ties_head(self, sp: SitePlan) -> bool:
+        """A head reads the same table and is stored on the same symmetric grid with the same codes and
+        scales (no zero points: MatMulNBits packs them along the blocks, GatherBlockQuantized cannot)."""
+        head = self.heads.get(sp.site.weight)
+        if head is None:
+            return False
+        a, b = sp.weight, head.weight
+        return (a.symmetric and b.symmetric and (a.bits, a.block_size) == (b.bits, b.block_size)
+                and a.codes.shape == b.codes.shape and np.array_equal(a.codes, b.codes)
+                and np.array_equal(a.scales, b.scales))
 
 
 def gatherable(bits: int, block: int, width: int) -> bool:

@@ -28,7 +28,14 @@ from qcompiler.emit import emit_model
 from qcompiler.errors import ConfigError, NothingToQuantizeError, OutputError, ValidationFailed
 from qcompiler.external import SPILL_NAME, DataSink, external_sources, save_with_external_data
 from qcompiler.frontends import LoadedModel, load_model
-from qcompiler.graphio import check_writable, import_graph, save_onnx_atomic, saved_bytes, write_text_atomic
+from qcompiler.graphio import (
+    check_writable,
+    import_graph,
+    save_onnx_atomic,
+    saved_bytes,
+    share_identical_constants,
+    write_text_atomic,
+)
 from qcompiler.kv_layout import is_past
 from qcompiler.match.sites import find_linear_sites, head_is_quantized, weight_reader
 from qcompiler.metadata import KV_CACHE_TRANSFORMED, MODEL_KIND, SITES, TOKENIZER, module_paths
@@ -197,10 +204,14 @@ def make_plan(method: Method, ctx: PlanContext) -> QuantPlan:
     like = plan.sites[0].stats if plan.sites else None
     order = {s.id: i for i, s in enumerate(ctx.sites)}
     heads, online = [], []
+    tables = {s.weight for s in own if s.role == "embedding"}
     for s in own:
         w = ctx.weight_of(s)
         site_grid = grid or cfg.quant
-        if s.role == "embedding" and cfg.match.gather_embeddings:  # whole blocks for GatherBlockQuantized
+        # a table GatherBlockQuantized reads, and a head tied to it that is not scaled (EmbeddingPass then stores
+        # the codes once), in whole blocks that divide the hidden size
+        tied = s.role == "head" and s.weight in tables and not head_scaled(cfg, site_grid)
+        if cfg.match.gather_embeddings and (s.role == "embedding" or tied):
             block = gather_block(site_grid.group_size, s.k)
             site_grid = dataclasses.replace(site_grid, group_size=block or site_grid.group_size)
         planned = own_grid_site(s, site_grid, lambda _, w=w: w, like)
@@ -313,7 +324,11 @@ def rewrite(graph: gs.Graph, plan: QuantPlan, config: CompileConfig) -> gs.Graph
         passes += [EmbeddingPass(plan, gather=config.match.gather_embeddings), quantize]
     if config.dtype != "float32":  # last: the scales the quantizing passes wrote follow too
         passes.append(PrecisionPass(config.dtype))
-    return PassManager(passes)(graph).graph
+    graph = PassManager(passes)(graph).graph
+    shared = share_identical_constants(graph)
+    if shared:
+        log.info("%d weight tensors stored once for two readers (a tied head and its table)", shared)
+    return graph
 
 
 def emit(graph: gs.Graph, plan: QuantPlan, loaded: LoadedModel, config: CompileConfig) -> onnx.ModelProto:

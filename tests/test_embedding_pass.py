@@ -136,3 +136,33 @@ def test_a_kv_cache_decoder_stores_its_tables_on_the_head_grid_by_default(tiny_c
     for other in (dataclasses.replace(cfg, kv_cache=False), dataclasses.replace(cfg, format="qdq")):
         res = compile_model(src, None, other, cache_dir=cache_dir)
         assert not [s for s in res.plan.sites if s.site.role == "embedding"]
+
+
+def test_a_tied_head_and_its_table_store_their_codes_once(tiny_checkpoints, cache_dir):
+    """Gemma 2 ties its head to the table: both on the head's 8-bit grid, the GatherBlockQuantized reads the
+    head MatMulNBits' own codes tensor ``[V, H / block, blob]`` (one initializer), and gives exactly the rows of
+    the table the plan rounded; the model stays within the 4-bit budget."""
+    src = str(tiny_checkpoints["gemma2"])
+    cfg = CompileConfig(quant=QuantConfig(4, 32, True), accuracy_level=4)
+    res = compile_model(src, None, cfg, cache_dir=cache_dir)
+    model = res.model
+    (gbq,) = [n for n in model.graph.node if n.op_type == "GatherBlockQuantized"]
+    readers = [n for n in model.graph.node if gbq.input[0] in n.input]
+    assert sorted(n.op_type for n in readers) == ["GatherBlockQuantized", "MatMulNBits"]  # one codes tensor for both
+    assert "lm_head" in gbq.input[0]
+    inits = {t.name: t for t in model.graph.initializer}
+    assert [t.name for t in model.graph.initializer].count(gbq.input[0]) == 1
+    (table,) = [p for p in res.plan.sites if p.site.role == "embedding"]
+    (head_plan,) = [p for p in res.plan.sites if p.site.role == "head"]
+    assert table.site.weight == head_plan.site.weight and table.weight.bits == head_plan.weight.bits == 8
+    # the rows the GatherBlockQuantized (and its Reshape) give are the rounded table's
+    (reshape,) = [n for n in model.graph.node if n.input and n.input[0] == gbq.output[0]]
+    sub = onnx.helper.make_model(onnx.helper.make_graph(
+        [gbq, reshape], "rows", [onnx.helper.make_tensor_value_info(gbq.input[1], onnx.TensorProto.INT64, ["B", "S"])],
+        [onnx.helper.make_tensor_value_info(reshape.output[0], onnx.TensorProto.FLOAT, None)],
+        [inits[n] for n in (*gbq.input, *reshape.input) if n in inits]), opset_imports=model.opset_import)
+    sub.ir_version = model.ir_version
+    ids = np.array([[0, 5, 511, 7]], dtype=np.int64)
+    got = outputs(sub, {gbq.input[1]: ids})[reshape.output[0]]
+    np.testing.assert_allclose(got[0], table.weight.dequantize().T[ids[0]], rtol=1e-6, atol=1e-6)
+    assert res.validation.max_rel_error < 0.3
