@@ -28,7 +28,7 @@ class EmbeddingPass(Pass):
         self.heads = {p.site.weight: p for p in plan.sites if p.site.role == "head"}
         self.gather = gather
         self.gathers = 0  # Gathers made GatherBlockQuantized (after call)
-        self.shared = 0  # of those, reading the very codes of the tied head's MatMulNBits (after call)
+        self.shared: list[gs.Constant] = []  # codes tensors equal to a tied head's MatMulNBits codes (after call)
 
     def call(self, graph: gs.Graph) -> PassResult:
         tensors = graph.tensors()
@@ -48,14 +48,14 @@ class EmbeddingPass(Pass):
         """``node`` becomes GatherBlockQuantized over the table's codes ``[V, H]`` (scales ``[V, H / block]``).
         A table tied to a head stored as the same codes reads them as the head's MatMulNBits stores them,
         ``[V, H / block, blob]`` (scales ``[V, H / block, 1]``), then a Reshape merges the last two axes: the
-        same bytes in the same shape, which ``share_identical_constants`` keeps once."""
+        same bytes in the same shape, which ``graphio.share_constants`` keeps once after the quantizing pass."""
         t = pack_matmulnbits(sp.weight)  # b [V, n_blocks, blob]: row v's codes along H
         base = f"{sp.site.weight}_gbq{sp.weight.bits}"
         ids = node.inputs[1]
         tied = self._ties_head(sp) and ids.shape is not None
         data, scales = (t.b, t.scales[..., None]) if tied else (t.b.reshape(t.n, -1), t.scales)
-        inputs: list[gs.Tensor] = [gs.Constant(f"{base}_data", data), ids,
-                                   gs.Constant(f"{base}_scales", scales.astype(dtype))]
+        codes = gs.Constant(f"{base}_data", data)
+        inputs: list[gs.Tensor] = [codes, ids, gs.Constant(f"{base}_scales", scales.astype(dtype))]
         if t.zero_points is not None:
             inputs.append(gs.Constant(f"{base}_zero_points", t.zero_points))
         outputs = list(node.outputs)
@@ -69,7 +69,7 @@ class EmbeddingPass(Pass):
             graph.nodes += [gs.Node("GatherBlockQuantized", name=name, domain="com.microsoft", inputs=inputs,
                                     outputs=[rows], attrs=attrs),
                             gs.Node("Reshape", name=f"{name}_rows", inputs=[rows, shape], outputs=outputs)]
-            self.shared += 1
+            self.shared.append(codes)
         else:
             graph.nodes.append(gs.Node("GatherBlockQuantized", name=name, domain="com.microsoft", inputs=inputs,
                                        outputs=outputs, attrs=attrs))

@@ -129,8 +129,9 @@ class OnlineTransformPass(WeightTransformPass):
         return out
 
     def _insert(self, graph: gs.Graph, base: str, x: gs.Tensor, inv: np.ndarray) -> gs.Variable:
-        """The nodes of ``x -> x T^-1`` (``inv``: ``[K/b, b, b]``); returns their output. Both layouts
-        reshape ``x`` to rows and back to its own shape; they differ in what runs between."""
+        """The nodes of ``x -> x T^-1`` (``inv``: ``[K/b, b, b]``); returns their output. ``conv`` on a
+        ``[B, S, K]`` input transposes around the Conv; otherwise ``x`` is reshaped to rows and back to its own
+        shape, with the Conv or the batched MatMul between."""
         nb, b, _ = inv.shape
         flat, mixed, out = (gs.Variable(f"{base}_{s}", dtype=x.dtype) for s in ("flat", "mixed", "out"))
         weight = np.ascontiguousarray(inv.transpose(0, 2, 1).reshape(nb * b, b, 1))  # the Conv's: T^-1 transposed

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -227,26 +226,22 @@ def import_graph(model: onnx.ModelProto, data_dir: str | os.PathLike | None = No
     return graph
 
 
-def share_identical_constants(graph: gs.Graph, min_bytes: int = 1 << 12) -> int:
-    """Make readers of equal constants (same dtype, stored type, shape and bytes; at least ``min_bytes``, held in
-    memory)
-    read one of them, so the file stores it once (a tied head's MatMulNBits codes and the table's
-    GatherBlockQuantized codes). Returns how many copies were dropped."""
-    by_shape: dict[tuple, list[gs.Constant]] = {}
+def share_constants(graph: gs.Graph, keep: list[gs.Constant]) -> int:
+    """Make the readers of any other in-memory constant equal to one of ``keep`` (same dtype, shape and bytes)
+    read that one instead, so the file stores it once (a tied head's MatMulNBits codes, equal to the codes its
+    table's GatherBlockQuantized reads). Returns how many copies were dropped."""
+    if not keep:
+        return 0
+    wanted = {(k.values.dtype.str, k.values.shape): k for k in keep}
+    dropped = 0
     for t in graph.tensors().values():
         # ``_values``: reading ``values`` would load a lazy (int4, external) tensor, and int4 then exports wrongly
-        if isinstance(t, gs.Constant) and isinstance(t._values, np.ndarray) and t._values.nbytes >= min_bytes:
-            key = (t.values.dtype.str, t.values.shape, str(getattr(t, "export_dtype", None)))  # int4 codes in uint8
-            by_shape.setdefault(key, []).append(t)
-    dropped = 0
-    for group in (g for g in by_shape.values() if len(g) > 1):
-        first: dict[bytes, gs.Constant] = {}
-        for t in group:
-            key = hashlib.blake2b(np.ascontiguousarray(t.values).data, digest_size=16).digest()
-            keep = first.setdefault(key, t)
-            if keep is not t and np.array_equal(keep.values, t.values):
-                redirect_consumers(t, keep)
-                dropped += 1
+        if not isinstance(t, gs.Constant) or not isinstance(t._values, np.ndarray) or any(t is k for k in keep):
+            continue
+        k = wanted.get((t._values.dtype.str, t._values.shape))
+        if k is not None and np.array_equal(k.values, t._values):
+            redirect_consumers(t, k)
+            dropped += 1
     return dropped
 
 

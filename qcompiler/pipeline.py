@@ -33,11 +33,10 @@ from qcompiler.graphio import (
     import_graph,
     save_onnx_atomic,
     saved_bytes,
-    share_identical_constants,
+    share_constants,
     write_text_atomic,
 )
-from qcompiler.kv_layout import is_past
-from qcompiler.match.sites import find_linear_sites, head_is_quantized, weight_reader
+from qcompiler.match.sites import find_linear_sites, head_is_quantized, serves_tokens, weight_reader
 from qcompiler.metadata import KV_CACHE_TRANSFORMED, MODEL_KIND, SITES, TOKENIZER, module_paths
 from qcompiler.methods.base import Method, PlanContext, Setup
 from qcompiler.methods.registry import REGISTRY, get_method
@@ -210,7 +209,7 @@ def make_plan(method: Method, ctx: PlanContext) -> QuantPlan:
         site_grid = grid or cfg.quant
         # a table GatherBlockQuantized reads, and a head tied to it that is not scaled (EmbeddingPass then stores
         # the codes once), in whole blocks that divide the hidden size
-        tied = s.role == "head" and s.weight in tables and not head_scaled(cfg, site_grid)
+        tied = s.role == "head" and s.weight in tables and site_grid.symmetric and not head_scaled(cfg, site_grid)
         if cfg.match.gather_embeddings and (s.role == "embedding" or tied):
             block = gather_block(site_grid.group_size, s.k)
             site_grid = dataclasses.replace(site_grid, group_size=block or site_grid.group_size)
@@ -287,7 +286,7 @@ def _resolve_embeddings(config: CompileConfig, graph: gs.Graph) -> CompileConfig
     DequantizeLinear on every run would cost more than the float table, and for ``--format qdq``, whose
     users may run it where com.microsoft ops are not."""
     m = config.match
-    decoder = any(is_past(t.name) for t in graph.inputs)
+    decoder = serves_tokens(graph)
     gather = decoder if m.gather_embeddings is None else m.gather_embeddings
     quantize = m.quantize_embeddings
     if quantize is None:
@@ -319,15 +318,15 @@ def rewrite(graph: gs.Graph, plan: QuantPlan, config: CompileConfig) -> gs.Graph
     sites = {sp.site.id: sp.site for sp in plan.sites}
     passes: list = [FoldPairsPass(plan.pair_transforms, sites),
                     OnlineTransformPass(plan.online, sites, config.cafeq.online_layout, fold_scale=True)]
+    embed = EmbeddingPass(plan, gather=config.match.gather_embeddings)
     if config.quantize_weights:
         quantize = MatMulNBitsPass(plan, config.accuracy_level) if config.format == "matmulnbits" else QDQPass(plan)
-        passes += [EmbeddingPass(plan, gather=config.match.gather_embeddings), quantize]
+        passes += [embed, quantize]
     if config.dtype != "float32":  # last: the scales the quantizing passes wrote follow too
         passes.append(PrecisionPass(config.dtype))
     graph = PassManager(passes)(graph).graph
-    shared = share_identical_constants(graph)
-    if shared:
-        log.info("%d weight tensors stored once for two readers (a tied head and its table)", shared)
+    if share_constants(graph, embed.shared):
+        log.info("a tied head and its table store their codes once")
     return graph
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qcompiler.graphio import share_identical_constants
+from qcompiler.graphio import share_constants
 
 
 def _graph(values: dict[str, np.ndarray]) -> gs.Graph:
@@ -16,15 +16,15 @@ def _graph(values: dict[str, np.ndarray]) -> gs.Graph:
     return gs.Graph(nodes=nodes, inputs=[x], outputs=outs)
 
 
-def test_equal_large_constants_are_read_from_one():
+def test_readers_of_a_copy_read_the_kept_constant():
     rng = np.random.default_rng(0)
-    big = rng.standard_normal(1 << 12).astype(np.float32)  # 16 KiB
+    big = rng.standard_normal(1 << 12).astype(np.float32)
     other = big.copy()
     other[-1] += 1.0
-    graph = _graph({"a": big, "b": big.copy(), "c": other, "d": big.astype(np.float64), "small": np.ones(4, np.float32),
-                    "small2": np.ones(4, np.float32)})
-    assert share_identical_constants(graph) == 1
+    graph = _graph({"a": big, "b": big.copy(), "c": other, "d": big.astype(np.float64), "e": big.reshape(64, 64)})
+    keep = next(n.inputs[1] for n in graph.nodes if n.name == "a")
+    assert share_constants(graph, [keep]) == 1
     reads = {n.name: n.inputs[1].name for n in graph.nodes}
-    assert reads["b"] == "a" and reads["c"] == "c" and reads["d"] == "d"  # other bytes, other dtype: kept
-    assert reads["small2"] == "small2"  # under min_bytes: not looked at
-    assert share_identical_constants(graph) == 0
+    assert reads["a"] == reads["b"] == "a"
+    assert (reads["c"], reads["d"], reads["e"]) == ("c", "d", "e")  # other bytes, dtype or shape: kept
+    assert share_constants(graph, [keep]) == 0 and share_constants(graph, []) == 0

@@ -117,12 +117,17 @@ def _other_weight(node: gs.Node, mid: str | None) -> Rejection | None:
     return Rejection(node.name, node.op, f"not a MatMul/Gemm site: constant weight {list(w.shape)} {kept}", mid)
 
 
+def serves_tokens(graph: gs.Graph) -> bool:
+    """A KV-cache decoder: a graph with ``past_key_values.*`` inputs."""
+    return any(is_past(t.name) for t in graph.inputs)
+
+
 def head_is_quantized(graph: gs.Graph, config: MatchConfig) -> bool:
     """``MatchConfig.quantize_lm_head``, where None means: yes for a decoder that serves tokens (a graph with
     ``past_key_values.*`` inputs reads the whole head every token), no for any other graph."""
     if config.quantize_lm_head is not None:
         return config.quantize_lm_head
-    return any(is_past(t.name) for t in graph.inputs)
+    return serves_tokens(graph)
 
 
 def find_linear_sites(
