@@ -108,3 +108,24 @@ def test_external_data_roundtrip_and_escape_refused(tmp_path):
     onnx.save_model(evil, str(bad))
     with pytest.raises(ModelLoadError, match="outside"):
         load_onnx(bad)
+
+
+def test_skipping_the_slow_slice_rewrite_leaves_the_export_unchanged(tiny_checkpoints, tmp_path, monkeypatch):
+    """The exporter runs without onnxscript's ``SlicesSplit`` rule (quadratic in Slice nodes: 51 s of SmolLM2's
+    export), and the graph is the one the full rule set gives: a RoPE family with a KV cache, whose rotate-half
+    Slices are the rule's pattern."""
+    from onnxscript import rewriter
+
+    import qcompiler.frontends.export as export
+
+    before = rewriter._DEFAULT_REWRITE_RULES
+    with export._skip_slow_rewrites():
+        names = {r.name for r in rewriter._DEFAULT_REWRITE_RULES}
+        assert "SlicesSplit" not in names and len(names) > 10
+    assert rewriter._DEFAULT_REWRITE_RULES is before
+    graphs = []
+    for i, skipped in enumerate((export.SKIPPED_REWRITES, frozenset())):
+        monkeypatch.setattr(export, "SKIPPED_REWRITES", skipped)
+        model = load_model(str(tiny_checkpoints["llama"]), cache_dir=tmp_path / str(i), kv_cache=True).model
+        graphs.append(model.graph)
+    assert graphs[0].SerializeToString() == graphs[1].SerializeToString()

@@ -6,8 +6,10 @@ from qcompiler.algorithms.grid import (
     fit_grid,
     quantize,
     quantize_codes,
+    reciprocal,
     relative_error,
     round_half_away,
+    row_codes,
 )
 
 
@@ -15,6 +17,32 @@ def test_round_half_away_matches_c_roundf():
     x = np.array([0.5, 1.5, 2.5, -0.5, -1.5, 0.49999997, -0.49999997, 7.4999995, 0.0, -0.0, 3.0],
                  dtype=np.float32)
     assert round_half_away(x).tolist() == [1, 2, 3, -1, -2, 0, 0, 7, 0, 0, 3]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_row_codes_are_quantize_codes(bits):
+    """The solvers' one-row rounding gives the grid's codes: ties (exact halves either side of every code),
+    the float next to them, values beyond both ends, zero scales, negative (symmetric) scales."""
+    rng = np.random.default_rng(bits)
+    qmax = (1 << bits) - 1
+    s = (rng.standard_normal(6000) * 0.1).astype(np.float32)
+    s[::50] = 0
+    z = rng.integers(0, qmax + 1, s.size).astype(np.uint8)
+    w = (rng.standard_normal(s.size) * 3).astype(np.float32)
+    ties = np.arange(0, s.size, 5)
+    w[ties] = ((rng.integers(-3, qmax + 3, ties.size) + 0.5 - z[ties]) * s[ties]).astype(np.float32)
+    w[1::5] = np.nextafter(w[ties], np.float32(np.inf))
+    w[2::5] = np.nextafter(w[ties], np.float32(-np.inf))
+    # unit scale, zero point 0: the code-space value is w itself, so the float just under each half is tested
+    # (``floor(v + 0.5)`` rounds 0.49999997 up)
+    halves = np.arange(-2, qmax + 2, dtype=np.float32) + np.float32(0.5)
+    unit = np.arange(3, 3 + 2 * halves.size, 2)
+    s[unit], z[unit], w[unit] = 1, 0, np.nextafter(halves, np.float32(-np.inf))
+    s[unit + 1], z[unit + 1], w[unit + 1] = 1, 0, halves
+    want = quantize_codes(w[None], s[None], z[None], bits, 1)[0]
+    got = row_codes(w, reciprocal(s), z.astype(np.float32), qmax)
+    assert got.dtype == want.dtype == np.uint8
+    np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

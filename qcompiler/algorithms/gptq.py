@@ -31,11 +31,11 @@ from qcompiler.algorithms.grid import (
     F32,
     GridSpec,
     QuantizedWeight,
-    dequantize,
     fit_grid,
     fit_grid_search,
     n_blocks,
-    quantize_codes,
+    reciprocal,
+    row_codes,
 )
 
 
@@ -221,15 +221,19 @@ def solve_rows(w: np.ndarray, h: np.ndarray, grid: GridSpec, d: np.ndarray | Non
         # fitted on rows that are all in the current block, as updated so far
         block = g if g >= cfg.block else (cfg.block // g) * g
 
+    qmax = (1 << grid.bits) - 1
+    recip, zero = reciprocal(scales), zps.astype(F32)  # act-order's static groups; else filled as fitted
+
     def round_row(i: int, w1: np.ndarray) -> np.ndarray:
         orig, at = order[i], i % block
         grp = orig // g
         if not cfg.act_order and orig % g == 0:
             s, z = cfg.fit(w1[at:at + g].astype(F32), grid, g)
             scales[grp], zps[grp] = s[0], z[0]
-        c = quantize_codes(w1[at][None], scales[grp][None], zps[grp][None], grid.bits, 1)
-        codes[orig] = c[0]
-        return dequantize(c, scales[grp][None], zps[grp][None], 1)[0].astype(np.float64)
+            recip[grp], zero[grp] = reciprocal(s[0]), z[0]
+        c = row_codes(w1[at].astype(F32), recip[grp], zero[grp], qmax)
+        codes[orig] = c
+        return ((c.astype(F32) - zero[grp]) * scales[grp]).astype(np.float64)
 
     _sequential(w[order], u, p, block, round_row)
     if cfg.refine_passes:
@@ -253,13 +257,17 @@ def solve_columns(a: np.ndarray, h: np.ndarray, grid: GridSpec, d: np.ndarray | 
     c, k = wt.shape
     g, scales, zps, codes = _empty(k, c, grid)
 
+    qmax, rows = (1 << grid.bits) - 1, np.arange(k) // g
+
     def round_row(i: int, w1: np.ndarray) -> np.ndarray:
         col = order[i]
-        vec = w1[i % cfg.block].astype(F32)[:, None]
-        s, z = cfg.fit(vec, grid, g)
-        q = quantize_codes(vec, s, z, grid.bits, g)
-        scales[:, col], zps[:, col], codes[:, col] = s[:, 0], z[:, 0], q[:, 0]
-        return dequantize(q, s, z, g)[:, 0].astype(np.float64)
+        vec = w1[i % cfg.block].astype(F32)
+        s, z = cfg.fit(vec[:, None], grid, g)
+        s, z = s[:, 0], z[:, 0]
+        zero = z.astype(F32)[rows]
+        q = row_codes(vec, reciprocal(s)[rows], zero, qmax)
+        scales[:, col], zps[:, col], codes[:, col] = s, z, q
+        return ((q.astype(F32) - zero) * s[rows]).astype(np.float64)
 
     _sequential(wt[order], u, p, cfg.block, round_row)
     if cfg.refine_passes:

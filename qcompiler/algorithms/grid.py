@@ -153,11 +153,26 @@ def quantize_codes(
     """Codes ``[K, N]`` of ``w`` on a given grid: ``clamp(roundf(w * (1/s) + z), 0, 2^b - 1)``."""
     w = np.asarray(w, dtype=F32)
     k = w.shape[0]
-    with np.errstate(divide="ignore"):
-        recip = np.where(scales != 0, F32(1) / scales, F32(0)).astype(F32)
+    recip = reciprocal(scales)
     rows = np.arange(k) // block_size
     v = w * recip[rows] + zero_points[rows].astype(F32)
     return np.clip(round_half_away(v), 0, (1 << bits) - 1).astype(np.uint8)
+
+
+def reciprocal(scales: np.ndarray) -> np.ndarray:
+    """``1 / s`` in float32, 0 where ``s`` is 0 (how MLAS quantizes with a zero scale)."""
+    with np.errstate(divide="ignore"):
+        return np.where(scales != 0, F32(1) / scales, F32(0)).astype(F32)
+
+
+def row_codes(w: np.ndarray, recip: np.ndarray, zero: np.ndarray, qmax: int) -> np.ndarray:
+    """:func:`quantize_codes` of float32 values whose reciprocal scales and zero points (float32, same shape or
+    broadcast) are given: the same codes in fewer passes (the solvers round one row at a time).
+    A value below 0 clamps to 0 whatever its rounding, so only ``v >= 0`` is rounded: ``floor(v) + (frac >= .5)``
+    is round-half-away there, exactly."""
+    v = np.maximum(w * recip + zero, F32(0))
+    t = np.floor(v)
+    return np.minimum(t + (v - t >= F32(0.5)), F32(qmax)).astype(np.uint8)
 
 
 def dequantize(
