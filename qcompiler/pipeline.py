@@ -291,10 +291,17 @@ def _resolve_embeddings(config: CompileConfig, graph: gs.Graph) -> CompileConfig
     quantize = m.quantize_embeddings
     if quantize is None:
         grid = head_grid(config) or config.quant
-        widths = [int(n.inputs[0].shape[1]) for n in graph.nodes
+        tables = [n.inputs[0] for n in graph.nodes
                   if n.op == "Gather" and isinstance(n.inputs[0], gs.Constant) and len(n.inputs[0].shape) == 2]
+        widths = [int(t.shape[1]) for t in tables]
         quantize = (decoder and gather and bool(widths) and config.quantize_weights and config.format == "matmulnbits"
                     and all(gatherable(grid.bits, gather_block(grid.group_size, w) or 0, w) for w in widths))
+        # a tied head kept in float would read the whole table dequantized on every token step (SmolLM2 at
+        # --accuracy-level 1): the one float table serves both instead
+        if quantize and not head_is_quantized(graph, m) and any(c.op != "Gather" for t in tables for c in t.outputs):
+            log.info("embedding table kept float: the output head tied to it stays float (--accuracy-level 4, "
+                     "--head-bits 4 or --quantize-lm-head quantize both)")
+            quantize = False
         if quantize:
             log.info("embedding tables quantized on the head's grid (%s), read with GatherBlockQuantized",
                      grid.describe())

@@ -166,3 +166,18 @@ def test_a_tied_head_and_its_table_store_their_codes_once(tiny_checkpoints, cach
     got = outputs(sub, {gbq.input[1]: ids})[reshape.output[0]]
     np.testing.assert_allclose(got[0], table.weight.dequantize().T[ids[0]], rtol=1e-6, atol=1e-6)
     assert res.validation.max_rel_error < 0.3
+
+
+def test_a_tied_head_kept_float_keeps_its_table_float_by_default(tiny_checkpoints, cache_dir):
+    """At ``--accuracy-level 1`` an 8-bit head stays float; a table tied to it stays float too by default, so
+    the head reads the one float table rather than a whole-table DequantizeLinear on every token step (what
+    a quantized table gave it); ``--quantize-embeddings`` still quantizes it."""
+    src = str(tiny_checkpoints["gemma2"])
+    cfg = CompileConfig(quant=QuantConfig(4, 32, True))
+    res = compile_model(src, None, cfg, cache_dir=cache_dir)
+    ops = collections.Counter(n.op_type for n in res.model.graph.node)
+    assert not [s for s in res.plan.sites if s.site.role in ("embedding", "head")]
+    assert ops["DequantizeLinear"] == 0 and ops["GatherBlockQuantized"] == 0 and ops["Gather"] >= 1
+    forced = compile_model(src, None, dataclasses.replace(cfg, match=MatchConfig(quantize_embeddings=True)),
+                           cache_dir=cache_dir)
+    assert [s for s in forced.plan.sites if s.site.role == "embedding"]
