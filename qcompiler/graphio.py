@@ -13,7 +13,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from qcompiler.errors import ModelLoadError, OutputError, first_line
-from qcompiler.external import attach_external, external_info
+from qcompiler.external import attach_external, external_info, is_external, read_values
 
 log = logging.getLogger(__name__)
 
@@ -221,9 +221,47 @@ def import_graph(model: onnx.ModelProto, data_dir: str | os.PathLike | None = No
         attach_external(graph, model, data_dir)
     # dead code (nodes no output depends on) is dropped first: the matcher must not plan sites for it
     graph.cleanup(remove_unused_graph_inputs=False)
+    if untranspose_tables(graph):
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
     # onnx-graphsurgeon keeps (and later appends to) the model's own opset list: detach it
     graph.import_domains = [onnx.helper.make_opsetid(o.domain, o.version) for o in model.opset_import]
     return graph
+
+
+# an external (streamed) table larger than this keeps its builder layout (float, read through the Transpose):
+# turning it holds it in memory
+UNTRANSPOSE_MAX_BYTES = 1 << 30
+
+
+def untranspose_tables(graph: gs.Graph) -> int:
+    """``Gather(Transpose(C), ids)`` on axis 0, with ``C`` a 2-D in-memory constant and ``perm`` ``[1, 0]``
+    (onnxruntime-genai's builder ties a head so: its MatMul reads ``C`` ``[H, V]``, the table is ``C^T``) becomes
+    ``Gather(T, ids)`` with the constant ``T = C^T``, and every other reader of ``C`` reads ``Transpose(T)``: a
+    Hugging Face export's tied head, whose table and head the matcher and ``EmbeddingPass`` quantize and share.
+    The same function of the inputs; returns how many tables were turned."""
+    turned = 0
+    for node in list(graph.nodes):
+        if node.op != "Gather" or int(node.attrs.get("axis", 0)) != 0 or len(node.inputs[0].inputs) != 1:
+            continue
+        tr = node.inputs[0]
+        flip = tr.inputs[0]
+        c = flip.inputs[0] if flip.op == "Transpose" and list(flip.attrs.get("perm", ())) == [1, 0] else None
+        if (not isinstance(c, gs.Constant) or c.shape is None or len(c.shape) != 2
+                or any(r.op != "Gather" or r.inputs[0] is not tr for r in tr.outputs)):
+            continue
+        if is_external(c) and int(np.prod(c.shape)) * np.dtype(np_dtype(c.dtype)).itemsize > UNTRANSPOSE_MAX_BYTES:
+            continue  # a streamed compile keeps a large table in its file
+        values = read_values(c)
+        table = gs.Constant(f"{c.name}_table", np.ascontiguousarray(values.T))
+        for r in list(tr.outputs):
+            r.inputs[0] = table
+        if any(r is not flip for r in c.outputs):
+            back = gs.Variable(f"{c.name}_from_table", dtype=values.dtype, shape=list(values.shape))
+            graph.nodes.append(gs.Node("Transpose", name=f"{flip.name}_of_table", attrs={"perm": [1, 0]},
+                                       inputs=[table], outputs=[back]))
+            redirect_consumers(c, back)
+        turned += 1
+    return turned
 
 
 def share_constants(graph: gs.Graph, keep: list[gs.Constant]) -> int:

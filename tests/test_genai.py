@@ -17,7 +17,7 @@ import onnx
 import pytest
 
 from qcompiler.analyze import analyze
-from qcompiler.config import CafeqConfig, CompileConfig
+from qcompiler.config import CafeqConfig, CompileConfig, QuantConfig
 from qcompiler.errors import ConfigError
 from qcompiler.frontends import load_model
 from qcompiler.frontends.base import LoadedModel
@@ -57,14 +57,32 @@ def llama_folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def builder_model(genai_python, llama_folder, tmp_path_factory) -> Path:
     """The builder's fp32 model of the tiny Llama (GroupQueryAttention, packed QKV, SkipSimplifiedLayerNorm)."""
-    out = tmp_path_factory.mktemp("builder") / "fp32"
-    cmd = [genai_python, "-m", "onnxruntime_genai.models.builder", "-m", str(llama_folder), "-i", str(llama_folder),
+    return _build(genai_python, llama_folder, tmp_path_factory.mktemp("builder") / "fp32")
+
+
+def _build(genai_python: str, hf_folder: Path, out: Path) -> Path:
+    cmd = [genai_python, "-m", "onnxruntime_genai.models.builder", "-m", str(hf_folder), "-i", str(hf_folder),
            "-o", str(out), "-p", "fp32", "-e", "cpu", "-c", str(out.parent / "hf_cache")]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if done.returncode != 0 or not (out / "model.onnx").is_file():
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
         pytest.skip(f"onnxruntime-genai's model builder cannot run offline on a tiny Llama config: {tail[0]}")
     return out / "model.onnx"
+
+
+@pytest.fixture(scope="module")
+def tied_builder_model(genai_python, llama_folder, tmp_path_factory) -> Path:
+    """The builder's fp32 model of the tiny Llama with its head tied to the table: ``Gather(Transpose(W))`` and
+    ``MatMul(x, W)``, one initializer."""
+    import transformers as tf
+
+    folder = tmp_path_factory.mktemp("tied") / "llama"
+    model = tf.AutoModelForCausalLM.from_pretrained(llama_folder)
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
+    model.save_pretrained(folder)
+    _word_tokenizer(folder)
+    return _build(genai_python, folder, folder.parent / "fp32")
 
 
 def genai_tokens(python: str, folder: Path, prompt=PROMPT, new: int = NEW) -> list[int]:
@@ -192,6 +210,25 @@ def test_builder_model_compiled_runs_in_genai(method, builder_model, genai_pytho
                                                                                     "present.1.value"]
     if method == "sinq":  # q/k/v's and gate/up's scales sit in SkipSimplifiedLayerNormalization's gamma
         assert len(result.plan.online) == 4 and online_ops(result.model) == 0
+    assert_same_greedy(genai_tokens(genai_python, folder), out)
+
+
+def test_a_tied_builder_head_and_its_table_store_their_codes_once(tied_builder_model, genai_python, tmp_path):
+    """The builder reads a tied table through a Transpose of the head's weight; at ``--accuracy-level 4`` the table
+    and the 8-bit head are quantized, GatherBlockQuantized reads the head MatMulNBits' own codes (one initializer,
+    where the float weight stayed for the table before), and onnxruntime-genai generates with the folder."""
+    config = CompileConfig(quant=QuantConfig(4, 32, True), accuracy_level=4)  # symmetric: codes alone
+    out = tmp_path / "compiled.onnx"
+    result = compile_model(str(tied_builder_model.parent), out, config)
+    roles = sorted(p.site.role for p in result.plan.sites if p.site.role != "linear")
+    assert roles == ["embedding", "head"]
+    nodes = result.model.graph.node
+    (gbq,) = [n for n in nodes if n.op_type == "GatherBlockQuantized"]
+    assert sorted(n.op_type for n in nodes if gbq.input[0] in n.input) == ["GatherBlockQuantized", "MatMulNBits"]
+    assert not [t for t in result.model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT
+                and list(t.dims) in ([64, 512], [512, 64])]  # no float table or head left
+    assert result.validation.max_rel_error < 0.3
+    folder = write_genai_folder(result.output, load_model(str(tied_builder_model)), tmp_path / "genai")
     assert_same_greedy(genai_tokens(genai_python, folder), out)
 
 
