@@ -299,7 +299,7 @@ def _resolve_embeddings(config: CompileConfig, graph: gs.Graph) -> CompileConfig
         # a tied head kept in float would read the whole table dequantized on every token step (SmolLM2 at
         # --accuracy-level 1): the one float table serves both instead
         if quantize and not head_is_quantized(graph, m) and any(c.op != "Gather" for t in tables for c in t.outputs):
-            log.info("embedding table kept float: the output head tied to it stays float (--accuracy-level 4, "
+            log.info("embedding tables kept float: the output head tied to one stays float (--accuracy-level 4, "
                      "--head-bits 4 or --quantize-lm-head quantize both)")
             quantize = False
         if quantize:
