@@ -234,7 +234,8 @@ UNTRANSPOSE_MAX_BYTES = 1 << 30
 
 
 def untranspose_tables(graph: gs.Graph) -> int:
-    """``Gather(Transpose(C), ids)`` on axis 0, with ``C`` a 2-D in-memory constant and ``perm`` ``[1, 0]``
+    """``Gather(Transpose(C), ids)`` on axis 0, with ``C`` a 2-D constant (in memory, or external up to
+    ``UNTRANSPOSE_MAX_BYTES``) and ``perm`` ``[1, 0]``
     (onnxruntime-genai's builder ties a head so: its MatMul reads ``C`` ``[H, V]``, the table is ``C^T``) becomes
     ``Gather(T, ids)`` with the constant ``T = C^T``, and every other reader of ``C`` reads ``Transpose(T)``: a
     Hugging Face export's tied head, whose table and head the matcher and ``EmbeddingPass`` quantize and share.

@@ -36,7 +36,7 @@ from qcompiler.graphio import (
     share_constants,
     write_text_atomic,
 )
-from qcompiler.match.sites import find_linear_sites, head_is_quantized, serves_tokens, weight_reader
+from qcompiler.match.sites import find_linear_sites, head_is_quantized, reads_table, serves_tokens, weight_reader
 from qcompiler.metadata import KV_CACHE_TRANSFORMED, MODEL_KIND, SITES, TOKENIZER, module_paths
 from qcompiler.methods.base import Method, PlanContext, Setup
 from qcompiler.methods.registry import REGISTRY, get_method
@@ -291,8 +291,7 @@ def _resolve_embeddings(config: CompileConfig, graph: gs.Graph) -> CompileConfig
     quantize = m.quantize_embeddings
     if quantize is None:
         grid = head_grid(config) or config.quant
-        tables = [n.inputs[0] for n in graph.nodes
-                  if n.op == "Gather" and isinstance(n.inputs[0], gs.Constant) and len(n.inputs[0].shape) == 2]
+        tables = [n.inputs[0] for n in graph.nodes if reads_table(n)]
         widths = [int(t.shape[1]) for t in tables]
         quantize = (decoder and gather and bool(widths) and config.quantize_weights and config.format == "matmulnbits"
                     and all(gatherable(grid.bits, gather_block(grid.group_size, w) or 0, w) for w in widths))

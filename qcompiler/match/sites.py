@@ -117,6 +117,11 @@ def _other_weight(node: gs.Node, mid: str | None) -> Rejection | None:
     return Rejection(node.name, node.op, f"not a MatMul/Gemm site: constant weight {list(w.shape)} {kept}", mid)
 
 
+def reads_table(node: gs.Node) -> bool:
+    """An embedding lookup: a Gather of a 2-D constant (the table)."""
+    return node.op == "Gather" and isinstance(node.inputs[0], gs.Constant) and len(node.inputs[0].shape) == 2
+
+
 def serves_tokens(graph: gs.Graph) -> bool:
     """A KV-cache decoder: a graph with ``past_key_values.*`` inputs."""
     return any(is_past(t.name) for t in graph.inputs)
@@ -140,7 +145,7 @@ def find_linear_sites(
     sites: list[LinearSite] = []
     rejected: list[Rejection] = []
     for node in graph.nodes:
-        if node.op == "Gather" and isinstance(node.inputs[0], gs.Constant) and len(node.inputs[0].shape) == 2:
+        if reads_table(node):
             emb = _embedding_site(node, config, module_paths.get(node.name))
             if isinstance(emb, Rejection):
                 rejected.append(emb)
