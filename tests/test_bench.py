@@ -138,7 +138,7 @@ def test_worker_failure_is_one_line_in_stats(tmp_path):
 
 
 def test_bad_arguments_exit_2(tmp_path):
-    for args in (["--models", "gpt5"], ["--settings", "w4-b128"], ["--methods", "rtn,magic"]):
+    for args in (["--models", "gpt5"], ["--settings", "w4-b128"], ["--methods", "rtn,magic"], ["--jobs", "0"]):
         p = subprocess.run([sys.executable, str(ROOT / "tools/bench.py"), "--out", str(tmp_path), *args],
                            capture_output=True, text=True)
         assert p.returncode == 2 and p.stderr.startswith("error: "), p.stderr
@@ -151,7 +151,8 @@ def test_quick_run_end_to_end_then_resume(tmp_path):
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, capture_output=True)
     wall = time.perf_counter() - t0
-    # about 3 minutes alone (174 s on 2026-12-07; 224 s when the machine ran slow that day); CI may share the cores
+    # two rows at a time (--quick's default --jobs 2): 65 s alone on 2026-12-07, against 119 s one at a time
+    # (224 s one at a time on a slower day); CI may share the cores
     assert wall < 240, f"--quick took {wall:.0f} s"
     data = json.loads((out / "results.json").read_text())
     rows = data["rows"]

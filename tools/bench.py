@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report-only", action="store_true", help="only rewrite results.md, plots and README")
     ap.add_argument("--no-readme", action="store_true", help="leave README.md alone")
     ap.add_argument("--cache-dir", help="export cache (default: qcompiler's)")
+    ap.add_argument("--jobs", type=int, help="rows measured at once (default 1; --quick: 2). More than one "
+                    "shares the cores between rows: their times are then upper bounds, not figures")
     ap.add_argument("-q", "--quiet", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
@@ -78,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
             if bad:
                 raise ValueError(f"unknown model {bad[0]!r}; choose from {', '.join(REAL_MODELS)}")
             models = [REAL_MODELS[n] for n in names]
+        if args.jobs is not None and args.jobs < 1:
+            raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
         plan = plan_rows([m.name for m in models], settings, methods)
         if args.quick and not args.settings:  # every method once: the asym-only ones at w4-b32-asym
             have = {r.method for r in plan}
@@ -104,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         command = "python tools/bench.py" + "".join(" " + shlex.quote(a) for a in (argv or sys.argv[1:]))
         try:
             run(store, models, plan, work, args.timeout, args.redo, command, args.cache_dir,
-                progress=not args.quiet, on_row=publish, max_rss_gb=args.max_rss_gb)
+                progress=not args.quiet, on_row=publish, max_rss_gb=args.max_rss_gb,
+                jobs=args.jobs or (2 if args.quick else 1))
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

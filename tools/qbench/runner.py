@@ -9,6 +9,7 @@ import platform
 import re
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -240,7 +241,11 @@ def code_version() -> str | None:
 
 def run(store: ResultStore, models: list[ModelEntry], rows: list[RowSpec], work: Path, timeout: float,
         redo: bool, command: str, cache_dir: str | None = None, progress: bool = True,
-        on_row=None, max_rss_gb: float = 16.0) -> None:
+        on_row=None, max_rss_gb: float = 16.0, jobs: int = 1) -> None:
+    """Measure the pending ``rows``, ``jobs`` at a time (each row's compile in its own process, its evaluation
+    in a thread of this one). More than one job shares the cores between rows, so their times and latencies
+    are upper bounds (each row's ``others_cpu`` says how loaded the machine was): for harness tests, not for
+    figures."""
     started = time.time()
     store.meta["machine"] = machine_line()
     store.meta.setdefault("runs", []).append({"command": command, "started": time.strftime("%Y-%m-%d %H:%M"),
@@ -250,17 +255,20 @@ def run(store: ResultStore, models: list[ModelEntry], rows: list[RowSpec], work:
     pending = [r for r in rows if redo or not store.done(r.key)]
     log.info("%d rows, %d already measured, %d to run", len(rows), len(rows) - len(pending), len(pending))
     prepared: dict[str, Prepared] = {}
-    bar = tqdm(pending, desc="bench", disable=not progress, unit="row")
-    for row in bar:
-        bar.set_postfix_str(row.key)
+    for row in pending:  # each model once, before any row: rows may then run side by side
         if row.model not in prepared:
             entry = next(m for m in models if m.name == row.model)
             prepared[row.model] = p = prepare(entry, work, cache_dir)
             store.check_model(entry.name, p.fingerprint)
             store.models[entry.name] = {"fingerprint": p.fingerprint, "kind": entry.kind,
                                         "source": entry.source}
+
+    lock = threading.Lock()  # the store: rows are read by the jobs' threads, written by this one
+
+    def one(row: RowSpec) -> dict:
         t0 = time.perf_counter()
-        skip = None if redo else timed_out_elsewhere(store, row, timeout)
+        with lock:
+            skip = None if redo else timed_out_elsewhere(store, row, timeout)
         result = {"status": "failed", "reason": skip} if skip else \
             measure(row, prepared[row.model], work, timeout, cache_dir, max_rss_gb)
         result.update({"model": row.model, "setting": row.setting, "method": row.method,
@@ -268,11 +276,31 @@ def run(store: ResultStore, models: list[ModelEntry], rows: list[RowSpec], work:
                        "measured": time.strftime("%Y-%m-%d %H:%M"), "code": version})
         if row.setting == REFERENCE:
             result["reference"] = True
+        return result
+
+    def record(row: RowSpec, result: dict) -> None:
         run_info["wall_s"] = time.time() - started
         run_info["rows"] += 1
-        store.put(row.key, result)
+        with lock:
+            store.put(row.key, result)
         log.info("%s: %s", row.key, result.get("reason", "ok"))
         if on_row:
             on_row(store)
+
+    bar = tqdm(total=len(pending), desc="bench", disable=not progress, unit="row")
+    if jobs <= 1:
+        for row in pending:
+            bar.set_postfix_str(row.key)
+            record(row, one(row))
+            bar.update()
+    else:
+        from concurrent.futures import ThreadPoolExecutor, as_completed
+
+        with ThreadPoolExecutor(jobs) as pool:  # results are recorded here, in this thread, as rows finish
+            running = {pool.submit(one, row): row for row in pending}
+            for done in as_completed(running):
+                record(running[done], done.result())
+                bar.update()
+    bar.close()
     run_info["wall_s"] = time.time() - started
     store.save()
