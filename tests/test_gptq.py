@@ -121,6 +121,25 @@ def test_gptaq_term():
         assert np.all(p[q, :q + 1] == 0)
 
 
+@pytest.mark.parametrize("k", [37, 64, 100])
+def test_gptaq_p_by_blocks_of_rows_is_the_dense_product(monkeypatch, k):
+    """``gptaq_p`` computes ``alpha triu(D U^T, 1) U`` a block of rows at a time on the triangles: the dense formula's
+    values (to float64 rounding) for any K against the block (a block, several, a part block), zeros on and below
+    the diagonal."""
+    import qcompiler.algorithms.gptq as gq
+
+    monkeypatch.setattr(gq, "P_ROWS", 16)
+    rng = np.random.default_rng(k)
+    x = correlated(rng, 400, k)
+    xt = x + 0.2 * rng.standard_normal(x.shape)
+    h, d = x.T @ x, (xt - x).T @ x
+    u = inverse_cholesky(prepare_hessian(h, 0.01)[0])
+    want = 0.7 * np.triu(d @ u.T, 1) @ u
+    got = gptaq_p(d, u, 0.7)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12 * np.abs(want).max())
+    assert np.all(np.tril(got) == 0)
+
+
 def test_refinement_lowers_the_objective():
     rng = np.random.default_rng(6)
     x = correlated(rng, 800, 96)

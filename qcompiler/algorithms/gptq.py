@@ -88,9 +88,24 @@ def prepare_hessian(h: np.ndarray, percdamp: float) -> tuple[np.ndarray, np.ndar
     return h, dead
 
 
+# rows of P computed at a time by gptaq_p
+P_ROWS = 256
+
+
 def gptaq_p(d: np.ndarray, u: np.ndarray, alpha: float) -> np.ndarray:
-    """``P = alpha * triu(D U^T, 1) U``: row q is ``alpha * D[q, q+1:] inv(H[q+1:, q+1:])``."""
-    return alpha * np.triu(d @ u.T, 1) @ u
+    """``P = alpha * triu(D U^T, 1) U``: row q is ``alpha * D[q, q+1:] inv(H[q+1:, q+1:])``.
+
+    ``U`` is upper triangular, so rows from ``s`` on need only ``D[:, s:]`` and ``U[s:, s:]``: a block of rows at a
+    time, the products skip the zero triangles (about a third of the flops of the two dense ``K^3`` products; the
+    same sums, their terms in another order)."""
+    k = len(u)
+    p = np.zeros((k, k))
+    for s in range(0, k, P_ROWS):
+        e = min(s + P_ROWS, k)
+        us = u[s:, s:]
+        a = np.triu(d[s:e, s:] @ us.T, 1)  # this block's columns j > q (j, q counted from s)
+        p[s:e, s:] = alpha * (a @ us)
+    return p
 
 
 # A row rounder: (row index in sequential order, current values [N]) -> dequantized values [N].
