@@ -202,3 +202,22 @@ def test_smollm2_gptaq_beats_rtn(smollm2, cache_dir):
         res = compile_model("smollm2", None, cfg, cache_dir=cache_dir)
         ppl[method] = perplexity(res.model, windows).perplexity
     assert ppl["gptaq"] < 0.93 * ppl["rtn"], ppl
+
+
+def test_relative_proxies_of_several_weights_are_each_ones_own():
+    """The report's proxy errors, ``sum tr(dW^T H dW) / sum tr(W^T H W)`` over column slices with their own ``H``,
+    for the solved and the RTN weight in one product per slice: each equals its own formula."""
+    from qcompiler.methods.gptq import _rel_proxies
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((24, 30))
+    x = rng.standard_normal((100, 24))
+    h1, h2 = x.T @ x, x.T @ x + np.eye(24)
+    slices = [(0, 8, h1, None), (8, 21, h2, None), (21, 30, h1, None)]
+    hats = [w + s * rng.standard_normal(w.shape) for s in (0.05, 0.2)]
+
+    def one(w_hat):
+        num = sum(np.trace((w_hat - w)[:, a:b].T @ h @ (w_hat - w)[:, a:b]) for a, b, h, _ in slices)
+        return num / sum(np.trace(w[:, a:b].T @ h @ w[:, a:b]) for a, b, h, _ in slices)
+
+    np.testing.assert_allclose(_rel_proxies(slices, w, *hats), [one(x) for x in hats], rtol=1e-12)

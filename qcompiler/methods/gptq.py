@@ -114,14 +114,17 @@ def _join(parts: list[QuantizedWeight]) -> QuantizedWeight:
                            first.bits, first.block_size, first.symmetric)
 
 
-def _rel_proxy(slices: list[Slice], w: np.ndarray, w_hat: np.ndarray) -> float:
-    """``sum tr(dW^T H dW) / sum tr(W^T H W)`` over the column slices."""
-    num = ref = 0.0
+def _rel_proxies(slices: list[Slice], w: np.ndarray, *w_hats: np.ndarray) -> list[float]:
+    """``sum tr(dW^T H dW) / sum tr(W^T H W)`` over the column slices, for each of ``w_hats`` (``dW = W_hat - W``):
+    one product with ``H`` per slice for all of them."""
+    num, ref = np.zeros(len(w_hats)), 0.0
     for lo, hi, h, _ in slices:
-        ws, dw = w[:, lo:hi], w_hat[:, lo:hi] - w[:, lo:hi]
-        ref += float(np.sum((h @ ws) * ws))
-        num += float(np.sum((h @ dw) * dw))
-    return num / ref if ref > 0 else 0.0
+        ws = w[:, lo:hi]
+        m = np.concatenate([ws] + [x[:, lo:hi] - ws for x in w_hats], axis=1)
+        t = np.sum((h @ m) * m, axis=0).reshape(1 + len(w_hats), -1).sum(axis=1)
+        ref += float(t[0])
+        num += t[1:]
+    return [float(x) / ref if ref > 0 else 0.0 for x in num]
 
 
 def value_heads(pairs: Sequence[CoupledPair], sites: Sequence[LinearSite]) -> dict[str, ValueHeads]:
@@ -169,8 +172,8 @@ def round_calibrated(model: onnx.ModelProto, sites: Sequence[LinearSite], weight
             w_hat = qw.dequantize().astype(np.float64)
             rtn = quantize(w.astype(np.float32), quant.bits, quant.group_size, quant.symmetric)
             rtn_hat = rtn.dequantize().astype(np.float64)
-            partial[sid] = (qw, _rel_proxy(slices, w, w_hat), _rel_proxy(slices, w, rtn_hat),
-                            relative_error(w, rtn_hat))
+            proxy, rtn_proxy = _rel_proxies(slices, w, w_hat, rtn_hat)
+            partial[sid] = (qw, proxy, rtn_proxy, relative_error(w, rtn_hat))
             out[sid] = w_hat
         return out
 
