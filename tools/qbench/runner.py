@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -263,9 +264,11 @@ def run(store: ResultStore, models: list[ModelEntry], rows: list[RowSpec], work:
             store.models[entry.name] = {"fingerprint": p.fingerprint, "kind": entry.kind,
                                         "source": entry.source}
 
-    lock = threading.Lock()  # the store: rows are read by the jobs' threads, written by this one
+    lock = threading.Lock()  # the store and the page: a row is checked against, and recorded in, one at a time
 
-    def one(row: RowSpec) -> dict:
+    def one(row: RowSpec) -> None:
+        """Measure ``row`` and record it before the thread takes its next row, so that the skip rule of the
+        rows after it sees its result (with one job, exactly the order of the rows)."""
         t0 = time.perf_counter()
         with lock:
             skip = None if redo else timed_out_elsewhere(store, row, timeout)
@@ -276,31 +279,21 @@ def run(store: ResultStore, models: list[ModelEntry], rows: list[RowSpec], work:
                        "measured": time.strftime("%Y-%m-%d %H:%M"), "code": version})
         if row.setting == REFERENCE:
             result["reference"] = True
-        return result
-
-    def record(row: RowSpec, result: dict) -> None:
-        run_info["wall_s"] = time.time() - started
-        run_info["rows"] += 1
         with lock:
+            run_info["wall_s"] = time.time() - started
+            run_info["rows"] += 1
             store.put(row.key, result)
-        log.info("%s: %s", row.key, result.get("reason", "ok"))
-        if on_row:
-            on_row(store)
+            log.info("%s: %s", row.key, result.get("reason", "ok"))
+            if on_row:
+                on_row(store)
 
     bar = tqdm(total=len(pending), desc="bench", disable=not progress, unit="row")
-    if jobs <= 1:
-        for row in pending:
-            bar.set_postfix_str(row.key)
-            record(row, one(row))
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        running = {pool.submit(one, row): row for row in pending}
+        for done in as_completed(running):
+            done.result()  # a row's exception ends the run, as it did one row at a time
+            bar.set_postfix_str(running[done].key)
             bar.update()
-    else:
-        from concurrent.futures import ThreadPoolExecutor, as_completed
-
-        with ThreadPoolExecutor(jobs) as pool:  # results are recorded here, in this thread, as rows finish
-            running = {pool.submit(one, row): row for row in pending}
-            for done in as_completed(running):
-                record(running[done], done.result())
-                bar.update()
     bar.close()
     run_info["wall_s"] = time.time() - started
     store.save()
