@@ -24,6 +24,15 @@ from qcompiler.algorithms.grid import GridSpec, quantize
 GRID = GridSpec(3, 32, False)
 
 
+@pytest.fixture(params=["fused", "torch"])
+def fq_path(request, monkeypatch):
+    """The fake quantizer's CPU kernels (``fakequant_cpu``) and its torch code: both must pass."""
+    from qcompiler.algorithms import fakequant
+
+    monkeypatch.setattr(fakequant, "FUSED", request.param == "fused")
+    return request.param
+
+
 def _outlier_weight(rng, k, n):
     w = rng.standard_normal((k, n))
     w[rng.integers(0, k, 6), rng.integers(0, n, 6)] *= 12  # a few outliers: what transforms fix
@@ -32,14 +41,14 @@ def _outlier_weight(rng, k, n):
 
 @pytest.mark.parametrize("sym", [False, True])
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_fake_quant_forward_is_the_ort_grid(bits, sym):
+def test_fake_quant_forward_is_the_ort_grid(bits, sym, fq_path):
     w = np.random.default_rng(0).standard_normal((100, 12)).astype(np.float32)
     ref = quantize(w, bits, 32, sym).dequantize()
     got = fake_quant(torch.from_numpy(w), bits, 32, sym, ste=False).numpy()
     assert np.mean(np.abs(got - ref) > 1e-6) < 1e-3  # ties may round differently; nothing else
 
 
-def test_fake_quant_passes_gradients_straight_through():
+def test_fake_quant_passes_gradients_straight_through(fq_path):
     w = torch.randn(64, 8, requires_grad=True)
     fake_quant(w, 3, 32, False, ste=True).sum().backward()
     assert w.grad is not None and torch.count_nonzero(w.grad) > 0
@@ -72,7 +81,7 @@ def _reference_fake_quant(w: torch.Tensor, bits: int, block: int, symmetric: boo
 @pytest.mark.parametrize("sym", [False, True])
 @pytest.mark.parametrize("bits,block", [(2, 32), (3, 128), (4, 128), (4, 48), (8, 64)])
 @pytest.mark.parametrize("kind", ["normal", "ties", "one-signed"])
-def test_fake_quant_gradient_is_autograd_of_its_formula(bits, block, sym, kind):
+def test_fake_quant_gradient_is_autograd_of_its_formula(bits, block, sym, kind, fq_path):
     """The hand-written STE backward equals autograd of the plain formula: groups padded with zeros,
     all-zero groups, one-signed groups (asym: the zero point clamps) and tied extremes included."""
     g = torch.Generator().manual_seed(bits * 100 + block)
@@ -217,7 +226,7 @@ def test_initial_blocks():
 
 
 @pytest.mark.parametrize("bits,group,sym", [(4, 32, False), (3, 128, True), (2, 48, False), (4, 16, True)])
-def test_transformed_error_is_autograd_of_its_composition(bits, group, sym):
+def test_transformed_error_is_autograd_of_its_composition(bits, group, sym, fq_path):
     """The block learner's fused error ``sum ||M^-1 Q(M P) - P||^2`` and its gradient equal autograd of the
     composition with ``fake_quant`` (groups that span blocks, padded groups and tied extremes included)."""
     from qcompiler.algorithms.fakequant import transformed_error
@@ -246,7 +255,7 @@ def test_transformed_error_is_autograd_of_its_composition(bits, group, sym):
 
 
 @pytest.mark.parametrize("group", [32, 128, 48])
-def test_transformed_errors_of_stacked_items_are_each_items_own(group):
+def test_transformed_errors_of_stacked_items_are_each_items_own(group, fq_path):
     """Items laid one after another are quantized on their own groups (a padded group never reaches into the next
     item): each item's error, and the gradient of a weighted sum of them, equal the item's own computation."""
     from qcompiler.algorithms.fakequant import transformed_error, transformed_errors

@@ -8,12 +8,18 @@ The STE gradient is that of the composition ``w_hat = (clamp(round(w / s + z), 0
 with ``round`` taken as the identity, ``s`` and ``z`` functions of the group's max and min (the
 gradient of a group's max goes to the elements equal to it, shared among ties, as ``amax``'s does).
 It is written out by hand (``_FakeQuantSTE``): autograd of the composition makes about twice as many
-passes over the weight, and CafeQ's learners spend most of their time here.
+passes over the weight, and CafeQ's learners spend most of their time here. On a CPU (float32 or float64)
+both directions run as two fused loops each (``fakequant_cpu``, numba) where torch makes about twenty passes;
+``FUSED = False`` keeps the torch code, which is also what a GPU runs.
 """
 
 from __future__ import annotations
 
 import torch
+
+from qcompiler.algorithms import fakequant_cpu
+
+FUSED = True  # the CPU kernels of fakequant_cpu where they apply (tests compare both paths)
 
 
 def blocked(w: torch.Tensor, block: int) -> torch.Tensor:
@@ -93,17 +99,56 @@ def _ste_backward(g: torch.Tensor, saved: tuple[torch.Tensor, ...], bits: int, s
     return out
 
 
+def _fused(wb: torch.Tensor) -> bool:
+    return (FUSED and fakequant_cpu.available() and wb.device.type == "cpu"
+            and wb.dtype in (torch.float32, torch.float64))
+
+
+def _constants(wb: torch.Tensor, bits: int) -> tuple:
+    """qmax and the symmetric midpoint in ``wb``'s dtype (a float64 scalar would promote float32 arithmetic)."""
+    kind = torch.empty(0, dtype=wb.dtype).numpy().dtype.type
+    return kind((1 << bits) - 1), kind(1 << (bits - 1))
+
+
+def quantize(wb: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """``w_hat`` of ``wb`` (``[groups, group, X]``) and what :func:`quantize_backward` needs."""
+    if not _fused(wb):
+        d, inside, mx, mn, scale, zero = _codes(wb, bits, symmetric)
+        return d * scale, (wb, d, inside, mx, mn, scale, zero)
+    wb = wb.detach().contiguous()
+    groups, _, width = wb.shape
+    hat = torch.empty_like(wb)
+    mx, mn, scale, zero = (wb.new_empty(groups, width) for _ in range(4))
+    qmax, mid = _constants(wb, bits)
+    fakequant_cpu.forward(wb.numpy(), qmax, mid, symmetric, hat.numpy(), mx.numpy(), mn.numpy(), scale.numpy(),
+                          zero.numpy())
+    return hat, (wb, mx, mn, scale, zero)
+
+
+def quantize_backward(g: torch.Tensor, saved: tuple[torch.Tensor, ...], bits: int, symmetric: bool) -> torch.Tensor:
+    """The straight-through gradient with respect to ``wb`` of ``sum(g * w_hat)`` (:func:`quantize`'s ``saved``)."""
+    if len(saved) == 7:
+        return _ste_backward(g, saved, bits, symmetric)
+    wb, mx, mn, scale, zero = saved
+    g = g.detach().to(wb.dtype).contiguous()
+    out = torch.empty_like(wb)
+    qmax, mid = _constants(wb, bits)
+    fakequant_cpu.backward(g.numpy(), wb.numpy(), mx.numpy(), mn.numpy(), scale.numpy(), zero.numpy(), qmax, mid,
+                           symmetric, out.numpy())
+    return out
+
+
 class _FakeQuantSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, wb: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
-        d, inside, mx, mn, scale, zero = _codes(wb, bits, symmetric)
-        ctx.save_for_backward(wb, d, inside, mx, mn, scale, zero)
+        hat, saved = quantize(wb, bits, symmetric)
+        ctx.save_for_backward(*saved)
         ctx.bits, ctx.symmetric = bits, symmetric
-        return d * scale
+        return hat
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        return _ste_backward(g, ctx.saved_tensors, ctx.bits, ctx.symmetric), None, None
+        return quantize_backward(g, ctx.saved_tensors, ctx.bits, ctx.symmetric), None, None
 
 
 def _grouped(x: torch.Tensor, items: int, group: int) -> torch.Tensor:
@@ -133,11 +178,11 @@ class _TransformedError(torch.autograd.Function):
         total, b, width = part.shape
         nb = total // items
         wb = _grouped(torch.bmm(m, part), items, group)
-        d, inside, mx, mn, scale, zero = _codes(wb, bits, symmetric)
-        hat = _ungrouped(d * scale, items, nb, b)
+        hat, saved = quantize(wb, bits, symmetric)
+        hat = _ungrouped(hat, items, nb, b)
         r = torch.bmm(m_inv, hat).sub_(part)
-        ctx.save_for_backward(m_inv, part, wb, d, inside, mx, mn, scale, zero, hat, r)
-        ctx.bits, ctx.symmetric, ctx.items = bits, symmetric, items
+        ctx.save_for_backward(m_inv, part, hat, r, *saved)
+        ctx.bits, ctx.symmetric, ctx.items, ctx.group = bits, symmetric, items, wb.shape[1]
         if items == 1:
             return torch.vdot(r.reshape(-1), r.reshape(-1)).reshape(1)
         flat = r.reshape(items, -1)
@@ -145,14 +190,14 @@ class _TransformedError(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        m_inv, part, wb, d, inside, mx, mn, scale, zero, hat, r = ctx.saved_tensors
+        m_inv, part, hat, r, *saved = ctx.saved_tensors
         items = ctx.items
         total, b, width = part.shape
         nb = total // items
         g2 = (2 * g).repeat_interleave(nb)[:, None, None] if items > 1 else 2 * g
         g_inv = torch.bmm(r, hat.transpose(1, 2)).mul_(g2)
-        g_hat = _grouped(torch.bmm(m_inv.transpose(1, 2), r).mul_(g2), items, wb.shape[1])
-        g_tw = _ste_backward(g_hat, (wb, d, inside, mx, mn, scale, zero), ctx.bits, ctx.symmetric)
+        g_hat = _grouped(torch.bmm(m_inv.transpose(1, 2), r).mul_(g2), items, ctx.group)
+        g_tw = quantize_backward(g_hat, tuple(saved), ctx.bits, ctx.symmetric)
         g_m = torch.bmm(_ungrouped(g_tw, items, nb, b), part.transpose(1, 2))
         return g_m, g_inv, None, None, None, None, None
 
@@ -176,7 +221,9 @@ def fake_quant(w: torch.Tensor, bits: int, block: int, symmetric: bool, ste: boo
     wb = blocked(w, block or k)
     if ste:
         w_hat = _FakeQuantSTE.apply(wb, bits, symmetric)
-    else:
+    elif wb.requires_grad and torch.is_grad_enabled():  # round's zero gradient, through the scale only
         d, _, _, _, scale, _ = _codes(wb, bits, symmetric)
         w_hat = d * scale
+    else:
+        w_hat = quantize(wb, bits, symmetric)[0]
     return w_hat.reshape(-1, w.shape[1])[:k]

@@ -1,0 +1,154 @@
+"""The fake quantizer's forward and straight-through backward as two fused CPU loops (numba).
+
+``fakequant``'s torch code makes about twenty passes over a learner's weight per step (each elementwise op,
+its temporary and its reduction a pass of its own), and on a CPU those passes cost more than the block
+products they sit between. These kernels compute the same formulas in two passes each, per group of rows,
+with the columns innermost (contiguous, so the loops vectorise): the forward's codes are bit-identical to
+torch's (the same IEEE operations in the array's own precision); the backward's per-group sums are
+accumulated in another order, so its gradient agrees to rounding.
+
+The arrays are ``[groups, group, X]`` (``fakequant.blocked``'s layout); every scalar is passed in the arrays'
+dtype so that no operation is promoted to float64 on a float32 weight. ``available()`` is false when numba
+cannot be imported; ``fakequant`` then keeps its torch code (on a GPU it always does)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+try:
+    import numba
+except ImportError:  # pragma: no cover - numba is a dependency; the torch code is the fallback
+    numba = None
+
+
+def available() -> bool:
+    return numba is not None
+
+
+def _jit(f):
+    return numba.njit(cache=True, nogil=True, error_model="numpy")(f) if numba is not None else f
+
+
+@_jit
+def _grid_row(mx, mn, scale, zero, qmax, mid, sym, c0, c1):
+    """One group's (scale, zero) per column from its max and min, as ``fakequant._grid``."""
+    for x in range(mx.shape[0]):
+        if sym:
+            s = (mx[x] if abs(mx[x]) > abs(mn[x]) else mn[x]) / -mid
+            scale[x] = s
+            zero[x] = mid
+        else:
+            hi = mx[x] if mx[x] > c0 else c0
+            lo = mn[x] if mn[x] < c0 else c0
+            s = (hi - lo) / qmax
+            safe = s if s != c0 else c1
+            z = np.rint(-lo / safe)
+            scale[x] = s
+            zero[x] = min(max(z, c0), qmax)
+
+
+@_jit
+def forward(wb, qmax, mid, sym, hat, mx, mn, scale, zero):
+    """``hat = (clamp(round(w / s + z), 0, qmax) - z) * s`` per group; fills ``mx, mn, scale, zero``
+    (``[groups, X]``) for the backward."""
+    c0 = qmax - qmax
+    c1 = c0 + qmax / qmax
+    groups, rows, width = wb.shape
+    for a in range(groups):
+        hi, lo = mx[a], mn[a]
+        hi[:] = wb[a, 0]
+        lo[:] = wb[a, 0]
+        for r in range(1, rows):
+            w_row = wb[a, r]
+            for x in range(width):
+                v = w_row[x]
+                hi[x] = v if v > hi[x] else hi[x]
+                lo[x] = v if v < lo[x] else lo[x]
+        _grid_row(hi, lo, scale[a], zero[a], qmax, mid, sym, c0, c1)
+        s_row, z_row = scale[a], zero[a]
+        for r in range(rows):
+            w_row, h_row = wb[a, r], hat[a, r]
+            for x in range(width):
+                s = s_row[x]
+                safe = s if s != c0 else c1
+                u = np.rint(w_row[x] / safe + z_row[x])
+                u = u if u > c0 else c0
+                d = u if u < qmax else qmax
+                h_row[x] = (d - z_row[x]) * s
+
+
+@_jit
+def backward(g, wb, mx, mn, scale, zero, qmax, mid, sym, out):
+    """``out = d(sum(g * hat))/d(wb)``: ``fakequant._ste_backward``'s gradient (round passed straight
+    through, clamp's where it passes, the scale's and zero point's through the group's max and min, shared
+    among tied extremes)."""
+    c0 = qmax - qmax
+    c1 = c0 + qmax / qmax
+    groups, rows, width = wb.shape
+    s_gd = np.empty(width, wb.dtype)   # sum(g * (q - z))
+    s_ow = np.empty(width, wb.dtype)   # sum(out * w)
+    s_o = np.empty(width, wb.dtype)    # sum(out)
+    s_g = np.empty(width, wb.dtype)    # sum(g)
+    n_hi = np.empty(width, wb.dtype)   # elements equal to the max
+    n_lo = np.empty(width, wb.dtype)
+    g_hi = np.empty(width, wb.dtype)   # the max's gradient, per tied element
+    g_lo = np.empty(width, wb.dtype)
+    for a in range(groups):
+        hi, lo, s_row, z_row = mx[a], mn[a], scale[a], zero[a]
+        for x in range(width):
+            s_gd[x] = c0
+            s_ow[x] = c0
+            s_o[x] = c0
+            s_g[x] = c0
+            n_hi[x] = c0
+            n_lo[x] = c0
+        for r in range(rows):
+            w_row, g_row, o_row = wb[a, r], g[a, r], out[a, r]
+            for x in range(width):
+                s = s_row[x]
+                safe = s if s != c0 else c1
+                w = w_row[x]
+                gv = g_row[x]
+                u = np.rint(w / safe + z_row[x])
+                d = u if u > c0 else c0
+                d = d if d < qmax else qmax
+                o = gv if (d == u and s != c0) else c0
+                o_row[x] = o
+                s_gd[x] += gv * (d - z_row[x])
+                s_ow[x] += o * w
+                s_o[x] += o
+                s_g[x] += gv
+                n_hi[x] += c1 if w == hi[x] else c0
+                n_lo[x] += c1 if w == lo[x] else c0
+        for x in range(width):
+            s = s_row[x]
+            safe = s if s != c0 else c1
+            g_scale = s_gd[x] - s_ow[x] / safe
+            if sym:
+                g_ext = g_scale / -mid
+                if abs(hi[x]) > abs(lo[x]):
+                    g_hi[x] = g_ext
+                    g_lo[x] = c0
+                else:
+                    g_hi[x] = c0
+                    g_lo[x] = g_ext
+            else:
+                lo0 = lo[x] if lo[x] < c0 else c0
+                g_zero = (s_o[x] - s_g[x]) * s
+                z_raw = np.rint(-lo0 / safe)
+                if not (z_raw >= c0 and z_raw <= qmax):
+                    g_zero = c0
+                if s != c0:
+                    g_scale = g_scale + g_zero * lo0 / (safe * safe)
+                g_hi[x] = g_scale / qmax if hi[x] >= c0 else c0
+                g_lo[x] = -g_scale / qmax - g_zero / safe if lo[x] <= c0 else c0
+            g_hi[x] = g_hi[x] / n_hi[x]
+            g_lo[x] = g_lo[x] / n_lo[x]
+        for r in range(rows):
+            w_row, o_row = wb[a, r], out[a, r]
+            for x in range(width):
+                w = w_row[x]
+                o = o_row[x]
+                o = o + g_hi[x] if w == hi[x] else o
+                o = o + g_lo[x] if w == lo[x] else o
+                o_row[x] = o
