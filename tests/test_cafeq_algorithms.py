@@ -26,7 +26,7 @@ GRID = GridSpec(3, 32, False)
 
 @pytest.fixture(params=["fused", "torch"])
 def fq_path(request, monkeypatch):
-    """The fake quantizer's CPU kernels (``fakequant_cpu``) and its torch code: both must pass."""
+    """The fake quantizer's CPU kernels (``kernels``) and its torch code: both must pass."""
     from qcompiler.algorithms import fakequant
 
     monkeypatch.setattr(fakequant, "FUSED", request.param == "fused")

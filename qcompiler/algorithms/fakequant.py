@@ -9,7 +9,7 @@ with ``round`` taken as the identity, ``s`` and ``z`` functions of the group's m
 gradient of a group's max goes to the elements equal to it, shared among ties, as ``amax``'s does).
 It is written out by hand (``_FakeQuantSTE``): autograd of the composition makes about twice as many
 passes over the weight, and CafeQ's learners spend most of their time here. On a CPU (float32 or float64)
-both directions run as two fused loops each (``fakequant_cpu``, numba) where torch makes about twenty passes;
+both directions run as two fused loops each (``kernels``, numba) where torch makes about twenty passes;
 ``FUSED = False`` keeps the torch code, which is also what a GPU runs.
 """
 
@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import torch
 
-from qcompiler.algorithms import fakequant_cpu
+from qcompiler.algorithms import kernels
 
-FUSED = True  # the CPU kernels of fakequant_cpu where they apply (tests compare both paths)
+FUSED = True  # the CPU kernels of kernels where they apply (tests compare both paths)
 
 
 def blocked(w: torch.Tensor, block: int) -> torch.Tensor:
@@ -100,7 +100,7 @@ def _ste_backward(g: torch.Tensor, saved: tuple[torch.Tensor, ...], bits: int, s
 
 
 def _fused(wb: torch.Tensor) -> bool:
-    return (FUSED and fakequant_cpu.available() and wb.device.type == "cpu"
+    return (FUSED and kernels.available() and wb.device.type == "cpu"
             and wb.dtype in (torch.float32, torch.float64))
 
 
@@ -120,7 +120,7 @@ def quantize(wb: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor
     hat = torch.empty_like(wb)
     mx, mn, scale, zero = (wb.new_empty(groups, width) for _ in range(4))
     qmax, mid = _constants(wb, bits)
-    fakequant_cpu.forward(wb.numpy(), qmax, mid, symmetric, hat.numpy(), mx.numpy(), mn.numpy(), scale.numpy(),
+    kernels.forward(wb.numpy(), qmax, mid, symmetric, hat.numpy(), mx.numpy(), mn.numpy(), scale.numpy(),
                           zero.numpy())
     return hat, (wb, mx, mn, scale, zero)
 
@@ -133,7 +133,7 @@ def quantize_backward(g: torch.Tensor, saved: tuple[torch.Tensor, ...], bits: in
     g = g.detach().to(wb.dtype).contiguous()
     out = torch.empty_like(wb)
     qmax, mid = _constants(wb, bits)
-    fakequant_cpu.backward(g.numpy(), wb.numpy(), mx.numpy(), mn.numpy(), scale.numpy(), zero.numpy(), qmax, mid,
+    kernels.backward(g.numpy(), wb.numpy(), mx.numpy(), mn.numpy(), scale.numpy(), zero.numpy(), qmax, mid,
                            symmetric, out.numpy())
     return out
 

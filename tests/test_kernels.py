@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from qcompiler.algorithms import fakequant, fakequant_cpu
+from qcompiler.algorithms import fakequant, kernels
 
 
 def test_the_kernels_are_available():
     """numba is a dependency: without it every learner silently takes the torch code, twice as slow."""
-    assert fakequant_cpu.available()
+    assert kernels.available()
 
 
 def _weights(dtype: torch.dtype) -> torch.Tensor:
@@ -58,3 +58,48 @@ def test_a_gpu_or_half_tensor_takes_the_torch_code(monkeypatch):
     assert fakequant._fused(torch.zeros(1, 2, 3))
     assert not fakequant._fused(torch.zeros(1, 2, 3, dtype=torch.float16))
     assert not fakequant._fused(torch.zeros(1, 2, 3, device="meta"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_inverse_is_lapacks(dtype):
+    """Gauss-Jordan with partial pivoting: as accurate as LAPACK's inverse, a block that needs pivoting included."""
+    g = torch.Generator().manual_seed(3)
+    m = torch.eye(64, dtype=dtype) + 0.3 * torch.randn(5, 64, 64, generator=g, dtype=dtype)
+    m[1] = m[1][torch.randperm(64, generator=g)]  # a zero-free diagonal is not given: rows must be swapped
+    m[2, 0, 0] = 0.0
+    out = torch.empty_like(m)
+    kernels.inverse(m.numpy(), out.numpy())
+    ref = torch.linalg.inv(m.double())
+    lapack = torch.linalg.inv(m).double()
+    eps = torch.finfo(dtype).eps
+    err, err_lapack = float((out.double() - ref).abs().max()), float((lapack - ref).abs().max())
+    assert err <= max(10 * err_lapack, 1e3 * eps * float(ref.abs().max()))
+    eye = torch.eye(64, dtype=torch.float64)
+    assert float((m.double() @ out.double() - eye).abs().max()) < 1e3 * eps
+
+
+def test_a_singular_block_gives_non_finite_values_not_an_exception():
+    m = np.eye(8, dtype=np.float32)[None].repeat(2, 0)
+    m[1, 3] = m[1, 2]
+    out = np.empty_like(m)
+    kernels.inverse(m, out)
+    np.testing.assert_allclose(out[0], np.eye(8))
+    assert not np.isfinite(out[1]).all()
+
+
+def test_the_learners_inverse_and_its_gradient_are_torchs():
+    """``cafeq._Inverse`` (the kernel in float32 on a CPU): the value and the gradient of a loss through it are
+    torch.linalg.inv's."""
+    from qcompiler.algorithms.cafeq import _Inverse
+
+    g = torch.Generator().manual_seed(4)
+    m0 = torch.eye(16) + 0.2 * torch.randn(3, 16, 16, generator=g)
+    up = torch.randn(3, 16, 16, generator=g)
+    got = []
+    for f in (_Inverse.apply, torch.linalg.inv):
+        m = m0.clone().requires_grad_(True)
+        inv = f(m)
+        (inv * up).sum().backward()
+        got.append((inv.detach(), m.grad))
+    np.testing.assert_allclose(got[0][0].numpy(), got[1][0].numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got[0][1].numpy(), got[1][1].numpy(), rtol=1e-4, atol=1e-4)
