@@ -103,3 +103,31 @@ def test_the_learners_inverse_and_its_gradient_are_torchs():
         got.append((inv.detach(), m.grad))
     np.testing.assert_allclose(got[0][0].numpy(), got[1][0].numpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(got[0][1].numpy(), got[1][1].numpy(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("with_target", [False, True])
+def test_refine_pass_is_the_numpy_loop(with_target, monkeypatch):
+    """``gptq.refine`` through ``kernels.refine_pass`` makes the same moves as its numpy loop (a dead input, and
+    codes at both ends of the grid, included)."""
+    from qcompiler.algorithms import gptq
+    from qcompiler.algorithms.grid import quantize as rtn
+
+    rng = np.random.default_rng(5)
+    k, n = 96, 40
+    x = rng.standard_normal((300, k))
+    h = x.T @ x / 300
+    h[7, :], h[:, 7] = 0.0, 0.0  # a dead input
+    d = 0.1 * rng.standard_normal((k, k)) if with_target else None
+    w = rng.standard_normal((k, n))
+    q = rtn(w.astype(np.float32), 3, 32, False)
+    rows = np.arange(k) // 32
+    step, zero = q.scales[rows].astype(np.float64), q.zero_points[rows].astype(np.float64)
+    got = {}
+    for fused in (False, True):
+        monkeypatch.setattr(kernels, "available", lambda fused=fused: fused)
+        codes = q.codes.copy()
+        moves = gptq.refine(codes, step, zero, 7, w, h, d, 0.5, 4)
+        got[fused] = codes, moves
+    assert got[True][1] == got[False][1] > 0
+    np.testing.assert_array_equal(got[True][0], got[False][0])
+    assert (got[True][0] == 0).any() and (got[True][0] == 7).any()

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from qcompiler.algorithms import kernels
 from qcompiler.algorithms.grid import (
     F32,
     GridSpec,
@@ -180,6 +181,15 @@ def refine(codes: np.ndarray, step: np.ndarray, zero: np.ndarray, qmax: int, w: 
     # half the gradient, transposed ([N, K]): a move in row r updates a few contiguous rows of it
     grad_t = np.ascontiguousarray((h @ ((codes.astype(np.float64) - zero) * step) - target).T)
     moves = 0
+    if kernels.available():
+        live = ~dead
+        for _ in range(passes):
+            moved = int(kernels.refine_pass(codes, np.ascontiguousarray(step, dtype=np.float64), h_cols, grad_t,
+                                            live, np.uint8(qmax)))
+            moves += moved
+            if not moved:
+                break
+        return moves
     for _ in range(passes):
         moved = 0
         for r in np.flatnonzero(~dead):
