@@ -138,6 +138,31 @@ def _sequential(w: np.ndarray, u: np.ndarray, p: np.ndarray | None, block: int, 
                 w[i2:] += p[i1:i2, i2:].T @ w1  # w1 holds the rounded block (the reference code's choice)
 
 
+def _sequential_fused(w: np.ndarray, u: np.ndarray, p: np.ndarray | None, block: int, mode: int, order: np.ndarray,
+                      g: int, grid: GridSpec, cfg: SolverConfig, scales: np.ndarray, zps: np.ndarray,
+                      codes: np.ndarray) -> None:
+    """:func:`_sequential` with its rows rounded by ``kernels.sequential_block`` (``mode``: the rounder of
+    :func:`solve_rows` or :func:`solve_columns`, which fill ``scales``, ``zps`` and ``codes`` as those closures
+    do): the lazy blocks' products stay numpy's."""
+    k = w.shape[0]
+    ratios = cfg.ratios()
+    ratios = np.zeros(0, F32) if ratios is None else np.asarray(ratios, dtype=F32)
+    order = np.ascontiguousarray(order, dtype=np.int64)
+    empty = np.zeros((0, 0))
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        w1 = np.ascontiguousarray(w[i1:i2])
+        err = np.zeros_like(w1)
+        p1 = empty if p is None else np.ascontiguousarray(p[i1:i2, i1:i2])
+        kernels.sequential_block(w1, err, np.ascontiguousarray(u[i1:i2, i1:i2]), p1, p is not None, i1, mode, order,
+                                 g, grid.bits, grid.symmetric, ratios, scales, zps, codes)
+        w[i1:i2] = w1
+        if i2 < k:
+            w[i2:] -= u[i1:i2, i2:].T @ err
+            if p is not None:
+                w[i2:] += p[i1:i2, i2:].T @ w1
+
+
 @dataclass(frozen=True)
 class Factored:
     """What a solve needs of ``H`` and ``D`` alone, whatever the columns: the dead inputs, the sequential order,
@@ -260,7 +285,11 @@ def solve_rows(w: np.ndarray, h: np.ndarray, grid: GridSpec, d: np.ndarray | Non
         codes[orig] = c
         return ((c.astype(F32) - zero[grp]) * scales[grp]).astype(np.float64)
 
-    _sequential(w[order], u, p, block, round_row)
+    if kernels.available():
+        mode = kernels.STATIC if cfg.act_order else kernels.FIT_ROWS
+        _sequential_fused(w[order], u, p, block, mode, order, g, grid, cfg, scales, zps, codes)
+    else:
+        _sequential(w[order], u, p, block, round_row)
     if cfg.refine_passes:
         _refine_codes(codes, scales, zps, g, False, w, h, d, grid, cfg)
     return QuantizedWeight(codes, scales, zps, grid.bits, g, grid.symmetric)
@@ -294,7 +323,10 @@ def solve_columns(a: np.ndarray, h: np.ndarray, grid: GridSpec, d: np.ndarray | 
         scales[:, col], zps[:, col], codes[:, col] = s, z, q
         return ((q.astype(F32) - zero) * s[rows]).astype(np.float64)
 
-    _sequential(wt[order], u, p, cfg.block, round_row)
+    if kernels.available():
+        _sequential_fused(wt[order], u, p, cfg.block, kernels.COLUMNS, order, g, grid, cfg, scales, zps, codes)
+    else:
+        _sequential(wt[order], u, p, cfg.block, round_row)
     if cfg.refine_passes:
         ct = np.ascontiguousarray(codes.T)
         _refine_codes(ct, scales, zps, g, True, wt, h, d, grid, cfg)

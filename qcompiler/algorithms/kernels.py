@@ -232,3 +232,140 @@ def refine_pass(codes, step, h_cols, grad_t, live, qmax):
             for j in range(k):
                 gc[j] += delta * hc[j]
     return moved
+
+
+# ---- the sequential (GPTQ) loop of one lazy block, with its rounder: gptq._sequential and the round_row closures of
+# gptq.solve_rows / solve_columns, in float32 on the grid of grid.py (ONNX Runtime's), bit for bit
+
+STATIC, FIT_ROWS, COLUMNS = 0, 1, 2  # rows with groups fitted up front (act-order); rows fitted at a group's
+# first row; columns (a pair's first factor: each sequential row a column of A, fitted along its own groups)
+
+
+@_jit
+def _round_away(x):
+    t = np.trunc(x)
+    frac = x - t
+    if abs(frac) >= 0.5:
+        return t + np.sign(x)
+    return t
+
+
+@_jit
+def _fit(x, bits, sym):
+    """grid.fit_grid of one group's float32 values: (scale, zero point)."""
+    mx = x[0]
+    mn = x[0]
+    for v in x[1:]:
+        mx = max(mx, v)
+        mn = min(mn, v)
+    if sym:
+        mid = np.float32(1 << (bits - 1))
+        extreme = mx if abs(mx) > abs(mn) else mn
+        return np.float32(extreme / -mid), np.float32(mid)
+    qmax = np.float32((1 << bits) - 1)
+    mn = min(mn, np.float32(0))
+    mx = max(mx, np.float32(0))
+    s = np.float32((mx - mn) / qmax)
+    zp = np.float32(np.float32(0) - mn / s) if s != 0 else mn
+    return s, np.float32(min(max(_round_away(zp), np.float32(0)), qmax))
+
+
+@_jit
+def _code(v, recip, zero, qmax):
+    """grid.row_codes of one value: clamp(roundf(v * recip + zero), 0, qmax), as float32."""
+    y = v * recip + zero
+    if y < 0:
+        return np.float32(0)
+    t = np.floor(y)
+    c = t + np.float32(1) if y - t >= np.float32(0.5) else t
+    return min(c, qmax)
+
+
+@_jit
+def _recip(s):
+    return np.float32(1) / s if s != 0 else np.float32(0)
+
+
+@_jit
+def _fit_search(x, bits, sym, ratios, scaled):
+    """grid.fit_grid_search of one group (``ratios`` float32, 1.0 first; empty: fit_grid): the ratio whose
+    grid gives the smallest float32 sum of squared rounding errors, the earliest on a tie."""
+    if ratios.shape[0] == 0:
+        return _fit(x, bits, sym)
+    qmax = np.float32((1 << bits) - 1)
+    best_s, best_z, best_e = np.float32(0), np.float32(0), np.float32(np.inf)
+    for r in ratios:
+        for j in range(x.shape[0]):
+            scaled[j] = x[j] * r
+        s, z = _fit(scaled[:x.shape[0]], bits, sym)
+        rc = _recip(s)
+        e = np.float32(0)
+        for v in x:
+            d = (_code(v, rc, z, qmax) - z) * s - v
+            e += d * d
+        if e < best_e:
+            best_s, best_z, best_e = s, z, e
+    return best_s, best_z
+
+
+@_jit
+def sequential_block(w1, err, u1, p1, has_p, i1, mode, order, g, bits, sym, ratios, scales, zps, codes):
+    """One lazy block of ``gptq._sequential`` (rows ``i1 .. i1 + B`` in sequential order, ``w1`` ``[B, N]``
+    float64, modified; ``err`` takes the scaled errors) with its rows rounded in place on the grid: ``mode``
+    STATIC / FIT_ROWS (``scales``, ``zps`` ``[groups, N]``, ``codes`` ``[K, N]``, row ``order[i]``) or COLUMNS
+    (``[groups, C]``, ``[K, C]``: row ``i`` is column ``order[i]`` of the grid)."""
+    b, n = w1.shape
+    qmax = np.float32((1 << bits) - 1)
+    row = np.empty(n, np.float64)
+    q = np.empty(n, np.float64)
+    vec = np.empty(n, np.float32)
+    scaled = np.empty(max(g, n), np.float32)
+    col = np.empty(g, np.float32)
+    for i in range(b):
+        at = i
+        orig = order[i1 + i]
+        for c in range(n):
+            row[c] = w1[i, c]
+        if mode == COLUMNS:
+            for c in range(n):
+                vec[c] = np.float32(w1[i, c])
+            for a in range(0, n, g):
+                e = min(a + g, n)
+                s, z = _fit_search(vec[a:e], bits, sym, ratios, scaled)
+                scales[a // g, orig] = s
+                zps[a // g, orig] = np.uint8(z)
+                rc = _recip(s)
+                for c in range(a, e):
+                    code = _code(vec[c], rc, z, qmax)
+                    codes[c, orig] = np.uint8(code)
+                    q[c] = np.float64((code - z) * s)
+        else:
+            grp = orig // g
+            if mode == FIT_ROWS and orig % g == 0:
+                rows = min(g, b - at)
+                for c in range(n):
+                    for j in range(rows):
+                        col[j] = np.float32(w1[at + j, c])
+                    s, z = _fit_search(col[:rows], bits, sym, ratios, scaled)
+                    scales[grp, c] = s
+                    zps[grp, c] = np.uint8(z)
+            for c in range(n):
+                s = scales[grp, c]
+                z = np.float32(zps[grp, c])
+                code = _code(np.float32(w1[at, c]), _recip(s), z, qmax)
+                codes[orig, c] = np.uint8(code)
+                q[c] = np.float64((code - z) * s)
+        d = u1[i, i]
+        for c in range(n):
+            err[i, c] = (row[c] - q[c]) / d
+        for j in range(i, b):
+            uij = u1[i, j]
+            for c in range(n):
+                w1[j, c] -= uij * err[i, c]
+        if has_p:
+            for j in range(i, b):
+                pij = p1[i, j]
+                for c in range(n):
+                    w1[j, c] += pij * row[c]
+        for c in range(n):
+            w1[i, c] = q[c]
