@@ -393,3 +393,27 @@ def test_vo_row_weights_weigh_vs_rows():
     assert res.identity_error == pytest.approx(weighted(np.broadcast_to(np.eye(d), (2, d, d))), rel=1e-4)
     assert res.error < res.identity_error
     assert not np.allclose(res.value, plain.value)
+
+
+@pytest.mark.parametrize("bits,group,sym", [(4, 32, False), (3, 48, True), (2, 32, False)])
+def test_updown_scale_gradient_is_autograd_of_its_error(bits, group, sym, fq_path):
+    """The up·down scale learner's hand-written error and gradient equal autograd of its formula (a padded last
+    group: 100 rows in groups of 48)."""
+    from qcompiler.algorithms.cafeq import _updown_error_and_grad
+
+    g = torch.Generator().manual_seed(bits * 10 + group)
+    dn = torch.randn(100, 24, generator=g, dtype=torch.float64)
+    dn[:, 0] = torch.round(dn[:, 0] * 2)  # ties
+    weight = torch.rand(100, generator=g, dtype=torch.float64) + 0.5
+    theta0 = 0.3 * torch.randn(100, generator=g, dtype=torch.float64)
+    grid = GridSpec(bits, group, sym)
+    theta = theta0.clone().requires_grad_(True)
+    s = torch.exp(theta)[:, None]
+    x = dn / s
+    ref = (weight[:, None] * ((grid(x, True) - x) * s) ** 2).sum() / 7.0
+    ref.backward()
+    with torch.no_grad():
+        value, grad = _updown_error_and_grad(theta0.clone(), dn, weight, 7.0, grid)
+    assert value == pytest.approx(float(ref.detach()), rel=1e-12)
+    np.testing.assert_allclose(grad.numpy(), theta.grad.numpy(), rtol=1e-9, atol=1e-12 * float(theta.grad.abs().max()))
+    assert torch.count_nonzero(grad) > 0
