@@ -15,11 +15,12 @@ both directions run as two fused loops each (``kernels``, numba) where torch mak
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from qcompiler.algorithms import kernels
 
-FUSED = True  # the CPU kernels of kernels where they apply (tests compare both paths)
+FUSED = True  # the CPU kernels (``kernels``) where they apply; tests compare both paths
 
 
 def blocked(w: torch.Tensor, block: int) -> torch.Tensor:
@@ -106,7 +107,7 @@ def _fused(wb: torch.Tensor) -> bool:
 
 def _constants(wb: torch.Tensor, bits: int) -> tuple:
     """qmax and the symmetric midpoint in ``wb``'s dtype (a float64 scalar would promote float32 arithmetic)."""
-    kind = torch.empty(0, dtype=wb.dtype).numpy().dtype.type
+    kind = np.float32 if wb.dtype == torch.float32 else np.float64
     return kind((1 << bits) - 1), kind(1 << (bits - 1))
 
 
@@ -121,7 +122,7 @@ def quantize(wb: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor
     mx, mn, scale, zero = (wb.new_empty(groups, width) for _ in range(4))
     qmax, mid = _constants(wb, bits)
     kernels.forward(wb.numpy(), qmax, mid, symmetric, hat.numpy(), mx.numpy(), mn.numpy(), scale.numpy(),
-                          zero.numpy())
+                    zero.numpy())
     return hat, (wb, mx, mn, scale, zero)
 
 
@@ -134,7 +135,7 @@ def quantize_backward(g: torch.Tensor, saved: tuple[torch.Tensor, ...], bits: in
     out = torch.empty_like(wb)
     qmax, mid = _constants(wb, bits)
     kernels.backward(g.numpy(), wb.numpy(), mx.numpy(), mn.numpy(), scale.numpy(), zero.numpy(), qmax, mid,
-                           symmetric, out.numpy())
+                     symmetric, out.numpy())
     return out
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -113,24 +114,19 @@ def gptaq_p(d: np.ndarray, u: np.ndarray, alpha: float) -> np.ndarray:
 Rounder = Callable[[int, np.ndarray], np.ndarray]
 
 
-def _sequential(w: np.ndarray, u: np.ndarray, p: np.ndarray | None, block: int, round_row: Rounder) -> None:
-    """The GPTQ loop on ``w`` (float64 ``[K, N]``, modified: ends holding the rounded rows).
-    ``round_row(i, w1)`` rounds row ``i`` (sequential order) given the current block ``w1``."""
+# One lazy block's rows, rounded in place: (w1 [B, N], err [B, N], u1 [B, B], p1 [B, B] or None, i1) -> None.
+BlockRows = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, int], None]
+
+
+def _sequential(w: np.ndarray, u: np.ndarray, p: np.ndarray | None, block: int, rows: BlockRows) -> None:
+    """The GPTQ loop on ``w`` (float64 ``[K, N]``, modified: ends holding the rounded rows): ``rows`` rounds a lazy
+    block's rows (:func:`_numpy_rows` or :func:`_kernel_rows`), the rest of ``w`` takes the block's update."""
     k = w.shape[0]
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
         w1 = w[i1:i2].copy()
         err = np.zeros_like(w1)
-        u1 = u[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            row = w1[i].copy()
-            q = round_row(i1 + i, w1)
-            e = (row - q) / u1[i, i]
-            w1[i:] -= np.outer(u1[i, i:], e)
-            if p is not None:
-                w1[i:] += np.outer(p[i1 + i, i1:i2][i:], row)
-            w1[i] = q  # exact already, up to floating point
-            err[i] = e
+        rows(w1, err, u[i1:i2, i1:i2], None if p is None else p[i1:i2, i1:i2], i1)
         w[i1:i2] = w1
         if i2 < k:
             w[i2:] -= u[i1:i2, i2:].T @ err
@@ -138,29 +134,36 @@ def _sequential(w: np.ndarray, u: np.ndarray, p: np.ndarray | None, block: int, 
                 w[i2:] += p[i1:i2, i2:].T @ w1  # w1 holds the rounded block (the reference code's choice)
 
 
-def _sequential_fused(w: np.ndarray, u: np.ndarray, p: np.ndarray | None, block: int, mode: int, order: np.ndarray,
-                      g: int, grid: GridSpec, cfg: SolverConfig, scales: np.ndarray, zps: np.ndarray,
-                      codes: np.ndarray) -> None:
-    """:func:`_sequential` with its rows rounded by ``kernels.sequential_block`` (``mode``: the rounder of
-    :func:`solve_rows` or :func:`solve_columns`, which fill ``scales``, ``zps`` and ``codes`` as those closures
-    do): the lazy blocks' products stay numpy's."""
-    k = w.shape[0]
+def _numpy_rows(round_row: Rounder) -> BlockRows:
+    """A lazy block's rows in numpy, each rounded by ``round_row(i, w1)`` (row ``i`` in sequential order, given
+    the current block): the reference the kernel is tested against."""
+    def rows(w1: np.ndarray, err: np.ndarray, u1: np.ndarray, p1: np.ndarray | None, i1: int) -> None:
+        for i in range(len(w1)):
+            row = w1[i].copy()
+            q = round_row(i1 + i, w1)
+            e = (row - q) / u1[i, i]
+            w1[i:] -= np.outer(u1[i, i:], e)
+            if p1 is not None:
+                w1[i:] += np.outer(p1[i, i:], row)
+            w1[i] = q  # exact already, up to floating point
+            err[i] = e
+    return rows
+
+
+def _kernel_rows(mode: int, order: np.ndarray, g: int, grid: GridSpec, cfg: SolverConfig, scales: np.ndarray,
+                 zps: np.ndarray, codes: np.ndarray) -> BlockRows:
+    """A lazy block's rows by ``kernels.sequential_block``, whose ``mode`` is the rounder of :func:`solve_rows` or
+    :func:`solve_columns` (filling ``scales``, ``zps`` and ``codes`` as their ``round_row`` does)."""
     ratios = cfg.ratios()
     ratios = np.zeros(0, F32) if ratios is None else np.asarray(ratios, dtype=F32)
     order = np.ascontiguousarray(order, dtype=np.int64)
-    empty = np.zeros((0, 0))
-    for i1 in range(0, k, block):
-        i2 = min(i1 + block, k)
-        w1 = np.ascontiguousarray(w[i1:i2])
-        err = np.zeros_like(w1)
-        p1 = empty if p is None else np.ascontiguousarray(p[i1:i2, i1:i2])
-        kernels.sequential_block(w1, err, np.ascontiguousarray(u[i1:i2, i1:i2]), p1, p is not None, i1, mode, order,
-                                 g, grid.bits, grid.symmetric, ratios, scales, zps, codes)
-        w[i1:i2] = w1
-        if i2 < k:
-            w[i2:] -= u[i1:i2, i2:].T @ err
-            if p is not None:
-                w[i2:] += p[i1:i2, i2:].T @ w1
+    none = np.zeros((0, 0))
+
+    def rows(w1: np.ndarray, err: np.ndarray, u1: np.ndarray, p1: np.ndarray | None, i1: int) -> None:
+        kernels.sequential_block(w1, err, np.ascontiguousarray(u1), none if p1 is None else np.ascontiguousarray(p1),
+                                 p1 is not None, i1, mode, order, g, grid.bits, grid.symmetric, ratios, scales, zps,
+                                 codes)
+    return rows
 
 
 @dataclass(frozen=True)
@@ -195,6 +198,26 @@ def _setup(w: np.ndarray, h: np.ndarray, d: np.ndarray | None, cfg: SolverConfig
     return w, f.order, f.u, f.p
 
 
+def _refine_pass(codes: np.ndarray, step: np.ndarray, h: np.ndarray, h_cols: np.ndarray, grad_t: np.ndarray,
+                 live: np.ndarray, qmax: int) -> int:
+    """One pass of :func:`refine` in numpy (``kernels.refine_pass`` is tested against it); returns the moves."""
+    moved = 0
+    for r in np.flatnonzero(live):
+        hr, st, cr, g = h[r, r], step[r], codes[r], grad_t[:, r]
+        gain_up = st * st * hr + 2 * st * g  # objective change for code + 1
+        gain_dn = st * st * hr - 2 * st * g
+        up = (gain_up < 0) & (cr < qmax) & (gain_up <= gain_dn)
+        dn = (gain_dn < 0) & (cr > 0) & ~up
+        if not (up.any() or dn.any()):
+            continue
+        idx = np.flatnonzero(up | dn)  # few entries move: update only their gradients
+        delta = np.where(up[idx], st[idx], -st[idx])
+        codes[r, idx] = (cr[idx].astype(np.int16) + np.where(up[idx], 1, -1)).astype(codes.dtype)
+        grad_t[idx] += np.outer(delta, h_cols[r])
+        moved += idx.size
+    return moved
+
+
 def refine(codes: np.ndarray, step: np.ndarray, zero: np.ndarray, qmax: int, w: np.ndarray, h: np.ndarray,
            d: np.ndarray | None, alpha: float, passes: int) -> int:
     """Coordinate descent on ``||X W_hat - X~ W||^2`` over integer codes (``[K, N]``, modified in
@@ -205,31 +228,15 @@ def refine(codes: np.ndarray, step: np.ndarray, zero: np.ndarray, qmax: int, w: 
     target = h @ w if d is None or alpha == 0 else (h + alpha * np.asarray(d, dtype=np.float64).T) @ w
     # half the gradient, transposed ([N, K]): a move in row r updates a few contiguous rows of it
     grad_t = np.ascontiguousarray((h @ ((codes.astype(np.float64) - zero) * step) - target).T)
-    moves = 0
+    live = ~dead
     if kernels.available():
-        live = ~dead
-        for _ in range(passes):
-            moved = int(kernels.refine_pass(codes, np.ascontiguousarray(step, dtype=np.float64), h_cols, grad_t,
-                                            live, np.uint8(qmax)))
-            moves += moved
-            if not moved:
-                break
-        return moves
+        step = np.ascontiguousarray(step, dtype=np.float64)
+        one_pass = partial(kernels.refine_pass, codes, step, h_cols, grad_t, live, np.uint8(qmax))
+    else:
+        one_pass = partial(_refine_pass, codes, step, h, h_cols, grad_t, live, qmax)
+    moves = 0
     for _ in range(passes):
-        moved = 0
-        for r in np.flatnonzero(~dead):
-            hr, st, cr, g = h[r, r], step[r], codes[r], grad_t[:, r]
-            gain_up = st * st * hr + 2 * st * g  # objective change for code + 1
-            gain_dn = st * st * hr - 2 * st * g
-            up = (gain_up < 0) & (cr < qmax) & (gain_up <= gain_dn)
-            dn = (gain_dn < 0) & (cr > 0) & ~up
-            if not (up.any() or dn.any()):
-                continue
-            idx = np.flatnonzero(up | dn)  # few entries move: update only their gradients
-            delta = np.where(up[idx], st[idx], -st[idx])
-            codes[r, idx] = (cr[idx].astype(np.int16) + np.where(up[idx], 1, -1)).astype(codes.dtype)
-            grad_t[idx] += np.outer(delta, h_cols[r])
-            moved += idx.size
+        moved = int(one_pass())
         moves += moved
         if not moved:
             break
@@ -285,11 +292,9 @@ def solve_rows(w: np.ndarray, h: np.ndarray, grid: GridSpec, d: np.ndarray | Non
         codes[orig] = c
         return ((c.astype(F32) - zero[grp]) * scales[grp]).astype(np.float64)
 
-    if kernels.available():
-        mode = kernels.STATIC if cfg.act_order else kernels.FIT_ROWS
-        _sequential_fused(w[order], u, p, block, mode, order, g, grid, cfg, scales, zps, codes)
-    else:
-        _sequential(w[order], u, p, block, round_row)
+    by = (_kernel_rows(kernels.STATIC if cfg.act_order else kernels.FIT_ROWS, order, g, grid, cfg, scales, zps, codes)
+          if kernels.available() else _numpy_rows(round_row))
+    _sequential(w[order], u, p, block, by)
     if cfg.refine_passes:
         _refine_codes(codes, scales, zps, g, False, w, h, d, grid, cfg)
     return QuantizedWeight(codes, scales, zps, grid.bits, g, grid.symmetric)
@@ -323,10 +328,9 @@ def solve_columns(a: np.ndarray, h: np.ndarray, grid: GridSpec, d: np.ndarray | 
         scales[:, col], zps[:, col], codes[:, col] = s, z, q
         return ((q.astype(F32) - zero) * s[rows]).astype(np.float64)
 
-    if kernels.available():
-        _sequential_fused(wt[order], u, p, cfg.block, kernels.COLUMNS, order, g, grid, cfg, scales, zps, codes)
-    else:
-        _sequential(wt[order], u, p, cfg.block, round_row)
+    by = (_kernel_rows(kernels.COLUMNS, order, g, grid, cfg, scales, zps, codes) if kernels.available()
+          else _numpy_rows(round_row))
+    _sequential(wt[order], u, p, cfg.block, by)
     if cfg.refine_passes:
         ct = np.ascontiguousarray(codes.T)
         _refine_codes(ct, scales, zps, g, True, wt, h, d, grid, cfg)

@@ -234,8 +234,8 @@ def refine_pass(codes, step, h_cols, grad_t, live, qmax):
     return moved
 
 
-# ---- the sequential (GPTQ) loop of one lazy block, with its rounder: gptq._sequential and the round_row closures of
-# gptq.solve_rows / solve_columns, in float32 on the grid of grid.py (ONNX Runtime's), bit for bit
+# ---- the rows of one lazy block of the GPTQ loop, with their rounder: gptq._numpy_rows and the round_row closures
+# of gptq.solve_rows / solve_columns, in float32 on the grid of grid.py (ONNX Runtime's), bit for bit
 
 STATIC, FIT_ROWS, COLUMNS = 0, 1, 2  # rows with groups fitted up front (act-order); rows fitted at a group's
 # first row; columns (a pair's first factor: each sequential row a column of A, fitted along its own groups)
@@ -310,8 +310,8 @@ def _fit_search(x, bits, sym, ratios, scaled):
 
 @_jit
 def sequential_block(w1, err, u1, p1, has_p, i1, mode, order, g, bits, sym, ratios, scales, zps, codes):
-    """One lazy block of ``gptq._sequential`` (rows ``i1 .. i1 + B`` in sequential order, ``w1`` ``[B, N]``
-    float64, modified; ``err`` takes the scaled errors) with its rows rounded in place on the grid: ``mode``
+    """``gptq._numpy_rows`` with its rounder: one lazy block's rows ``i1 .. i1 + B`` (sequential order; ``w1``
+    ``[B, N]`` float64, modified; ``err`` takes the scaled errors), each rounded in place on the grid. ``mode``
     STATIC / FIT_ROWS (``scales``, ``zps`` ``[groups, N]``, ``codes`` ``[K, N]``, row ``order[i]``) or COLUMNS
     (``[groups, C]``, ``[K, C]``: row ``i`` is column ``order[i]`` of the grid)."""
     b, n = w1.shape
