@@ -10,7 +10,6 @@ chunk's codes are released; what remains in memory is the graph's structure and 
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import json
 import logging
@@ -30,7 +29,7 @@ from qcompiler.device import resolve_device
 from qcompiler.external import DataSink
 from qcompiler.match.sites import weight_reader
 from qcompiler.plan import QuantPlan, SitePlan
-from qcompiler.resources import note_workers_peak
+from qcompiler.resources import bound_heap, note_workers_peak, trim_heap
 from qcompiler.sites import Analysis, CoupledPair, LinearSite, SiblingGroup
 from qcompiler.workers import make_pool, resolve_jobs
 
@@ -120,30 +119,6 @@ def merge(plans: Sequence[QuantPlan], method: str, quant) -> QuantPlan:
     return QuantPlan(method, quant, tuple(sp for p in plans for sp in p.sites),
                      tuple(t for p in plans for t in p.pair_transforms), tuple(o for p in plans for o in p.online),
                      tuple(s for p in plans for s in p.pair_stats), released=True)
-
-
-M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
-
-
-def bound_heap(mmap_bytes: int = 1 << 20) -> None:
-    """Serve every allocation of at least ``mmap_bytes`` from its own mapping, returned on free.
-
-    glibc raises this threshold as large blocks are freed (up to 32 MB), after which a solver's many
-    temporary arrays come from the heap and fragment it: the resident size of a streamed compile then
-    spiked to 3x its working set. Fixing the threshold costs a page fault per new large array."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, mmap_bytes)
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
-def trim_heap() -> None:
-    """Give freed heap memory back to the system (glibc keeps it otherwise: a chunk's many mid-sized arrays
-    fragment the heap, and the streamed compile's resident size would creep up chunk by chunk)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
 
 
 class ChunkStore:

@@ -24,6 +24,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from qcompiler.resources import keep_heap, peak_rss_mb
+
 log = logging.getLogger(__name__)
 
 # what a worker's numerical libraries read at start-up for their thread counts
@@ -76,12 +78,11 @@ def _start_worker() -> None:
     import torch
 
     torch.set_num_threads(1)
+    keep_heap()  # a worker's tasks are alike: its freed memory stays for the next one
 
 
 def _call(fn: Callable[..., Any], args: tuple) -> tuple[Any, int, float]:
     """A task in a worker: its result, the worker's pid and the worker's peak memory so far (MiB)."""
-    from qcompiler.resources import peak_rss_mb
-
     return fn(*args), os.getpid(), peak_rss_mb()
 
 
@@ -100,6 +101,15 @@ def _writable(x: Any) -> Any:
     if isinstance(x, (list, tuple)):
         return type(x)(_writable(v) for v in x)
     return x
+
+
+def submission_order(count: int, cost: Sequence[float] | None) -> list[int]:
+    """Task indices, costliest first (ties and no ``cost``: task order)."""
+    if cost is None:
+        return list(range(count))
+    if len(cost) != count:
+        raise ValueError(f"{len(cost)} costs for {count} tasks")
+    return sorted(range(count), key=lambda i: -cost[i])
 
 
 _OPEN: list[TaskPool] = []  # pools entered in this process, innermost last
@@ -155,9 +165,10 @@ class TaskPool:
         return sum(self._peaks.values())
 
     def map(self, fn: Callable[..., Any], tasks: Sequence[tuple], desc: str = "",
-            limit: int | None = None) -> list[Any]:
+            limit: int | None = None, cost: Sequence[float] | None = None) -> list[Any]:
         """``[fn(*t) for t in tasks]``, in order, at most ``limit`` at once (default: one per worker); a
-        task's exception is raised here."""
+        task's exception is raised here. ``cost``: each task's rough cost; workers take the costliest first,
+        so the map does not end on one long task while the other workers wait (the results stay in order)."""
         bar = tqdm(total=len(tasks), desc=desc, unit="task", disable=not self.progress, leave=False)
         try:
             if self._pool is None or len(tasks) < 2 or limit == 1:
@@ -170,10 +181,10 @@ class TaskPool:
             limit = self.jobs if limit is None else max(1, min(limit, self.jobs))
             futures: list[Future | None] = [None] * len(tasks)
             running: set[Future] = set()
-            for i, t in enumerate(tasks):
+            for i in submission_order(len(tasks), cost):
                 if len(running) >= limit:
                     running = self._settle(running, bar)
-                futures[i] = self._pool.submit(_call, fn, t)
+                futures[i] = self._pool.submit(_call, fn, tasks[i])
                 running.add(futures[i])
             while running:
                 running = self._settle(running, bar)
@@ -249,21 +260,20 @@ class RayPool(TaskPool):
             self._started = False
 
     def map(self, fn: Callable[..., Any], tasks: Sequence[tuple], desc: str = "",
-            limit: int | None = None) -> list[Any]:
+            limit: int | None = None, cost: Sequence[float] | None = None) -> list[Any]:
         import ray
 
         limit = self.jobs if limit is None else max(1, min(limit, self.jobs))
         bar = tqdm(total=len(tasks), desc=desc, unit="task", disable=not self.progress, leave=False)
-        refs: list[Any] = []
+        refs: list[Any] = [None] * len(tasks)
         running: list[Any] = []
         try:
-            for t in tasks:
+            for i in submission_order(len(tasks), cost):
                 if len(running) >= limit:
                     done, running = ray.wait(running, num_returns=1)
                     bar.update(len(done))
-                ref = self._remote.remote(fn, t)
-                refs.append(ref)
-                running.append(ref)
+                refs[i] = self._remote.remote(fn, tasks[i])
+                running.append(refs[i])
             out = []
             for ref in refs:
                 result, pid, peak = ray.get(ref)

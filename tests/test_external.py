@@ -86,8 +86,7 @@ def _holder(const: gs.Constant) -> gs.Graph:
 def test_written_tensors_keep_no_bytes_in_memory(tmp_path):
     """protobuf (upb) frees a message's bytes only with its arena: a stub made by copying the full tensor
     and clearing ``raw_data`` kept every spilled byte alive (a streamed compile grew by each chunk)."""
-    from qcompiler.resources import current_rss_mb
-    from qcompiler.stream import trim_heap
+    from qcompiler.resources import current_rss_mb, trim_heap
 
     sink = DataSink(tmp_path / "spill.data")
     trim_heap()  # measure what stays alive, not what the allocator has yet to give back

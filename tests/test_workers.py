@@ -1,11 +1,13 @@
 """The worker pool: results in task order, failures raised, the in-flight limit, peaks, thread counts."""
 
 import os
+import platform
 
 import pytest
 
 from qcompiler import resources
-from qcompiler.workers import AUTO_MIN_ELEMENTS, TaskPool, open_pool, resolve_jobs
+from qcompiler.resources import keep_heap
+from qcompiler.workers import AUTO_MIN_ELEMENTS, TaskPool, open_pool, resolve_jobs, submission_order
 
 
 def _square(x):
@@ -33,6 +35,39 @@ def test_results_come_back_in_task_order_from_worker_processes():
     assert open_pool() is None
     assert {t for t, _, _ in seen} == {1} and {v for _, v, _ in seen} == {"1"}  # one thread per worker
     assert os.getpid() not in {p for *_, p in seen}
+
+
+def _started(i):
+    import time
+
+    t = time.monotonic()  # system-wide on Linux: comparable between the workers
+    time.sleep(0.2)
+    return i, t
+
+
+def test_costliest_tasks_are_taken_first_and_results_stay_in_task_order():
+    cost = [1.0, 5.0, 2.0, 9.0, 3.0, 7.0]
+    assert submission_order(6, cost) == [3, 5, 1, 4, 2, 0]
+    assert submission_order(3, None) == [0, 1, 2]
+    assert submission_order(3, [2.0, 2.0, 1.0]) == [0, 1, 2]  # ties keep task order
+    with pytest.raises(ValueError, match="2 costs for 3 tasks"):
+        submission_order(3, [1.0, 2.0])
+    with TaskPool(2) as pool:
+        out = pool.map(_started, [(i,) for i in range(6)], cost=cost)
+    assert [i for i, _ in out] == list(range(6))
+    starts = [t for _, t in out]
+    by_start = sorted(range(6), key=lambda i: starts[i])
+    assert set(by_start[:2]) == {3, 5} and set(by_start[-2:]) == {2, 0}  # two workers, 0.2 s a task
+
+
+def _keeps_heap(_):
+    return keep_heap()
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
+def test_workers_keep_their_heap():
+    with TaskPool(2) as pool:  # in the workers (it would change this process's heap for the rest of the tests)
+        assert pool.map(_keeps_heap, [(0,), (1,)]) == [True, True]  # mallopt took every value (it refuses some)
 
 
 def test_the_parent_keeps_its_thread_settings():

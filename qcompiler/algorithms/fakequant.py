@@ -171,7 +171,13 @@ class _TransformedError(torch.autograd.Function):
     """``||M^-1 Q(M P) - P||^2`` per item, over its blocks, ``Q`` the STE fake quantization (groups of ``group``
     rows of an item's ``[nb * b, X]`` matrix ``M P``); ``items`` independent problems of ``nb`` blocks each are
     laid one after another along the first axis. The same value and gradient as autograd of that composition
-    with ``fake_quant``, in fewer passes over the weight: CafeQ's block learner spends nearly all its time here."""
+    with ``fake_quant``, in fewer passes over the weight: CafeQ's block learner spends nearly all its time here.
+
+    Written as ``||N E||^2 = <E, A E>`` with ``N = M^-1``, ``E = Q(M P) - M P`` and ``A = N^T N`` (``b x b`` per
+    block): the backward pass needs two ``b x X`` products (``E E^T``, and the gradient of ``M P`` times
+    ``P^T``) where ``N Q(M P) - P`` needs three, and the forward pass two as well. Equal to the composition
+    wherever ``N M = I`` (the callers pass ``N`` as ``M``'s inverse); the gradient reaches ``N`` through
+    ``A`` (``2 N (E E^T)``) and ``M`` through ``M P``."""
 
     @staticmethod
     def forward(ctx, m: torch.Tensor, m_inv: torch.Tensor, part: torch.Tensor, bits: int, group: int,
@@ -180,25 +186,25 @@ class _TransformedError(torch.autograd.Function):
         nb = total // items
         wb = _grouped(torch.bmm(m, part), items, group)
         hat, saved = quantize(wb, bits, symmetric)
-        hat = _ungrouped(hat, items, nb, b)
-        r = torch.bmm(m_inv, hat).sub_(part)
-        ctx.save_for_backward(m_inv, part, hat, r, *saved)
+        e = _ungrouped(hat.sub_(wb), items, nb, b)  # E = Q(M P) - M P (the quantizer's fresh output, in place)
+        a = torch.bmm(m_inv.transpose(1, 2), m_inv)
+        ae = torch.bmm(a, e)
+        ctx.save_for_backward(m_inv, part, e, ae, *saved)
         ctx.bits, ctx.symmetric, ctx.items, ctx.group = bits, symmetric, items, wb.shape[1]
         if items == 1:
-            return torch.vdot(r.reshape(-1), r.reshape(-1)).reshape(1)
-        flat = r.reshape(items, -1)
-        return torch.linalg.vecdot(flat, flat)
+            return torch.vdot(e.reshape(-1), ae.reshape(-1)).reshape(1)
+        return torch.linalg.vecdot(e.reshape(items, -1), ae.reshape(items, -1))
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        m_inv, part, hat, r, *saved = ctx.saved_tensors
+        m_inv, part, e, ae, *saved = ctx.saved_tensors
         items = ctx.items
         total, b, width = part.shape
         nb = total // items
         g2 = (2 * g).repeat_interleave(nb)[:, None, None] if items > 1 else 2 * g
-        g_inv = torch.bmm(r, hat.transpose(1, 2)).mul_(g2)
-        g_hat = _grouped(torch.bmm(m_inv.transpose(1, 2), r).mul_(g2), items, ctx.group)
-        g_tw = quantize_backward(g_hat, tuple(saved), ctx.bits, ctx.symmetric)
+        g_inv = torch.bmm(m_inv, torch.bmm(e, e.transpose(1, 2))).mul_(g2)  # d/dN <E, N^T N E> = 2 N E E^T
+        g_e = _grouped(ae * g2, items, ctx.group)  # d/dE = 2 A E
+        g_tw = quantize_backward(g_e, tuple(saved), ctx.bits, ctx.symmetric).sub_(g_e)  # E = Q(Y) - Y
         g_m = torch.bmm(_ungrouped(g_tw, items, nb, b), part.transpose(1, 2))
         return g_m, g_inv, None, None, None, None, None
 

@@ -258,7 +258,7 @@ class _Planner:
         tasks = [self._pair_task(p) for p in pairs]
         what = f"{self.recipe.name} pairs"
         if not self._batched_learn():
-            return self.pool.map(_learn_pair, tasks, what)
+            return self.pool.map(_learn_pair, tasks, what, cost=[_pair_cost(kind, args) for kind, args in tasks])
         jobs: list[tuple[list[int], tuple[str, tuple]]] = []
         batches: dict[tuple, list[int]] = {}
         for i, (kind, args) in enumerate(tasks):
@@ -281,7 +281,8 @@ class _Planner:
         if not self._batched_learn():
             return self.pool.map(learn_block_transform, [(ws, grid, block, self.learn, rows)
                                                          for ws, grid, block, rows in tasks],
-                                 f"{self.recipe.name} single")
+                                 f"{self.recipe.name} single",
+                                 cost=[_unit_cost(ws, self.learn.column_batch) for ws, _, _, _ in tasks])
         batches: dict[tuple, list[int]] = {}
         for i, (ws, grid, block, _) in enumerate(tasks):
             batches.setdefault((ws[0].shape[0], sum(w.shape[1] for w in ws), grid, block), []).append(i)
@@ -365,7 +366,9 @@ class _Planner:
     def _joint_run(self, pairs: list[CoupledPair], tasks: list[tuple], limit: int, what: str) -> list[JointResult]:
         if self._batched_joint():
             return self._joint_batched(pairs, tasks, limit)
-        return self.pool.map(joint_round, tasks, what, limit)
+        return self.pool.map(joint_round, tasks, what, limit,
+                             cost=[t[7].rounds * _span(p, t[7].channel_block) ** 2 * t[0].shape[0]
+                                   for p, t in zip(pairs, tasks, strict=True)])
 
     def _keeps_joint(self, p: CoupledPair, res: JointResult, plain: Mapping[str, np.ndarray],
                      blocks_of: Mapping[str, np.ndarray]) -> bool:
@@ -525,6 +528,20 @@ def _learn_pair(kind: str, args: tuple) -> Any:
         perm = np.arange(b.shape[0])
     scale = learn_updown_scale(a[:, perm], b[perm], grid, learn).value if diagonal else np.ones(b.shape[0])
     return perm, scale
+
+
+def _unit_cost(weights: Sequence[np.ndarray], column_batch: int) -> float:
+    """A block learner's rough cost (for the order of tasks): a step's products over the drawn columns, and a
+    subsampled learner's true error over all of them every 10 steps."""
+    k, n = weights[0].shape[0], sum(w.shape[1] for w in weights)
+    return k * (min(n, column_batch) + (n / 10 if n > column_batch else 0))
+
+
+def _pair_cost(kind: str, args: tuple) -> float:
+    """A pair learner's rough cost (for the order of tasks): the elements it quantizes each step, both factors
+    for V·O, down alone for up·down's scale learner."""
+    a, b = args[0], args[1]
+    return float(a.size + b.size if kind == ATTN_VO else b.size)
 
 
 def _sites_of(p: CoupledPair) -> set[str]:
