@@ -37,11 +37,11 @@ def test_results_come_back_in_task_order_from_worker_processes():
     assert os.getpid() not in {p for *_, p in seen}
 
 
-def _started(i):
+def _started(i, wait):
     import time
 
     t = time.monotonic()  # system-wide on Linux: comparable between the workers
-    time.sleep(0.2)
+    time.sleep(wait)
     return i, t
 
 
@@ -53,11 +53,13 @@ def test_costliest_tasks_are_taken_first_and_results_stay_in_task_order():
     with pytest.raises(ValueError, match="2 costs for 3 tasks"):
         submission_order(3, [1.0, 2.0])
     with TaskPool(2) as pool:
-        out = pool.map(_started, [(i,) for i in range(6)], cost=cost)
+        pool.map(_started, [(i, 0.3) for i in range(2)])  # one each: every worker has imported this module
+        out = pool.map(_started, [(i, 0.5) for i in range(6)], cost=cost)
     assert [i for i, _ in out] == list(range(6))
     starts = [t for _, t in out]
     by_start = sorted(range(6), key=lambda i: starts[i])
-    assert set(by_start[:2]) == {3, 5} and set(by_start[-2:]) == {2, 0}  # two workers, 0.2 s a task
+    # two workers, 0.5 s a task: the next task is handed out only when one of the first two ends
+    assert set(by_start[:2]) == {3, 5} and set(by_start[-2:]) == {2, 0}
 
 
 def _keeps_heap(_):
