@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from qcompiler.cli import main
-from qcompiler.config import CafeqConfig, CompileConfig, QuantConfig
+from qcompiler.config import CafeqConfig, CompileConfig, MatchConfig, QuantConfig
 from qcompiler.errors import ConfigError
 from qcompiler.passes.online_transform import online_ops
 from qcompiler.pipeline import compile_model
@@ -62,6 +62,35 @@ def test_noise_input_weights_change_the_single_transforms_and_keep_them_exact(pa
     feeds = sample_inputs(original, batch=2, seq=9)
     ref, got = outputs(original, feeds), outputs(res.model, feeds)
     assert max(rel(got[k], ref[k]) for k in ref) <= 1e-4
+
+
+def test_noise_input_weights_leave_token_ids_out(pair_checkpoints, cache_dir, monkeypatch):
+    """A quantized embedding table (a KV-cache decoder at --accuracy-level 4, or an untied head) is a site whose
+    input is the token ids: no power is asked of them. It was, and came out NaN with numpy's empty-slice warnings
+    (each sequence's ids are one row of the reduction); the table is not learned, so nothing else changed."""
+    import warnings
+
+    import qcompiler.runtime.sink as sink
+
+    asked, powers, real = [], [], sink.noise_power
+
+    def spy(model, tensors, *args, **kwargs):  # what it raises, the compile catches (uniform weights): kept here
+        asked.extend(tensors)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # an empty slice's mean
+            out = real(model, tensors, *args, **kwargs)
+        powers.append(out)
+        return out
+
+    monkeypatch.setattr(sink, "noise_power", spy)
+    cfg = CompileConfig(quant=QuantConfig(4, 32, False), method="cafeq", validate=False, jobs=1,
+                        match=MatchConfig(quantize_embeddings=True),
+                        cafeq=dataclasses.replace(QUICK, input_weights="noise"))
+    res = compile_model(str(pair_checkpoints["llama"]), None, cfg, cache_dir=cache_dir)
+    embeddings = [p.site for p in res.plan.sites if p.site.role == "embedding"]
+    assert embeddings and asked
+    assert not {s.input for s in embeddings} & set(asked)
+    assert powers and all(np.isfinite(v).all() for v in powers[0].values())
 
 
 def test_noise_input_weights_weigh_the_stream_readers_only(pair_checkpoints, cache_dir, monkeypatch):

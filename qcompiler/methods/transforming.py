@@ -44,7 +44,8 @@ class TransformMethod(Method):
         sites = {s.id: s for s in setup.match.sites}
         pairs = setup.analysis.pairs if setup.analysis is not None else ()
         inner = {sites[p.consumer].input for p in pairs if p.consumer in sites}
-        tensors = sorted({s.input for s in setup.match.sites} - inner)
+        # an embedding table's input is token ids, not activations
+        tensors = sorted({s.input for s in setup.match.sites if s.role != "embedding"} - inner)
         try:
             return noise_power(setup.loaded.model, tensors, setup.loaded.data_dir)
         except Exception as e:  # noqa: BLE001 - an unusual graph: uniform weights, the compile goes on
