@@ -190,7 +190,9 @@ class CafeqConfig:
     # memory ~ block^2 + the weights instead of C^2; on a 5632-channel pair two blocks cost 0.4% of PQE
     joint_channel_block: int = field(default=4096, metadata=opt(
         "cafeq: an up·down pair wider than this many channels is jointly rounded a block of channels at a time"))
-    joint_max_gb: float = field(default=4.0, metadata=opt(
+    # 8: Llama-3-8B's MLP pair (C = 14336, K = 4096, four blocks of 3584) is estimated at 5.5 GB (4.7 GB measured) and
+    # was skipped at the earlier 4; a 70B MLP pair (C = 28672, K = 8192) is estimated at about 20 GB, still over
+    joint_max_gb: float = field(default=8.0, metadata=opt(
         "skip joint rounding of a pair needing more memory than this, in GB (wide MLPs), with a warning"))
     # the sink rule turns nearly every up·down pair down, and each of their rounds costs ~7x a V·O round: judged
     # after this many rounds first, only the pairs that pass run the rest (SmolLM2 without transforms, 4-bit block

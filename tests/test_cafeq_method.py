@@ -258,6 +258,9 @@ def test_joint_rounding_skips_pairs_over_the_memory_limit(pair_checkpoints, cach
     assert 2.4e9 < joint_memory_bytes(wide, 2048, channel_block=8192) < 3.2e9
     smol = CoupledPair("p", MLP_UP_DOWN, "up", "down", (0, 1536), ("diagonal",))
     assert joint_memory_bytes(smol, 576) < CafeqConfig().joint_max_gb * 2**30  # SmolLM2: never skipped
+    llama8b = CoupledPair("p", MLP_UP_DOWN, "up", "down", (0, 14336), ("diagonal",))
+    need = joint_memory_bytes(llama8b, 4096)  # four blocks of 3584 channels; 4.7 GB measured (docs/large-models.md)
+    assert 4.5e9 < need < CafeqConfig().joint_max_gb * 2**30  # Llama-3-8B's MLP pairs: joint-rounded by default
 
 
 def test_online_budget_limits_the_online_ops(pair_checkpoints, cache_dir):
