@@ -85,12 +85,14 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
 def _libc():
+    """glibc, or None (another C library: its allocator's own defaults)."""
     import ctypes
 
     try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
         return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
 
 
 def bound_heap(mmap_bytes: int = 1 << 20) -> None:
