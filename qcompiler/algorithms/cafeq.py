@@ -524,22 +524,17 @@ def learn_updown_scale(up: np.ndarray, down: np.ndarray, grid_down: GridSpec, cf
     norm = float((weight[:, None] * dn ** 2).sum()) or 1.0
     theta = torch.nn.Parameter(torch.zeros(dn.shape[0], device=cfg.device))
 
-    def error(ste: bool) -> torch.Tensor:
-        s = torch.exp(theta)[:, None]
-        scaled = dn / s
-        e = (grid_down(scaled, ste) - scaled) * s  # row errors back in the original basis
-        return (weight[:, None] * e ** 2).sum() / norm
-
-    with torch.no_grad():
-        identity = float(error(False))
+    with torch.no_grad():  # the error (the true one: the quantizer's forward) and gradient at s = 1
+        identity, grad = _updown_error_and_grad(theta, dn, weight, norm, grid_down)
     best, best_theta = identity, theta.detach().clone()
     opt = torch.optim.Adam([theta], lr=max(cfg.lr, 1e-2))
     plateau, done = _Plateau(identity, cfg.patience), cfg.steps
     for step in range(cfg.steps):
-        opt.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            value, theta.grad = _updown_error_and_grad(theta, dn, weight, norm, grid_down)
-        # its value is the true error of the current theta
+        value = identity
+        if step:
+            with torch.no_grad():
+                value, grad = _updown_error_and_grad(theta, dn, weight, norm, grid_down)
+        theta.grad = grad
         if value < best:
             best, best_theta = value, theta.detach().clone()
         if plateau.stalled(best):

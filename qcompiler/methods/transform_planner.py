@@ -367,7 +367,7 @@ class _Planner:
         if self._batched_joint():
             return self._joint_batched(pairs, tasks, limit)
         return self.pool.map(joint_round, tasks, what, limit,
-                             cost=[t[7].rounds * _span(p, t[7].channel_block) ** 2 * t[0].shape[0]
+                             cost=[t[7].rounds * self._span(p) ** 2 * t[0].shape[0]
                                    for p, t in zip(pairs, tasks, strict=True)])
 
     def _keeps_joint(self, p: CoupledPair, res: JointResult, plain: Mapping[str, np.ndarray],
