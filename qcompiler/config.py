@@ -334,6 +334,12 @@ class CompileConfig:
     # (transform methods hold ~10 float64 copies of a chunk's weights while they learn and round)
     stream_chunk_mb: int | None = field(default=None, metadata=opt(
         "fp32 weight MB planned at once when streaming (default: the method's: rtn 256, cafeq/rotate 16)"))
+    # a learned method's streamed compile plans consecutive chunks together (up to 2 units per worker, within
+    # this many MB of fp32 weights) so that each of its phases has a task per worker; the compiling process holds
+    # about 4x the window's fp32 bytes while it plans (measured on an 8B layer's chunks)
+    stream_window_mb: int = field(default=1024, metadata=opt(
+        "a streamed compile with workers: fp32 weight MB of consecutive chunks planned side by side (at most 2 "
+        "coupled units per worker; the output is the same bytes)"))
     resume: bool = field(default=False, metadata=opt(
         "a streamed compile: keep each finished chunk's plan beside the output (.OUTPUT.chunks/, removed when the "
         "compile succeeds) and reuse the plans an interrupted run of the same command left there"))
@@ -379,6 +385,8 @@ class CompileConfig:
             raise ConfigError("max_error (--max-error) needs validation: drop --no-validate")
         if self.stream_chunk_mb is not None and self.stream_chunk_mb < 1:
             raise _bad(CompileConfig, "stream_chunk_mb", f"must be >= 1, got {self.stream_chunk_mb}")
+        if self.stream_window_mb < 1:
+            raise _bad(CompileConfig, "stream_window_mb", f"must be >= 1, got {self.stream_window_mb}")
         if self.device not in DEVICES:
             raise _bad(CompileConfig, "device", f"must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.package == "genai" and not self.kv_cache:

@@ -44,6 +44,7 @@ class Chunk:
     sites: tuple[LinearSite, ...]
     pairs: tuple[CoupledPair, ...] = ()
     groups: tuple[SiblingGroup, ...] = ()
+    units: int = 1  # sites tied by pairs and groups count as one: about one task per phase of the plan
 
     @property
     def weight_bytes(self) -> int:
@@ -52,6 +53,12 @@ class Chunk:
     def analysis(self) -> Analysis:
         """The matcher's analysis restricted to this chunk."""
         return Analysis(self.sites, (), (), self.pairs, (), self.groups)
+
+    @staticmethod
+    def joined(chunks: Sequence[Chunk]) -> Chunk:
+        """One chunk of ``chunks`` (disjoint), planned as one: a window."""
+        return Chunk(tuple(s for c in chunks for s in c.sites), tuple(p for c in chunks for p in c.pairs),
+                     tuple(g for c in chunks for g in c.groups), sum(c.units for c in chunks))
 
 
 def _pair_members(p: CoupledPair) -> list[str]:
@@ -86,21 +93,52 @@ def chunk_sites(sites: Sequence[LinearSite], chunk_bytes: int, pairs: Sequence[C
     for s in sites:
         units.setdefault(find(s.id), []).append(s)
     chunks: list[list[LinearSite]] = []
+    counts: list[int] = []
     size = 0
     for unit in sorted(units.values(), key=lambda u: order[u[0].id]):
         unit_bytes = sum(s.k * s.n * 4 for s in unit)
         if not chunks or size + unit_bytes > chunk_bytes:
             chunks.append([])
+            counts.append(0)
             size = 0
         chunks[-1].extend(unit)
+        counts[-1] += 1
         size += unit_bytes
     out = []
-    for members in chunks:
+    for members, count in zip(chunks, counts, strict=True):
         ids = {s.id for s in members}
         out.append(Chunk(tuple(members),
                          tuple(p for p in pairs if all(m in ids for m in _pair_members(p) if m in parent)),
-                         tuple(g for g in groups if all(m in ids for m in g.members if m in parent))))
+                         tuple(g for g in groups if all(m in ids for m in g.members if m in parent)), count))
     return out
+
+
+def windows(chunks: Sequence[Chunk], units: int, window_bytes: int) -> list[list[int]]:
+    """Consecutive chunks planned side by side: each window takes chunks until it holds ``units`` units or the
+    next chunk would take it over ``window_bytes`` of fp32 weights (a chunk over it is a window of its own).
+    A plan's phases (learn the pairs, the single transforms, round jointly) have about one task per unit, so a
+    window of two units per worker keeps every worker busy where one large chunk gave one task a phase."""
+    out: list[list[int]] = []
+    held = size = 0
+    for i, c in enumerate(chunks):
+        if not out or held >= units or size + c.weight_bytes > window_bytes:
+            out.append([])
+            held = size = 0
+        out[-1].append(i)
+        held += c.units
+        size += c.weight_bytes
+    return out
+
+
+def part_of(plan: QuantPlan, chunk: Chunk) -> QuantPlan:
+    """What of a window's ``plan`` belongs to ``chunk`` (its sites, the pairs and online transforms of
+    them), in the plan's order: the plan that chunk gets when it is planned alone."""
+    ids = {s.id for s in chunk.sites}
+    pairs = {p.id for p in chunk.pairs}
+    return replace(plan, sites=tuple(sp for sp in plan.sites if sp.site.id in ids),
+                   pair_transforms=tuple(t for t in plan.pair_transforms if t.pair.id in pairs),
+                   online=tuple(o for o in plan.online if set(o.sites) <= ids),
+                   pair_stats=tuple(ps for ps in plan.pair_stats if ps.pair in pairs))
 
 
 def released(sp: SitePlan) -> SitePlan:
@@ -170,29 +208,36 @@ def chunk_key(source: str, config, chunks: Sequence[Chunk]) -> dict:
     leave the plans unchanged) and each chunk's sites."""
     from dataclasses import asdict
 
-    cfg = {k: v for k, v in asdict(config).items() if k not in ("resume", "jobs", "executor", "ray_address")}
+    cfg = {k: v for k, v in asdict(config).items()
+           if k not in ("resume", "jobs", "executor", "ray_address", "stream_window_mb")}
     return {"source": str(source), "config": json.loads(json.dumps(cfg, default=str)),
             "chunks": [[s.id for s in c.sites] for c in chunks]}
 
 
-def stream_compile(graph: gs.Graph, chunks: Sequence[Chunk], plan_chunk: Callable[[gs.Graph, int, Chunk], QuantPlan],
+def stream_compile(graph: gs.Graph, chunks: Sequence[Chunk],
+                   plan_window: Callable[[gs.Graph, list[int]], list[QuantPlan]],
                    rewrite: Callable[[gs.Graph, QuantPlan], gs.Graph], sink: DataSink, method: str, quant,
-                   progress: bool = False) -> tuple[gs.Graph, QuantPlan]:
-    """Plan, rewrite and spill ``chunks`` one after another. Returns the graph and the merged plan."""
+                   progress: bool = False, window_of: Sequence[list[int]] | None = None) -> tuple[gs.Graph, QuantPlan]:
+    """Plan ``chunks`` a window at a time (``window_of``: lists of chunk indices, in order; default one chunk
+    each), then rewrite and spill the window's chunks one after another, in chunk order. Returns the graph
+    and the merged plan. ``plan_window(graph, indices)``: the plans of those chunks, in their order."""
     bound_heap()
     plans = []
-    bar = tqdm(chunks, desc="stream", unit="chunk", disable=not progress, leave=False)
-    for index, chunk in enumerate(bar):
-        plan = plan_chunk(graph, index, chunk)
-        graph = rewrite(graph, plan)
-        moved = sink.spill(graph)
-        log.debug("chunk of %d sites: %.1f MB spilled", len(chunk.sites), moved / 1e6)
-        plans.append(replace(plan, sites=tuple(released(sp) for sp in plan.sites)))
-        del plan
+    bar = tqdm(total=len(chunks), desc="stream", unit="chunk", disable=not progress, leave=False)
+    for window in window_of or [[i] for i in range(len(chunks))]:
+        planned = plan_window(graph, window)
+        for index, plan in zip(window, planned, strict=True):
+            graph = rewrite(graph, plan)
+            moved = sink.spill(graph)
+            log.debug("chunk %d, %d sites: %.1f MB spilled", index, len(chunks[index].sites), moved / 1e6)
+            plans.append(replace(plan, sites=tuple(released(sp) for sp in plan.sites)))
+            bar.update()
+        del planned, plan
         # the rewrite leaves replaced constants (a chunk's weights) in reference cycles with their old
         # nodes; Python's cyclic collector runs by object counts, not bytes, and left them for many chunks
         gc.collect()
         trim_heap()
+    bar.close()
     log.info("streamed %d chunks; %.1f MB written to %s", len(chunks), sink.bytes / 1e6, sink.path.name)
     return graph, merge(plans, method, quant)
 
@@ -222,23 +267,32 @@ def stream_plan_rewrite(graph: gs.Graph, method: Method, ctx: PlanContext, chunk
 
     kept = store(chunks) if store is not None else None
 
-    def plan_chunk(g: gs.Graph, index: int, chunk: Chunk) -> QuantPlan:
-        plan = kept.load(index) if kept is not None else None
-        if plan is None:
-            plan = make_plan(method, whole.part(chunk.sites, chunk.analysis() if analysis else None,
+    def plan_window(g: gs.Graph, window: list[int]) -> list[QuantPlan]:
+        plans = {i: kept.load(i) for i in window} if kept is not None else {}
+        todo = [i for i in window if plans.get(i) is None]
+        if todo:
+            joined = Chunk.joined([chunks[i] for i in todo])
+            plan = make_plan(method, whole.part(joined.sites, joined.analysis() if analysis else None,
                                                 weight_reader(g)))
-            if kept is not None:
-                kept.save(index, plan)
-        return plan
+            for i in todo:
+                plans[i] = part_of(plan, chunks[i]) if len(todo) > 1 else plan
+                if kept is not None:
+                    kept.save(i, plans[i])
+        return [plans[i] for i in window]
 
     cfg = ctx.config
     jobs = resolve_jobs(cfg.jobs, sum(s.k * s.n for s in ctx.sites), cfg.device) if method.learns else 1
+    # with workers, consecutive chunks are planned side by side (one large chunk alone gave one task a phase)
+    window_of = windows(chunks, 2 * jobs, cfg.stream_window_mb * 2**20) if jobs > 1 else None
+    if window_of is not None and len(window_of) < len(chunks):
+        log.info("%d chunks planned in %d windows (at most %d MB of weights, %d units each)", len(chunks),
+                 len(window_of), cfg.stream_window_mb, 2 * jobs)
     try:
         # one set of workers (or one Ray connection) for every chunk: tasks travel to them, not the model
         executor = cfg.executor if method.learns else "local"  # nothing to send out: no Ray for rtn
         with make_pool(jobs, False, executor, cfg.ray_address, resolve_device(cfg.device)) as pool:
-            graph, plan = stream_compile(graph, chunks, plan_chunk, rewrite, sink, method.name, cfg.quant,
-                                         ctx.progress)
+            graph, plan = stream_compile(graph, chunks, plan_window, rewrite, sink, method.name, cfg.quant,
+                                         ctx.progress, window_of)
         note_workers_peak(pool.workers_peak_mb)
         return graph, plan
     finally:

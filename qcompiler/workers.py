@@ -112,6 +112,19 @@ def submission_order(count: int, cost: Sequence[float] | None) -> list[int]:
     return sorted(range(count), key=lambda i: -cost[i])
 
 
+def next_task(pending: Sequence[int], running: Sequence[int], limit: int, memory: Sequence[float] | None = None,
+              budget: float | None = None) -> int | None:
+    """The task of ``pending`` (in submission order) to start now beside ``running``, or None (wait for one to
+    end): at most ``limit`` at once, and their ``memory`` together within ``budget``; a task that fits beside
+    nothing else starts alone. Where the next task does not fit, a later, smaller one may go first."""
+    if not pending or len(running) >= limit:
+        return None
+    if memory is None or budget is None or not running:
+        return pending[0]
+    used = sum(memory[j] for j in running)
+    return next((i for i in pending if used + memory[i] <= budget), None)
+
+
 _OPEN: list[TaskPool] = []  # pools entered in this process, innermost last
 
 
@@ -165,10 +178,13 @@ class TaskPool:
         return sum(self._peaks.values())
 
     def map(self, fn: Callable[..., Any], tasks: Sequence[tuple], desc: str = "",
-            limit: int | None = None, cost: Sequence[float] | None = None) -> list[Any]:
+            limit: int | None = None, cost: Sequence[float] | None = None,
+            memory: Sequence[float] | None = None, budget: float | None = None) -> list[Any]:
         """``[fn(*t) for t in tasks]``, in order, at most ``limit`` at once (default: one per worker); a
         task's exception is raised here. ``cost``: each task's rough cost; workers take the costliest first,
-        so the map does not end on one long task while the other workers wait (the results stay in order)."""
+        so the map does not end on one long task while the other workers wait (the results stay in order).
+        ``memory`` and ``budget``: each task's working memory and what the tasks running at once may hold
+        together (:func:`next_task`)."""
         bar = tqdm(total=len(tasks), desc=desc, unit="task", disable=not self.progress, leave=False)
         try:
             if self._pool is None or len(tasks) < 2 or limit == 1:
@@ -180,14 +196,17 @@ class TaskPool:
                 return out
             limit = self.jobs if limit is None else max(1, min(limit, self.jobs))
             futures: list[Future | None] = [None] * len(tasks)
-            running: set[Future] = set()
-            for i in submission_order(len(tasks), cost):
-                if len(running) >= limit:
-                    running = self._settle(running, bar)
+            running: dict[Future, int] = {}
+            pending = submission_order(len(tasks), cost)
+            while pending or running:
+                i = next_task(pending, list(running.values()), limit, memory, budget)
+                if i is None:
+                    left = self._settle(set(running), bar)
+                    running = {f: j for f, j in running.items() if f in left}
+                    continue
+                pending.remove(i)
                 futures[i] = self._pool.submit(_call, fn, tasks[i])
-                running.add(futures[i])
-            while running:
-                running = self._settle(running, bar)
+                running[futures[i]] = i
             out = []
             for f in futures:
                 result, pid, peak = f.result()
@@ -260,20 +279,28 @@ class RayPool(TaskPool):
             self._started = False
 
     def map(self, fn: Callable[..., Any], tasks: Sequence[tuple], desc: str = "",
-            limit: int | None = None, cost: Sequence[float] | None = None) -> list[Any]:
+            limit: int | None = None, cost: Sequence[float] | None = None,
+            memory: Sequence[float] | None = None, budget: float | None = None) -> list[Any]:
         import ray
 
         limit = self.jobs if limit is None else max(1, min(limit, self.jobs))
         bar = tqdm(total=len(tasks), desc=desc, unit="task", disable=not self.progress, leave=False)
         refs: list[Any] = [None] * len(tasks)
-        running: list[Any] = []
+        running: dict[Any, int] = {}
+        pending = submission_order(len(tasks), cost)
         try:
-            for i in submission_order(len(tasks), cost):
-                if len(running) >= limit:
-                    done, running = ray.wait(running, num_returns=1)
+            while pending:
+                i = next_task(pending, list(running.values()), limit, memory, budget)
+                if i is None:
+                    done, _ = ray.wait(list(running), num_returns=1)
                     bar.update(len(done))
+                    for r in done:
+                        ray.get(r)  # a failure is raised here, not after the rest has run
+                        del running[r]
+                    continue
+                pending.remove(i)
                 refs[i] = self._remote.remote(fn, tasks[i])
-                running.append(refs[i])
+                running[refs[i]] = i
             out = []
             for ref in refs:
                 result, pid, peak = ray.get(ref)

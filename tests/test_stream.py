@@ -312,3 +312,43 @@ def test_streamed_validation_cuts_before_a_gain_an_online_op_took_in(tmp_path):
     res = validate_streamed(original, tmp_path, compiled, {}, ["matmul"], {"x": rng.standard_normal((2, 8)).astype(
         np.float32)})
     assert res.max_rel_error < 1e-5
+
+
+def test_windows_take_consecutive_chunks_up_to_units_and_bytes():
+    from qcompiler.sites import LinearSite
+    from qcompiler.stream import Chunk, windows
+
+    def chunk(units, mb):  # one site of ``mb`` MB of fp32 weights
+        site = LinearSite(id=f"s{mb}", node="n", op_type="MatMul", weight="w", transposed=False, k=256,
+                          n=mb * 1024, input="x", output="y", bias=None, role="linear", dtype="float32")
+        return Chunk((site,), units=units)
+
+    chunks = [chunk(1, 1), chunk(1, 1), chunk(3, 1), chunk(1, 1), chunk(1, 8), chunk(1, 1)]
+    assert windows(chunks, 2, 2**40) == [[0, 1], [2], [3, 4], [5]]  # a window ends once it holds 2 units
+    assert windows(chunks, 4, 4 * 2**20) == [[0, 1, 2], [3], [4], [5]]  # the 8 MB chunk is over 4 MB: alone
+    assert windows(chunks, 1, 2**40) == [[i] for i in range(6)]
+
+
+def test_windows_of_chunks_planned_side_by_side_give_the_same_bytes(external_llama, tmp_path, monkeypatch, caplog):
+    """With workers, chunks of one unit each are planned several at a time (tasks side by side), each chunk's
+    part of the window's plan rewritten in chunk order: the same files as one chunk at a time."""
+    import logging
+
+    import qcompiler.stream as stream
+
+    real = stream.chunk_sites
+    monkeypatch.setattr(stream, "chunk_sites", lambda sites, _, pairs=(), groups=(): real(sites, 1, pairs, groups))
+    base = dict(quant=QuantConfig(bits=3, group_size=32), method="cafeq", stream=True,
+                cafeq=CafeqConfig(steps=10, joint_rounds=1, joint_mlp_rounds=1, online_budget=1.0))
+    plans = {}
+    for jobs in (1, 2):
+        (tmp_path / str(jobs)).mkdir()
+        with caplog.at_level(logging.INFO, logger="qcompiler.stream"):
+            plans[jobs] = compile_model(str(external_llama), tmp_path / str(jobs) / "m.onnx",
+                                        CompileConfig(**base, jobs=jobs)).plan
+    assert any("planned in" in r.getMessage() and "windows" in r.getMessage() for r in caplog.records)
+    assert plans[2].online and plans[2].pair_transforms and plans[2].pair_stats
+    assert plans[1].summary() == plans[2].summary()
+    assert [o.id for o in plans[1].online] == [o.id for o in plans[2].online]
+    for name in ("m.onnx", "m.onnx.data"):
+        assert (tmp_path / "1" / name).read_bytes() == (tmp_path / "2" / name).read_bytes(), name

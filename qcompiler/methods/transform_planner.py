@@ -339,7 +339,7 @@ class _Planner:
                      else dataclasses.replace(self.joint_cfg[p.kind], rounds=rounds),
                      self._row_weights(self.sites[p.producer].input)) for p in ps]
 
-        # side by side only as many as fit in --joint-max-gb together
+        # a GPU batch: as many pairs of one shape as fit in --joint-max-gb together
         need = max((self._joint_bytes(p) for p in pairs), default=1)
         limit = max(1, int(self.cfg.joint_max_gb * 2**30 // need))
         rounds = {p.id: self.joint_cfg[p.kind].rounds for p in pairs}
@@ -366,9 +366,11 @@ class _Planner:
     def _joint_run(self, pairs: list[CoupledPair], tasks: list[tuple], limit: int, what: str) -> list[JointResult]:
         if self._batched_joint():
             return self._joint_batched(pairs, tasks, limit)
-        return self.pool.map(joint_round, tasks, what, limit,
+        # side by side while their working sets fit in --joint-max-gb together (a V·O pair beside an 8B MLP pair)
+        return self.pool.map(joint_round, tasks, what,
                              cost=[t[7].rounds * self._span(p) ** 2 * t[0].shape[0]
-                                   for p, t in zip(pairs, tasks, strict=True)])
+                                   for p, t in zip(pairs, tasks, strict=True)],
+                             memory=[self._joint_bytes(p) for p in pairs], budget=self.cfg.joint_max_gb * 2**30)
 
     def _keeps_joint(self, p: CoupledPair, res: JointResult, plain: Mapping[str, np.ndarray],
                      blocks_of: Mapping[str, np.ndarray]) -> bool:
