@@ -7,7 +7,7 @@ import pytest
 
 from qcompiler import resources
 from qcompiler.resources import keep_heap
-from qcompiler.workers import AUTO_MIN_ELEMENTS, TaskPool, open_pool, resolve_jobs, submission_order
+from qcompiler.workers import AUTO_MIN_ELEMENTS, TaskPool, next_task, open_pool, resolve_jobs, submission_order
 
 
 def _square(x):
@@ -60,6 +60,24 @@ def test_costliest_tasks_are_taken_first_and_results_stay_in_task_order():
     by_start = sorted(range(6), key=lambda i: starts[i])
     # two workers, 0.5 s a task: the next task is handed out only when one of the first two ends
     assert set(by_start[:2]) == {3, 5} and set(by_start[-2:]) == {2, 0}
+
+
+def test_tasks_are_admitted_by_memory_within_the_budget():
+    memory = [5.0, 2.0, 4.0, 1.0]
+    assert next_task([0, 1, 2, 3], [], 2, memory, 6.0) == 0  # nothing running: the first starts
+    assert next_task([1, 2, 3], [0], 2, memory, 6.0) == 3  # 2 and 4 do not fit beside 5: the 1 goes first
+    assert next_task([1, 2], [0], 2, memory, 6.0) is None  # wait for task 0
+    assert next_task([1, 2], [0, 3], 2, memory, 100.0) is None  # the limit
+    assert next_task([2, 1], [], 2, memory, 1.0) == 2  # over the budget alone: runs alone
+    assert next_task([2, 1], [3], 2, None, None) == 2
+    assert next_task([], [], 2, memory, 6.0) is None
+    with TaskPool(2) as pool:
+        pool.map(_started, [(i, 0.3) for i in range(2)])  # one each: every worker has imported this module
+        out = pool.map(_started, [(i, 0.5) for i in range(3)], memory=[3.0, 3.0, 1.0], budget=4.0)
+    starts = sorted(range(3), key=lambda i: out[i][1])
+    # 0 and 1 never side by side: 0 starts with the small 2, then 1 after one of them ends
+    assert starts[0] in (0, 2) and starts[1] in (0, 2) and starts[2] == 1
+    assert abs(out[0][1] - out[2][1]) < 0.25 and out[1][1] - out[0][1] > 0.4
 
 
 def _keeps_heap(_):
