@@ -50,6 +50,11 @@ class Chunk:
     def weight_bytes(self) -> int:
         return sum(s.k * s.n * 4 for s in self.sites)
 
+    @property
+    def learned_bytes(self) -> int:
+        """fp32 bytes of the weights a learned plan loads (embedding tables are rounded where they lie)."""
+        return sum(s.k * s.n * 4 for s in self.sites if s.role != "embedding")
+
     def analysis(self) -> Analysis:
         """The matcher's analysis restricted to this chunk."""
         return Analysis(self.sites, (), (), self.pairs, (), self.groups)
@@ -115,18 +120,19 @@ def chunk_sites(sites: Sequence[LinearSite], chunk_bytes: int, pairs: Sequence[C
 
 def windows(chunks: Sequence[Chunk], units: int, window_bytes: int) -> list[list[int]]:
     """Consecutive chunks planned side by side: each window takes chunks until it holds ``units`` units or the
-    next chunk would take it over ``window_bytes`` of fp32 weights (a chunk over it is a window of its own).
+    next chunk would take it over ``window_bytes`` of fp32 weights that the plan loads (a chunk over it is a
+    window of its own; an embedding table, which a learned plan does not load, counts no bytes).
     A plan's phases (learn the pairs, the single transforms, round jointly) have about one task per unit, so a
     window of two units per worker keeps every worker busy where one large chunk gave one task a phase."""
     out: list[list[int]] = []
     held = size = 0
     for i, c in enumerate(chunks):
-        if not out or held >= units or size + c.weight_bytes > window_bytes:
+        if not out or held >= units or size + c.learned_bytes > window_bytes:
             out.append([])
             held = size = 0
         out[-1].append(i)
         held += c.units
-        size += c.weight_bytes
+        size += c.learned_bytes
     return out
 
 

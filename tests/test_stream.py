@@ -318,15 +318,17 @@ def test_windows_take_consecutive_chunks_up_to_units_and_bytes():
     from qcompiler.sites import LinearSite
     from qcompiler.stream import Chunk, windows
 
-    def chunk(units, mb):  # one site of ``mb`` MB of fp32 weights
+    def chunk(units, mb, role="linear"):  # one site of ``mb`` MB of fp32 weights
         site = LinearSite(id=f"s{mb}", node="n", op_type="MatMul", weight="w", transposed=False, k=256,
-                          n=mb * 1024, input="x", output="y", bias=None, role="linear", dtype="float32")
+                          n=mb * 1024, input="x", output="y", bias=None, role=role, dtype="float32")
         return Chunk((site,), units=units)
 
     chunks = [chunk(1, 1), chunk(1, 1), chunk(3, 1), chunk(1, 1), chunk(1, 8), chunk(1, 1)]
     assert windows(chunks, 2, 2**40) == [[0, 1], [2], [3, 4], [5]]  # a window ends once it holds 2 units
     assert windows(chunks, 4, 4 * 2**20) == [[0, 1, 2], [3], [4], [5]]  # the 8 MB chunk is over 4 MB: alone
     assert windows(chunks, 1, 2**40) == [[i] for i in range(6)]
+    # an embedding table is not loaded by a learned plan: its bytes do not end a window
+    assert windows([chunk(1, 8, "embedding"), chunk(1, 2), chunk(1, 1)], 4, 4 * 2**20) == [[0, 1, 2]]
 
 
 def test_windows_of_chunks_planned_side_by_side_give_the_same_bytes(external_llama, tmp_path, monkeypatch, caplog):
