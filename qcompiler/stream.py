@@ -288,15 +288,16 @@ def stream_plan_rewrite(graph: gs.Graph, method: Method, ctx: PlanContext, chunk
 
     cfg = ctx.config
     jobs = resolve_jobs(cfg.jobs, sum(s.k * s.n for s in ctx.sites), cfg.device) if method.learns else 1
-    # with workers, consecutive chunks are planned side by side (one large chunk alone gave one task a phase)
-    window_of = windows(chunks, 2 * jobs, cfg.stream_window_mb * 2**20) if jobs > 1 else None
-    if window_of is not None and len(window_of) < len(chunks):
-        log.info("%d chunks planned in %d windows (at most %d MB of weights, %d units each)", len(chunks),
-                 len(window_of), cfg.stream_window_mb, 2 * jobs)
     try:
         # one set of workers (or one Ray connection) for every chunk: tasks travel to them, not the model
         executor = cfg.executor if method.learns else "local"  # nothing to send out: no Ray for rtn
         with make_pool(jobs, False, executor, cfg.ray_address, resolve_device(cfg.device)) as pool:
+            # with workers (a Ray cluster's CPUs), consecutive chunks are planned side by side: a large
+            # chunk alone gave one task a phase
+            window_of = windows(chunks, 2 * pool.jobs, cfg.stream_window_mb * 2**20) if pool.jobs > 1 else None
+            if window_of is not None and len(window_of) < len(chunks):
+                log.info("%d chunks planned in %d windows (at most %d MB of weights, %d units each)", len(chunks),
+                         len(window_of), cfg.stream_window_mb, 2 * pool.jobs)
             graph, plan = stream_compile(graph, chunks, plan_window, rewrite, sink, method.name, cfg.quant,
                                          ctx.progress, window_of)
         note_workers_peak(pool.workers_peak_mb)
