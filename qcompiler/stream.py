@@ -47,10 +47,6 @@ class Chunk:
     units: int = 1  # sites tied by pairs and groups count as one: about one task per phase of the plan
 
     @property
-    def weight_bytes(self) -> int:
-        return sum(s.k * s.n * 4 for s in self.sites)
-
-    @property
     def learned_bytes(self) -> int:
         """fp32 bytes of the weights a learned plan loads (embedding tables are rounded where they lie)."""
         return sum(s.k * s.n * 4 for s in self.sites if s.role != "embedding")
@@ -281,7 +277,7 @@ def stream_plan_rewrite(graph: gs.Graph, method: Method, ctx: PlanContext, chunk
             plan = make_plan(method, whole.part(joined.sites, joined.analysis() if analysis else None,
                                                 weight_reader(g)))
             for i in todo:
-                plans[i] = part_of(plan, chunks[i]) if len(todo) > 1 else plan
+                plans[i] = part_of(plan, chunks[i])
                 if kept is not None:
                     kept.save(i, plans[i])
         return [plans[i] for i in window]

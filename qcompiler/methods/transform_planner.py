@@ -339,22 +339,19 @@ class _Planner:
                      else dataclasses.replace(self.joint_cfg[p.kind], rounds=rounds),
                      self._row_weights(self.sites[p.producer].input)) for p in ps]
 
-        # a GPU batch: as many pairs of one shape as fit in --joint-max-gb together
-        need = max((self._joint_bytes(p) for p in pairs), default=1)
-        limit = max(1, int(self.cfg.joint_max_gb * 2**30 // need))
         rounds = {p.id: self.joint_cfg[p.kind].rounds for p in pairs}
         screen = self.cfg.joint_mlp_screen
         early = [p for p in pairs if p.kind == MLP_UP_DOWN and rounds[p.id] > screen > 0]
         if self.sink is not None and early:
             # the sink rule turns nearly every up·down pair down: judge them after the first rounds, and spend the
             # rest only on the pairs that pass; the final test below runs on their full results
-            for p, res in zip(early, self._joint_run(early, tasks_of(early, screen), limit, "joint screen"),
+            for p, res in zip(early, self._joint_run(early, tasks_of(early, screen), "joint screen"),
                               strict=True):
                 self.rounds_run[p.id] = screen
                 if not self._keeps_joint(p, res, plain, blocks_of):
                     rounds[p.id] = 0
         todo = [p for p in pairs if rounds[p.id]]
-        for p, res in zip(todo, self._joint_run(todo, tasks_of(todo), limit, "joint rounding"), strict=True):
+        for p, res in zip(todo, self._joint_run(todo, tasks_of(todo), "joint rounding"), strict=True):
             log.info("%s: joint rounding PQE %.4f -> %.4f", p.id, res.pqe_plain, res.pqe)
             self.rounds_run[p.id] = rounds[p.id]
             if self._keeps_joint(p, res, plain, blocks_of):
@@ -363,9 +360,9 @@ class _Planner:
                 qws[p.consumer] = res.b
         return len(pairs)
 
-    def _joint_run(self, pairs: list[CoupledPair], tasks: list[tuple], limit: int, what: str) -> list[JointResult]:
+    def _joint_run(self, pairs: list[CoupledPair], tasks: list[tuple], what: str) -> list[JointResult]:
         if self._batched_joint():
-            return self._joint_batched(pairs, tasks, limit)
+            return self._joint_batched(pairs, tasks)
         # side by side while their working sets fit in --joint-max-gb together (a V·O pair beside an 8B MLP pair)
         return self.pool.map(joint_round, tasks, what,
                              cost=[t[7].rounds * self._span(p) ** 2 * t[0].shape[0]
@@ -413,10 +410,12 @@ class _Planner:
         """Joint rounding batched in torch on the device (a GPU); on the CPU numpy's solver is faster."""
         return self.learn.device != "cpu"
 
-    def _joint_batched(self, pairs: list[CoupledPair], tasks: list[tuple], limit: int) -> list[JointResult]:
-        """Joint rounding on the torch device, pairs of one shape ``limit`` at a time as one batch
-        (algorithms/solver.py: on a GPU the sequential loop's launches, not its arithmetic, bound a pair);
+    def _joint_batched(self, pairs: list[CoupledPair], tasks: list[tuple]) -> list[JointResult]:
+        """Joint rounding on the torch device, pairs of one shape as one batch, as many as fit in --joint-max-gb
+        together (algorithms/solver.py: on a GPU the sequential loop's launches, not its arithmetic, bound a pair);
         a pair rounded in blocks of channels goes through the numpy solver, one at a time."""
+        need = max((self._joint_bytes(p) for p in pairs), default=1)
+        limit = max(1, int(self.cfg.joint_max_gb * 2**30 // need))
         results: list[JointResult | None] = [None] * len(pairs)
         batches: dict[tuple, list[int]] = {}
         for i, (p, t) in enumerate(zip(pairs, tasks, strict=True)):
